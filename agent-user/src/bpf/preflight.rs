@@ -1,0 +1,116 @@
+//! Checks, before loading anything, that this kernel and this process can run the programs, so
+//! the user gets an error that says what to change instead of a bare EPERM.
+
+use std::path::Path;
+
+/// What stops the agent from running here.
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    /// Not root / missing capabilities.
+    #[error(
+        "airlock-agent needs root (or CAP_BPF, CAP_SYS_ADMIN, CAP_PERFMON, CAP_KILL and \
+         CAP_SYS_PTRACE) to load BPF LSM programs and manage held tasks; run it as root or \
+         through its systemd unit"
+    )]
+    NotPrivileged,
+    /// securityfs cannot be read.
+    #[error(
+        "cannot read {path} to check for BPF LSM: {reason}. Mount securityfs with \
+         `mount -t securityfs none /sys/kernel/security`"
+    )]
+    NoSecurityFs {
+        /// File tried.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// BPF LSM is compiled in but not active.
+    #[error(
+        "the kernel's active LSMs are \"{active}\" and do not include bpf, so BPF LSM programs \
+         cannot hold anything. Add bpf to the lsm= boot parameter, keeping the others in order: \
+         lsm={active},bpf (on Debian/Ubuntu: append it to GRUB_CMDLINE_LINUX in \
+         /etc/default/grub, run update-grub and reboot). The kernel also needs CONFIG_BPF_LSM=y"
+    )]
+    BpfLsmInactive {
+        /// Contents of /sys/kernel/security/lsm.
+        active: String,
+    },
+    /// No kernel BTF.
+    #[error(
+        "{path} is missing: this kernel was built without CONFIG_DEBUG_INFO_BTF=y, which BPF \
+         LSM programs need. Use a distribution kernel that has it (Debian 11+, Ubuntu 20.10+, \
+         Fedora, RHEL 8.2+)"
+    )]
+    NoBtf {
+        /// Path checked.
+        path: String,
+    },
+}
+
+/// Runs every check against the files under `sys` (normally `/sys`).
+pub fn check(sys: &Path) -> Result<(), PreflightError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(PreflightError::NotPrivileged);
+    }
+    check_lsm(sys)?;
+    let btf = sys.join("kernel/btf/vmlinux");
+    if !btf.exists() {
+        return Err(PreflightError::NoBtf {
+            path: btf.display().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Whether `bpf` is among the active LSMs. Mounts securityfs if it is not mounted yet.
+pub fn check_lsm(sys: &Path) -> Result<(), PreflightError> {
+    let lsm = sys.join("kernel/security/lsm");
+    if !lsm.exists() && sys == Path::new("/sys") {
+        // Best effort; the read below reports the real problem if this fails.
+        let _ = nix::mount::mount(
+            Some("securityfs"),
+            "/sys/kernel/security",
+            Some("securityfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+    }
+    let active = std::fs::read_to_string(&lsm).map_err(|e| PreflightError::NoSecurityFs {
+        path: lsm.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let active = active.trim();
+    if active.split(',').any(|m| m == "bpf") {
+        Ok(())
+    } else {
+        Err(PreflightError::BpfLsmInactive {
+            active: active.to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_sys(lsm: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("kernel/security")).unwrap();
+        std::fs::write(dir.path().join("kernel/security/lsm"), lsm).unwrap();
+        dir
+    }
+
+    #[test]
+    fn inactive_bpf_lsm_explains_boot_parameter() {
+        let sys = fake_sys("lockdown,capability,apparmor\n");
+        let err = check_lsm(sys.path()).unwrap_err().to_string();
+        assert!(err.contains("lsm=lockdown,capability,apparmor,bpf"), "{err}");
+        assert!(err.contains("update-grub"), "{err}");
+    }
+
+    #[test]
+    fn active_bpf_lsm_passes() {
+        let sys = fake_sys("lockdown,capability,bpf\n");
+        check_lsm(sys.path()).unwrap();
+    }
+}

@@ -1,0 +1,323 @@
+//! The agent's TOML configuration: whom to watch, the rules, and how to reach the decider.
+//!
+//! Parse errors carry the file, line and column of the problem; semantic errors (an unknown
+//! account, a bad CIDR or glob) name the rule and the field.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::policy::Decision;
+
+/// Errors reading or checking a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has a wrong field.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is well-formed TOML but makes no sense.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the rule or field.
+        message: String,
+    },
+}
+
+/// What to do with held actions when the decider cannot be reached.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailMode {
+    /// Deny: kill the exec, refuse the connect (the default).
+    #[default]
+    Deny,
+    /// Allow: resume the task. Only for break-glass set-ups.
+    Allow,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// How the agent runs and reaches its decider.
+    #[serde(default)]
+    pub agent: AgentSection,
+    /// Which tasks are watched.
+    #[serde(default)]
+    pub watch: WatchSection,
+    /// Rules, in order; the first that matches an action decides it.
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleConfig>,
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSection {
+    /// gRPC address of the decider (the control plane), e.g. `http://127.0.0.1:7443`.
+    pub decider: Option<String>,
+    /// Host identity; defaults to /etc/machine-id, then the hostname.
+    pub host_id: Option<String>,
+    /// Labels sent in the hello (`env = "prod"`), used by the control plane to pick rules.
+    pub labels: BTreeMap<String, String>,
+    /// Default deadline of a hold, in seconds, when a rule sets none.
+    pub hold_timeout_secs: u64,
+    /// What applies when the decider is unreachable.
+    pub fail_mode: FailMode,
+    /// How long a hold waits for an unreachable decider to come back before the fail mode applies.
+    pub unreachable_grace_secs: u64,
+    /// bpffs directory where maps and links are pinned, so holds survive an agent crash.
+    pub bpffs_dir: PathBuf,
+    /// Environment variable names whose values are sent with a request (others: names only).
+    pub env_allow: Vec<String>,
+    /// Hold every exec of a watched task, not only the binaries the rules name.
+    pub hold_all_execs: bool,
+    /// If the agent's heartbeat is older than this, the kernel fails closed instead of holding.
+    pub heartbeat_timeout_secs: u64,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self {
+            decider: None,
+            host_id: None,
+            labels: BTreeMap::new(),
+            hold_timeout_secs: 60,
+            fail_mode: FailMode::Deny,
+            unreachable_grace_secs: 3,
+            bpffs_dir: PathBuf::from("/sys/fs/bpf/airlock"),
+            env_allow: Vec::new(),
+            hold_all_execs: false,
+            heartbeat_timeout_secs: 5,
+        }
+    }
+}
+
+impl AgentSection {
+    /// Default hold deadline.
+    pub fn hold_timeout(&self) -> Duration {
+        Duration::from_secs(self.hold_timeout_secs)
+    }
+}
+
+/// `[watch]`: a task is watched if any of these match it, or if an ancestor was watched.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchSection {
+    /// Account names (or numeric uids).
+    pub users: Vec<String>,
+    /// Group names (or numeric gids): tasks whose real gid is one of these.
+    pub groups: Vec<String>,
+    /// cgroup v2 directories, absolute or relative to /sys/fs/cgroup.
+    pub cgroups: Vec<String>,
+    /// systemd units, e.g. `ci-runner.service` (looked up under system.slice).
+    pub units: Vec<String>,
+}
+
+/// What a rule does on deny for a connect.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConnectDeny {
+    /// The call fails with EACCES ("Permission denied").
+    #[default]
+    Refuse,
+    /// The task is killed.
+    Kill,
+}
+
+/// Transport protocol a connect rule applies to.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProtocolFilter {
+    /// TCP and UDP.
+    #[default]
+    Any,
+    /// TCP (stream sockets).
+    Tcp,
+    /// UDP (datagram sockets).
+    Udp,
+}
+
+/// One `[[rule]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Unique name, shown to approvers and in the audit trail.
+    pub name: String,
+    /// Free text shown to approvers.
+    #[serde(default)]
+    pub description: String,
+    /// Binaries (paths) whose exec this rule covers; `"*"` covers every exec.
+    #[serde(default)]
+    pub exec: Vec<String>,
+    /// Glob patterns over the arguments (argv[1..] joined by spaces), e.g. `"delete *"`.
+    /// Empty: any arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Destination networks (CIDR, IPv4 or IPv6) whose connects this rule covers.
+    #[serde(default)]
+    pub connect: Vec<String>,
+    /// Destination ports; empty: any port.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Which transport.
+    #[serde(default)]
+    pub protocol: ProtocolFilter,
+    /// allow, deny or ask.
+    pub decision: Decision,
+    /// Deadline of a hold under this rule, seconds.
+    pub timeout_secs: Option<u64>,
+    /// What applies when the deadline passes (default deny).
+    #[serde(default = "default_on_timeout")]
+    pub on_timeout: Decision,
+    /// For connect: refuse the call or kill the task on deny.
+    #[serde(default)]
+    pub on_deny: ConnectDeny,
+    /// Risk label shown to approvers.
+    #[serde(default)]
+    pub risk: String,
+}
+
+fn default_on_timeout() -> Decision {
+    Decision::Deny
+}
+
+impl Config {
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses configuration text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|s| line_col(text, s.start))
+                .unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.message().to_owned(),
+            }
+        })?;
+        config.check(path)?;
+        Ok(config)
+    }
+
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let mut names = std::collections::HashSet::new();
+        for rule in &self.rules {
+            if rule.name.trim().is_empty() {
+                return Err(invalid("a [[rule]] has an empty name".into()));
+            }
+            if !names.insert(rule.name.as_str()) {
+                return Err(invalid(format!("rule {:?} is defined twice", rule.name)));
+            }
+            let is_exec = !rule.exec.is_empty();
+            let is_connect = !rule.connect.is_empty();
+            if is_exec == is_connect {
+                return Err(invalid(format!(
+                    "rule {:?}: set exactly one of `exec` (binaries) or `connect` (CIDRs)",
+                    rule.name
+                )));
+            }
+            if rule.decision == Decision::Ask && rule.on_timeout == Decision::Ask {
+                return Err(invalid(format!(
+                    "rule {:?}: on_timeout must be allow or deny",
+                    rule.name
+                )));
+            }
+        }
+        if self.rules.len() > 64 {
+            return Err(invalid(format!(
+                "{} rules; at most 64 are supported per agent",
+                self.rules.len()
+            )));
+        }
+        if let Some(addr) = &self.agent.decider {
+            if !(addr.starts_with("http://") || addr.starts_with("https://")) {
+                return Err(invalid(format!(
+                    "agent.decider {addr:?} must start with http:// or https://"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// 1-based line and column of byte offset `pos` in `text`.
+fn line_col(text: &str, pos: usize) -> (usize, usize) {
+    let before = &text[..pos.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_error_names_line_and_column() {
+        let text = "[agent]\nhold_timeout_secs = 30\n\n[[rule]]\nname = \"x\"\ndecision = \"maybe\"\nexec = [\"/bin/true\"]\n";
+        let err = Config::parse(text, Path::new("agent.toml")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("agent.toml:6:12:"), "{msg}");
+        assert!(msg.contains("maybe"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_field_is_refused() {
+        let err = Config::parse("[agent]\nholdtimeout = 3\n", Path::new("a.toml")).unwrap_err();
+        assert!(err.to_string().contains("a.toml:2:1"), "{err}");
+        assert!(err.to_string().contains("holdtimeout"), "{err}");
+    }
+
+    #[test]
+    fn rule_needs_exactly_one_kind() {
+        let text = "[[rule]]\nname = \"both\"\ndecision = \"ask\"\nexec = [\"/bin/a\"]\nconnect = [\"10.0.0.0/8\"]\n";
+        let err = Config::parse(text, Path::new("a.toml")).unwrap_err();
+        assert!(err.to_string().contains("rule \"both\""), "{err}");
+    }
+
+    #[test]
+    fn defaults_fail_closed() {
+        let c = Config::parse("", Path::new("a.toml")).unwrap();
+        assert_eq!(c.agent.fail_mode, FailMode::Deny);
+        let text = "[[rule]]\nname = \"r\"\ndecision = \"ask\"\nexec = [\"/bin/a\"]\n";
+        let c = Config::parse(text, Path::new("a.toml")).unwrap();
+        assert_eq!(c.rules[0].on_timeout, Decision::Deny);
+    }
+}

@@ -1,0 +1,181 @@
+//! The agent's one long-lived gRPC stream to its decider (`airlock.v1.AgentService/Session`).
+//!
+//! A background task keeps the stream up, reconnecting with backoff. Requests still waiting for
+//! a decision are sent again on every new stream with the same id, so the decider sees one
+//! request, not two. Outcomes produced while disconnected are queued and flushed on reconnect.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use airlock_proto::v1::{
+    agent_message::Msg as Out, agent_service_client::AgentServiceClient,
+    decider_message::Msg as In, ActionRequest, AgentMessage, Decision, Hello, Outcome, Pong,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Outcomes kept while the decider is unreachable; older ones are dropped past this.
+const MAX_QUEUED_OUTCOMES: usize = 4096;
+
+#[derive(Default)]
+struct Shared {
+    /// Requests waiting for a decision, by id.
+    pending: HashMap<String, (ActionRequest, oneshot::Sender<Decision>)>,
+    /// Outcomes not yet sent.
+    outcomes: VecDeque<Outcome>,
+    /// Sender of the live stream, if any.
+    stream: Option<mpsc::Sender<AgentMessage>>,
+}
+
+/// Client side of the agent stream.
+#[derive(Clone)]
+pub struct Decider {
+    shared: Arc<Mutex<Shared>>,
+    connected: watch::Receiver<bool>,
+}
+
+impl Decider {
+    /// Starts the connection task for `url` (e.g. `http://10.0.2.2:7443`).
+    pub fn spawn(url: String, hello: Hello) -> Self {
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(run(url, hello, shared.clone(), tx));
+        Self {
+            shared,
+            connected: rx,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits up to `grace` for a live stream. False if the decider stayed unreachable.
+    pub async fn wait_connected(&self, grace: Duration) -> bool {
+        let mut rx = self.connected.clone();
+        tokio::time::timeout(grace, rx.wait_for(|up| *up)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    /// Sends `req` and returns where its decision will arrive. The request is resent on
+    /// reconnect until it is decided or [`Decider::forget`] is called.
+    pub fn ask(&self, req: ActionRequest) -> oneshot::Receiver<Decision> {
+        let (tx, rx) = oneshot::channel();
+        let mut s = self.lock();
+        let msg = AgentMessage {
+            msg: Some(Out::Request(req.clone())),
+        };
+        if let Some(stream) = &s.stream {
+            // A full or closed stream is fine: the request is resent on the next stream.
+            let _ = stream.try_send(msg);
+        }
+        s.pending.insert(req.request_id.clone(), (req, tx));
+        rx
+    }
+
+    /// Stops waiting for a decision on `request_id` (deadline passed, task gone).
+    pub fn forget(&self, request_id: &str) {
+        self.lock().pending.remove(request_id);
+    }
+
+    /// Reports what happened to a request; queued while disconnected.
+    pub fn report(&self, outcome: Outcome) {
+        let mut s = self.lock();
+        let sent = s.stream.as_ref().is_some_and(|stream| {
+            stream
+                .try_send(AgentMessage {
+                    msg: Some(Out::Outcome(outcome.clone())),
+                })
+                .is_ok()
+        });
+        if !sent {
+            if s.outcomes.len() >= MAX_QUEUED_OUTCOMES {
+                s.outcomes.pop_front();
+            }
+            s.outcomes.push_back(outcome);
+        }
+    }
+}
+
+async fn run(url: String, hello: Hello, shared: Arc<Mutex<Shared>>, connected: watch::Sender<bool>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match session(&url, &hello, &shared, &connected).await {
+            Ok(()) => tracing::warn!(decider = %url, "decider closed the stream; reconnecting"),
+            Err(e) => tracing::warn!(decider = %url, error = %e, "decider unreachable; retrying in {backoff:?}"),
+        }
+        // A stream that was up resets the backoff: the next attempt is quick.
+        let was_up = connected.send_replace(false);
+        shared.lock().unwrap_or_else(|p| p.into_inner()).stream = None;
+        backoff = if was_up { Duration::from_millis(200) } else { (backoff * 2).min(Duration::from_secs(5)) };
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+/// One stream, from connect to its end.
+async fn session(
+    url: &str,
+    hello: &Hello,
+    shared: &Arc<Mutex<Shared>>,
+    connected: &watch::Sender<bool>,
+) -> Result<(), tonic::Status> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map_err(|e| tonic::Status::invalid_argument(format!("decider address {url:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut client = AgentServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(1024);
+    let hello_msg = AgentMessage {
+        msg: Some(Out::Hello(hello.clone())),
+    };
+    tx.send(hello_msg).await.map_err(|_| tonic::Status::internal("stream closed"))?;
+    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    {
+        let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
+        for (req, _) in s.pending.values() {
+            let _ = tx.try_send(AgentMessage {
+                msg: Some(Out::Request(req.clone())),
+            });
+        }
+        while let Some(o) = s.outcomes.pop_front() {
+            if tx.try_send(AgentMessage { msg: Some(Out::Outcome(o.clone())) }).is_err() {
+                s.outcomes.push_front(o);
+                break;
+            }
+        }
+        s.stream = Some(tx.clone());
+    }
+    let _ = connected.send(true);
+    tracing::info!(decider = %url, "connected to decider");
+    while let Some(msg) = inbound.message().await? {
+        match msg.msg {
+            Some(In::Decision(d)) => {
+                let waiter = shared
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pending
+                    .remove(&d.request_id);
+                match waiter {
+                    Some((_, tx)) => {
+                        let _ = tx.send(d);
+                    }
+                    None => tracing::debug!(request = %d.request_id, "decision for a request no longer waiting"),
+                }
+            }
+            Some(In::Ping(p)) => {
+                let _ = tx.try_send(AgentMessage {
+                    msg: Some(Out::Pong(Pong { seq: p.seq })),
+                });
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}

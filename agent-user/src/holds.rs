@@ -1,0 +1,378 @@
+//! The life of one hold: wait for the stop, gather context, pick the rule, decide (locally or
+//! through the decider, within the deadline), apply, report the outcome and the exit status.
+//!
+//! Every path ends in a release: a decision, the deadline's on-timeout action, the fail mode
+//! when the decider is unreachable, or the task's own disappearance.
+
+use std::{
+    collections::HashSet,
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use agent_common::{HoldEvent, HoldKind};
+use airlock_proto::v1::{
+    action_request::Action, ActionRequest, ConnectAction, ExecAction, Outcome, OutcomeKind,
+    ProcessContext, Protocol, Verdict,
+};
+
+use crate::{
+    bpf::{monotonic_ns, Kernel, Release, Released},
+    config::{AgentSection, ConnectDeny, FailMode},
+    decider::Decider,
+    policy::{display_addr, Decision, Policy},
+    procinfo::{self, TaskState},
+};
+
+/// How long to wait for the kernel's SIGSTOP to take effect.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+/// How often a waiting hold checks that its task still exists.
+const LIVENESS_TICK: Duration = Duration::from_millis(250);
+
+/// Everything a hold needs, shared by all holds.
+pub struct Engine {
+    /// The kernel side.
+    pub kernel: Arc<Kernel>,
+    /// Current rules.
+    pub policy: RwLock<Arc<Policy>>,
+    /// The decider, if configured.
+    pub decider: Option<Decider>,
+    /// Agent settings.
+    pub settings: RwLock<AgentSection>,
+    /// Host identity, part of every request id.
+    pub host_id: String,
+    /// Boot id, so request ids of different boots never collide.
+    pub boot_id: String,
+    /// Root of procfs (normally /proc).
+    pub proc_root: PathBuf,
+    /// Holds being handled, by (tgid, hold time): the ring and the recovery scan may both
+    /// produce the same hold.
+    active: Mutex<HashSet<(u32, u64)>>,
+}
+
+/// What was decided, why, and by whom.
+#[derive(Debug, Clone)]
+struct Verdicted {
+    allow: bool,
+    cause: &'static str,
+    by: String,
+    reason: String,
+}
+
+fn unix_ms_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Unix time (ms) of a monotonic timestamp.
+fn mono_to_unix_ms(mono_ns: u64) -> i64 {
+    let now_mono = monotonic_ns() as i64;
+    unix_ms_now() - (now_mono - mono_ns as i64) / 1_000_000
+}
+
+impl Engine {
+    /// A new engine.
+    pub fn new(
+        kernel: Arc<Kernel>,
+        policy: Policy,
+        decider: Option<Decider>,
+        settings: AgentSection,
+        host_id: String,
+    ) -> Self {
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|b| b.trim().chars().take(8).collect())
+            .unwrap_or_else(|_| "boot".into());
+        Self {
+            kernel,
+            policy: RwLock::new(Arc::new(policy)),
+            decider,
+            settings: RwLock::new(settings),
+            host_id,
+            boot_id,
+            proc_root: PathBuf::from("/proc"),
+            active: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn settings(&self) -> AgentSection {
+        self.settings.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The request id of a hold: stable across agent restarts, unique per hold.
+    pub fn request_id(&self, ev: &HoldEvent) -> String {
+        format!("{}-{}-{}-{}", self.host_id, self.boot_id, ev.tgid, ev.hold_ns)
+    }
+
+    /// Handles one hold from start to release.
+    pub async fn handle(self: Arc<Self>, ev: HoldEvent) {
+        let key = (ev.tgid, ev.hold_ns);
+        if !self.active.lock().unwrap_or_else(|p| p.into_inner()).insert(key) {
+            return;
+        }
+        if self.kernel.is_held(&ev) {
+            self.clone().hold(ev).await;
+        }
+        self.active.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+    }
+
+    async fn hold(self: Arc<Self>, ev: HoldEvent) {
+        let settings = self.settings();
+        let id = self.request_id(&ev);
+        if procinfo::wait_stopped(&self.proc_root, ev.tgid, STOP_WAIT).await == TaskState::Gone {
+            self.finish(&ev, &id, OutcomeKind::Vanished, None, "task-gone");
+            return;
+        }
+        let ctx = procinfo::gather(&self.proc_root, ev.tgid, &settings.env_allow);
+        let policy = self.policy.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(rule) = policy.match_event(&ev, &ctx.argv) else {
+            // Held by the prefilter, but no rule matches in full (e.g. other arguments).
+            tracing::debug!(pid = ev.tgid, argv = ?ctx.argv, "no rule matches; resuming");
+            self.apply(&ev, &id, Verdicted { allow: true, cause: "no-rule", by: String::new(), reason: String::new() }, ConnectDeny::Refuse).await;
+            return;
+        };
+        let rule_cfg = rule.config.clone();
+        let timeout = Duration::from_secs(rule_cfg.timeout_secs.unwrap_or(settings.hold_timeout_secs));
+        let deadline_mono = ev.hold_ns + timeout.as_nanos() as u64;
+        let request = self.request(&ev, &id, &ctx, &rule_cfg, deadline_mono);
+        tracing::info!(
+            request = %id, pid = ev.tgid, user = %ctx.user, rule = %rule_cfg.name,
+            action = %describe(&request), decision = ?rule_cfg.decision, "held"
+        );
+        let verdict = match rule_cfg.decision {
+            Decision::Allow => Verdicted { allow: true, cause: "local-rule", by: rule_cfg.name.clone(), reason: String::new() },
+            Decision::Deny => Verdicted { allow: false, cause: "local-rule", by: rule_cfg.name.clone(), reason: String::new() },
+            Decision::Ask => match self.ask(&ev, request, deadline_mono, rule_cfg.on_timeout, &settings).await {
+                Some(v) => v,
+                None => {
+                    self.finish(&ev, &id, OutcomeKind::Vanished, None, "task-gone");
+                    return;
+                }
+            },
+        };
+        self.apply(&ev, &id, verdict, rule_cfg.on_deny).await;
+    }
+
+    fn request(
+        &self,
+        ev: &HoldEvent,
+        id: &str,
+        ctx: &ProcessContext,
+        rule: &crate::config::RuleConfig,
+        deadline_mono: u64,
+    ) -> ActionRequest {
+        let action = if ev.kind == HoldKind::Connect as u32 {
+            Action::Connect(ConnectAction {
+                address: display_addr(ev.addr).to_string(),
+                port: u32::from(ev.port),
+                protocol: match ev.sock_type {
+                    1 => Protocol::Tcp as i32,
+                    2 => Protocol::Udp as i32,
+                    _ => Protocol::Unspecified as i32,
+                },
+                family: if ev.family == 10 { 6 } else { 4 },
+            })
+        } else {
+            Action::Exec(ExecAction {
+                path: ctx.exe.clone(),
+                argv: ctx.argv.clone(),
+                inode: ev.ino,
+                device: u64::from(ev.dev),
+            })
+        };
+        ActionRequest {
+            request_id: id.to_owned(),
+            rule: rule.name.clone(),
+            risk: rule.risk.clone(),
+            description: rule.description.clone(),
+            process: Some(ctx.clone()),
+            action: Some(action),
+            held_at_unix_ms: mono_to_unix_ms(ev.hold_ns),
+            deadline_unix_ms: mono_to_unix_ms(deadline_mono),
+            on_timeout: verdict_of(rule.on_timeout == Decision::Allow) as i32,
+        }
+    }
+
+    /// Asks the decider; `None` if the task disappeared while waiting.
+    async fn ask(
+        &self,
+        ev: &HoldEvent,
+        request: ActionRequest,
+        deadline_mono: u64,
+        on_timeout: Decision,
+        settings: &AgentSection,
+    ) -> Option<Verdicted> {
+        let fail = Verdicted {
+            allow: settings.fail_mode == FailMode::Allow,
+            cause: "decider-unreachable",
+            by: String::new(),
+            reason: String::new(),
+        };
+        let Some(decider) = &self.decider else {
+            return Some(fail);
+        };
+        let remaining = Duration::from_nanos(deadline_mono.saturating_sub(monotonic_ns()));
+        let grace = remaining.min(Duration::from_secs(settings.unreachable_grace_secs));
+        if !decider.wait_connected(grace).await {
+            return Some(fail);
+        }
+        let id = request.request_id.clone();
+        let mut answer = decider.ask(request);
+        let deadline = tokio::time::Instant::now() + Duration::from_nanos(deadline_mono.saturating_sub(monotonic_ns()));
+        let mut tick = tokio::time::interval(LIVENESS_TICK);
+        loop {
+            tokio::select! {
+                d = &mut answer => {
+                    let Ok(d) = d else { return Some(fail) };
+                    let allow = d.verdict == Verdict::Allow as i32;
+                    return Some(Verdicted { allow, cause: "decision", by: d.decided_by, reason: d.reason });
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    decider.forget(&id);
+                    return Some(Verdicted { allow: on_timeout == Decision::Allow, cause: "timeout", by: String::new(), reason: String::new() });
+                }
+                _ = tick.tick() => {
+                    if !self.kernel.is_held(ev) {
+                        decider.forget(&id);
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn apply(self: &Arc<Self>, ev: &HoldEvent, id: &str, v: Verdicted, on_deny: ConnectDeny) {
+        let is_connect = ev.kind == HoldKind::Connect as u32;
+        let (how, kind) = match (v.allow, is_connect, on_deny) {
+            (true, _, _) => (Release::Resume, OutcomeKind::Resumed),
+            (false, true, ConnectDeny::Refuse) => (Release::Refuse, OutcomeKind::Refused),
+            (false, _, _) => (Release::Kill, OutcomeKind::Killed),
+        };
+        let released = match self.kernel.release(ev, how) {
+            Ok(r) => r,
+            Err(e) => {
+                // Could not write the verdict: never leave the task stopped; kill it.
+                tracing::error!(request = %id, error = %e, "releasing hold failed; killing the task");
+                let _ = self.kernel.release(ev, Release::Kill);
+                Released::Done
+            }
+        };
+        let kind = if released == Released::Vanished { OutcomeKind::Vanished } else { kind };
+        tracing::info!(request = %id, pid = ev.tgid, allow = v.allow, cause = v.cause, by = %v.by, reason = %v.reason, outcome = ?kind, "released");
+        self.finish(ev, id, kind, Some(v.allow), v.cause);
+        if kind == OutcomeKind::Resumed && !is_connect {
+            let engine = self.clone();
+            let (tgid, id) = (ev.tgid, id.to_owned());
+            tokio::spawn(async move { engine.report_exit(tgid, id).await });
+        }
+    }
+
+    fn finish(&self, _ev: &HoldEvent, id: &str, kind: OutcomeKind, allow: Option<bool>, cause: &str) {
+        if let Some(d) = &self.decider {
+            d.report(Outcome {
+                request_id: id.to_owned(),
+                applied: allow.map_or(Verdict::Unspecified, verdict_of) as i32,
+                kind: kind as i32,
+                cause: cause.to_owned(),
+                exit_code: None,
+                signal: None,
+                at_unix_ms: unix_ms_now(),
+            });
+        }
+    }
+
+    /// Waits for an allowed exec to finish and reports its exit status.
+    async fn report_exit(&self, tgid: u32, id: String) {
+        wait_exit(tgid).await;
+        // The kernel writes the status in the exit tracepoint, before the pidfd wakes us.
+        let status = self.kernel.take_exit(tgid);
+        if status.is_none() {
+            self.kernel.forget_exit(tgid);
+        }
+        let (exit_code, signal) = match status {
+            Some(s) if s & 0x7f == 0 => (Some((s >> 8) & 0xff), None),
+            Some(s) => (None, Some(s & 0x7f)),
+            None => (None, None),
+        };
+        tracing::info!(request = %id, pid = tgid, ?exit_code, ?signal, "exited");
+        if let Some(d) = &self.decider {
+            d.report(Outcome {
+                request_id: id,
+                applied: Verdict::Allow as i32,
+                kind: OutcomeKind::Exited as i32,
+                cause: "exit".into(),
+                exit_code,
+                signal,
+                at_unix_ms: unix_ms_now(),
+            });
+        }
+    }
+
+    /// Resolves every hold on shutdown with the fail mode (deny unless configured otherwise).
+    pub fn resolve_all(&self, cause: &'static str) {
+        let allow = self.settings().fail_mode == FailMode::Allow;
+        for ev in self.kernel.held() {
+            let is_connect = ev.kind == HoldKind::Connect as u32;
+            let how = match (allow, is_connect) {
+                (true, _) => Release::Resume,
+                (false, true) => Release::Refuse,
+                (false, false) => Release::Kill,
+            };
+            let id = self.request_id(&ev);
+            if let Err(e) = self.kernel.release(&ev, how) {
+                tracing::error!(request = %id, error = %e, "release on shutdown failed; killing");
+                let _ = self.kernel.release(&ev, Release::Kill);
+            }
+            tracing::info!(request = %id, pid = ev.tgid, allow, cause, "released on shutdown");
+            let kind = match how {
+                Release::Resume => OutcomeKind::Resumed,
+                Release::Refuse => OutcomeKind::Refused,
+                Release::Kill => OutcomeKind::Killed,
+            };
+            self.finish(&ev, &id, kind, Some(allow), cause);
+        }
+    }
+}
+
+fn verdict_of(allow: bool) -> Verdict {
+    if allow {
+        Verdict::Allow
+    } else {
+        Verdict::Deny
+    }
+}
+
+/// One line describing the action, for logs.
+fn describe(req: &ActionRequest) -> String {
+    match &req.action {
+        Some(Action::Exec(e)) => e.argv.join(" "),
+        Some(Action::Connect(c)) => format!("connect {}:{}", c.address, c.port),
+        None => String::new(),
+    }
+}
+
+/// Waits until process `pid` has exited, using a pidfd (readable on exit).
+async fn wait_exit(pid: u32) {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return; // Already gone.
+    }
+    // SAFETY: the fd was just returned to us and is owned by nobody else.
+    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // SAFETY: the OwnedFd is moved into the AsyncFd and stays open for its whole life.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE)
+    };
+    match registered {
+        Ok(afd) => {
+            let _ = afd.readable().await;
+        }
+        Err(_) => {
+            while procinfo::task_state(std::path::Path::new("/proc"), pid) != TaskState::Gone {
+                tokio::time::sleep(LIVENESS_TICK).await;
+            }
+        }
+    }
+}

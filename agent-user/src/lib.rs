@@ -1,0 +1,19 @@
+//! The Airlock node agent: holds the privileged exec and connect calls of watched accounts in
+//! the kernel (BPF LSM), asks for a decision, and resumes or kills the task.
+//!
+//! Where things live:
+//! - [`bpf`]: loading, pinning and driving the kernel programs (crate agent-ebpf);
+//! - [`holds`]: the life of one hold, from the stop to the outcome;
+//! - [`policy`]: rule matching and the kernel prefilter tables;
+//! - [`procinfo`]: the context of a held task from /proc;
+//! - [`decider`]: the gRPC stream to the control plane;
+//! - [`config`]: the TOML configuration;
+//! - [`agent`]: wiring it together at start-up.
+
+pub mod agent;
+pub mod bpf;
+pub mod config;
+pub mod decider;
+pub mod holds;
+pub mod policy;
+pub mod procinfo;

@@ -1,0 +1,224 @@
+//! Context of a held task, read from /proc: command line, executable, working directory,
+//! environment names, cgroup and unit, user names and the parent chain.
+//!
+//! The kernel stops the task before it runs; reading /proc before the stop is complete may see
+//! an empty command line, so [`wait_stopped`] comes first.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use airlock_proto::v1::{Ancestor, EnvVar, ProcessContext};
+use nix::unistd::{Gid, Group, Uid, User};
+
+/// How many ancestors a request carries.
+const MAX_ANCESTORS: usize = 8;
+
+/// State of a task as /proc/PID/stat shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskState {
+    /// Stopped by a signal (`T`) or traced (`t`).
+    Stopped,
+    /// Any other state.
+    Other(char),
+    /// No such process (it exited).
+    Gone,
+}
+
+fn proc_dir(root: &Path, pid: u32) -> PathBuf {
+    root.join(pid.to_string())
+}
+
+/// The state letter of `pid`.
+pub fn task_state(root: &Path, pid: u32) -> TaskState {
+    let Ok(stat) = fs::read_to_string(proc_dir(root, pid).join("stat")) else {
+        return TaskState::Gone;
+    };
+    // The comm field is in parentheses and may itself contain ") ": split at the last one.
+    match stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next()) {
+        Some('T') | Some('t') => TaskState::Stopped,
+        Some('Z') | Some('X') => TaskState::Gone,
+        Some(c) => TaskState::Other(c),
+        None => TaskState::Gone,
+    }
+}
+
+/// Waits (polling) until `pid` is stopped or gone, at most `limit`.
+pub async fn wait_stopped(root: &Path, pid: u32, limit: Duration) -> TaskState {
+    let start = Instant::now();
+    let mut delay = Duration::from_micros(200);
+    loop {
+        let state = task_state(root, pid);
+        if matches!(state, TaskState::Stopped | TaskState::Gone) || start.elapsed() >= limit {
+            return state;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// argv of `pid` (NUL-separated /proc/PID/cmdline).
+pub fn cmdline(root: &Path, pid: u32) -> Vec<String> {
+    fs::read(proc_dir(root, pid).join("cmdline"))
+        .map(|raw| split_nul(&raw))
+        .unwrap_or_default()
+}
+
+fn split_nul(raw: &[u8]) -> Vec<String> {
+    raw.split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+fn link(root: &Path, pid: u32, name: &str) -> String {
+    fs::read_link(proc_dir(root, pid).join(name))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Fields of /proc/PID/status we use.
+#[derive(Debug, Default, Clone, Copy)]
+struct Status {
+    ppid: u32,
+    uid: u32,
+    gid: u32,
+}
+
+fn status(root: &Path, pid: u32) -> Option<Status> {
+    let text = fs::read_to_string(proc_dir(root, pid).join("status")).ok()?;
+    let mut st = Status::default();
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        match it.next() {
+            Some("PPid:") => st.ppid = it.next()?.parse().ok()?,
+            Some("Uid:") => st.uid = it.next()?.parse().ok()?,
+            Some("Gid:") => st.gid = it.next()?.parse().ok()?,
+            _ => {}
+        }
+    }
+    Some(st)
+}
+
+/// Name of a uid, or the number.
+pub fn user_name(uid: u32) -> String {
+    User::from_uid(Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map_or_else(|| uid.to_string(), |u| u.name)
+}
+
+fn group_name(gid: u32) -> String {
+    Group::from_gid(Gid::from_raw(gid))
+        .ok()
+        .flatten()
+        .map_or_else(|| gid.to_string(), |g| g.name)
+}
+
+/// The cgroup v2 path of `pid` and the systemd unit it names, if any.
+fn cgroup(root: &Path, pid: u32) -> (String, String) {
+    let text = fs::read_to_string(proc_dir(root, pid).join("cgroup")).unwrap_or_default();
+    let path = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or_default()
+        .to_owned();
+    let unit = path
+        .rsplit('/')
+        .find(|c| {
+            [".service", ".scope"]
+                .iter()
+                .any(|suffix| c.ends_with(suffix))
+        })
+        .unwrap_or_default()
+        .to_owned();
+    (path, unit)
+}
+
+/// Environment names of `pid`; values only for names in `allow`.
+fn environment(root: &Path, pid: u32, allow: &[String]) -> Vec<EnvVar> {
+    let raw = fs::read(proc_dir(root, pid).join("environ")).unwrap_or_default();
+    split_nul(&raw)
+        .into_iter()
+        .filter_map(|kv| {
+            let (name, value) = kv.split_once('=')?;
+            let value = allow.iter().any(|a| a == name).then(|| value.to_owned());
+            Some(EnvVar {
+                name: name.to_owned(),
+                value,
+            })
+        })
+        .collect()
+}
+
+fn login_uid(root: &Path, pid: u32) -> Option<u32> {
+    let text = fs::read_to_string(proc_dir(root, pid).join("loginuid")).ok()?;
+    // 4294967295 means "not set" (no login session).
+    text.trim().parse().ok().filter(|uid| *uid != u32::MAX)
+}
+
+/// Everything the decider is told about the task `pid`.
+pub fn gather(root: &Path, pid: u32, env_allow: &[String]) -> ProcessContext {
+    let st = status(root, pid).unwrap_or_default();
+    let (cgroup, unit) = cgroup(root, pid);
+    let mut ancestors = Vec::new();
+    let mut next = st.ppid;
+    while next > 0 && ancestors.len() < MAX_ANCESTORS {
+        let Some(ast) = status(root, next) else { break };
+        ancestors.push(Ancestor {
+            pid: next,
+            uid: ast.uid,
+            user: user_name(ast.uid),
+            exe: link(root, next, "exe"),
+            argv: cmdline(root, next),
+        });
+        next = ast.ppid;
+    }
+    let login = login_uid(root, pid);
+    let comm = fs::read_to_string(proc_dir(root, pid).join("comm"))
+        .map(|c| c.trim_end().to_owned())
+        .unwrap_or_default();
+    ProcessContext {
+        pid,
+        uid: st.uid,
+        gid: st.gid,
+        user: user_name(st.uid),
+        group: group_name(st.gid),
+        exe: link(root, pid, "exe"),
+        argv: cmdline(root, pid),
+        cwd: link(root, pid, "cwd"),
+        env: environment(root, pid, env_allow),
+        cgroup,
+        unit,
+        ancestors,
+        comm,
+        login_uid: login,
+        login_user: login.map(user_name).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gathers_own_process() {
+        let me = std::process::id();
+        let ctx = gather(Path::new("/proc"), me, &["PATH".to_owned()]);
+        assert_eq!(ctx.pid, me);
+        assert!(!ctx.argv.is_empty());
+        assert_eq!(ctx.cwd, std::env::current_dir().unwrap().to_string_lossy());
+        assert!(!ctx.ancestors.is_empty(), "cargo test has a parent");
+        let path = ctx.env.iter().find(|e| e.name == "PATH").unwrap();
+        assert!(path.value.is_some(), "allow-listed value is sent");
+        assert!(ctx.env.iter().filter(|e| e.name != "PATH").all(|e| e.value.is_none()));
+    }
+
+    #[test]
+    fn state_of_running_and_missing() {
+        assert!(matches!(task_state(Path::new("/proc"), std::process::id()), TaskState::Other(_)));
+        assert_eq!(task_state(Path::new("/proc"), u32::MAX - 1), TaskState::Gone);
+    }
+}
