@@ -47,10 +47,13 @@ if ! rustup toolchain list | grep -q '^nightly'; then
   log "installing nightly toolchain"
   rustup toolchain install nightly --profile minimal
 fi
-if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
-  log "adding rust-src to nightly"
-  rustup component add rust-src --toolchain nightly
-fi
+installed=$(rustup component list --toolchain nightly --installed)
+for c in rust-src rustfmt clippy; do
+  if ! grep -q "^$c" <<<"$installed"; then
+    log "adding $c to nightly"
+    rustup component add "$c" --toolchain nightly
+  fi
+done
 
 if ! command -v bpf-linker >/dev/null 2>&1; then
   sysroot=$(rustc +nightly --print sysroot)

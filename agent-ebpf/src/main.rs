@@ -51,8 +51,10 @@ static AIRLOCK_OFFSETS: KernelOffsets = KernelOffsets {
     task_exit_code: 0,
 };
 
+/// Not pinned: each agent reads its own ring. Holds published into an earlier agent's ring are
+/// still in the pinned held map, which the agent sweeps.
 #[map(name = "AIRLOCK_EVENTS")]
-static EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 #[map(name = "AIRLOCK_HELD")]
 static HELD: HashMap<u32, HoldEvent> = HashMap::pinned(8192, 0);
 #[map(name = "AIRLOCK_WATCHED_TASKS")]

@@ -157,6 +157,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
     for ev in leftover {
         tokio::spawn(engine.clone().handle(ev));
     }
+    let sweeper = tokio::spawn(sweep(engine.clone()));
 
     let events = kernel.take_events().context("ring buffer already taken")?;
     // SAFETY: the ring buffer owns its map fd, which stays open as long as the AsyncFd.
@@ -196,6 +197,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
     tracing::info!("shutting down: resolving every hold");
     event_task.abort();
     heartbeat.abort();
+    sweeper.abort();
     engine.resolve_all("shutdown");
     let counters: BTreeMap<_, _> = bpf::named_counters(&kernel.counters()).into_iter().collect();
     tracing::info!(?counters, "kernel counters");
@@ -204,6 +206,25 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
 }
+
+/// Picks up holds that never arrived through this agent's ring (published into the ring of an
+/// agent that has since been replaced, during its restart): every hold in the held map that is
+/// older than a second and not being handled gets handled. Handling is idempotent.
+async fn sweep(engine: Arc<Engine>) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        tick.tick().await;
+        let now = bpf::monotonic_ns();
+        for ev in engine.kernel.held() {
+            if now.saturating_sub(ev.hold_ns) > SWEEP_INTERVAL.as_nanos() as u64 {
+                tokio::spawn(engine.clone().handle(ev));
+            }
+        }
+    }
+}
+
+/// How often the held map is swept for holds no ring event announced.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Reads hold events from the ring buffer and starts a hold handler for each.
 async fn consume(mut ring: AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>, engine: Arc<Engine>) {

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Sets up what is missing (scripts/setup.sh), then runs every check and test:
+# formatting, clippy (host crates and the eBPF crate), unit tests, gRPC tests over real sockets,
+# and the kernel tests in a QEMU guest running Debian's kernel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+(cd agent-ebpf && cargo +nightly fmt -- --check)
+
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+(cd agent-ebpf && cargo +nightly clippy --release --target bpfel-unknown-none -Z build-std=core -- -D warnings)
+
+echo "== cargo test"
+cargo build --workspace --bins
+cargo test --workspace -- --test-threads=4

@@ -1,0 +1,183 @@
+//! The programs the guest runs in tests: a stand-in for privileged tools (copies of this binary
+//! are installed as `kubectl` and friends), network clients and servers, and probes.
+//!
+//! Which tool it is comes from the first argument, or from its name when installed as the
+//! setuid helper.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::unix::process::{CommandExt, ExitStatusExt},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage: airlock-workload run MARKER CODE [ARGS..] | connect tcp|udp ADDR PORT | serve PORT.. \
+         | timed CMD.. | spawn N CMD.. (\"{{i}}\" in CMD is the child index) | ptrace PID"
+    );
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let mut args: Vec<String> = std::env::args().collect();
+    let name = args
+        .first()
+        .and_then(|a| a.rsplit('/').next().map(str::to_owned))
+        .unwrap_or_default();
+    if name == "suid-helper" {
+        return suid_exec(&args[1..]);
+    }
+    if args.len() < 2 {
+        return usage();
+    }
+    let cmd = args.remove(1);
+    let rest = &args[1..];
+    match cmd.as_str() {
+        "run" => run(rest),
+        "connect" => connect(rest),
+        "serve" => serve(rest),
+        "timed" => timed(rest),
+        "spawn" => spawn(rest),
+        "ptrace" => ptrace_probe(rest),
+        _ => usage(),
+    }
+}
+
+/// Writes MARKER first thing (proof that the program ran at all), prints its arguments and
+/// exits with CODE.
+fn run(args: &[String]) -> ExitCode {
+    let (Some(marker), Some(code)) = (args.first(), args.get(1)) else {
+        return usage();
+    };
+    let _ = std::fs::write(marker, b"ran\n");
+    println!("ran: {}", args[2..].join(" "));
+    ExitCode::from(code.parse::<u8>().unwrap_or(1))
+}
+
+/// Connects and exchanges a line; prints `ok <reply>` or `err <errno> <message>`.
+fn connect(args: &[String]) -> ExitCode {
+    let [proto, addr, port] = args else { return usage() };
+    let Ok(ip) = addr.parse::<std::net::IpAddr>() else { return usage() };
+    let Ok(port) = port.parse::<u16>() else { return usage() };
+    let target = SocketAddr::new(ip, port);
+    let result = match proto.as_str() {
+        "tcp" => TcpStream::connect(target).and_then(|mut s| {
+            s.write_all(b"ping\n")?;
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+        }),
+        "udp" => {
+            let bind = if ip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            UdpSocket::bind(bind).and_then(|s| {
+                s.connect(target)?;
+                s.send(b"ping\n")?;
+                Ok("sent".to_owned())
+            })
+        }
+        _ => return usage(),
+    };
+    match result {
+        Ok(reply) => {
+            println!("ok {reply}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("err {} {e}", e.raw_os_error().unwrap_or(0));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Answers `pong` to every TCP connection on each PORT (dual-stack), forever.
+fn serve(args: &[String]) -> ExitCode {
+    let mut handles = Vec::new();
+    for port in args {
+        let Ok(l) = TcpListener::bind(format!("[::]:{port}")) else {
+            eprintln!("cannot listen on {port}");
+            return ExitCode::from(1);
+        };
+        handles.push(std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                let mut buf = [0u8; 64];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(b"pong\n");
+            }
+        }));
+    }
+    println!("serving");
+    for h in handles {
+        let _ = h.join();
+    }
+    ExitCode::SUCCESS
+}
+
+fn status_text(st: std::process::ExitStatus) -> String {
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit={c}"),
+        (None, Some(s)) => format!("signal={s}"),
+        _ => "unknown".into(),
+    }
+}
+
+/// Runs CMD and prints `ms=<elapsed> exit=<code>|signal=<sig>`.
+fn timed(args: &[String]) -> ExitCode {
+    let Some((prog, rest)) = args.split_first() else { return usage() };
+    let start = Instant::now();
+    match Command::new(prog).args(rest).status() {
+        Ok(st) => println!("ms={} {}", start.elapsed().as_millis(), status_text(st)),
+        Err(e) => println!("ms={} spawn-error {e}", start.elapsed().as_millis()),
+    }
+    ExitCode::SUCCESS
+}
+
+/// Starts N copies of CMD at once ("{i}" replaced by the index) and prints `i=<n> <status>`.
+fn spawn(args: &[String]) -> ExitCode {
+    let Some((n, cmd)) = args.split_first() else { return usage() };
+    let Ok(n) = n.parse::<usize>() else { return usage() };
+    let Some((prog, rest)) = cmd.split_first() else { return usage() };
+    let children: Vec<_> = (0..n)
+        .map(|i| {
+            let argv: Vec<String> = rest.iter().map(|a| a.replace("{i}", &i.to_string())).collect();
+            Command::new(prog).args(&argv).stdout(std::process::Stdio::null()).spawn()
+        })
+        .collect();
+    for (i, child) in children.into_iter().enumerate() {
+        match child.and_then(|mut c| c.wait()) {
+            Ok(st) => println!("i={i} {}", status_text(st)),
+            Err(e) => println!("i={i} error {e}"),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// Tries PTRACE_ATTACH on PID; prints `ok` or `err <errno>`.
+fn ptrace_probe(args: &[String]) -> ExitCode {
+    let Some(Ok(pid)) = args.first().map(|p| p.parse::<i32>()) else { return usage() };
+    let null = std::ptr::null_mut::<libc::c_void>();
+    // SAFETY: PTRACE_ATTACH/DETACH take a pid and ignore addr and data.
+    let r = unsafe { libc::ptrace(libc::PTRACE_ATTACH, pid, null, null) };
+    if r == 0 {
+        // SAFETY: as above.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, null, null) };
+        println!("ok");
+    } else {
+        println!("err {}", std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    ExitCode::SUCCESS
+}
+
+/// Installed setuid root as `suid-helper`: becomes root for real, then runs the rest.
+fn suid_exec(args: &[String]) -> ExitCode {
+    // SAFETY: plain syscalls; failure shows up as the wrong uid in the test.
+    unsafe {
+        libc::setgid(0);
+        libc::setuid(0);
+    }
+    let Some((prog, rest)) = args.split_first() else { return usage() };
+    let err = Command::new(prog).args(rest).exec();
+    eprintln!("exec {prog}: {err}");
+    ExitCode::from(127)
+}

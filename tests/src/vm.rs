@@ -1,0 +1,346 @@
+//! A QEMU guest running Debian's kernel (BPF LSM active) with a busybox initramfs.
+//!
+//! The harness packs busybox, the binaries a test names (with the shared libraries `ldd` lists),
+//! users and a scenario script into an initramfs, boots it under software emulation, and returns
+//! the guest's console. Scenario scripts print result lines `@@R <key> <value...>`, which
+//! [`GuestRun::results`] collects.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Virtio network modules, in load order.
+const NET_MODULES: [&str; 8] = [
+    "kernel/drivers/virtio/virtio_ring.ko",
+    "kernel/drivers/virtio/virtio.ko",
+    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+    "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+    "kernel/drivers/virtio/virtio_pci.ko",
+    "kernel/net/core/failover.ko",
+    "kernel/drivers/net/net_failover.ko",
+    "kernel/drivers/net/virtio_net.ko",
+];
+
+/// Where the unpacked kernel package lives (scripts/setup.sh puts it there).
+pub fn vm_dir() -> PathBuf {
+    std::env::var_os("AIRLOCK_VM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/vm"))
+}
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// One file to put in the guest.
+#[derive(Debug, Clone)]
+enum Source {
+    Host(PathBuf),
+    Text(String),
+}
+
+/// A guest to boot: files, accounts and the scenario script run by /init.
+#[derive(Debug, Default)]
+pub struct Guest {
+    files: Vec<(String, Source, u32)>,
+    links: Vec<(String, String, bool)>,
+    script: String,
+    /// Memory in MiB.
+    pub memory_mb: u32,
+}
+
+/// What a guest run printed.
+#[derive(Debug)]
+pub struct GuestRun {
+    /// The whole console output.
+    pub console: String,
+    /// Wall time from QEMU start to power-off.
+    pub elapsed: Duration,
+}
+
+impl GuestRun {
+    /// Result lines `@@R key value...` as key to value (the last one wins).
+    pub fn results(&self) -> BTreeMap<String, String> {
+        self.console
+            .lines()
+            .filter_map(|l| l.trim_end_matches('\r').split_once("@@R "))
+            .filter_map(|(_, rest)| {
+                let (k, v) = rest.split_once(' ').unwrap_or((rest, ""));
+                Some((k.to_owned(), v.trim().to_owned()))
+            })
+            .collect()
+    }
+
+    /// Whether the script ran to its end.
+    pub fn finished(&self) -> bool {
+        self.console.contains("@@END")
+    }
+}
+
+impl Guest {
+    /// An empty guest with 1 GiB of memory.
+    pub fn new() -> Self {
+        Self {
+            memory_mb: 1024,
+            ..Default::default()
+        }
+    }
+
+    /// Copies a host file to `guest_path` with `mode` (e.g. 0o755, 0o4755 for setuid root).
+    pub fn file(&mut self, guest_path: &str, host: impl Into<PathBuf>, mode: u32) -> &mut Self {
+        self.files.push((guest_path.into(), Source::Host(host.into()), mode));
+        self
+    }
+
+    /// Writes `text` to `guest_path`.
+    pub fn text(&mut self, guest_path: &str, text: impl Into<String>, mode: u32) -> &mut Self {
+        self.files.push((guest_path.into(), Source::Text(text.into()), mode));
+        self
+    }
+
+    /// A symbolic link at `guest_path` pointing to `target`.
+    pub fn symlink(&mut self, guest_path: &str, target: &str) -> &mut Self {
+        self.links.push((guest_path.into(), target.into(), false));
+        self
+    }
+
+    /// A hard link at `guest_path` to the guest file `target`.
+    pub fn hardlink(&mut self, guest_path: &str, target: &str) -> &mut Self {
+        self.links.push((guest_path.into(), target.into(), true));
+        self
+    }
+
+    /// The scenario script, run by /init after the guest is set up, as root.
+    pub fn script(&mut self, script: impl Into<String>) -> &mut Self {
+        self.script = script.into();
+        self
+    }
+
+    /// Builds the initramfs and boots it; returns when the guest powers off or `limit` passes.
+    /// `on_line` sees each console line as it arrives (for progress output).
+    pub fn boot(&self, limit: Duration) -> Result<GuestRun> {
+        let vm = vm_dir();
+        let kernel_root = vm.join("kernel");
+        let vmlinuz = std::fs::read_dir(kernel_root.join("boot"))
+            .with_context(|| format!("no guest kernel under {}; run scripts/setup.sh", vm.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+            .context("no vmlinuz-* in the guest kernel package; run scripts/setup.sh")?;
+        let work = tempfile::tempdir()?;
+        let initrd = work.path().join("initrd.cpio.gz");
+        self.pack(&kernel_root, &work.path().join("root"), &initrd)?;
+
+        let start = Instant::now();
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-smp", "2", "-nographic", "-no-reboot"])
+            .args(["-m", &self.memory_mb.to_string()])
+            .arg("-kernel")
+            .arg(&vmlinuz)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
+            .args(["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting qemu-system-x86_64 (run scripts/setup.sh)")?;
+        let stdout = child.stdout.take().context("qemu stdout")?;
+        let (tx, rx) = mpsc::channel::<String>();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut console = String::new();
+        let verbose = std::env::var_os("AIRLOCK_VM_VERBOSE").is_some();
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) => {
+                    if verbose {
+                        eprintln!("guest| {line}");
+                    }
+                    console.push_str(line.trim_end_matches('\r'));
+                    console.push('\n');
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = reader.join();
+                bail!("guest did not finish within {limit:?}; console so far:\n{console}");
+            }
+        }
+        let status = child.wait()?;
+        let _ = reader.join();
+        if !status.success() && !console.contains("@@END") {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            bail!("qemu exited with {status}: {err}\nconsole:\n{console}");
+        }
+        Ok(GuestRun {
+            console,
+            elapsed: start.elapsed(),
+        })
+    }
+
+    fn pack(&self, kernel_root: &Path, root: &Path, out: &Path) -> Result<()> {
+        for d in ["bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "lib/modules", "usr/bin", "usr/local/bin", "opt", "root", "home/agent", "run"] {
+            std::fs::create_dir_all(root.join(d))?;
+        }
+        let busybox = which("busybox").context("busybox not found (apt-get install busybox-static)")?;
+        copy(&busybox, &root.join("bin/busybox"), 0o755)?;
+        for (i, m) in NET_MODULES.iter().enumerate() {
+            let modules = std::fs::read_dir(kernel_root.join("lib/modules"))?
+                .filter_map(|e| e.ok())
+                .next()
+                .context("no lib/modules in the guest kernel package")?
+                .path();
+            copy(&modules.join(m), &root.join(format!("lib/modules/{i:02}.ko")), 0o644)?;
+        }
+        let passwd = "root:x:0:0:root:/root:/bin/sh\nagent:x:1000:1000:AI agent:/home/agent:/bin/sh\nother:x:1001:1001:other:/tmp:/bin/sh\n";
+        std::fs::write(root.join("etc/passwd"), passwd)?;
+        std::fs::write(root.join("etc/group"), "root:x:0:\nagent:x:1000:\nother:x:1001:\n")?;
+        std::fs::write(root.join("etc/shadow"), "root::1::::::\nagent:!:1::::::\nother:!:1::::::\n")?;
+        std::fs::set_permissions(root.join("etc/shadow"), std::fs::Permissions::from_mode(0o600))?;
+        std::fs::write(root.join("etc/machine-id"), "airlock0test0guest0000000000000\n")?;
+        std::os::unix::fs::chown(root.join("home/agent"), Some(1000), Some(1000))?;
+
+        for (guest, src, mode) in &self.files {
+            let dst = root.join(guest.trim_start_matches('/'));
+            match src {
+                Source::Host(p) => {
+                    copy(p, &dst, *mode)?;
+                    if is_dynamic(p) {
+                        for lib in ldd(p)? {
+                            let target = root.join(lib.to_string_lossy().trim_start_matches('/'));
+                            if !target.exists() {
+                                copy(&lib, &target, 0o755)?;
+                            }
+                        }
+                    }
+                }
+                Source::Text(t) => {
+                    if let Some(parent) = dst.parent() {
+                        std::fs::create_dir_all(parent)?;
+                    }
+                    std::fs::write(&dst, t)?;
+                    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(*mode))?;
+                }
+            }
+        }
+        for (guest, target, hard) in &self.links {
+            let dst = root.join(guest.trim_start_matches('/'));
+            if let Some(parent) = dst.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            if *hard {
+                std::fs::hard_link(root.join(target.trim_start_matches('/')), &dst)?;
+            } else {
+                std::os::unix::fs::symlink(target, &dst)?;
+            }
+        }
+        let init = format!("{INIT_HEAD}\n# --- scenario ---\n{}\n{INIT_TAIL}", self.script);
+        std::fs::write(root.join("init"), init)?;
+        std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755))?;
+
+        let cpio = Command::new("sh")
+            .arg("-c")
+            .arg("find . -print0 | cpio --null -o -H newc --quiet | gzip -1")
+            .current_dir(root)
+            .output()
+            .context("running cpio (apt-get install cpio)")?;
+        if !cpio.status.success() {
+            bail!("cpio failed: {}", String::from_utf8_lossy(&cpio.stderr));
+        }
+        std::fs::File::create(out)?.write_all(&cpio.stdout)?;
+        Ok(())
+    }
+}
+
+const INIT_HEAD: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/usr/local/bin:/usr/bin:/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+chmod 1777 /tmp
+mount -t securityfs none /sys/kernel/security
+mount -t bpf bpf /sys/fs/bpf
+mount -t cgroup2 none /sys/fs/cgroup
+for m in /lib/modules/*.ko; do insmod "$m"; done
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+# Let the guards, not Yama, decide who may ptrace a held task.
+echo 0 > /proc/sys/kernel/yama/ptrace_scope 2>/dev/null
+echo "@@R lsm $(cat /sys/kernel/security/lsm)"
+"#;
+
+const INIT_TAIL: &str = r#"
+echo "@@R stopped_tasks_at_end $(grep -l ') T ' /proc/[0-9]*/stat 2>/dev/null | wc -l)"
+echo "@@END"
+sync
+poweroff -f
+"#;
+
+fn copy(src: &Path, dst: &Path, mode: u32) -> Result<()> {
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::copy(src, dst).with_context(|| format!("copying {} to the guest", src.display()))?;
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .chain([PathBuf::from("/usr/bin"), PathBuf::from("/bin")])
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+fn is_dynamic(p: &Path) -> bool {
+    std::fs::read(p).is_ok_and(|b| b.starts_with(b"\x7fELF") && b.windows(8).any(|w| w == b"ld-linux"))
+}
+
+/// Shared libraries of `bin`, as absolute paths (the loader included).
+fn ldd(bin: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(bin).output().context("running ldd")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rest)) => rest.trim().split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
