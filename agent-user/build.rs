@@ -6,9 +6,15 @@ use anyhow::{bail, Context, Result};
 
 fn main() -> Result<()> {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let root = manifest.parent().context("agent-user has no parent directory")?;
+    let root = manifest
+        .parent()
+        .context("agent-user has no parent directory")?;
     let ebpf = root.join("agent-ebpf");
-    for dir in ["agent-ebpf/src", "agent-ebpf/Cargo.toml", "agent-common/src"] {
+    for dir in [
+        "agent-ebpf/src",
+        "agent-ebpf/Cargo.toml",
+        "agent-common/src",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     let out = PathBuf::from(env::var("OUT_DIR")?);
@@ -16,11 +22,26 @@ fn main() -> Result<()> {
     let target_dir = root.join("target").join("ebpf");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&ebpf)
-        .args(["+nightly", "build", "--release", "--target", "bpfel-unknown-none"])
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+        ])
         .args(["-Z", "build-std=core"])
         .arg("--target-dir")
         .arg(&target_dir);
-    for var in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "RUSTUP_TOOLCHAIN", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET"] {
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
         cmd.env_remove(var);
     }
     let status = cmd

@@ -19,7 +19,8 @@ use agent_common::{
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_send_signal,
+        bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::bpf_send_signal,
     },
     macros::{btf_tracepoint, lsm, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
@@ -113,7 +114,7 @@ unsafe fn read_at<T>(base: *const u8, off: u64) -> Result<T, i32> {
 /// Whether the current task is watched: marked (inherited), or by uid, gid or cgroup.
 #[inline(always)]
 fn current_is_watched(tgid: u32) -> bool {
-    if unsafe { WATCHED_TASKS.get(&tgid) }.is_some() {
+    if unsafe { WATCHED_TASKS.get(tgid) }.is_some() {
         return true;
     }
     let ids = bpf_get_current_uid_gid();
@@ -121,13 +122,13 @@ fn current_is_watched(tgid: u32) -> bool {
     let gid = (ids >> 32) as u32;
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     let watched = unsafe {
-        WATCH_UIDS.get(&uid).is_some()
-            || WATCH_GIDS.get(&gid).is_some()
-            || WATCH_CGROUPS.get(&cgroup).is_some()
+        WATCH_UIDS.get(uid).is_some()
+            || WATCH_GIDS.get(gid).is_some()
+            || WATCH_CGROUPS.get(cgroup).is_some()
     };
     if watched {
         // Mark it, so the watch survives a later setuid in this very process.
-        let _ = WATCHED_TASKS.insert(&tgid, &1, 0);
+        let _ = WATCHED_TASKS.insert(tgid, 1, 0);
     }
     watched
 }
@@ -163,7 +164,7 @@ fn publish(ev: &HoldEvent) -> bool {
         count(Counter::DropRingFull);
         return false;
     };
-    if HELD.insert(&ev.tgid, ev, 0).is_err() {
+    if HELD.insert(ev.tgid, ev, 0).is_err() {
         slot.discard(0);
         count(Counter::DropRingFull);
         return false;
@@ -183,7 +184,7 @@ pub fn task_fork(ctx: BtfTracePointContext) -> i32 {
     let off = offsets();
     // A new thread shares its parent's tgid, which is marked already; a new process gets its own.
     if let Ok(child_tgid) = unsafe { read_at::<u32>(child, off.task_tgid) } {
-        let _ = WATCHED_TASKS.insert(&child_tgid, &1, 0);
+        let _ = WATCHED_TASKS.insert(child_tgid, 1, 0);
     }
     0
 }
@@ -196,9 +197,9 @@ pub fn task_exit(ctx: BtfTracePointContext) -> i32 {
     if tgid != pid_tgid as u32 {
         return 0;
     }
-    let _ = WATCHED_TASKS.remove(&tgid);
-    let _ = HELD.remove(&tgid);
-    if let Some(slot) = EXITS.get_ptr_mut(&tgid) {
+    let _ = WATCHED_TASKS.remove(tgid);
+    let _ = HELD.remove(tgid);
+    if let Some(slot) = EXITS.get_ptr_mut(tgid) {
         let task: *const u8 = ctx.arg(0);
         if let Ok(code) = unsafe { read_at::<i32>(task, offsets().task_exit_code) } {
             unsafe { *slot = code };
@@ -217,14 +218,24 @@ pub fn exec_hold(ctx: LsmContext) -> i32 {
     let off = offsets();
     let bprm: *const u8 = ctx.arg(0);
     let key = unsafe {
-        let Ok(file) = read_at::<*const u8>(bprm, off.binprm_file) else { return 0 };
-        let Ok(inode) = read_at::<*const u8>(file, off.file_inode) else { return 0 };
-        let Ok(ino) = read_at::<u64>(inode, off.inode_ino) else { return 0 };
-        let Ok(sb) = read_at::<*const u8>(inode, off.inode_sb) else { return 0 };
-        let Ok(dev) = read_at::<u32>(sb, off.sb_dev) else { return 0 };
+        let Ok(file) = read_at::<*const u8>(bprm, off.binprm_file) else {
+            return 0;
+        };
+        let Ok(inode) = read_at::<*const u8>(file, off.file_inode) else {
+            return 0;
+        };
+        let Ok(ino) = read_at::<u64>(inode, off.inode_ino) else {
+            return 0;
+        };
+        let Ok(sb) = read_at::<*const u8>(inode, off.inode_sb) else {
+            return 0;
+        };
+        let Ok(dev) = read_at::<u32>(sb, off.sb_dev) else {
+            return 0;
+        };
         FileKey { ino, dev, pad: 0 }
     };
-    let rule_mask = match unsafe { EXEC_FILES.get(&key) } {
+    let rule_mask = match unsafe { EXEC_FILES.get(key) } {
         Some(mask) => *mask,
         None if cfg.hold_all_execs != 0 => 0,
         None => {
@@ -233,7 +244,7 @@ pub fn exec_hold(ctx: LsmContext) -> i32 {
         }
     };
     // Another attached copy of this program (during an agent upgrade) already holds it.
-    if unsafe { HELD.get(&tgid) }.is_some() {
+    if unsafe { HELD.get(tgid) }.is_some() {
         return 0;
     }
     if !agent_alive(cfg) {
@@ -259,7 +270,9 @@ pub fn connect_hold(ctx: LsmContext) -> i32 {
     let sock: *const u8 = ctx.arg(0);
     let addr: *const u8 = ctx.arg(1);
     let addrlen: i32 = ctx.arg(2);
-    let Ok(family) = (unsafe { read_at::<u16>(addr, 0) }) else { return 0 };
+    let Ok(family) = (unsafe { read_at::<u16>(addr, 0) }) else {
+        return 0;
+    };
     if family != AF_INET && family != AF_INET6 {
         return 0;
     }
@@ -284,7 +297,9 @@ pub fn connect_hold(ctx: LsmContext) -> i32 {
         if addrlen < 8 {
             return 0;
         }
-        let Ok(v4) = (unsafe { read_at::<[u8; 4]>(addr, 4) }) else { return 0 };
+        let Ok(v4) = (unsafe { read_at::<[u8; 4]>(addr, 4) }) else {
+            return 0;
+        };
         ip[10] = 0xff;
         ip[11] = 0xff;
         ip[12..16].copy_from_slice(&v4);
@@ -292,23 +307,30 @@ pub fn connect_hold(ctx: LsmContext) -> i32 {
         if addrlen < 24 {
             return 0;
         }
-        let Ok(v6) = (unsafe { read_at::<[u8; 16]>(addr, 8) }) else { return 0 };
+        let Ok(v6) = (unsafe { read_at::<[u8; 16]>(addr, 8) }) else {
+            return 0;
+        };
         ip = v6;
     }
     let Some(cfg) = config() else { return 0 };
-    let Some(net_mask) = CONNECT_NETS.get(&Key::new(128, ip)) else {
+    let Some(net_mask) = CONNECT_NETS.get(Key::new(128, ip)) else {
         return 0;
     };
-    let port_mask = unsafe { CONNECT_PORTS.get(&port) }.copied().unwrap_or(0) | cfg.any_port_mask;
+    let port_mask = unsafe { CONNECT_PORTS.get(port) }.copied().unwrap_or(0) | cfg.any_port_mask;
     let rule_mask = *net_mask & port_mask;
     if rule_mask == 0 {
         count(Counter::Pass);
         return 0;
     }
-    let vkey = VerdictKey { tid: bpf_get_current_pid_tgid() as u32, port, family, addr: ip };
-    if let Some(verdict) = unsafe { VERDICTS.get(&vkey) }.copied() {
+    let vkey = VerdictKey {
+        tid: bpf_get_current_pid_tgid() as u32,
+        port,
+        family,
+        addr: ip,
+    };
+    if let Some(verdict) = unsafe { VERDICTS.get(vkey) }.copied() {
         // One shot: the approval covers this call only.
-        let _ = VERDICTS.remove(&vkey);
+        let _ = VERDICTS.remove(vkey);
         if verdict == VERDICT_ALLOW {
             count(Counter::VerdictAllow);
             return 0;
@@ -316,7 +338,7 @@ pub fn connect_hold(ctx: LsmContext) -> i32 {
         count(Counter::VerdictDeny);
         return -EACCES;
     }
-    if unsafe { HELD.get(&tgid) }.is_some() {
+    if unsafe { HELD.get(tgid) }.is_some() {
         return ERESTARTNOINTR;
     }
     if !agent_alive(cfg) {
@@ -340,8 +362,10 @@ pub fn connect_hold(ctx: LsmContext) -> i32 {
 /// Whether `task` is held and the caller is not the agent.
 #[inline(always)]
 fn held_and_not_agent(task: *const u8) -> bool {
-    let Ok(target) = (unsafe { read_at::<u32>(task, offsets().task_tgid) }) else { return false };
-    if unsafe { HELD.get(&target) }.is_none() {
+    let Ok(target) = (unsafe { read_at::<u32>(task, offsets().task_tgid) }) else {
+        return false;
+    };
+    if unsafe { HELD.get(target) }.is_none() {
         return false;
     }
     let agent = config().map(|c| c.agent_tgid).unwrap_or(0);

@@ -47,7 +47,9 @@ pub fn resolve_watch(w: &WatchSection, cgroup_root: &Path) -> Result<Watch> {
             Ok(n) => n,
             Err(_) => User::from_name(u)
                 .with_context(|| format!("looking up account {u:?}"))?
-                .with_context(|| format!("watch.users: there is no account named {u:?} on this host"))?
+                .with_context(|| {
+                    format!("watch.users: there is no account named {u:?} on this host")
+                })?
                 .uid
                 .as_raw(),
         };
@@ -58,7 +60,9 @@ pub fn resolve_watch(w: &WatchSection, cgroup_root: &Path) -> Result<Watch> {
             Ok(n) => n,
             Err(_) => Group::from_name(g)
                 .with_context(|| format!("looking up group {g:?}"))?
-                .with_context(|| format!("watch.groups: there is no group named {g:?} on this host"))?
+                .with_context(|| {
+                    format!("watch.groups: there is no group named {g:?} on this host")
+                })?
                 .gid
                 .as_raw(),
         };
@@ -75,12 +79,18 @@ pub fn resolve_watch(w: &WatchSection, cgroup_root: &Path) -> Result<Watch> {
                 cgroup_root.join(p)
             }
         })
-        .chain(w.units.iter().map(|u| cgroup_root.join("system.slice").join(u)));
+        .chain(
+            w.units
+                .iter()
+                .map(|u| cgroup_root.join("system.slice").join(u)),
+        );
     for dir in dirs {
         match std::fs::metadata(&dir) {
             Ok(m) if m.is_dir() => out.cgroups.push(m.ino()),
             Ok(_) => bail!("watch: {} is not a cgroup directory", dir.display()),
-            Err(e) => tracing::warn!(cgroup = %dir.display(), error = %e, "cgroup not found (unit not running?); not watched until reload"),
+            Err(e) => {
+                tracing::warn!(cgroup = %dir.display(), error = %e, "cgroup not found (unit not running?); not watched until reload")
+            }
         }
     }
     Ok(out)
@@ -110,8 +120,12 @@ fn apply_config(engine: &Engine, config: &Config, path: &Path) -> Result<()> {
     let watch = resolve_watch(&config.watch, Path::new("/sys/fs/cgroup"))?;
     let policy = Policy::compile(&config.rules, path)?;
     let tables = policy.kernel_tables();
-    engine.kernel.set_watch(&watch.uids, &watch.gids, &watch.cgroups)?;
-    engine.kernel.set_tables(&tables, config.agent.hold_all_execs)?;
+    engine
+        .kernel
+        .set_watch(&watch.uids, &watch.gids, &watch.cgroups)?;
+    engine
+        .kernel
+        .set_tables(&tables, config.agent.hold_all_execs)?;
     *engine.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
     *engine.settings.write().unwrap_or_else(|p| p.into_inner()) = config.agent.clone();
     tracing::info!(
@@ -145,14 +159,23 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
             },
         )
     });
-    let engine = Arc::new(Engine::new(kernel.clone(), Policy::default(), decider, settings, host));
+    let engine = Arc::new(Engine::new(
+        kernel.clone(),
+        Policy::default(),
+        decider,
+        settings,
+        host,
+    ));
     apply_config(&engine, &config, &config_path)?;
     kernel.heartbeat(me, hb_timeout)?;
 
     // Holds an earlier agent left behind (it was killed mid-hold): resolve them now.
     let leftover = kernel.held();
     if !leftover.is_empty() {
-        tracing::warn!(count = leftover.len(), "resuming holds left by a previous agent");
+        tracing::warn!(
+            count = leftover.len(),
+            "resuming holds left by a previous agent"
+        );
     }
     for ev in leftover {
         tokio::spawn(engine.clone().handle(ev));
@@ -199,7 +222,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
     heartbeat.abort();
     sweeper.abort();
     engine.resolve_all("shutdown");
-    let counters: BTreeMap<_, _> = bpf::named_counters(&kernel.counters()).into_iter().collect();
+    let counters: BTreeMap<_, _> = bpf::named_counters(&kernel.counters())
+        .into_iter()
+        .collect();
     tracing::info!(?counters, "kernel counters");
     kernel.unpin_all();
     // Give queued outcomes a moment to reach the decider.
@@ -273,8 +298,14 @@ mod tests {
             users: vec!["no-such-account-airlock".into()],
             ..Default::default()
         };
-        let err = format!("{:#}", resolve_watch(&w, Path::new("/sys/fs/cgroup")).unwrap_err());
-        assert!(err.contains("no account named \"no-such-account-airlock\""), "{err}");
+        let err = format!(
+            "{:#}",
+            resolve_watch(&w, Path::new("/sys/fs/cgroup")).unwrap_err()
+        );
+        assert!(
+            err.contains("no account named \"no-such-account-airlock\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -286,7 +317,9 @@ mod tests {
             ..Default::default()
         };
         let r = resolve_watch(&w, dir.path()).unwrap();
-        let ino = std::fs::metadata(dir.path().join("app.slice")).unwrap().ino();
+        let ino = std::fs::metadata(dir.path().join("app.slice"))
+            .unwrap()
+            .ino();
         assert_eq!(r.cgroups, vec![ino]);
     }
 }

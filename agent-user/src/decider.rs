@@ -56,7 +56,9 @@ impl Decider {
     /// Waits up to `grace` for a live stream. False if the decider stayed unreachable.
     pub async fn wait_connected(&self, grace: Duration) -> bool {
         let mut rx = self.connected.clone();
-        tokio::time::timeout(grace, rx.wait_for(|up| *up)).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(grace, rx.wait_for(|up| *up))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Sends `req` and returns where its decision will arrive. The request is resent on
@@ -99,17 +101,28 @@ impl Decider {
     }
 }
 
-async fn run(url: String, hello: Hello, shared: Arc<Mutex<Shared>>, connected: watch::Sender<bool>) {
+async fn run(
+    url: String,
+    hello: Hello,
+    shared: Arc<Mutex<Shared>>,
+    connected: watch::Sender<bool>,
+) {
     let mut backoff = Duration::from_millis(200);
     loop {
         match session(&url, &hello, &shared, &connected).await {
             Ok(()) => tracing::warn!(decider = %url, "decider closed the stream; reconnecting"),
-            Err(e) => tracing::warn!(decider = %url, error = %e, "decider unreachable; retrying in {backoff:?}"),
+            Err(e) => {
+                tracing::warn!(decider = %url, error = %e, "decider unreachable; retrying in {backoff:?}")
+            }
         }
         // A stream that was up resets the backoff: the next attempt is quick.
         let was_up = connected.send_replace(false);
         shared.lock().unwrap_or_else(|p| p.into_inner()).stream = None;
-        backoff = if was_up { Duration::from_millis(200) } else { (backoff * 2).min(Duration::from_secs(5)) };
+        backoff = if was_up {
+            Duration::from_millis(200)
+        } else {
+            (backoff * 2).min(Duration::from_secs(5))
+        };
         tokio::time::sleep(backoff).await;
     }
 }
@@ -135,7 +148,9 @@ async fn session(
     let hello_msg = AgentMessage {
         msg: Some(Out::Hello(hello.clone())),
     };
-    tx.send(hello_msg).await.map_err(|_| tonic::Status::internal("stream closed"))?;
+    tx.send(hello_msg)
+        .await
+        .map_err(|_| tonic::Status::internal("stream closed"))?;
     let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
     {
         let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
@@ -145,7 +160,12 @@ async fn session(
             });
         }
         while let Some(o) = s.outcomes.pop_front() {
-            if tx.try_send(AgentMessage { msg: Some(Out::Outcome(o.clone())) }).is_err() {
+            if tx
+                .try_send(AgentMessage {
+                    msg: Some(Out::Outcome(o.clone())),
+                })
+                .is_err()
+            {
                 s.outcomes.push_front(o);
                 break;
             }
@@ -166,7 +186,9 @@ async fn session(
                     Some((_, tx)) => {
                         let _ = tx.send(d);
                     }
-                    None => tracing::debug!(request = %d.request_id, "decision for a request no longer waiting"),
+                    None => {
+                        tracing::debug!(request = %d.request_id, "decision for a request no longer waiting")
+                    }
                 }
             }
             Some(In::Ping(p)) => {

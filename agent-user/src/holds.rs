@@ -97,24 +97,38 @@ impl Engine {
     }
 
     fn settings(&self) -> AgentSection {
-        self.settings.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The request id of a hold: stable across agent restarts, unique per hold.
     pub fn request_id(&self, ev: &HoldEvent) -> String {
-        format!("{}-{}-{}-{}", self.host_id, self.boot_id, ev.tgid, ev.hold_ns)
+        format!(
+            "{}-{}-{}-{}",
+            self.host_id, self.boot_id, ev.tgid, ev.hold_ns
+        )
     }
 
     /// Handles one hold from start to release.
     pub async fn handle(self: Arc<Self>, ev: HoldEvent) {
         let key = (ev.tgid, ev.hold_ns);
-        if !self.active.lock().unwrap_or_else(|p| p.into_inner()).insert(key) {
+        if !self
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key)
+        {
             return;
         }
         if self.kernel.is_held(&ev) {
             self.clone().hold(ev).await;
         }
-        self.active.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
     }
 
     async fn hold(self: Arc<Self>, ev: HoldEvent) {
@@ -125,15 +139,31 @@ impl Engine {
             return;
         }
         let ctx = procinfo::gather(&self.proc_root, ev.tgid, &settings.env_allow);
-        let policy = self.policy.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let policy = self
+            .policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let Some(rule) = policy.match_event(&ev, &ctx.argv) else {
             // Held by the prefilter, but no rule matches in full (e.g. other arguments).
             tracing::debug!(pid = ev.tgid, argv = ?ctx.argv, "no rule matches; resuming");
-            self.apply(&ev, &id, Verdicted { allow: true, cause: "no-rule", by: String::new(), reason: String::new() }, ConnectDeny::Refuse).await;
+            self.apply(
+                &ev,
+                &id,
+                Verdicted {
+                    allow: true,
+                    cause: "no-rule",
+                    by: String::new(),
+                    reason: String::new(),
+                },
+                ConnectDeny::Refuse,
+            )
+            .await;
             return;
         };
         let rule_cfg = rule.config.clone();
-        let timeout = Duration::from_secs(rule_cfg.timeout_secs.unwrap_or(settings.hold_timeout_secs));
+        let timeout =
+            Duration::from_secs(rule_cfg.timeout_secs.unwrap_or(settings.hold_timeout_secs));
         let deadline_mono = ev.hold_ns + timeout.as_nanos() as u64;
         let request = self.request(&ev, &id, &ctx, &rule_cfg, deadline_mono);
         tracing::info!(
@@ -141,9 +171,22 @@ impl Engine {
             action = %describe(&request), decision = ?rule_cfg.decision, "held"
         );
         let verdict = match rule_cfg.decision {
-            Decision::Allow => Verdicted { allow: true, cause: "local-rule", by: rule_cfg.name.clone(), reason: String::new() },
-            Decision::Deny => Verdicted { allow: false, cause: "local-rule", by: rule_cfg.name.clone(), reason: String::new() },
-            Decision::Ask => match self.ask(&ev, request, deadline_mono, rule_cfg.on_timeout, &settings).await {
+            Decision::Allow => Verdicted {
+                allow: true,
+                cause: "local-rule",
+                by: rule_cfg.name.clone(),
+                reason: String::new(),
+            },
+            Decision::Deny => Verdicted {
+                allow: false,
+                cause: "local-rule",
+                by: rule_cfg.name.clone(),
+                reason: String::new(),
+            },
+            Decision::Ask => match self
+                .ask(&ev, request, deadline_mono, rule_cfg.on_timeout, &settings)
+                .await
+            {
                 Some(v) => v,
                 None => {
                     self.finish(&ev, &id, OutcomeKind::Vanished, None, "task-gone");
@@ -219,7 +262,8 @@ impl Engine {
         }
         let id = request.request_id.clone();
         let mut answer = decider.ask(request);
-        let deadline = tokio::time::Instant::now() + Duration::from_nanos(deadline_mono.saturating_sub(monotonic_ns()));
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_nanos(deadline_mono.saturating_sub(monotonic_ns()));
         let mut tick = tokio::time::interval(LIVENESS_TICK);
         loop {
             tokio::select! {
@@ -258,7 +302,11 @@ impl Engine {
                 Released::Done
             }
         };
-        let kind = if released == Released::Vanished { OutcomeKind::Vanished } else { kind };
+        let kind = if released == Released::Vanished {
+            OutcomeKind::Vanished
+        } else {
+            kind
+        };
         tracing::info!(request = %id, pid = ev.tgid, allow = v.allow, cause = v.cause, by = %v.by, reason = %v.reason, outcome = ?kind, "released");
         self.finish(ev, id, kind, Some(v.allow), v.cause);
         if kind == OutcomeKind::Resumed && !is_connect {
@@ -268,7 +316,14 @@ impl Engine {
         }
     }
 
-    fn finish(&self, _ev: &HoldEvent, id: &str, kind: OutcomeKind, allow: Option<bool>, cause: &str) {
+    fn finish(
+        &self,
+        _ev: &HoldEvent,
+        id: &str,
+        kind: OutcomeKind,
+        allow: Option<bool>,
+        cause: &str,
+    ) {
         if let Some(d) = &self.decider {
             d.report(Outcome {
                 request_id: id.to_owned(),

@@ -17,7 +17,12 @@ use clap::{Parser, ValueEnum};
 #[command(version, about)]
 struct Cli {
     /// Configuration file (TOML): [agent], [watch] and [[rule]] sections.
-    #[arg(short, long, env = "AIRLOCK_AGENT_CONFIG", default_value = "/etc/airlock/agent.toml")]
+    #[arg(
+        short,
+        long,
+        env = "AIRLOCK_AGENT_CONFIG",
+        default_value = "/etc/airlock/agent.toml"
+    )]
     config: PathBuf,
     /// Decider (control plane) gRPC address, e.g. http://airlock.internal:7443. Overrides
     /// agent.decider.
@@ -108,7 +113,11 @@ fn main() -> Result<()> {
     if cli.check {
         airlock_agent::policy::Policy::compile(&config.rules, &cli.config)?;
         agent::resolve_watch(&config.watch, std::path::Path::new("/sys/fs/cgroup"))?;
-        println!("{}: ok ({} rules)", cli.config.display(), config.rules.len());
+        println!(
+            "{}: ok ({} rules)",
+            cli.config.display(),
+            config.rules.len()
+        );
         return Ok(());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -168,7 +168,9 @@ impl Policy {
                     match file_key(Path::new(bin)) {
                         Ok(key) => files.push(key),
                         // A binary not installed on this host cannot be run here either.
-                        Err(e) => tracing::warn!(rule = %rule.name, binary = %bin, error = %e, "binary not found; rule skips it"),
+                        Err(e) => {
+                            tracing::warn!(rule = %rule.name, binary = %bin, error = %e, "binary not found; rule skips it")
+                        }
                     }
                 }
                 let args = if rule.args.is_empty() {
@@ -177,11 +179,17 @@ impl Policy {
                     let mut b = GlobSetBuilder::new();
                     for pattern in &rule.args {
                         let glob = Glob::new(pattern).map_err(|e| {
-                            invalid(format!("rule {:?}: args pattern {pattern:?}: {e}", rule.name))
+                            invalid(format!(
+                                "rule {:?}: args pattern {pattern:?}: {e}",
+                                rule.name
+                            ))
                         })?;
                         b.add(glob);
                     }
-                    Some(b.build().map_err(|e| invalid(format!("rule {:?}: {e}", rule.name)))?)
+                    Some(
+                        b.build()
+                            .map_err(|e| invalid(format!("rule {:?}: {e}", rule.name)))?,
+                    )
                 };
                 Matcher::Exec { files, all, args }
             } else {
@@ -339,8 +347,20 @@ decision = "allow"
 "#,
         );
         let key = file_key(Path::new("/bin/sh")).unwrap();
-        assert_eq!(p.match_exec(key, &argv("kubectl delete pod x")).unwrap().config.name, "delete");
-        assert_eq!(p.match_exec(key, &argv("kubectl get pods")).unwrap().config.name, "rest");
+        assert_eq!(
+            p.match_exec(key, &argv("kubectl delete pod x"))
+                .unwrap()
+                .config
+                .name,
+            "delete"
+        );
+        assert_eq!(
+            p.match_exec(key, &argv("kubectl get pods"))
+                .unwrap()
+                .config
+                .name,
+            "rest"
+        );
         let other = file_key(Path::new("/")).unwrap();
         assert!(p.match_exec(other, &argv("x delete y")).is_none());
     }
@@ -373,7 +393,9 @@ decision = "ask"
         assert!(p.match_connect(mapped, 5432, 1).is_some());
         let v6: IpAddr = "2001:db8::5".parse().unwrap();
         assert!(p.match_connect(v6, 5432, 1).is_some());
-        assert!(p.match_connect("11.0.0.1".parse().unwrap(), 5432, 1).is_none());
+        assert!(p
+            .match_connect("11.0.0.1".parse().unwrap(), 5432, 1)
+            .is_none());
     }
 
     #[test]

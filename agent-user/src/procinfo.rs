@@ -37,7 +37,10 @@ pub fn task_state(root: &Path, pid: u32) -> TaskState {
         return TaskState::Gone;
     };
     // The comm field is in parentheses and may itself contain ") ": split at the last one.
-    match stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next()) {
+    match stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+    {
         Some('T') | Some('t') => TaskState::Stopped,
         Some('Z') | Some('X') => TaskState::Gone,
         Some(c) => TaskState::Other(c),
@@ -213,12 +216,22 @@ mod tests {
         assert!(!ctx.ancestors.is_empty(), "cargo test has a parent");
         let path = ctx.env.iter().find(|e| e.name == "PATH").unwrap();
         assert!(path.value.is_some(), "allow-listed value is sent");
-        assert!(ctx.env.iter().filter(|e| e.name != "PATH").all(|e| e.value.is_none()));
+        assert!(ctx
+            .env
+            .iter()
+            .filter(|e| e.name != "PATH")
+            .all(|e| e.value.is_none()));
     }
 
     #[test]
     fn state_of_running_and_missing() {
-        assert!(matches!(task_state(Path::new("/proc"), std::process::id()), TaskState::Other(_)));
-        assert_eq!(task_state(Path::new("/proc"), u32::MAX - 1), TaskState::Gone);
+        assert!(matches!(
+            task_state(Path::new("/proc"), std::process::id()),
+            TaskState::Other(_)
+        ));
+        assert_eq!(
+            task_state(Path::new("/proc"), u32::MAX - 1),
+            TaskState::Gone
+        );
     }
 }

@@ -10,7 +10,8 @@ pub mod v1 {
     tonic::include_proto!("airlock.v1");
 
     /// Encoded file descriptor set, for the gRPC reflection service.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("airlock_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("airlock_descriptor");
 }
 
 pub use v1::*;

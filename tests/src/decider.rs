@@ -16,7 +16,7 @@ use airlock_proto::v1::{
     agent_message::Msg as In,
     agent_service_server::{AgentService, AgentServiceServer},
     decider_message::Msg as Out,
-    ActionRequest, AgentMessage, Decision, DeciderMessage, Hello, Outcome, Verdict,
+    ActionRequest, AgentMessage, DeciderMessage, Decision, Hello, Outcome, Verdict,
 };
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
@@ -219,7 +219,9 @@ fn handle_request(
                 // Let the deny go out first.
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 for s in sessions {
-                    let _ = s.send(Err(Status::unavailable("test decider is gone"))).await;
+                    let _ = s
+                        .send(Err(Status::unavailable("test decider is gone")))
+                        .await;
                 }
             });
         }

@@ -76,9 +76,9 @@ impl GuestRun {
         self.console
             .lines()
             .filter_map(|l| l.trim_end_matches('\r').split_once("@@R "))
-            .filter_map(|(_, rest)| {
+            .map(|(_, rest)| {
                 let (k, v) = rest.split_once(' ').unwrap_or((rest, ""));
-                Some((k.to_owned(), v.trim().to_owned()))
+                (k.to_owned(), v.trim().to_owned())
             })
             .collect()
     }
@@ -100,13 +100,15 @@ impl Guest {
 
     /// Copies a host file to `guest_path` with `mode` (e.g. 0o755, 0o4755 for setuid root).
     pub fn file(&mut self, guest_path: &str, host: impl Into<PathBuf>, mode: u32) -> &mut Self {
-        self.files.push((guest_path.into(), Source::Host(host.into()), mode));
+        self.files
+            .push((guest_path.into(), Source::Host(host.into()), mode));
         self
     }
 
     /// Writes `text` to `guest_path`.
     pub fn text(&mut self, guest_path: &str, text: impl Into<String>, mode: u32) -> &mut Self {
-        self.files.push((guest_path.into(), Source::Text(text.into()), mode));
+        self.files
+            .push((guest_path.into(), Source::Text(text.into()), mode));
         self
     }
 
@@ -129,14 +131,22 @@ impl Guest {
     }
 
     /// Builds the initramfs and boots it; returns when the guest powers off or `limit` passes.
-    /// `on_line` sees each console line as it arrives (for progress output).
+    /// With `AIRLOCK_VM_VERBOSE` set, console lines are echoed to stderr as they arrive.
     pub fn boot(&self, limit: Duration) -> Result<GuestRun> {
         let vm = vm_dir();
         let kernel_root = vm.join("kernel");
         let vmlinuz = std::fs::read_dir(kernel_root.join("boot"))
-            .with_context(|| format!("no guest kernel under {}; run scripts/setup.sh", vm.display()))?
+            .with_context(|| {
+                format!(
+                    "no guest kernel under {}; run scripts/setup.sh",
+                    vm.display()
+                )
+            })?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
             .context("no vmlinuz-* in the guest kernel package; run scripts/setup.sh")?;
         let work = tempfile::tempdir()?;
         let initrd = work.path().join("initrd.cpio.gz");
@@ -151,7 +161,12 @@ impl Guest {
             .arg("-initrd")
             .arg(&initrd)
             .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
-            .args(["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"])
+            .args([
+                "-netdev",
+                "user,id=n0",
+                "-device",
+                "virtio-net-pci,netdev=n0",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -205,10 +220,26 @@ impl Guest {
     }
 
     fn pack(&self, kernel_root: &Path, root: &Path, out: &Path) -> Result<()> {
-        for d in ["bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "lib/modules", "usr/bin", "usr/local/bin", "opt", "root", "home/agent", "run"] {
+        for d in [
+            "bin",
+            "sbin",
+            "etc",
+            "proc",
+            "sys",
+            "dev",
+            "tmp",
+            "lib/modules",
+            "usr/bin",
+            "usr/local/bin",
+            "opt",
+            "root",
+            "home/agent",
+            "run",
+        ] {
             std::fs::create_dir_all(root.join(d))?;
         }
-        let busybox = which("busybox").context("busybox not found (apt-get install busybox-static)")?;
+        let busybox =
+            which("busybox").context("busybox not found (apt-get install busybox-static)")?;
         copy(&busybox, &root.join("bin/busybox"), 0o755)?;
         for (i, m) in NET_MODULES.iter().enumerate() {
             let modules = std::fs::read_dir(kernel_root.join("lib/modules"))?
@@ -216,14 +247,30 @@ impl Guest {
                 .next()
                 .context("no lib/modules in the guest kernel package")?
                 .path();
-            copy(&modules.join(m), &root.join(format!("lib/modules/{i:02}.ko")), 0o644)?;
+            copy(
+                &modules.join(m),
+                &root.join(format!("lib/modules/{i:02}.ko")),
+                0o644,
+            )?;
         }
         let passwd = "root:x:0:0:root:/root:/bin/sh\nagent:x:1000:1000:AI agent:/home/agent:/bin/sh\nother:x:1001:1001:other:/tmp:/bin/sh\n";
         std::fs::write(root.join("etc/passwd"), passwd)?;
-        std::fs::write(root.join("etc/group"), "root:x:0:\nagent:x:1000:\nother:x:1001:\n")?;
-        std::fs::write(root.join("etc/shadow"), "root::1::::::\nagent:!:1::::::\nother:!:1::::::\n")?;
-        std::fs::set_permissions(root.join("etc/shadow"), std::fs::Permissions::from_mode(0o600))?;
-        std::fs::write(root.join("etc/machine-id"), "airlock0test0guest0000000000000\n")?;
+        std::fs::write(
+            root.join("etc/group"),
+            "root:x:0:\nagent:x:1000:\nother:x:1001:\n",
+        )?;
+        std::fs::write(
+            root.join("etc/shadow"),
+            "root::1::::::\nagent:!:1::::::\nother:!:1::::::\n",
+        )?;
+        std::fs::set_permissions(
+            root.join("etc/shadow"),
+            std::fs::Permissions::from_mode(0o600),
+        )?;
+        std::fs::write(
+            root.join("etc/machine-id"),
+            "airlock0test0guest0000000000000\n",
+        )?;
         std::os::unix::fs::chown(root.join("home/agent"), Some(1000), Some(1000))?;
 
         for (guest, src, mode) in &self.files {
@@ -260,7 +307,10 @@ impl Guest {
                 std::os::unix::fs::symlink(target, &dst)?;
             }
         }
-        let init = format!("{INIT_HEAD}\n# --- scenario ---\n{}\n{INIT_TAIL}", self.script);
+        let init = format!(
+            "{INIT_HEAD}\n# --- scenario ---\n{}\n{INIT_TAIL}",
+            self.script
+        );
         std::fs::write(root.join("init"), init)?;
         std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755))?;
 
@@ -325,19 +375,23 @@ fn which(name: &str) -> Option<PathBuf> {
 }
 
 fn is_dynamic(p: &Path) -> bool {
-    std::fs::read(p).is_ok_and(|b| b.starts_with(b"\x7fELF") && b.windows(8).any(|w| w == b"ld-linux"))
+    std::fs::read(p)
+        .is_ok_and(|b| b.starts_with(b"\x7fELF") && b.windows(8).any(|w| w == b"ld-linux"))
 }
 
 /// Shared libraries of `bin`, as absolute paths (the loader included).
 fn ldd(bin: &Path) -> Result<Vec<PathBuf>> {
-    let out = Command::new("ldd").arg(bin).output().context("running ldd")?;
+    let out = Command::new("ldd")
+        .arg(bin)
+        .output()
+        .context("running ldd")?;
     let text = String::from_utf8_lossy(&out.stdout);
     Ok(text
         .lines()
         .filter_map(|l| {
             let l = l.trim();
             let path = match l.split_once("=>") {
-                Some((_, rest)) => rest.trim().split_whitespace().next()?,
+                Some((_, rest)) => rest.split_whitespace().next()?,
                 None => l.split_whitespace().next()?,
             };
             path.starts_with('/').then(|| PathBuf::from(path))

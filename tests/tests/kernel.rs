@@ -4,11 +4,7 @@
 //! One boot runs every scenario (boots are slow under emulation); each test below asserts one
 //! scenario's results.
 
-use std::{
-    collections::BTreeMap,
-    sync::OnceLock,
-    time::Duration,
-};
+use std::{collections::BTreeMap, sync::OnceLock, time::Duration};
 
 use airlock_proto::v1::{action_request::Action, ActionRequest, OutcomeKind};
 use airlock_tests::{
@@ -35,7 +31,7 @@ fn plan(r: &ActionRequest) -> Plan {
             if let Some(a) = arg("c8-") {
                 let i: u64 = a[3..].parse().unwrap_or(1);
                 // Shuffle the answer order so that a swap would show.
-                Plan::After(Duration::from_millis((i * 37) % 500), i % 2 == 0)
+                Plan::After(Duration::from_millis((i * 37) % 500), i.is_multiple_of(2))
             } else if arg("allow-me").is_some() {
                 Plan::Allow
             } else if arg("deny-me").is_some() {
@@ -279,12 +275,24 @@ fn s1_held_exec_allowed_runs_intact_denied_never_runs() {
     assert_eq!(r("s1_deny_marker"), "no");
 
     let d = &booted().decider;
-    let seen = d.request_with_arg("allow-me-1").expect("decider saw the allowed exec");
+    let seen = d
+        .request_with_arg("allow-me-1")
+        .expect("decider saw the allowed exec");
     let req = &seen.request;
-    let Some(Action::Exec(exec)) = &req.action else { panic!("not an exec: {req:?}") };
+    let Some(Action::Exec(exec)) = &req.action else {
+        panic!("not an exec: {req:?}")
+    };
     assert_eq!(
         exec.argv,
-        ["/usr/local/bin/kubectl", "run", "/tmp/work/m1a", "3", "allow-me-1", "--namespace", "two words"]
+        [
+            "/usr/local/bin/kubectl",
+            "run",
+            "/tmp/work/m1a",
+            "3",
+            "allow-me-1",
+            "--namespace",
+            "two words"
+        ]
     );
     assert_eq!(exec.path, "/usr/local/bin/kubectl");
     assert_eq!(req.rule, "kubectl");
@@ -294,29 +302,53 @@ fn s1_held_exec_allowed_runs_intact_denied_never_runs() {
     assert_eq!(p.cwd, "/tmp/work");
     assert!(!p.ancestors.is_empty(), "parent chain");
     assert!(
-        p.ancestors.iter().any(|a| a.argv.iter().any(|x| x.contains("allow-me-1"))),
+        p.ancestors
+            .iter()
+            .any(|a| a.argv.iter().any(|x| x.contains("allow-me-1"))),
         "the parent shell's command line is in the chain: {:?}",
         p.ancestors
     );
-    assert!(p.ancestors.iter().any(|a| a.exe.ends_with("busybox")), "{:?}", p.ancestors);
+    assert!(
+        p.ancestors.iter().any(|a| a.exe.ends_with("busybox")),
+        "{:?}",
+        p.ancestors
+    );
     let env = |n: &str| p.env.iter().find(|e| e.name == n).cloned();
-    assert_eq!(env("AIRLOCK_VISIBLE").and_then(|e| e.value).as_deref(), Some("shown"));
+    assert_eq!(
+        env("AIRLOCK_VISIBLE").and_then(|e| e.value).as_deref(),
+        Some("shown")
+    );
     let secret = env("SECRET_TOKEN").expect("names are always sent");
-    assert_eq!(secret.value, None, "values are redacted unless allow-listed");
+    assert_eq!(
+        secret.value, None,
+        "values are redacted unless allow-listed"
+    );
     assert!(req.deadline_unix_ms > req.held_at_unix_ms);
 
     // Outcomes reported: resumed then exited with 3; the denied one killed.
-    let outs: Vec<_> = d.outcomes().into_iter().filter(|o| o.request_id == req.request_id).collect();
-    assert!(outs.iter().any(|o| o.kind == OutcomeKind::Resumed as i32), "{outs:?}");
+    let outs: Vec<_> = d
+        .outcomes()
+        .into_iter()
+        .filter(|o| o.request_id == req.request_id)
+        .collect();
     assert!(
-        outs.iter().any(|o| o.kind == OutcomeKind::Exited as i32 && o.exit_code == Some(3)),
+        outs.iter().any(|o| o.kind == OutcomeKind::Resumed as i32),
+        "{outs:?}"
+    );
+    assert!(
+        outs.iter()
+            .any(|o| o.kind == OutcomeKind::Exited as i32 && o.exit_code == Some(3)),
         "exit status reported: {outs:?}"
     );
-    let denied = d.request_with_arg("deny-me-1").expect("decider saw the denied exec");
-    assert!(d
-        .outcomes()
-        .iter()
-        .any(|o| o.request_id == denied.request.request_id && o.kind == OutcomeKind::Killed as i32));
+    let denied = d
+        .request_with_arg("deny-me-1")
+        .expect("decider saw the denied exec");
+    assert!(
+        d.outcomes()
+            .iter()
+            .any(|o| o.request_id == denied.request.request_id
+                && o.kind == OutcomeKind::Killed as i32)
+    );
     let hello = d.hellos().into_iter().next().expect("hello");
     assert_eq!(hello.labels.get("env").map(String::as_str), Some("test"));
 }
@@ -326,8 +358,14 @@ fn s2_no_hold_for_unprivileged_binary_or_other_account_every_path_matches() {
     assert_eq!(r("s2_unpriv_rc"), "0");
     assert_eq!(r("s2_other_rc"), "0");
     let d = &booted().decider;
-    assert!(d.request_with_arg("unpriv-2").is_none(), "unprivileged binary was held");
-    assert!(d.request_with_arg("other-2").is_none(), "another account was held");
+    assert!(
+        d.request_with_arg("unpriv-2").is_none(),
+        "unprivileged binary was held"
+    );
+    assert!(
+        d.request_with_arg("other-2").is_none(),
+        "another account was held"
+    );
     for (key, marker) in [
         ("s2_path_rc", "allow-me-path"),
         ("s2_rel_rc", "allow-me-rel"),
@@ -335,7 +373,10 @@ fn s2_no_hold_for_unprivileged_binary_or_other_account_every_path_matches() {
         ("s2_hard_rc", "allow-me-hard"),
     ] {
         assert_eq!(r(key), "0", "{key}");
-        assert!(d.request_with_arg(marker).is_some(), "{marker} was not held");
+        assert!(
+            d.request_with_arg(marker).is_some(),
+            "{marker} was not held"
+        );
     }
 }
 
@@ -343,17 +384,31 @@ fn s2_no_hold_for_unprivileged_binary_or_other_account_every_path_matches() {
 fn s3_grandchild_behind_setuid_helper_is_still_held() {
     assert_eq!(r("s3_rc"), "0");
     assert_eq!(r("s3_marker"), "yes");
-    let seen = booted().decider.request_with_arg("allow-me-3").expect("grandchild held");
+    let seen = booted()
+        .decider
+        .request_with_arg("allow-me-3")
+        .expect("grandchild held");
     let p = seen.request.process.expect("context");
-    assert_eq!(p.uid, 0, "it ran as root after the setuid helper, and was still held");
+    assert_eq!(
+        p.uid, 0,
+        "it ran as root after the setuid helper, and was still held"
+    );
 }
 
 #[test]
 fn s4_connects_held_v4_v6_mapped_unwatched_passes() {
     assert_eq!(r("s4_v4_allow"), "ok pong");
-    assert!(r("s4_v4_deny").starts_with("err 13 "), "{}", r("s4_v4_deny"));
+    assert!(
+        r("s4_v4_deny").starts_with("err 13 "),
+        "{}",
+        r("s4_v4_deny")
+    );
     assert_eq!(r("s4_v6_allow"), "ok pong");
-    assert!(r("s4_v6_deny").starts_with("err 13 "), "{}", r("s4_v6_deny"));
+    assert!(
+        r("s4_v6_deny").starts_with("err 13 "),
+        "{}",
+        r("s4_v6_deny")
+    );
     assert_eq!(r("s4_mapped_allow"), "ok pong");
     assert_eq!(r("s4_unwatched"), "ok pong");
     assert_eq!(r("s4_udp_allow"), "ok sent");
@@ -366,11 +421,25 @@ fn s4_connects_held_v4_v6_mapped_unwatched_passes() {
             _ => None,
         })
         .collect();
-    for (addr, port) in [("127.0.0.2", 5432), ("127.0.0.2", 5433), ("::1", 5432), ("::1", 5433)] {
-        assert!(connects.iter().any(|(a, p, _)| a == addr && *p == port), "{addr}:{port} not held: {connects:?}");
+    for (addr, port) in [
+        ("127.0.0.2", 5432),
+        ("127.0.0.2", 5433),
+        ("::1", 5432),
+        ("::1", 5433),
+    ] {
+        assert!(
+            connects.iter().any(|(a, p, _)| a == addr && *p == port),
+            "{addr}:{port} not held: {connects:?}"
+        );
     }
-    assert!(connects.iter().any(|(_, _, proto)| *proto == 2), "udp connect held");
-    assert!(!connects.iter().any(|(a, _, _)| a == "127.0.0.1"), "unwatched destination was held");
+    assert!(
+        connects.iter().any(|(_, _, proto)| *proto == 2),
+        "udp connect held"
+    );
+    assert!(
+        !connects.iter().any(|(a, _, _)| a == "127.0.0.1"),
+        "unwatched destination was held"
+    );
 }
 
 #[test]
@@ -378,7 +447,10 @@ fn s5_deadline_applies_on_timeout_and_unreachable_decider_fails_closed() {
     let t = r("s5_timeout");
     assert!(t.contains("signal=9"), "{t}");
     let ms = ms_of(&t);
-    assert!((SLOW_TIMEOUT_MS..SLOW_TIMEOUT_MS + MARGIN_MS).contains(&ms), "timeout took {ms} ms");
+    assert!(
+        (SLOW_TIMEOUT_MS..SLOW_TIMEOUT_MS + MARGIN_MS).contains(&ms),
+        "timeout took {ms} ms"
+    );
     assert_eq!(r("s5_timeout_marker"), "no");
 
     assert_eq!(r("s5_vanish_rc"), "137");
@@ -391,12 +463,22 @@ fn s5_deadline_applies_on_timeout_and_unreachable_decider_fails_closed() {
 
 #[test]
 fn s6_agent_killed_mid_hold_restarted_agent_resolves_it() {
-    assert_eq!(r("s6_held_after_kill"), "1", "task stays held while no agent runs");
+    assert_eq!(
+        r("s6_held_after_kill"),
+        "1",
+        "task stays held while no agent runs"
+    );
     assert_eq!(r("agent_2"), "1", "restarted agent reconnected");
     assert_eq!(r("s6_rc"), "0");
     assert_eq!(r("s6_marker"), "yes");
-    let seen = booted().decider.request_with_arg("delay-me-6").expect("request seen");
-    assert!(seen.times >= 2, "the restarted agent sent it again: {seen:?}");
+    let seen = booted()
+        .decider
+        .request_with_arg("delay-me-6")
+        .expect("request seen");
+    assert!(
+        seen.times >= 2,
+        "the restarted agent sent it again: {seen:?}"
+    );
     let mut sessions = seen.sessions.clone();
     sessions.dedup();
     assert!(sessions.len() >= 2, "from a new stream, same id: {seen:?}");
@@ -412,10 +494,22 @@ fn s6_agent_killed_mid_hold_restarted_agent_resolves_it() {
 #[test]
 fn s7_parent_cannot_sigcont_or_ptrace_a_held_task() {
     assert_ne!(r("s7_sigcont_rc"), "0", "SIGCONT from the parent must fail");
-    assert_eq!(r("s7_ptrace"), "err 1", "ptrace attach must fail with EPERM");
+    assert_eq!(
+        r("s7_ptrace"),
+        "err 1",
+        "ptrace attach must fail with EPERM"
+    );
     assert_eq!(r("s7_state"), "T", "still stopped after the attempts");
-    assert_eq!(r("s7_ptrace_control"), "ok", "control: same uid may trace a task that is not held");
-    assert_eq!(r("s7_sigcont_control_rc"), "0", "control: same uid may SIGCONT a task that is not held");
+    assert_eq!(
+        r("s7_ptrace_control"),
+        "ok",
+        "control: same uid may trace a task that is not held"
+    );
+    assert_eq!(
+        r("s7_sigcont_control_rc"),
+        "0",
+        "control: same uid may SIGCONT a task that is not held"
+    );
     assert_eq!(r("s7_rc"), "0", "released by the decision");
     assert_eq!(r("s7_marker"), "yes");
 }
@@ -424,7 +518,9 @@ fn s7_parent_cannot_sigcont_or_ptrace_a_held_task() {
 fn s8_fifty_concurrent_holds_none_lost_or_swapped() {
     let res = results();
     for i in 0..50 {
-        let status = res.get(&format!("s8_i={i}")).unwrap_or_else(|| panic!("child {i} missing"));
+        let status = res
+            .get(&format!("s8_i={i}"))
+            .unwrap_or_else(|| panic!("child {i} missing"));
         let marker = res.get(&format!("s8_marker_{i}")).map(String::as_str);
         if i % 2 == 0 {
             assert_eq!(status, &format!("exit={i}"), "child {i}");
@@ -440,6 +536,10 @@ fn s8_fifty_concurrent_holds_none_lost_or_swapped() {
 fn sigterm_resolves_every_hold_and_detaches() {
     assert_eq!(r("sterm_agent_rc"), "0");
     assert_eq!(r("sterm_rc"), "137", "held task denied on shutdown");
-    assert_eq!(r("sterm_pinned_left"), "0", "clean shutdown unpins everything");
+    assert_eq!(
+        r("sterm_pinned_left"),
+        "0",
+        "clean shutdown unpins everything"
+    );
     assert_eq!(r("agent_3"), "1");
 }

@@ -226,20 +226,36 @@ impl Kernel {
             let p: &mut BtfTracePoint = ebpf
                 .program_mut(program)
                 .and_then(|p| p.try_into().ok())
-                .ok_or_else(|| prog_err("lookup", program, hook)(aya::programs::ProgramError::UnexpectedProgramType))?;
-            p.load(hook, &btf).map_err(prog_err("load", program, hook))?;
+                .ok_or_else(|| {
+                prog_err("lookup", program, hook)(
+                    aya::programs::ProgramError::UnexpectedProgramType,
+                )
+            })?;
+            p.load(hook, &btf)
+                .map_err(prog_err("load", program, hook))?;
             let id = p.attach().map_err(prog_err("attach", program, hook))?;
-            let link: FdLink = p.take_link(id).map_err(prog_err("attach", program, hook))?.into();
+            let link: FdLink = p
+                .take_link(id)
+                .map_err(prog_err("attach", program, hook))?
+                .into();
             pin_replacing(link, &links_dir.join(program))?;
         }
         for (program, hook) in LSM_PROGRAMS {
             let p: &mut Lsm = ebpf
                 .program_mut(program)
                 .and_then(|p| p.try_into().ok())
-                .ok_or_else(|| prog_err("lookup", program, hook)(aya::programs::ProgramError::UnexpectedProgramType))?;
-            p.load(hook, &btf).map_err(prog_err("load", program, hook))?;
+                .ok_or_else(|| {
+                    prog_err("lookup", program, hook)(
+                        aya::programs::ProgramError::UnexpectedProgramType,
+                    )
+                })?;
+            p.load(hook, &btf)
+                .map_err(prog_err("load", program, hook))?;
             let id = p.attach().map_err(prog_err("attach", program, hook))?;
-            let link: FdLink = p.take_link(id).map_err(prog_err("attach", program, hook))?.into();
+            let link: FdLink = p
+                .take_link(id)
+                .map_err(prog_err("attach", program, hook))?
+                .into();
             pin_replacing(link, &links_dir.join(program))?;
         }
         let maps = Maps {
@@ -275,7 +291,12 @@ impl Kernel {
     }
 
     /// Replaces the watched uids, gids and cgroup ids.
-    pub fn set_watch(&self, uids: &[u32], gids: &[u32], cgroups: &[u64]) -> Result<(), KernelError> {
+    pub fn set_watch(
+        &self,
+        uids: &[u32],
+        gids: &[u32],
+        cgroups: &[u64],
+    ) -> Result<(), KernelError> {
         let mut m = self.maps();
         clear(&mut m.uids, names::WATCH_UIDS)?;
         clear(&mut m.gids, names::WATCH_GIDS)?;
@@ -287,7 +308,9 @@ impl Kernel {
             m.gids.insert(g, 1, 0).map_err(map_err(names::WATCH_GIDS))?;
         }
         for c in cgroups {
-            m.cgroups.insert(c, 1, 0).map_err(map_err(names::WATCH_CGROUPS))?;
+            m.cgroups
+                .insert(c, 1, 0)
+                .map_err(map_err(names::WATCH_CGROUPS))?;
         }
         Ok(())
     }
@@ -302,7 +325,9 @@ impl Kernel {
             m.nets.remove(&k).map_err(map_err(names::CONNECT_NETS))?;
         }
         for (k, v) in &t.exec_files {
-            m.exec_files.insert(k, v, 0).map_err(map_err(names::EXEC_FILES))?;
+            m.exec_files
+                .insert(k, v, 0)
+                .map_err(map_err(names::EXEC_FILES))?;
         }
         for (len, addr, mask) in &t.nets {
             m.nets
@@ -310,7 +335,9 @@ impl Kernel {
                 .map_err(map_err(names::CONNECT_NETS))?;
         }
         for (p, v) in &t.ports {
-            m.ports.insert(p, v, 0).map_err(map_err(names::CONNECT_PORTS))?;
+            m.ports
+                .insert(p, v, 0)
+                .map_err(map_err(names::CONNECT_PORTS))?;
         }
         drop(m);
         let mut cfg = self.config.lock().unwrap_or_else(|p| p.into_inner());
@@ -328,7 +355,10 @@ impl Kernel {
             cfg.heartbeat_ns = monotonic_ns();
             *cfg
         };
-        self.maps().config.set(0, cfg, 0).map_err(map_err(names::CONFIG))
+        self.maps()
+            .config
+            .set(0, cfg, 0)
+            .map_err(map_err(names::CONFIG))
     }
 
     /// Every task held right now (for recovery after a restart, and for shutdown).
@@ -362,21 +392,35 @@ impl Kernel {
                 family: ev.family,
                 addr: ev.addr,
             };
-            let v = if how == Release::Resume { VERDICT_ALLOW } else { VERDICT_DENY };
-            m.verdicts.insert(key, v, 0).map_err(map_err(names::VERDICTS))?;
+            let v = if how == Release::Resume {
+                VERDICT_ALLOW
+            } else {
+                VERDICT_DENY
+            };
+            m.verdicts
+                .insert(key, v, 0)
+                .map_err(map_err(names::VERDICTS))?;
         }
         if !is_connect && how == Release::Resume {
             m.exits
                 .insert(ev.tgid, EXIT_PENDING, 0)
                 .map_err(map_err(names::EXITS))?;
         }
-        let signal = if how == Release::Kill { Signal::SIGKILL } else { Signal::SIGCONT };
+        let signal = if how == Release::Kill {
+            Signal::SIGKILL
+        } else {
+            Signal::SIGCONT
+        };
         // Kill before un-holding, so nothing else can resume it in between; un-hold before
         // SIGCONT, so a restarted connect does not see itself as held.
         if signal == Signal::SIGKILL {
             let sent = nix::sys::signal::kill(pid, signal);
             let _ = m.held.remove(&ev.tgid);
-            return Ok(if sent.is_ok() { Released::Done } else { Released::Vanished });
+            return Ok(if sent.is_ok() {
+                Released::Done
+            } else {
+                Released::Vanished
+            });
         }
         let _ = m.held.remove(&ev.tgid);
         drop(m);
@@ -441,5 +485,9 @@ pub const COUNTER_NAMES: [&str; COUNTER_SLOTS as usize] = [
 
 /// Counter totals by name.
 pub fn named_counters(values: &[u64]) -> StdHashMap<&'static str, u64> {
-    COUNTER_NAMES.iter().copied().zip(values.iter().copied()).collect()
+    COUNTER_NAMES
+        .iter()
+        .copied()
+        .zip(values.iter().copied())
+        .collect()
 }

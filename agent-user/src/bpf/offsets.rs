@@ -36,7 +36,9 @@ pub enum OffsetError {
 /// Byte offset of `field` in `struct strukt`, searching anonymous nested structs and unions.
 fn field_offset(btf: &Btf, strukt: &'static str, field: &'static str) -> Result<u64, OffsetError> {
     let missing = OffsetError::Missing { strukt, field };
-    let types = btf.resolve_types_by_name(strukt).map_err(|_| missing.clone())?;
+    let types = btf
+        .resolve_types_by_name(strukt)
+        .map_err(|_| missing.clone())?;
     for t in types {
         if let Type::Struct(s) = t {
             if let Some(bits) = find_member(btf, &s, field) {

@@ -104,7 +104,10 @@ mod tests {
     fn inactive_bpf_lsm_explains_boot_parameter() {
         let sys = fake_sys("lockdown,capability,apparmor\n");
         let err = check_lsm(sys.path()).unwrap_err().to_string();
-        assert!(err.contains("lsm=lockdown,capability,apparmor,bpf"), "{err}");
+        assert!(
+            err.contains("lsm=lockdown,capability,apparmor,bpf"),
+            "{err}"
+        );
         assert!(err.contains("update-grub"), "{err}");
     }
 

@@ -58,9 +58,15 @@ fn run(args: &[String]) -> ExitCode {
 
 /// Connects and exchanges a line; prints `ok <reply>` or `err <errno> <message>`.
 fn connect(args: &[String]) -> ExitCode {
-    let [proto, addr, port] = args else { return usage() };
-    let Ok(ip) = addr.parse::<std::net::IpAddr>() else { return usage() };
-    let Ok(port) = port.parse::<u16>() else { return usage() };
+    let [proto, addr, port] = args else {
+        return usage();
+    };
+    let Ok(ip) = addr.parse::<std::net::IpAddr>() else {
+        return usage();
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        return usage();
+    };
     let target = SocketAddr::new(ip, port);
     let result = match proto.as_str() {
         "tcp" => TcpStream::connect(target).and_then(|mut s| {
@@ -124,7 +130,9 @@ fn status_text(st: std::process::ExitStatus) -> String {
 
 /// Runs CMD and prints `ms=<elapsed> exit=<code>|signal=<sig>`.
 fn timed(args: &[String]) -> ExitCode {
-    let Some((prog, rest)) = args.split_first() else { return usage() };
+    let Some((prog, rest)) = args.split_first() else {
+        return usage();
+    };
     let start = Instant::now();
     match Command::new(prog).args(rest).status() {
         Ok(st) => println!("ms={} {}", start.elapsed().as_millis(), status_text(st)),
@@ -135,13 +143,25 @@ fn timed(args: &[String]) -> ExitCode {
 
 /// Starts N copies of CMD at once ("{i}" replaced by the index) and prints `i=<n> <status>`.
 fn spawn(args: &[String]) -> ExitCode {
-    let Some((n, cmd)) = args.split_first() else { return usage() };
-    let Ok(n) = n.parse::<usize>() else { return usage() };
-    let Some((prog, rest)) = cmd.split_first() else { return usage() };
+    let Some((n, cmd)) = args.split_first() else {
+        return usage();
+    };
+    let Ok(n) = n.parse::<usize>() else {
+        return usage();
+    };
+    let Some((prog, rest)) = cmd.split_first() else {
+        return usage();
+    };
     let children: Vec<_> = (0..n)
         .map(|i| {
-            let argv: Vec<String> = rest.iter().map(|a| a.replace("{i}", &i.to_string())).collect();
-            Command::new(prog).args(&argv).stdout(std::process::Stdio::null()).spawn()
+            let argv: Vec<String> = rest
+                .iter()
+                .map(|a| a.replace("{i}", &i.to_string()))
+                .collect();
+            Command::new(prog)
+                .args(&argv)
+                .stdout(std::process::Stdio::null())
+                .spawn()
         })
         .collect();
     for (i, child) in children.into_iter().enumerate() {
@@ -155,7 +175,9 @@ fn spawn(args: &[String]) -> ExitCode {
 
 /// Tries PTRACE_ATTACH on PID; prints `ok` or `err <errno>`.
 fn ptrace_probe(args: &[String]) -> ExitCode {
-    let Some(Ok(pid)) = args.first().map(|p| p.parse::<i32>()) else { return usage() };
+    let Some(Ok(pid)) = args.first().map(|p| p.parse::<i32>()) else {
+        return usage();
+    };
     let null = std::ptr::null_mut::<libc::c_void>();
     // SAFETY: PTRACE_ATTACH/DETACH take a pid and ignore addr and data.
     let r = unsafe { libc::ptrace(libc::PTRACE_ATTACH, pid, null, null) };
@@ -164,7 +186,10 @@ fn ptrace_probe(args: &[String]) -> ExitCode {
         unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, null, null) };
         println!("ok");
     } else {
-        println!("err {}", std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        println!(
+            "err {}",
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        );
     }
     ExitCode::SUCCESS
 }
@@ -176,7 +201,9 @@ fn suid_exec(args: &[String]) -> ExitCode {
         libc::setgid(0);
         libc::setuid(0);
     }
-    let Some((prog, rest)) = args.split_first() else { return usage() };
+    let Some((prog, rest)) = args.split_first() else {
+        return usage();
+    };
     let err = Command::new(prog).args(rest).exec();
     eprintln!("exec {prog}: {err}");
     ExitCode::from(127)
