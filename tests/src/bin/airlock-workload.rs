@@ -15,7 +15,8 @@ use std::{
 fn usage() -> ExitCode {
     eprintln!(
         "usage: airlock-workload run MARKER CODE [ARGS..] | connect tcp|udp ADDR PORT | serve PORT.. \
-         | timed CMD.. | spawn N CMD.. (\"{{i}}\" in CMD is the child index) | ptrace PID"
+         | timed CMD.. | spawn N CMD.. (\"{{i}}\" in CMD is the child index) | ptrace PID \
+         | bench-exec N CMD.. | bench-connect N ADDR PORT"
     );
     ExitCode::from(2)
 }
@@ -41,6 +42,8 @@ fn main() -> ExitCode {
         "timed" => timed(rest),
         "spawn" => spawn(rest),
         "ptrace" => ptrace_probe(rest),
+        "bench-exec" => bench_exec(rest),
+        "bench-connect" => bench_connect(rest),
         _ => usage(),
     }
 }
@@ -170,6 +173,44 @@ fn spawn(args: &[String]) -> ExitCode {
             Err(e) => println!("i={i} error {e}"),
         }
     }
+    ExitCode::SUCCESS
+}
+
+/// Runs CMD N times, one after the other; prints `us_per_op=<mean> fails=<count>`.
+fn bench_exec(args: &[String]) -> ExitCode {
+    let Some((n, cmd)) = args.split_first() else { return usage() };
+    let Ok(n) = n.parse::<u32>() else { return usage() };
+    let Some((prog, rest)) = cmd.split_first() else { return usage() };
+    let mut fails = 0;
+    let start = Instant::now();
+    for _ in 0..n {
+        let ok = Command::new(prog)
+            .args(rest)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        fails += u32::from(!ok);
+    }
+    let us = start.elapsed().as_micros() / u128::from(n.max(1));
+    println!("us_per_op={us} fails={fails}");
+    ExitCode::SUCCESS
+}
+
+/// Opens and closes N TCP connections to ADDR:PORT; prints `us_per_op=<mean> fails=<count>`.
+fn bench_connect(args: &[String]) -> ExitCode {
+    let [n, addr, port] = args else { return usage() };
+    let (Ok(n), Ok(ip), Ok(port)) = (n.parse::<u32>(), addr.parse::<std::net::IpAddr>(), port.parse::<u16>())
+    else {
+        return usage();
+    };
+    let target = SocketAddr::new(ip, port);
+    let mut fails = 0;
+    let start = Instant::now();
+    for _ in 0..n {
+        fails += u32::from(TcpStream::connect(target).is_err());
+    }
+    let us = start.elapsed().as_micros() / u128::from(n.max(1));
+    println!("us_per_op={us} fails={fails}");
     ExitCode::SUCCESS
 }
 
