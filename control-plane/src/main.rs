@@ -1,1 +1,44 @@
-fn main() {}
+//! `airlock-server`: the Airlock control plane.
+
+use std::net::SocketAddr;
+
+use airlock_control_plane::ControlPlane;
+use anyhow::{Context, Result};
+use clap::Parser;
+
+/// The Airlock control plane: receives the actions agents hold, lets approvers decide them
+/// (gRPC ApprovalService, `airlockctl`), and sends the decisions back to the agents.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Address for gRPC (agents, approvals, health, reflection). Use 0.0.0.0 to accept agents
+    /// from other hosts.
+    #[arg(long, env = "AIRLOCK_GRPC_ADDR", default_value = "127.0.0.1:7443")]
+    grpc: SocketAddr,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+    let listener = tokio::net::TcpListener::bind(cli.grpc)
+        .await
+        .with_context(|| format!("listening on {}", cli.grpc))?;
+    println!("airlock-server: gRPC on http://{}", listener.local_addr()?);
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    ControlPlane::default().serve(listener, shutdown).await
+}

@@ -60,6 +60,7 @@ labels = {{ env = "test" }}
 
 [watch]
 users = ["agent"]
+cgroups = ["ci-runner"]
 
 [[rule]]
 name = "kubectl"
@@ -97,6 +98,7 @@ start_agent() {
 }
 mark() { test -e "$1" && echo yes || echo no; }
 mkdir -p /tmp/work && chown agent:agent /tmp/work
+mkdir /sys/fs/cgroup/ci-runner
 /usr/bin/airlock-workload serve 5432 5433 > /dev/null &
 start_agent
 
@@ -123,6 +125,12 @@ su agent -c '/usr/bin/kctl run /tmp/work/m2s 0 allow-me-sym'
 echo "@@R s2_sym_rc $?"
 su agent -c '/opt/kubectl-hard run /tmp/work/m2h 0 allow-me-hard'
 echo "@@R s2_hard_rc $?"
+
+# 2b: a watched cgroup (a systemd unit's, on a real host): root inside it is held, outside not
+sh -c 'echo $$ > /sys/fs/cgroup/ci-runner/cgroup.procs; /usr/local/bin/kubectl run /tmp/m2c 0 allow-me-cgroup; exit $?'
+echo "@@R s2_cgroup_rc $?"
+/usr/local/bin/kubectl run /tmp/m2n 0 root-outside-2
+echo "@@R s2_root_outside_rc $?"
 
 # 3: shell -> child -> setuid-root helper -> grandchild
 su agent -c /usr/local/bin/chain.sh
@@ -354,7 +362,7 @@ fn s1_held_exec_allowed_runs_intact_denied_never_runs() {
 }
 
 #[test]
-fn s2_no_hold_for_unprivileged_binary_or_other_account_every_path_matches() {
+fn s2_no_hold_for_unprivileged_binary_or_other_account_every_path_and_cgroup_matches() {
     assert_eq!(r("s2_unpriv_rc"), "0");
     assert_eq!(r("s2_other_rc"), "0");
     let d = &booted().decider;

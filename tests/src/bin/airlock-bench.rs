@@ -80,7 +80,9 @@ grep -h "kernel counters" /tmp/agent.log | sed 's/^/@@R counters /'
 }
 
 fn us(results: &BTreeMap<String, String>, key: &str) -> Result<f64> {
-    let v = results.get(key).with_context(|| format!("no result {key}"))?;
+    let v = results
+        .get(key)
+        .with_context(|| format!("no result {key}"))?;
     if !v.contains("fails=0") {
         anyhow::bail!("{key}: some operations failed: {v}");
     }

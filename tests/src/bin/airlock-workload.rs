@@ -178,9 +178,15 @@ fn spawn(args: &[String]) -> ExitCode {
 
 /// Runs CMD N times, one after the other; prints `us_per_op=<mean> fails=<count>`.
 fn bench_exec(args: &[String]) -> ExitCode {
-    let Some((n, cmd)) = args.split_first() else { return usage() };
-    let Ok(n) = n.parse::<u32>() else { return usage() };
-    let Some((prog, rest)) = cmd.split_first() else { return usage() };
+    let Some((n, cmd)) = args.split_first() else {
+        return usage();
+    };
+    let Ok(n) = n.parse::<u32>() else {
+        return usage();
+    };
+    let Some((prog, rest)) = cmd.split_first() else {
+        return usage();
+    };
     let mut fails = 0;
     let start = Instant::now();
     for _ in 0..n {
@@ -198,9 +204,14 @@ fn bench_exec(args: &[String]) -> ExitCode {
 
 /// Opens and closes N TCP connections to ADDR:PORT; prints `us_per_op=<mean> fails=<count>`.
 fn bench_connect(args: &[String]) -> ExitCode {
-    let [n, addr, port] = args else { return usage() };
-    let (Ok(n), Ok(ip), Ok(port)) = (n.parse::<u32>(), addr.parse::<std::net::IpAddr>(), port.parse::<u16>())
-    else {
+    let [n, addr, port] = args else {
+        return usage();
+    };
+    let (Ok(n), Ok(ip), Ok(port)) = (
+        n.parse::<u32>(),
+        addr.parse::<std::net::IpAddr>(),
+        port.parse::<u16>(),
+    ) else {
         return usage();
     };
     let target = SocketAddr::new(ip, port);

@@ -1,0 +1,157 @@
+//! `AgentService`: the agents' streams. Requests are stored before anyone is told; decisions are
+//! routed back to the stream of the agent that holds the request.
+
+use std::{collections::HashMap, pin::Pin, sync::Arc, sync::Mutex};
+
+use airlock_proto::v1::{
+    agent_message::Msg as In, agent_service_server::AgentService, decider_message::Msg as Out,
+    AgentMessage, DeciderMessage, Decision, HeldRequest, RequestState, Verdict,
+};
+use tokio::sync::mpsc;
+use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::store::Store;
+
+type Tx = mpsc::Sender<Result<DeciderMessage, Status>>;
+
+/// Connected agents, by host id.
+#[derive(Default)]
+pub struct Agents {
+    streams: Mutex<HashMap<String, (u64, Tx)>>,
+    next: Mutex<u64>,
+}
+
+impl Agents {
+    /// Sends the decision of `held` to its agent, if connected. An agent that is not connected
+    /// gets it when it reconnects and resends the request.
+    pub fn deliver(&self, held: &HeldRequest) {
+        let Some(decision) = decision_of(held) else {
+            return;
+        };
+        let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, tx)) = streams.get(&held.host_id) {
+            let _ = tx.try_send(Ok(DeciderMessage {
+                msg: Some(Out::Decision(decision)),
+            }));
+        }
+    }
+
+    /// Host ids of connected agents.
+    pub fn connected(&self) -> Vec<String> {
+        self.streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+}
+
+/// The decision message for a decided request; `None` while pending or expired.
+fn decision_of(held: &HeldRequest) -> Option<Decision> {
+    let verdict = match held.state() {
+        RequestState::Approved => Verdict::Allow,
+        RequestState::Denied => Verdict::Deny,
+        _ => return None,
+    };
+    Some(Decision {
+        request_id: held.request.as_ref()?.request_id.clone(),
+        verdict: verdict as i32,
+        reason: held.reason.clone(),
+        decided_by: held.decided_by.clone(),
+    })
+}
+
+/// The gRPC service.
+pub struct AgentSvc {
+    /// Requests.
+    pub store: Arc<Store>,
+    /// Streams.
+    pub agents: Arc<Agents>,
+}
+
+type OutStream = Pin<Box<dyn Stream<Item = Result<DeciderMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentSvc {
+    type SessionStream = OutStream;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = req.into_inner();
+        let hello = match inbound.next().await {
+            Some(Ok(AgentMessage {
+                msg: Some(In::Hello(h)),
+            })) => h,
+            Some(Ok(_)) => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be a hello",
+                ))
+            }
+            Some(Err(e)) => return Err(e),
+            None => return Err(Status::cancelled("stream closed before hello")),
+        };
+        if hello.host_id.trim().is_empty() {
+            return Err(Status::invalid_argument("hello.host_id is empty"));
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        let session = {
+            let mut n = self.agents.next.lock().unwrap_or_else(|p| p.into_inner());
+            *n += 1;
+            *n
+        };
+        self.agents
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hello.host_id.clone(), (session, tx.clone()));
+        tracing::info!(host = %hello.hostname, host_id = %hello.host_id, version = %hello.version, "agent connected");
+        let (store, agents) = (self.store.clone(), self.agents.clone());
+        tokio::spawn(async move {
+            while let Some(msg) = inbound.next().await {
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(host_id = %hello.host_id, error = %e, "agent stream error");
+                        break;
+                    }
+                };
+                match msg.msg {
+                    Some(In::Request(r)) => {
+                        if r.request_id.is_empty() {
+                            tracing::warn!(host_id = %hello.host_id, "request without id ignored");
+                            continue;
+                        }
+                        let (held, new) = store.receive(&hello.host_id, &hello.hostname, r);
+                        if new {
+                            tracing::info!(request = %held.request.as_ref().map(|r| r.request_id.as_str()).unwrap_or(""), host = %hello.hostname, "request received");
+                        } else if let Some(d) = decision_of(&held) {
+                            // Resent after a reconnect and decided meanwhile: answer again.
+                            let _ = tx.try_send(Ok(DeciderMessage {
+                                msg: Some(Out::Decision(d)),
+                            }));
+                        }
+                    }
+                    Some(In::Outcome(o)) => {
+                        if let Err(e) = store.record_outcome(o) {
+                            tracing::warn!(host_id = %hello.host_id, error = %e, "outcome for an unknown request");
+                        }
+                    }
+                    Some(In::Hello(_)) | Some(In::Pong(_)) | None => {}
+                }
+            }
+            let mut streams = agents.streams.lock().unwrap_or_else(|p| p.into_inner());
+            if streams
+                .get(&hello.host_id)
+                .is_some_and(|(s, _)| *s == session)
+            {
+                streams.remove(&hello.host_id);
+            }
+            tracing::info!(host_id = %hello.host_id, "agent disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as OutStream))
+    }
+}

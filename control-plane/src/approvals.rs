@@ -1,0 +1,117 @@
+//! `ApprovalService`: list, watch and decide held requests.
+//!
+//! Who may decide: an approver must name themselves, a deny needs a reason, and nobody decides
+//! a request made by their own account (the held task's user or the user who logged in and
+//! launched it).
+
+use std::{pin::Pin, sync::Arc};
+
+use airlock_proto::v1::{
+    approval_service_server::ApprovalService, DecideRequest, GetRequestRequest, HeldRequest,
+    ListRequestsRequest, ListRequestsResponse, RequestState, Verdict, WatchRequestsRequest,
+};
+use tokio_stream::{wrappers::BroadcastStream, Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    agents::Agents,
+    store::{Store, StoreError},
+};
+
+/// The gRPC service.
+pub struct ApprovalSvc {
+    /// Requests.
+    pub store: Arc<Store>,
+    /// Where decisions go.
+    pub agents: Arc<Agents>,
+}
+
+fn status_of(e: StoreError) -> Status {
+    match e {
+        StoreError::NotFound(_) => Status::not_found(e.to_string()),
+        StoreError::NotPending { .. } => Status::failed_precondition(e.to_string()),
+    }
+}
+
+/// Checks that `approver` may decide `held` with `verdict` and `reason`.
+pub fn check_vote(
+    held: &HeldRequest,
+    approver: &str,
+    verdict: Verdict,
+    reason: &str,
+) -> Result<(), Status> {
+    if approver.trim().is_empty() {
+        return Err(Status::invalid_argument("approver is required"));
+    }
+    if verdict == Verdict::Unspecified {
+        return Err(Status::invalid_argument("verdict must be allow or deny"));
+    }
+    if verdict == Verdict::Deny && reason.trim().is_empty() {
+        return Err(Status::invalid_argument("a deny needs a reason"));
+    }
+    let process = held.request.as_ref().and_then(|r| r.process.as_ref());
+    if let Some(p) = process {
+        if approver == p.user || (!p.login_user.is_empty() && approver == p.login_user) {
+            return Err(Status::permission_denied(format!(
+                "{approver} made this request and cannot decide it"
+            )));
+        }
+    }
+    Ok(())
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<HeldRequest, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ApprovalService for ApprovalSvc {
+    async fn list(
+        &self,
+        req: Request<ListRequestsRequest>,
+    ) -> Result<Response<ListRequestsResponse>, Status> {
+        Ok(Response::new(ListRequestsResponse {
+            requests: self.store.list(req.get_ref()),
+        }))
+    }
+
+    async fn get(&self, req: Request<GetRequestRequest>) -> Result<Response<HeldRequest>, Status> {
+        self.store
+            .get(&req.get_ref().request_id)
+            .map(Response::new)
+            .map_err(status_of)
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<WatchRequestsRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        // Subscribe before listing, so nothing falls between the two.
+        let changes = BroadcastStream::new(self.store.subscribe()).filter_map(|r| r.ok().map(Ok));
+        let mut first: Vec<Result<HeldRequest, Status>> = Vec::new();
+        if req.get_ref().include_pending {
+            let q = ListRequestsRequest {
+                state: RequestState::Pending as i32,
+                limit: 10_000,
+            };
+            first = self.store.list(&q).into_iter().rev().map(Ok).collect();
+        }
+        Ok(Response::new(
+            Box::pin(tokio_stream::iter(first).chain(changes)) as WatchStream,
+        ))
+    }
+
+    async fn decide(&self, req: Request<DecideRequest>) -> Result<Response<HeldRequest>, Status> {
+        let d = req.into_inner();
+        let held = self.store.get(&d.request_id).map_err(status_of)?;
+        let verdict = Verdict::try_from(d.verdict).unwrap_or(Verdict::Unspecified);
+        check_vote(&held, &d.approver, verdict, &d.reason)?;
+        let held = self
+            .store
+            .decide(&d.request_id, verdict, &d.approver, &d.reason)
+            .map_err(status_of)?;
+        tracing::info!(request = %d.request_id, approver = %d.approver, verdict = ?verdict, reason = %d.reason, "decided");
+        self.agents.deliver(&held);
+        Ok(Response::new(held))
+    }
+}

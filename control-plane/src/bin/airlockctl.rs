@@ -1,0 +1,300 @@
+//! `airlockctl`: the Airlock command line for approvers and scripts.
+//!
+//! Exit codes: 0 success, 1 error (server unreachable, bad answer), 2 usage, 3 not found,
+//! 4 refused (not allowed to decide, or no longer pending).
+
+use std::{
+    io::{BufRead, Write},
+    process::ExitCode,
+};
+
+use airlock_proto::v1::{
+    action_request::Action, approval_service_client::ApprovalServiceClient, DecideRequest,
+    GetRequestRequest, HeldRequest, ListRequestsRequest, RequestState, Verdict,
+    WatchRequestsRequest,
+};
+use clap::{Parser, Subcommand, ValueEnum};
+use tonic::{transport::Channel, Code};
+
+/// Watch and decide the actions Airlock holds.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Control plane gRPC address.
+    #[arg(
+        long,
+        global = true,
+        env = "AIRLOCK_SERVER",
+        default_value = "http://127.0.0.1:7443"
+    )]
+    server: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Held requests.
+    #[command(subcommand)]
+    Requests(Requests),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum StateArg {
+    Pending,
+    Approved,
+    Denied,
+    Expired,
+}
+
+#[derive(Debug, Subcommand)]
+enum Requests {
+    /// List requests, newest first.
+    List {
+        /// Only requests in this state.
+        #[arg(long, value_enum)]
+        state: Option<StateArg>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show one request with its whole context.
+    Show {
+        /// Request id.
+        id: String,
+    },
+    /// Print requests as they arrive and change; with --decide-as, ask for a decision on each
+    /// new one (a = approve, d = deny, anything else = skip).
+    Watch {
+        /// Decide interactively, as this approver.
+        #[arg(long, value_name = "APPROVER")]
+        decide_as: Option<String>,
+    },
+    /// Approve a pending request.
+    Approve {
+        /// Request id.
+        id: String,
+        /// Your identity (never the account that made the request).
+        #[arg(long = "as", value_name = "APPROVER", env = "AIRLOCK_APPROVER")]
+        approver: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Deny a pending request.
+    Deny {
+        /// Request id.
+        id: String,
+        /// Your identity.
+        #[arg(long = "as", value_name = "APPROVER", env = "AIRLOCK_APPROVER")]
+        approver: String,
+        /// Why (required).
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+fn state_text(h: &HeldRequest) -> &'static str {
+    airlock_control_plane::store::state_name(h.state())
+}
+
+fn what(h: &HeldRequest) -> String {
+    match h.request.as_ref().and_then(|r| r.action.as_ref()) {
+        Some(Action::Exec(e)) => e.argv.join(" "),
+        Some(Action::Connect(c)) => format!("connect {}:{}", c.address, c.port),
+        None => String::new(),
+    }
+}
+
+fn line(h: &HeldRequest) -> String {
+    let r = h.request.clone().unwrap_or_default();
+    let user = r.process.as_ref().map(|p| p.user.as_str()).unwrap_or("");
+    format!(
+        "{:<9} {} {}@{} [{}] {}",
+        state_text(h),
+        r.request_id,
+        user,
+        h.hostname,
+        r.rule,
+        what(h)
+    )
+}
+
+fn details(h: &HeldRequest) -> String {
+    let r = h.request.clone().unwrap_or_default();
+    let p = r.process.clone().unwrap_or_default();
+    let mut out = format!(
+        "request   {}\nstate     {}\nhost      {} ({})\naccount   {} (uid {}), group {}\naction    {}\ncwd       {}\nrule      {} (risk: {}) {}\n",
+        r.request_id,
+        state_text(h),
+        h.hostname,
+        h.host_id,
+        p.user,
+        p.uid,
+        p.group,
+        what(h),
+        p.cwd,
+        r.rule,
+        if r.risk.is_empty() { "-" } else { &r.risk },
+        r.description,
+    );
+    let left = (r.deadline_unix_ms - airlock_control_plane::store::now_ms()) / 1000;
+    if h.state() == RequestState::Pending {
+        out.push_str(&format!("deadline  in {left} s\n"));
+    }
+    for (i, a) in p.ancestors.iter().enumerate() {
+        out.push_str(&format!(
+            "parent {i}  pid {} {}: {}\n",
+            a.pid,
+            a.user,
+            a.argv.join(" ")
+        ));
+    }
+    if !h.decided_by.is_empty() {
+        out.push_str(&format!("decided   by {}: {}\n", h.decided_by, h.reason));
+    }
+    out
+}
+
+fn exit_for(status: &tonic::Status) -> ExitCode {
+    eprintln!("airlockctl: {}", status.message());
+    match status.code() {
+        Code::NotFound => ExitCode::from(3),
+        Code::PermissionDenied | Code::FailedPrecondition | Code::InvalidArgument => {
+            ExitCode::from(4)
+        }
+        _ => ExitCode::from(1),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut client = match Channel::from_shared(cli.server.clone()) {
+        Ok(endpoint) => match endpoint.connect().await {
+            Ok(ch) => ApprovalServiceClient::new(ch),
+            Err(e) => {
+                eprintln!("airlockctl: cannot reach {}: {e}", cli.server);
+                return ExitCode::from(1);
+            }
+        },
+        Err(e) => {
+            eprintln!("airlockctl: bad --server {:?}: {e}", cli.server);
+            return ExitCode::from(2);
+        }
+    };
+    let Command::Requests(cmd) = cli.command;
+    let result = match cmd {
+        Requests::List { state, limit } => {
+            let state = match state {
+                None => RequestState::Unspecified,
+                Some(StateArg::Pending) => RequestState::Pending,
+                Some(StateArg::Approved) => RequestState::Approved,
+                Some(StateArg::Denied) => RequestState::Denied,
+                Some(StateArg::Expired) => RequestState::Expired,
+            };
+            client
+                .list(ListRequestsRequest {
+                    state: state as i32,
+                    limit,
+                })
+                .await
+                .map(|r| {
+                    r.into_inner()
+                        .requests
+                        .iter()
+                        .for_each(|h| println!("{}", line(h)))
+                })
+        }
+        Requests::Show { id } => client
+            .get(GetRequestRequest { request_id: id })
+            .await
+            .map(|r| print!("{}", details(r.get_ref()))),
+        Requests::Approve {
+            id,
+            approver,
+            reason,
+        } => decide(&mut client, id, Verdict::Allow, approver, reason).await,
+        Requests::Deny {
+            id,
+            approver,
+            reason,
+        } => decide(&mut client, id, Verdict::Deny, approver, reason).await,
+        Requests::Watch { decide_as } => watch(&mut client, decide_as).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(status) => exit_for(&status),
+    }
+}
+
+async fn decide(
+    client: &mut ApprovalServiceClient<Channel>,
+    id: String,
+    verdict: Verdict,
+    approver: String,
+    reason: String,
+) -> Result<(), tonic::Status> {
+    let h = client
+        .decide(DecideRequest {
+            request_id: id,
+            verdict: verdict as i32,
+            reason,
+            approver,
+        })
+        .await?
+        .into_inner();
+    println!("{}", line(&h));
+    Ok(())
+}
+
+async fn watch(
+    client: &mut ApprovalServiceClient<Channel>,
+    decide_as: Option<String>,
+) -> Result<(), tonic::Status> {
+    let mut stream = client
+        .watch(WatchRequestsRequest {
+            include_pending: true,
+        })
+        .await?
+        .into_inner();
+    let mut decider = client.clone();
+    while let Some(h) = stream.message().await? {
+        let Some(approver) = decide_as
+            .as_ref()
+            .filter(|_| h.state() == RequestState::Pending && h.outcomes.is_empty())
+        else {
+            println!("{}", line(&h));
+            continue;
+        };
+        println!("\n{}", details(&h));
+        print!("approve (a), deny (d) or skip (enter)? ");
+        let _ = std::io::stdout().flush();
+        let answer = tokio::task::spawn_blocking(|| {
+            let mut s = String::new();
+            let _ = std::io::stdin().lock().read_line(&mut s);
+            s.trim().to_lowercase()
+        })
+        .await
+        .unwrap_or_default();
+        let id = h
+            .request
+            .as_ref()
+            .map(|r| r.request_id.clone())
+            .unwrap_or_default();
+        let verdict = match answer.as_str() {
+            "a" | "approve" | "y" => Verdict::Allow,
+            "d" | "deny" | "n" => Verdict::Deny,
+            _ => continue,
+        };
+        let reason = if verdict == Verdict::Deny {
+            "denied from airlockctl watch"
+        } else {
+            "approved from airlockctl watch"
+        };
+        if let Err(e) = decide(&mut decider, id, verdict, approver.clone(), reason.into()).await {
+            eprintln!("airlockctl: {}", e.message());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! The Airlock control plane: stores held requests, lets approvers decide them, and answers the
+//! agents.
+//!
+//! - [`agents`]: the agents' streams (`AgentService`);
+//! - [`approvals`]: approvers and integrations (`ApprovalService`), and who may decide;
+//! - [`store`]: requests and their lifecycle.
+
+pub mod agents;
+pub mod approvals;
+pub mod store;
+
+use std::{sync::Arc, time::Duration};
+
+use airlock_proto::v1::{
+    agent_service_server::AgentServiceServer, approval_service_server::ApprovalServiceServer,
+    FILE_DESCRIPTOR_SET,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// Everything the services share.
+#[derive(Clone, Default)]
+pub struct ControlPlane {
+    /// Requests.
+    pub store: Arc<store::Store>,
+    /// Connected agents.
+    pub agents: Arc<agents::Agents>,
+}
+
+impl ControlPlane {
+    /// Serves gRPC (agents, approvals, health, reflection) on `listener` until `shutdown`
+    /// completes; marks overdue requests expired once a second.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<AgentServiceServer<agents::AgentSvc>>()
+            .await;
+        health
+            .set_serving::<ApprovalServiceServer<approvals::ApprovalSvc>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let store = self.store.clone();
+        let expiry = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                for h in store.expire_due(store::now_ms()) {
+                    tracing::info!(request = %h.request.map(|r| r.request_id).unwrap_or_default(), "expired");
+                }
+            }
+        });
+        let result = tonic::transport::Server::builder()
+            .add_service(health_svc)
+            .add_service(reflection)
+            .add_service(AgentServiceServer::new(agents::AgentSvc {
+                store: self.store.clone(),
+                agents: self.agents.clone(),
+            }))
+            .add_service(ApprovalServiceServer::new(approvals::ApprovalSvc {
+                store: self.store.clone(),
+                agents: self.agents.clone(),
+            }))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await;
+        expiry.abort();
+        Ok(result?)
+    }
+}
