@@ -125,7 +125,14 @@ impl AgentService for AgentSvc {
                             tracing::warn!(host_id = %hello.host_id, "request without id ignored");
                             continue;
                         }
-                        let (held, new) = store.receive(&hello.host_id, &hello.hostname, r);
+                        let (held, new) = match store.receive(&hello.host_id, &hello.hostname, r) {
+                            Ok(v) => v,
+                            Err(e) => {
+                                // Not stored means not asked: the agent's deadline applies.
+                                tracing::error!(host_id = %hello.host_id, error = %e, "storing a request failed");
+                                continue;
+                            }
+                        };
                         if new {
                             tracing::info!(request = %held.request.as_ref().map(|r| r.request_id.as_str()).unwrap_or(""), host = %hello.hostname, "request received");
                         } else if let Some(d) = decision_of(&held) {
@@ -136,8 +143,8 @@ impl AgentService for AgentSvc {
                         }
                     }
                     Some(In::Outcome(o)) => {
-                        if let Err(e) = store.record_outcome(o) {
-                            tracing::warn!(host_id = %hello.host_id, error = %e, "outcome for an unknown request");
+                        if let Err(e) = store.record_outcome(&hello.host_id, o) {
+                            tracing::warn!(host_id = %hello.host_id, error = %e, "outcome not recorded");
                         }
                     }
                     Some(In::Hello(_)) | Some(In::Pong(_)) | None => {}

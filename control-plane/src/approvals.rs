@@ -30,6 +30,10 @@ fn status_of(e: StoreError) -> Status {
     match e {
         StoreError::NotFound(_) => Status::not_found(e.to_string()),
         StoreError::NotPending { .. } => Status::failed_precondition(e.to_string()),
+        StoreError::Db { .. } | StoreError::Corrupt(_) => {
+            tracing::error!(error = %e, "store failure");
+            Status::internal("the control plane could not read or write its database")
+        }
     }
 }
 
@@ -69,7 +73,7 @@ impl ApprovalService for ApprovalSvc {
         req: Request<ListRequestsRequest>,
     ) -> Result<Response<ListRequestsResponse>, Status> {
         Ok(Response::new(ListRequestsResponse {
-            requests: self.store.list(req.get_ref()),
+            requests: self.store.list(req.get_ref()).map_err(status_of)?,
         }))
     }
 
@@ -94,7 +98,14 @@ impl ApprovalService for ApprovalSvc {
                 state: RequestState::Pending as i32,
                 limit: 10_000,
             };
-            first = self.store.list(&q).into_iter().rev().map(Ok).collect();
+            first = self
+                .store
+                .list(&q)
+                .map_err(status_of)?
+                .into_iter()
+                .rev()
+                .map(Ok)
+                .collect();
         }
         Ok(Response::new(
             Box::pin(tokio_stream::iter(first).chain(changes)) as WatchStream,

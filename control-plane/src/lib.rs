@@ -3,10 +3,12 @@
 //!
 //! - [`agents`]: the agents' streams (`AgentService`);
 //! - [`approvals`]: approvers and integrations (`ApprovalService`), and who may decide;
-//! - [`store`]: requests and their lifecycle.
+//! - [`store`]: requests and their lifecycle, in SQLite;
+//! - [`audit`]: the hash-chained audit trail and its verification.
 
 pub mod agents;
 pub mod approvals;
+pub mod audit;
 pub mod store;
 
 use std::{sync::Arc, time::Duration};
@@ -19,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 /// Everything the services share.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ControlPlane {
     /// Requests.
     pub store: Arc<store::Store>,
@@ -28,6 +30,14 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
+    /// A control plane on the store `store`.
+    pub fn new(store: store::Store) -> Self {
+        Self {
+            store: Arc::new(store),
+            agents: Arc::default(),
+        }
+    }
+
     /// Serves gRPC (agents, approvals, health, reflection) on `listener` until `shutdown`
     /// completes; marks overdue requests expired once a second.
     pub async fn serve(
@@ -51,8 +61,13 @@ impl ControlPlane {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
-                for h in store.expire_due(store::now_ms()) {
-                    tracing::info!(request = %h.request.map(|r| r.request_id).unwrap_or_default(), "expired");
+                match store.expire_due(store::now_ms()) {
+                    Ok(expired) => {
+                        for h in expired {
+                            tracing::info!(request = %h.request.map(|r| r.request_id).unwrap_or_default(), "expired");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "expiring requests failed"),
                 }
             }
         });

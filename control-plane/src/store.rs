@@ -1,11 +1,12 @@
-//! Held requests and their lifecycle (pending, then approved, denied or expired), with a change
-//! feed for watchers.
+//! Held requests and their lifecycle (pending, then approved, denied or expired), stored durably
+//! in SQLite (WAL) with every change appended to the hash-chained audit trail in the same
+//! transaction, and a change feed for watchers.
 //!
-//! This first store keeps requests in memory; the persistent backends (SQLite, PostgreSQL) sit
-//! behind the same methods.
+//! A request is committed before watchers hear of it; a decision is committed before the agent
+//! is told.
 
 use std::{
-    collections::HashMap,
+    path::{Path, PathBuf},
     sync::Mutex,
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -13,10 +14,14 @@ use std::{
 use airlock_proto::v1::{
     ActionRequest, HeldRequest, ListRequestsRequest, Outcome, RequestState, Verdict,
 };
+use prost::Message;
+use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::broadcast;
 
-/// Why a store operation was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+use crate::audit;
+
+/// Why a store operation was refused or failed.
+#[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// No request has this id.
     #[error("no request with id {0:?}")]
@@ -29,6 +34,17 @@ pub enum StoreError {
         /// Its state.
         state: &'static str,
     },
+    /// The database failed.
+    #[error("database {path}: {source}")]
+    Db {
+        /// The database file.
+        path: String,
+        /// Cause.
+        source: rusqlite::Error,
+    },
+    /// A stored request could not be decoded.
+    #[error("stored request {0:?} is corrupt")]
+    Corrupt(String),
 }
 
 /// Milliseconds since the Unix epoch.
@@ -49,41 +65,146 @@ pub fn state_name(s: RequestState) -> &'static str {
     }
 }
 
-#[derive(Default)]
-struct Inner {
-    by_id: HashMap<String, HeldRequest>,
-    /// Ids in arrival order.
-    order: Vec<String>,
-}
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_state ON requests (state, deadline_ms);";
 
 /// The request store.
 pub struct Store {
-    inner: Mutex<Inner>,
+    conn: Mutex<Connection>,
+    path: String,
+    checkpoint: Option<PathBuf>,
     changes: broadcast::Sender<HeldRequest>,
 }
 
-impl Default for Store {
-    fn default() -> Self {
-        Self::new()
-    }
+fn json_str(s: &str) -> String {
+    format!("{s:?}")
 }
 
 impl Store {
-    /// An empty store.
-    pub fn new() -> Self {
-        Self {
-            inner: Mutex::default(),
+    /// Opens (creating if needed) the database file `path`; the audit checkpoint lives beside it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(|source| StoreError::Db {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::init(
+            conn,
+            path.display().to_string(),
+            Some(audit::checkpoint_path(path)),
+        )
+    }
+
+    /// A database in memory (tests).
+    pub fn in_memory() -> Result<Self, StoreError> {
+        let conn = Connection::open_in_memory().map_err(|source| StoreError::Db {
+            path: ":memory:".into(),
+            source,
+        })?;
+        Self::init(conn, ":memory:".into(), None)
+    }
+
+    fn init(
+        conn: Connection,
+        path: String,
+        checkpoint: Option<PathBuf>,
+    ) -> Result<Self, StoreError> {
+        let db = |source| StoreError::Db {
+            path: path.clone(),
+            source,
+        };
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db)?;
+        conn.execute_batch(SCHEMA).map_err(db)?;
+        conn.execute_batch(audit::SCHEMA).map_err(db)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            path,
+            checkpoint,
             changes: broadcast::channel(1024).0,
+        })
+    }
+
+    fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        move |source| StoreError::Db {
+            path: self.path.clone(),
+            source,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Every change from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<HeldRequest> {
         self.changes.subscribe()
+    }
+
+    fn load(conn: &Connection, id: &str) -> Result<Option<HeldRequest>, rusqlite::Error> {
+        let body: Option<Vec<u8>> = conn
+            .query_row("SELECT body FROM requests WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(body.and_then(|b| HeldRequest::decode(b.as_slice()).ok()))
+    }
+
+    /// Writes `held` and an audit record in one transaction, then announces the change.
+    fn save(
+        &self,
+        conn: &mut Connection,
+        held: &HeldRequest,
+        actor: &str,
+        action: &str,
+        payload: &str,
+        insert: bool,
+    ) -> Result<(), StoreError> {
+        let id = held
+            .request
+            .as_ref()
+            .map(|r| r.request_id.clone())
+            .unwrap_or_default();
+        let deadline = held
+            .request
+            .as_ref()
+            .map_or(i64::MAX, |r| r.deadline_unix_ms);
+        let tx = conn.transaction().map_err(self.db())?;
+        if insert {
+            let seq: i64 = tx
+                .query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM requests", [], |r| {
+                    r.get(0)
+                })
+                .map_err(self.db())?;
+            tx.execute(
+                "INSERT INTO requests (id, seq, state, deadline_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, seq, held.state, deadline, held.encode_to_vec()],
+            )
+            .map_err(self.db())?;
+        } else {
+            tx.execute(
+                "UPDATE requests SET state = ?2, body = ?3 WHERE id = ?1",
+                params![id, held.state, held.encode_to_vec()],
+            )
+            .map_err(self.db())?;
+        }
+        let record =
+            audit::append(&tx, now_ms(), actor, action, &id, payload).map_err(self.db())?;
+        tx.commit().map_err(self.db())?;
+        if let Some(cp) = &self.checkpoint {
+            if let Err(e) = audit::write_checkpoint(cp, &record) {
+                tracing::error!(path = %cp.display(), error = %e, "writing the audit checkpoint failed");
+            }
+        }
+        let _ = self.changes.send(held.clone());
+        Ok(())
     }
 
     /// Records a request from agent `host_id`. A request with a known id is the same request
@@ -93,24 +214,47 @@ impl Store {
         host_id: &str,
         hostname: &str,
         req: ActionRequest,
-    ) -> (HeldRequest, bool) {
-        let mut inner = self.lock();
-        if let Some(existing) = inner.by_id.get(&req.request_id) {
-            return (existing.clone(), false);
+    ) -> Result<(HeldRequest, bool), StoreError> {
+        let mut conn = self.lock();
+        if let Some(existing) = Self::load(&conn, &req.request_id).map_err(self.db())? {
+            return Ok((existing, false));
         }
+        let argv = match &req.action {
+            Some(airlock_proto::v1::action_request::Action::Exec(e)) => e.argv.join(" "),
+            Some(airlock_proto::v1::action_request::Action::Connect(c)) => {
+                format!("connect {}:{}", c.address, c.port)
+            }
+            None => String::new(),
+        };
+        let user = req
+            .process
+            .as_ref()
+            .map(|p| p.user.clone())
+            .unwrap_or_default();
+        let payload = format!(
+            "{{\"host\":{},\"user\":{},\"rule\":{},\"action\":{}}}",
+            json_str(hostname),
+            json_str(&user),
+            json_str(&req.rule),
+            json_str(&argv)
+        );
         let held = HeldRequest {
-            request: Some(req.clone()),
+            request: Some(req),
             host_id: host_id.to_owned(),
             hostname: hostname.to_owned(),
             state: RequestState::Pending as i32,
             received_unix_ms: now_ms(),
             ..Default::default()
         };
-        inner.order.push(req.request_id.clone());
-        inner.by_id.insert(req.request_id, held.clone());
-        drop(inner);
-        let _ = self.changes.send(held.clone());
-        (held, true)
+        self.save(
+            &mut conn,
+            &held,
+            host_id,
+            "request.received",
+            &payload,
+            true,
+        )?;
+        Ok((held, true))
     }
 
     /// Decides a pending request.
@@ -121,10 +265,9 @@ impl Store {
         by: &str,
         reason: &str,
     ) -> Result<HeldRequest, StoreError> {
-        let mut inner = self.lock();
-        let held = inner
-            .by_id
-            .get_mut(id)
+        let mut conn = self.lock();
+        let mut held = Self::load(&conn, id)
+            .map_err(self.db())?
             .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
         if held.state() != RequestState::Pending {
             return Err(StoreError::NotPending {
@@ -132,78 +275,104 @@ impl Store {
                 state: state_name(held.state()),
             });
         }
-        held.state = match verdict {
-            Verdict::Allow => RequestState::Approved,
-            _ => RequestState::Denied,
-        } as i32;
+        let (state, action) = match verdict {
+            Verdict::Allow => (RequestState::Approved, "request.approved"),
+            _ => (RequestState::Denied, "request.denied"),
+        };
+        held.state = state as i32;
         held.decided_by = by.to_owned();
         held.reason = reason.to_owned();
         held.decided_unix_ms = now_ms();
-        let held = held.clone();
-        drop(inner);
-        let _ = self.changes.send(held.clone());
+        let payload = format!("{{\"reason\":{}}}", json_str(reason));
+        self.save(&mut conn, &held, by, action, &payload, false)?;
         Ok(held)
     }
 
     /// Marks pending requests whose deadline has passed as expired (the agent applies the
     /// on-timeout action itself); returns them.
-    pub fn expire_due(&self, now: i64) -> Vec<HeldRequest> {
-        let mut inner = self.lock();
+    pub fn expire_due(&self, now: i64) -> Result<Vec<HeldRequest>, StoreError> {
+        let mut conn = self.lock();
+        let ids: Vec<String> = {
+            let mut stmt = conn
+                .prepare("SELECT id FROM requests WHERE state = ?1 AND deadline_ms <= ?2")
+                .map_err(self.db())?;
+            let rows = stmt
+                .query_map(params![RequestState::Pending as i32, now], |r| r.get(0))
+                .map_err(self.db())?;
+            rows.collect::<Result<_, _>>().map_err(self.db())?
+        };
         let mut expired = Vec::new();
-        for held in inner.by_id.values_mut() {
-            let deadline = held
-                .request
-                .as_ref()
-                .map_or(i64::MAX, |r| r.deadline_unix_ms);
-            if held.state() == RequestState::Pending && deadline <= now {
-                held.state = RequestState::Expired as i32;
-                held.decided_unix_ms = now;
-                expired.push(held.clone());
-            }
+        for id in ids {
+            let Some(mut held) = Self::load(&conn, &id).map_err(self.db())? else {
+                continue;
+            };
+            held.state = RequestState::Expired as i32;
+            held.decided_unix_ms = now;
+            self.save(&mut conn, &held, "server", "request.expired", "{}", false)?;
+            expired.push(held);
         }
-        drop(inner);
-        for h in &expired {
-            let _ = self.changes.send(h.clone());
-        }
-        expired
+        Ok(expired)
     }
 
     /// Appends an outcome the agent reported.
-    pub fn record_outcome(&self, outcome: Outcome) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        let held = inner
-            .by_id
-            .get_mut(&outcome.request_id)
+    pub fn record_outcome(&self, host_id: &str, outcome: Outcome) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let mut held = Self::load(&conn, &outcome.request_id)
+            .map_err(self.db())?
             .ok_or_else(|| StoreError::NotFound(outcome.request_id.clone()))?;
+        let payload = format!(
+            "{{\"kind\":{},\"applied\":{},\"cause\":{},\"exit_code\":{},\"signal\":{}}}",
+            outcome.kind,
+            outcome.applied,
+            json_str(&outcome.cause),
+            outcome.exit_code.map_or("null".into(), |c| c.to_string()),
+            outcome.signal.map_or("null".into(), |c| c.to_string()),
+        );
         held.outcomes.push(outcome);
-        let held = held.clone();
-        drop(inner);
-        let _ = self.changes.send(held);
-        Ok(())
+        self.save(
+            &mut conn,
+            &held,
+            host_id,
+            "request.outcome",
+            &payload,
+            false,
+        )
     }
 
     /// One request.
     pub fn get(&self, id: &str) -> Result<HeldRequest, StoreError> {
-        self.lock()
-            .by_id
-            .get(id)
-            .cloned()
+        Self::load(&self.lock(), id)
+            .map_err(self.db())?
             .ok_or_else(|| StoreError::NotFound(id.to_owned()))
     }
 
     /// Requests, newest first.
-    pub fn list(&self, q: &ListRequestsRequest) -> Vec<HeldRequest> {
-        let inner = self.lock();
-        let limit = if q.limit == 0 { 100 } else { q.limit as usize };
-        inner
-            .order
-            .iter()
-            .rev()
-            .filter_map(|id| inner.by_id.get(id))
-            .filter(|h| q.state == RequestState::Unspecified as i32 || h.state == q.state)
-            .take(limit)
-            .cloned()
-            .collect()
+    pub fn list(&self, q: &ListRequestsRequest) -> Result<Vec<HeldRequest>, StoreError> {
+        let conn = self.lock();
+        let limit = if q.limit == 0 {
+            100
+        } else {
+            i64::from(q.limit)
+        };
+        let mut stmt = conn
+            .prepare("SELECT id, body FROM requests WHERE (?1 = 0 OR state = ?1) ORDER BY seq DESC LIMIT ?2")
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map(params![q.state, limit], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(self.db())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, body) = row.map_err(self.db())?;
+            out.push(HeldRequest::decode(body.as_slice()).map_err(|_| StoreError::Corrupt(id))?);
+        }
+        Ok(out)
+    }
+
+    /// Verifies the audit chain (and the checkpoint beside the database file).
+    pub fn verify_audit(&self) -> Result<i64, audit::Tamper> {
+        audit::verify(&self.lock(), self.checkpoint.as_deref())
     }
 }
 
@@ -221,42 +390,52 @@ mod tests {
 
     #[test]
     fn resent_request_is_the_same_request() {
-        let s = Store::new();
-        let (_, new) = s.receive("h", "host", req("a", i64::MAX));
+        let s = Store::in_memory().unwrap();
+        let (_, new) = s.receive("h", "host", req("a", i64::MAX)).unwrap();
         assert!(new);
-        let (again, new) = s.receive("h", "host", req("a", i64::MAX));
+        let (again, new) = s.receive("h", "host", req("a", i64::MAX)).unwrap();
         assert!(!new);
         assert_eq!(again.request.unwrap().request_id, "a");
-        assert_eq!(s.list(&ListRequestsRequest::default()).len(), 1);
+        assert_eq!(s.list(&ListRequestsRequest::default()).unwrap().len(), 1);
     }
 
     #[test]
     fn decided_once_only() {
-        let s = Store::new();
-        s.receive("h", "host", req("a", i64::MAX));
+        let s = Store::in_memory().unwrap();
+        s.receive("h", "host", req("a", i64::MAX)).unwrap();
         s.decide("a", Verdict::Allow, "alice", "ok").unwrap();
         let err = s.decide("a", Verdict::Deny, "bob", "no").unwrap_err();
-        assert_eq!(
-            err,
-            StoreError::NotPending {
-                id: "a".into(),
-                state: "approved"
-            }
+        assert!(
+            matches!(err, StoreError::NotPending { ref id, state: "approved" } if id == "a"),
+            "{err}"
         );
-        assert_eq!(
-            s.decide("zz", Verdict::Allow, "a", "").unwrap_err(),
-            StoreError::NotFound("zz".into())
+        let err = s.decide("zz", Verdict::Allow, "a", "").unwrap_err();
+        assert!(
+            matches!(err, StoreError::NotFound(ref id) if id == "zz"),
+            "{err}"
         );
     }
 
     #[test]
+    fn every_change_is_audited_and_verifies() {
+        let s = Store::in_memory().unwrap();
+        s.receive("h", "host", req("a", i64::MAX)).unwrap();
+        s.decide("a", Verdict::Deny, "alice", "freeze").unwrap();
+        assert_eq!(s.verify_audit().unwrap(), 2);
+        let records = audit::records(&s.lock()).unwrap();
+        assert_eq!(records[1].action, "request.denied");
+        assert_eq!(records[1].actor, "alice");
+        assert!(records[1].payload.contains("freeze"));
+    }
+
+    #[test]
     fn expiry_only_touches_pending_past_deadline() {
-        let s = Store::new();
-        s.receive("h", "host", req("old", 10));
-        s.receive("h", "host", req("new", 1_000));
-        s.receive("h", "host", req("done", 10));
+        let s = Store::in_memory().unwrap();
+        s.receive("h", "host", req("old", 10)).unwrap();
+        s.receive("h", "host", req("new", 1_000)).unwrap();
+        s.receive("h", "host", req("done", 10)).unwrap();
         s.decide("done", Verdict::Deny, "a", "r").unwrap();
-        let expired = s.expire_due(500);
+        let expired = s.expire_due(500).unwrap();
         assert_eq!(expired.len(), 1);
         assert_eq!(s.get("old").unwrap().state(), RequestState::Expired);
         assert_eq!(s.get("new").unwrap().state(), RequestState::Pending);

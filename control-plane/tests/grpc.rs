@@ -15,8 +15,9 @@ async fn start() -> (String, tokio::sync::oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let store = airlock_control_plane::store::Store::in_memory().unwrap();
     tokio::spawn(async move {
-        ControlPlane::default()
+        ControlPlane::new(store)
             .serve(listener, async {
                 let _ = rx.await;
             })

@@ -59,6 +59,8 @@ pub struct Guest {
     script: String,
     /// Memory in MiB.
     pub memory_mb: u32,
+    /// Echo console lines to stdout with this prefix as they arrive (for the demo).
+    pub echo_prefix: Option<String>,
 }
 
 /// What a guest run printed.
@@ -189,6 +191,9 @@ impl Guest {
                 Ok(line) => {
                     if verbose {
                         eprintln!("guest| {line}");
+                    }
+                    if let Some(prefix) = &self.echo_prefix {
+                        println!("{prefix}{}", line.trim_end_matches('\r'));
                     }
                     console.push_str(line.trim_end_matches('\r'));
                     console.push('\n');

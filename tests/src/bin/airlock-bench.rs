@@ -25,7 +25,7 @@ struct Args {
     #[arg(long, default_value = "bench/results.md")]
     out: PathBuf,
     /// Iterations of each non-matching operation.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 200)]
     iterations: u32,
     /// Iterations of each held (round-trip) operation.
     #[arg(long, default_value_t = 30)]
@@ -56,27 +56,50 @@ ports = [5432]
 decision = "ask"
 "#;
 
+/// Rounds of alternating measurements; the report gives the median.
+const ROUNDS: usize = 3;
+
 fn script(n: u32, holds: u32) -> String {
     format!(
         r#"
 /usr/bin/airlock-workload serve 5432 > /dev/null &
 sleep 1
 W=/usr/bin/airlock-workload
-measure() {{
-  echo "@@R $1_exec $(su agent -c "$W bench-exec {n} $W run /dev/null 0")"
-  echo "@@R $1_connect $(su agent -c "$W bench-connect {n} 127.0.0.1 5432")"
-}}
-measure without
-/usr/bin/airlock-agent --config /etc/airlock/agent.toml > /tmp/agent.log 2>&1 &
-for i in $(seq 1 150); do grep -q "connected to decider" /tmp/agent.log && break; sleep 0.2; done
-measure with
-echo "@@R hold_local $(su agent -c "$W bench-exec {holds} /usr/local/bin/okctl run /dev/null 0")"
-echo "@@R hold_decider $(su agent -c "$W bench-exec {holds} /usr/local/bin/kubectl run /dev/null 0")"
-echo "@@R baseline_same_binary $(su agent -c "$W bench-exec {holds} $W run /dev/null 0")"
-kill -TERM $(pidof airlock-agent) 2>/dev/null; sleep 1
-grep -h "kernel counters" /tmp/agent.log | sed 's/^/@@R counters /'
+as_agent() {{ su agent -c "$*"; }}
+# Warm-up: page cache, dynamic loader, first-run costs.
+as_agent $W bench-exec 30 $W run /dev/null 0 > /dev/null
+for r in $(seq 1 {ROUNDS}); do
+  echo "@@R without_exec_$r $(as_agent $W bench-exec {n} $W run /dev/null 0)"
+  echo "@@R without_connect_$r $(as_agent $W bench-connect {n} 127.0.0.1 5432)"
+  /usr/bin/airlock-agent --config /etc/airlock/agent.toml > /tmp/agent.log 2>&1 &
+  for i in $(seq 1 150); do grep -q "connected to decider" /tmp/agent.log && break; sleep 0.2; done
+  echo "@@R with_exec_$r $(as_agent $W bench-exec {n} $W run /dev/null 0)"
+  echo "@@R with_connect_$r $(as_agent $W bench-connect {n} 127.0.0.1 5432)"
+  echo "@@R baseline_same_binary_$r $(as_agent $W bench-exec {holds} $W run /dev/null 0)"
+  echo "@@R hold_local_$r $(as_agent $W bench-exec {holds} /usr/local/bin/okctl run /dev/null 0)"
+  echo "@@R hold_decider_$r $(as_agent $W bench-exec {holds} /usr/local/bin/kubectl run /dev/null 0)"
+  kill -TERM $(pidof airlock-agent); while pidof airlock-agent > /dev/null; do sleep 0.2; done
+  echo "@@R counters_$r $(grep -h 'kernel counters' /tmp/agent.log | sed 's/.*counters=//')"
+done
 "#
     )
+}
+
+/// Median over the rounds of `key`, and the per-round values.
+fn median(results: &BTreeMap<String, String>, key: &str) -> Result<(f64, Vec<f64>)> {
+    let mut values = (1..=ROUNDS)
+        .map(|r| us(results, &format!("{key}_{r}")))
+        .collect::<Result<Vec<_>>>()?;
+    let rounds = values.clone();
+    values.sort_by(f64::total_cmp);
+    Ok((values[values.len() / 2], rounds))
+}
+
+fn fmt_rounds(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.0}"))
+        .collect::<Vec<_>>()
+        .join(" / ")
 }
 
 fn us(results: &BTreeMap<String, String>, key: &str) -> Result<f64> {
@@ -130,44 +153,54 @@ fn main() -> Result<()> {
     eprintln!("booting the guest (software emulation; a few minutes)...");
     let run = g.boot(Duration::from_secs(1800))?;
     let r = run.results();
-    let exec_without = us(&r, "without_exec")?;
-    let exec_with = us(&r, "with_exec")?;
-    let conn_without = us(&r, "without_connect")?;
-    let conn_with = us(&r, "with_connect")?;
-    let hold_local = us(&r, "hold_local")?;
-    let hold_decider = us(&r, "hold_decider")?;
-    let baseline = us(&r, "baseline_same_binary")?;
+    let (exec_without, ew) = median(&r, "without_exec")?;
+    let (exec_with, ewi) = median(&r, "with_exec")?;
+    let (conn_without, cw) = median(&r, "without_connect")?;
+    let (conn_with, cwi) = median(&r, "with_connect")?;
+    let (hold_local, hl) = median(&r, "hold_local")?;
+    let (hold_decider, hd) = median(&r, "hold_decider")?;
+    let (baseline, hb) = median(&r, "baseline_same_binary")?;
     let asked = decider.seen().len();
     let report = format!(
         "# Airlock agent benchmark\n\n\
          Run with `scripts/bench.sh` ({date}).\n\n\
          - Machine: {machine}\n\
          - Guest: Debian's kernel under QEMU TCG (software emulation, 2 vCPUs): absolute times are\n  \
-           many times slower than on hardware; the ratios are what carries over.\n\
-         - Workload: a watched account (`agent`) runs a small Rust program; every figure is the\n  \
-           mean of sequential operations measured inside the guest.\n\n\
+           many times slower than on hardware, and noisy; the ratios are what carries over.\n\
+         - Method: a watched account (`agent`) runs a small Rust program. Without and with the\n  \
+           agent are measured alternately, {rounds} rounds in one boot (the agent is started and\n  \
+           stopped each round); each figure is the median of the rounds' means, the rounds'\n  \
+           means follow in brackets.\n\n\
          ## Overhead on actions that do not match (prefilter only)\n\n\
          | operation | without agent (µs) | with agent (µs) | ratio |\n\
          |---|---:|---:|---:|\n\
-         | exec (fork + exec + wait), {n} runs | {exec_without:.0} | {exec_with:.0} | {r1:.3} |\n\
-         | TCP connect to an unwatched destination, {n} runs | {conn_without:.0} | {conn_with:.0} | {r2:.3} |\n\n\
-         ## Hold-to-resume round trip (exec, {h} runs each)\n\n\
+         | exec (fork + exec + wait), {n} per round | {exec_without:.0} [{ew}] | {exec_with:.0} [{ewi}] | {r1:.3} |\n\
+         | TCP connect to an unwatched destination, {n} per round | {conn_without:.0} [{cw}] | {conn_with:.0} [{cwi}] | {r2:.3} |\n\n\
+         ## Hold-to-resume round trip (exec, {h} per round)\n\n\
          | case | µs per exec | added by the hold (µs) |\n\
          |---|---:|---:|\n\
-         | same program, not held (baseline) | {baseline:.0} | 0 |\n\
-         | held, allowed by a local rule | {hold_local:.0} | {d1:.0} |\n\
-         | held, allowed by the decider over gRPC | {hold_decider:.0} | {d2:.0} |\n\n\
-         The decider answered {asked} requests. Kernel counters at the end: `{counters}`.\n\
+         | same program, not held (baseline) | {baseline:.0} [{hb}] | 0 |\n\
+         | held, allowed by a local rule | {hold_local:.0} [{hl}] | {d1:.0} |\n\
+         | held, allowed by the decider over gRPC | {hold_decider:.0} [{hd}] | {d2:.0} |\n\n\
+         The decider answered {asked} requests. Kernel counters of the last round: `{counters}`.\n\
          Guest wall time: {secs:.0} s.\n",
         date = chrono_like_now(),
         machine = machine(),
+        rounds = ROUNDS,
         n = args.iterations,
         h = args.holds,
+        ew = fmt_rounds(&ew),
+        ewi = fmt_rounds(&ewi),
+        cw = fmt_rounds(&cw),
+        cwi = fmt_rounds(&cwi),
+        hb = fmt_rounds(&hb),
+        hl = fmt_rounds(&hl),
+        hd = fmt_rounds(&hd),
         r1 = exec_with / exec_without,
         r2 = conn_with / conn_without,
         d1 = hold_local - baseline,
         d2 = hold_decider - baseline,
-        counters = r.get("counters").map(String::as_str).unwrap_or("n/a"),
+        counters = r.get(&format!("counters_{ROUNDS}")).map(String::as_str).unwrap_or("n/a"),
         secs = run.elapsed.as_secs_f64(),
     );
     if let Some(parent) = args.out.parent() {

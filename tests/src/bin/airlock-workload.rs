@@ -44,8 +44,19 @@ fn main() -> ExitCode {
         "ptrace" => ptrace_probe(rest),
         "bench-exec" => bench_exec(rest),
         "bench-connect" => bench_connect(rest),
+        _ if name != "airlock-workload" => fake_tool(&name, &cmd, rest),
         _ => usage(),
     }
+}
+
+/// Installed under a tool's name (`kubectl`, `terraform`) with no subcommand of ours: behave
+/// like a harmless stand-in of that tool.
+fn fake_tool(name: &str, first: &str, rest: &[String]) -> ExitCode {
+    println!(
+        "{name} {first} {}: done (demo stand-in, nothing was changed)",
+        rest.join(" ")
+    );
+    ExitCode::SUCCESS
 }
 
 /// Writes MARKER first thing (proof that the program ran at all), prints its arguments and

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The demo: sets up what is missing, builds, starts airlock-server on loopback, boots a QEMU guest
+# (Debian's kernel) running airlock-agent and an AI-agent account that tries privileged actions,
+# and asks you, in this terminal, to approve (a) or deny (d) each one. Ctrl-C stops everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo build --quiet -p control-plane -p agent-user -p airlock-tests --bins
+mkdir -p target/demo
+port=${AIRLOCK_DEMO_PORT:-7443}
+
+pids=()
+cleanup() {
+  trap - EXIT INT TERM
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  pkill -f "qemu-system-x86_64.*airlock" 2>/dev/null || true
+  wait 2>/dev/null || true
+  echo "demo stopped; server log: target/demo/server.log"
+}
+trap cleanup EXIT INT TERM
+
+target/debug/airlock-server --grpc "127.0.0.1:$port" > target/demo/server.log 2>&1 &
+pids+=($!)
+for _ in $(seq 1 50); do grep -q "gRPC on" target/demo/server.log && break; sleep 0.1; done
+echo "airlock-server listening on http://127.0.0.1:$port (log: target/demo/server.log)"
+
+target/debug/airlock-demo --server-port "$port" &
+pids+=($!)
+demo=$!
+
+if [ -t 0 ]; then
+  echo "Approve (a) or deny (d) each held action below; unanswered ones are denied at their deadline."
+  target/debug/airlockctl --server "http://127.0.0.1:$port" requests watch --decide-as "$(id -un)-demo" &
+else
+  # No terminal to ask: just show the requests; each one is denied at its deadline.
+  target/debug/airlockctl --server "http://127.0.0.1:$port" requests watch &
+fi
+pids+=($!)
+wait "$demo"
