@@ -37,6 +37,20 @@ impl Agents {
         }
     }
 
+    /// Ends every agent stream (on shutdown), so agents reconnect to whichever replica or
+    /// restarted server comes next instead of holding on to a stopping one.
+    pub fn close_all(&self) {
+        let streams: Vec<_> = self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        for (_, (_, tx)) in streams {
+            let _ = tx.try_send(Err(Status::unavailable("airlock-server is shutting down")));
+        }
+    }
+
     /// Host ids of connected agents.
     pub fn connected(&self) -> Vec<String> {
         self.streams

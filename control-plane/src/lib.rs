@@ -71,6 +71,11 @@ impl ControlPlane {
                 }
             }
         });
+        let agents = self.agents.clone();
+        let shutdown = async move {
+            shutdown.await;
+            agents.close_all();
+        };
         let result = tonic::transport::Server::builder()
             .add_service(health_svc)
             .add_service(reflection)

@@ -1,7 +1,7 @@
 //! `airlockctl`: the Airlock command line for approvers and scripts.
 //!
 //! Exit codes: 0 success, 1 error (server unreachable, bad answer), 2 usage, 3 not found,
-//! 4 refused (not allowed to decide, or no longer pending).
+//! 4 refused (not allowed to decide, or no longer pending), 5 the audit trail was tampered with.
 
 use std::{
     io::{BufRead, Write},
@@ -37,6 +37,20 @@ enum Command {
     /// Held requests.
     #[command(subcommand)]
     Requests(Requests),
+    /// The audit trail.
+    #[command(subcommand)]
+    Audit(Audit),
+}
+
+#[derive(Debug, Subcommand)]
+enum Audit {
+    /// Check that no audit record was changed, removed, reordered or cut off the end; reports
+    /// the first bad record. Reads the database file directly (and its checkpoint beside it).
+    Verify {
+        /// The control plane's database, e.g. /var/lib/airlock/airlock.db.
+        #[arg(long)]
+        db: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -167,9 +181,37 @@ fn exit_for(status: &tonic::Status) -> ExitCode {
     }
 }
 
+fn audit_verify(db: &std::path::Path) -> ExitCode {
+    if !db.exists() {
+        eprintln!("airlockctl: no database at {}", db.display());
+        return ExitCode::from(3);
+    }
+    let store = match airlock_control_plane::store::Store::open(db) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("airlockctl: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match store.verify_audit() {
+        Ok(n) => {
+            println!("audit trail intact: {n} records");
+            ExitCode::SUCCESS
+        }
+        Err(t) => {
+            eprintln!("airlockctl: {t}");
+            ExitCode::from(5)
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let cmd = match cli.command {
+        Command::Audit(Audit::Verify { db }) => return audit_verify(&db),
+        Command::Requests(cmd) => cmd,
+    };
     let mut client = match Channel::from_shared(cli.server.clone()) {
         Ok(endpoint) => match endpoint.connect().await {
             Ok(ch) => ApprovalServiceClient::new(ch),
@@ -183,7 +225,6 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let Command::Requests(cmd) = cli.command;
     let result = match cmd {
         Requests::List { state, limit } => {
             let state = match state {
