@@ -6,31 +6,39 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --quiet -p control-plane -p agent-user -p airlock-tests --bins
-mkdir -p target/demo
 port=${AIRLOCK_DEMO_PORT:-7443}
+data=target/demo/data
+rm -rf target/demo && mkdir -p "$data"
+# Credentials: one for the guest's agent, one for you as approver (stored hashed in the database).
+target/debug/airlock-server --data-dir "$data" tokens create --name demo-guest --scope agent > target/demo/agent.token
+approver="$(id -un)-demo"
+AIRLOCK_TOKEN=$(target/debug/airlock-server --data-dir "$data" tokens create --name "$approver" --scope approve)
+export AIRLOCK_TOKEN
 
 pids=()
 cleanup() {
   trap - EXIT INT TERM
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  pkill -f "qemu-system-x86_64.*airlock" 2>/dev/null || true
+  pkill -f "qemu-system-x86_64 .*-name airlock-guest" 2>/dev/null || true
   wait 2>/dev/null || true
-  echo "demo stopped; server log: target/demo/server.log"
+  echo "demo stopped; server log: target/demo/server.log; audit check:"
+  target/debug/airlockctl audit verify --db "$data/airlock.db" || true
 }
 trap cleanup EXIT INT TERM
 
-target/debug/airlock-server --grpc "127.0.0.1:$port" > target/demo/server.log 2>&1 &
+target/debug/airlock-server --data-dir "$data" --grpc "127.0.0.1:$port" > target/demo/server.log 2>&1 &
 pids+=($!)
 for _ in $(seq 1 50); do grep -q "gRPC on" target/demo/server.log && break; sleep 0.1; done
 echo "airlock-server listening on http://127.0.0.1:$port (log: target/demo/server.log)"
 
-target/debug/airlock-demo --server-port "$port" &
+target/debug/airlock-demo --rounds "${AIRLOCK_DEMO_ROUNDS:-3}" --server-port "$port" --agent-token-file target/demo/agent.token &
 pids+=($!)
 demo=$!
 
 if [ -t 0 ]; then
-  echo "Approve (a) or deny (d) each held action below; unanswered ones are denied at their deadline."
-  target/debug/airlockctl --server "http://127.0.0.1:$port" requests watch --decide-as "$(id -un)-demo" &
+  echo "You are approver $approver. Approve (a) or deny (d) each held action below;"
+  echo "unanswered ones are denied at their deadline."
+  target/debug/airlockctl --server "http://127.0.0.1:$port" requests watch --decide &
 else
   # No terminal to ask: just show the requests; each one is denied at its deadline.
   target/debug/airlockctl --server "http://127.0.0.1:$port" requests watch &

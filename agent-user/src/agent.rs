@@ -115,6 +115,21 @@ fn hostname() -> String {
         .unwrap_or_else(|| "unknown-host".into())
 }
 
+/// The agent's credential: AIRLOCK_AGENT_TOKEN, else the contents of agent.token_file.
+fn agent_token(settings: &crate::config::AgentSection) -> Result<Option<String>> {
+    if let Ok(t) = std::env::var("AIRLOCK_AGENT_TOKEN") {
+        return Ok(Some(t.trim().to_owned()));
+    }
+    match &settings.token_file {
+        Some(path) => {
+            let t = std::fs::read_to_string(path)
+                .with_context(|| format!("reading agent.token_file {}", path.display()))?;
+            Ok(Some(t.trim().to_owned()))
+        }
+        None => Ok(None),
+    }
+}
+
 /// Loads everything `config` names into the kernel and the engine.
 fn apply_config(engine: &Engine, config: &Config, path: &Path) -> Result<()> {
     let watch = resolve_watch(&config.watch, Path::new("/sys/fs/cgroup"))?;
@@ -148,6 +163,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
     let hb_timeout = Duration::from_secs(settings.heartbeat_timeout_secs.max(1)).as_nanos() as u64;
     kernel.heartbeat(me, hb_timeout)?;
     let host = host_id(settings.host_id.as_deref());
+    let token = agent_token(&settings)?;
     let decider = settings.decider.clone().map(|url| {
         Decider::spawn(
             url,
@@ -157,6 +173,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
                 labels: settings.labels.clone().into_iter().collect(),
                 version: env!("CARGO_PKG_VERSION").into(),
             },
+            token.clone(),
         )
     });
     let engine = Arc::new(Engine::new(

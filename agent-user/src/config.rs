@@ -80,6 +80,10 @@ pub struct AgentSection {
     pub decider: Option<String>,
     /// Host identity; defaults to /etc/machine-id, then the hostname.
     pub host_id: Option<String>,
+    /// File holding this agent's credential (an `agent` token from `airlock-server tokens
+    /// create --scope agent --name <host id>`). The AIRLOCK_AGENT_TOKEN environment variable
+    /// takes precedence.
+    pub token_file: Option<PathBuf>,
     /// Labels sent in the hello (`env = "prod"`), used by the control plane to pick rules.
     pub labels: BTreeMap<String, String>,
     /// Default deadline of a hold, in seconds, when a rule sets none.
@@ -103,6 +107,7 @@ impl Default for AgentSection {
         Self {
             decider: None,
             host_id: None,
+            token_file: None,
             labels: BTreeMap::new(),
             hold_timeout_secs: 60,
             fail_mode: FailMode::Deny,

@@ -38,11 +38,12 @@ pub struct Decider {
 }
 
 impl Decider {
-    /// Starts the connection task for `url` (e.g. `http://10.0.2.2:7443`).
-    pub fn spawn(url: String, hello: Hello) -> Self {
+    /// Starts the connection task for `url` (e.g. `http://10.0.2.2:7443`), authenticating with
+    /// `token` when given.
+    pub fn spawn(url: String, hello: Hello, token: Option<String>) -> Self {
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (tx, rx) = watch::channel(false);
-        tokio::spawn(run(url, hello, shared.clone(), tx));
+        tokio::spawn(run(url, hello, token, shared.clone(), tx));
         Self {
             shared,
             connected: rx,
@@ -104,12 +105,13 @@ impl Decider {
 async fn run(
     url: String,
     hello: Hello,
+    token: Option<String>,
     shared: Arc<Mutex<Shared>>,
     connected: watch::Sender<bool>,
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match session(&url, &hello, &shared, &connected).await {
+        match session(&url, &hello, token.as_deref(), &shared, &connected).await {
             Ok(()) => tracing::warn!(decider = %url, "decider closed the stream; reconnecting"),
             Err(e) => {
                 tracing::warn!(decider = %url, error = %e, "decider unreachable; retrying in {backoff:?}")
@@ -131,6 +133,7 @@ async fn run(
 async fn session(
     url: &str,
     hello: &Hello,
+    token: Option<&str>,
     shared: &Arc<Mutex<Shared>>,
     connected: &watch::Sender<bool>,
 ) -> Result<(), tonic::Status> {
@@ -151,7 +154,14 @@ async fn session(
     tx.send(hello_msg)
         .await
         .map_err(|_| tonic::Status::internal("stream closed"))?;
-    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(t) = token {
+        let value = format!("Bearer {t}").parse().map_err(|_| {
+            tonic::Status::invalid_argument("the agent token has characters that cannot be sent")
+        })?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let mut inbound = client.session(request).await?.into_inner();
     {
         let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
         for (req, _) in s.pending.values() {

@@ -95,6 +95,7 @@ impl AgentService for AgentSvc {
         &self,
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let who = crate::auth::principal(&req)?;
         let mut inbound = req.into_inner();
         let hello = match inbound.next().await {
             Some(Ok(AgentMessage {
@@ -110,6 +111,13 @@ impl AgentService for AgentSvc {
         };
         if hello.host_id.trim().is_empty() {
             return Err(Status::invalid_argument("hello.host_id is empty"));
+        }
+        // An agent credential speaks for one host only.
+        if hello.host_id != who.name {
+            return Err(Status::permission_denied(format!(
+                "this credential belongs to agent {:?}, not {:?}",
+                who.name, hello.host_id
+            )));
         }
         let (tx, rx) = mpsc::channel(1024);
         let session = {

@@ -1,8 +1,8 @@
 //! `ApprovalService`: list, watch and decide held requests.
 //!
-//! Who may decide: an approver must name themselves, a deny needs a reason, and nobody decides
-//! a request made by their own account (the held task's user or the user who logged in and
-//! launched it).
+//! Who may decide: a caller whose token has the approve or admin scope, as the token's identity
+//! (agent credentials never vote); a deny needs a reason; and nobody decides a request made by
+//! their own account (the held task's user or the user who logged in and launched it).
 
 use std::{pin::Pin, sync::Arc};
 
@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     agents::Agents,
+    auth,
     store::{Store, StoreError},
 };
 
@@ -30,7 +31,8 @@ fn status_of(e: StoreError) -> Status {
     match e {
         StoreError::NotFound(_) => Status::not_found(e.to_string()),
         StoreError::NotPending { .. } => Status::failed_precondition(e.to_string()),
-        StoreError::Db { .. } | StoreError::Corrupt(_) => {
+        StoreError::TokenExists(_) => Status::already_exists(e.to_string()),
+        StoreError::Db { .. } | StoreError::Corrupt(_) | StoreError::Random(_) => {
             tracing::error!(error = %e, "store failure");
             Status::internal("the control plane could not read or write its database")
         }
@@ -113,7 +115,22 @@ impl ApprovalService for ApprovalSvc {
     }
 
     async fn decide(&self, req: Request<DecideRequest>) -> Result<Response<HeldRequest>, Status> {
-        let d = req.into_inner();
+        let who = auth::principal(&req)?;
+        if !who.may_vote() {
+            return Err(Status::permission_denied(format!(
+                "{} has a {} token, which cannot decide requests",
+                who.name, who.scope
+            )));
+        }
+        let mut d = req.into_inner();
+        if d.approver.is_empty() {
+            d.approver = who.name.clone();
+        } else if d.approver != who.name {
+            return Err(Status::permission_denied(format!(
+                "the token belongs to {}, not {}",
+                who.name, d.approver
+            )));
+        }
         let held = self.store.get(&d.request_id).map_err(status_of)?;
         let verdict = Verdict::try_from(d.verdict).unwrap_or(Verdict::Unspecified);
         check_vote(&held, &d.approver, verdict, &d.reason)?;

@@ -4,11 +4,13 @@
 //! - [`agents`]: the agents' streams (`AgentService`);
 //! - [`approvals`]: approvers and integrations (`ApprovalService`), and who may decide;
 //! - [`store`]: requests and their lifecycle, in SQLite;
-//! - [`audit`]: the hash-chained audit trail and its verification.
+//! - [`audit`]: the hash-chained audit trail and its verification;
+//! - [`auth`]: bearer tokens and their scopes.
 
 pub mod agents;
 pub mod approvals;
 pub mod audit;
+pub mod auth;
 pub mod store;
 
 use std::{sync::Arc, time::Duration};
@@ -46,12 +48,11 @@ impl ControlPlane {
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         let (health, health_svc) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<AgentServiceServer<agents::AgentSvc>>()
-            .await;
-        health
-            .set_serving::<ApprovalServiceServer<approvals::ApprovalSvc>>()
-            .await;
+        for name in ["airlock.v1.AgentService", "airlock.v1.ApprovalService", ""] {
+            health
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -79,14 +80,20 @@ impl ControlPlane {
         let result = tonic::transport::Server::builder()
             .add_service(health_svc)
             .add_service(reflection)
-            .add_service(AgentServiceServer::new(agents::AgentSvc {
-                store: self.store.clone(),
-                agents: self.agents.clone(),
-            }))
-            .add_service(ApprovalServiceServer::new(approvals::ApprovalSvc {
-                store: self.store.clone(),
-                agents: self.agents.clone(),
-            }))
+            .add_service(AgentServiceServer::with_interceptor(
+                agents::AgentSvc {
+                    store: self.store.clone(),
+                    agents: self.agents.clone(),
+                },
+                auth::Auth::agents(self.store.clone()),
+            ))
+            .add_service(ApprovalServiceServer::with_interceptor(
+                approvals::ApprovalSvc {
+                    store: self.store.clone(),
+                    agents: self.agents.clone(),
+                },
+                auth::Auth::people(self.store.clone()),
+            ))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await;
         expiry.abort();

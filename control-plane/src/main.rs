@@ -3,8 +3,9 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use airlock_control_plane::ControlPlane;
+use airlock_control_plane::{auth::Scope, store::Store};
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// The Airlock control plane: receives the actions agents hold, lets approvers decide them
 /// (gRPC ApprovalService, `airlockctl`), and sends the decisions back to the agents.
@@ -22,6 +23,34 @@ struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Manage API tokens and agent credentials in the database (works while the server runs).
+    #[command(subcommand)]
+    Tokens(Tokens),
+}
+
+#[derive(Debug, Subcommand)]
+enum Tokens {
+    /// Create a token and print it (it is stored hashed and cannot be shown again).
+    Create {
+        /// Identity: the approver's name, or for scope agent the agent's host id (its
+        /// /etc/machine-id unless agent.host_id is set).
+        #[arg(long)]
+        name: String,
+        /// agent (an agent's credential), read, approve or admin.
+        #[arg(long)]
+        scope: Scope,
+    },
+    /// Revoke a token by name.
+    Revoke {
+        /// The token's name.
+        name: String,
+    },
 }
 
 #[tokio::main]
@@ -44,7 +73,25 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
     let db = data_dir.join("airlock.db");
-    let store = airlock_control_plane::store::Store::open(&db)?;
+    let store = Store::open(&db)?;
+    match cli.command {
+        Some(Cmd::Tokens(Tokens::Create { name, scope })) => {
+            println!("{}", store.create_token(&name, scope)?);
+            return Ok(());
+        }
+        Some(Cmd::Tokens(Tokens::Revoke { name })) => {
+            if !store.revoke_token(&name)? {
+                anyhow::bail!("no active token named {name:?}");
+            }
+            println!("revoked {name}");
+            return Ok(());
+        }
+        None => {}
+    }
+    if !store.has_admin_token()? {
+        let token = store.create_token("admin", Scope::Admin)?;
+        println!("airlock-server: first start; admin token (shown once, keep it safe): {token}");
+    }
     let listener = tokio::net::TcpListener::bind(cli.grpc)
         .await
         .with_context(|| format!("listening on {}", cli.grpc))?;

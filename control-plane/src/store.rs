@@ -18,7 +18,10 @@ use prost::Message;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::broadcast;
 
-use crate::audit;
+use crate::{
+    audit,
+    auth::{self, Principal, Scope},
+};
 
 /// Why a store operation was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,12 @@ pub enum StoreError {
         /// Cause.
         source: rusqlite::Error,
     },
+    /// A token name is taken.
+    #[error("a token named {0:?} already exists")]
+    TokenExists(String),
+    /// The system random source failed.
+    #[error("cannot read random bytes: {0}")]
+    Random(String),
     /// A stored request could not be decoded.
     #[error("stored request {0:?} is corrupt")]
     Corrupt(String),
@@ -72,7 +81,15 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS requests (
     deadline_ms INTEGER NOT NULL,
     body BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS requests_state ON requests (state, deadline_ms);";
+CREATE INDEX IF NOT EXISTS requests_state ON requests (state, deadline_ms);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    scope TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+);";
 
 /// The request store.
 pub struct Store {
@@ -198,11 +215,7 @@ impl Store {
         let record =
             audit::append(&tx, now_ms(), actor, action, &id, payload).map_err(self.db())?;
         tx.commit().map_err(self.db())?;
-        if let Some(cp) = &self.checkpoint {
-            if let Err(e) = audit::write_checkpoint(cp, &record) {
-                tracing::error!(path = %cp.display(), error = %e, "writing the audit checkpoint failed");
-            }
-        }
+        self.checkpoint(&record);
         let _ = self.changes.send(held.clone());
         Ok(())
     }
@@ -370,6 +383,109 @@ impl Store {
         Ok(out)
     }
 
+    /// Creates a token `name` with `scope`; returns the token, which is not stored and cannot
+    /// be shown again.
+    pub fn create_token(&self, name: &str, scope: Scope) -> Result<String, StoreError> {
+        let id = auth::new_token("x")
+            .map_err(|e| StoreError::Random(e.to_string()))?
+            .chars()
+            .skip(6)
+            .take(12)
+            .collect::<String>();
+        let token = auth::new_token(&id).map_err(|e| StoreError::Random(e.to_string()))?;
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(self.db())?;
+        let taken: bool = tx
+            .query_row("SELECT COUNT(*) FROM tokens WHERE name = ?1", [name], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(self.db())?
+            > 0;
+        if taken {
+            return Err(StoreError::TokenExists(name.to_owned()));
+        }
+        tx.execute(
+            "INSERT INTO tokens (id, name, scope, hash, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                id,
+                name,
+                scope.to_string(),
+                auth::token_hash(&token),
+                now_ms()
+            ],
+        )
+        .map_err(self.db())?;
+        let payload = format!("{{\"name\":{},\"scope\":\"{scope}\"}}", json_str(name));
+        let record = audit::append(&tx, now_ms(), "server", "token.created", "", &payload)
+            .map_err(self.db())?;
+        tx.commit().map_err(self.db())?;
+        self.checkpoint(&record);
+        Ok(token)
+    }
+
+    /// Revokes the token `name`; false if there is none.
+    pub fn revoke_token(&self, name: &str) -> Result<bool, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(self.db())?;
+        let n = tx
+            .execute(
+                "UPDATE tokens SET revoked_ms = ?2 WHERE name = ?1 AND revoked_ms IS NULL",
+                params![name, now_ms()],
+            )
+            .map_err(self.db())?;
+        if n == 0 {
+            return Ok(false);
+        }
+        let payload = format!("{{\"name\":{}}}", json_str(name));
+        let record = audit::append(&tx, now_ms(), "server", "token.revoked", "", &payload)
+            .map_err(self.db())?;
+        tx.commit().map_err(self.db())?;
+        self.checkpoint(&record);
+        Ok(true)
+    }
+
+    /// Whether any admin token exists (first start creates one).
+    pub fn has_admin_token(&self) -> Result<bool, StoreError> {
+        let n: i64 = self
+            .lock()
+            .query_row(
+                "SELECT COUNT(*) FROM tokens WHERE scope = 'admin'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(self.db())?;
+        Ok(n > 0)
+    }
+
+    /// The principal a token stands for; `None` if unknown, malformed or revoked.
+    pub fn principal(&self, token: &str) -> Result<Option<Principal>, StoreError> {
+        let Some(id) = token.strip_prefix("alk_").and_then(|t| t.split('_').next()) else {
+            return Ok(None);
+        };
+        let row: Option<(String, String, String)> = self
+            .lock()
+            .query_row(
+                "SELECT name, scope, hash FROM tokens WHERE id = ?1 AND revoked_ms IS NULL",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(self.db())?;
+        Ok(row.and_then(|(name, scope, hash)| {
+            (hash == auth::token_hash(token))
+                .then(|| scope.parse().ok().map(|scope| Principal { name, scope }))
+                .flatten()
+        }))
+    }
+
+    fn checkpoint(&self, record: &audit::Record) {
+        if let Some(cp) = &self.checkpoint {
+            if let Err(e) = audit::write_checkpoint(cp, record) {
+                tracing::error!(path = %cp.display(), error = %e, "writing the audit checkpoint failed");
+            }
+        }
+    }
+
     /// Verifies the audit chain (and the checkpoint beside the database file).
     pub fn verify_audit(&self) -> Result<i64, audit::Tamper> {
         audit::verify(&self.lock(), self.checkpoint.as_deref())
@@ -426,6 +542,30 @@ mod tests {
         assert_eq!(records[1].action, "request.denied");
         assert_eq!(records[1].actor, "alice");
         assert!(records[1].payload.contains("freeze"));
+    }
+
+    #[test]
+    fn tokens_authenticate_until_revoked() {
+        let s = Store::in_memory().unwrap();
+        let t = s.create_token("alice", Scope::Approve).unwrap();
+        let p = s.principal(&t).unwrap().unwrap();
+        assert_eq!((p.name.as_str(), p.scope), ("alice", Scope::Approve));
+        let mut forged = t.clone();
+        forged.pop();
+        forged.push('x');
+        assert_eq!(s.principal(&forged).unwrap(), None, "wrong secret");
+        assert_eq!(s.principal("garbage").unwrap(), None);
+        assert!(matches!(
+            s.create_token("alice", Scope::Read),
+            Err(StoreError::TokenExists(_))
+        ));
+        assert!(s.revoke_token("alice").unwrap());
+        assert_eq!(s.principal(&t).unwrap(), None, "revoked");
+        assert_eq!(
+            s.verify_audit().unwrap(),
+            2,
+            "creation and revocation are audited"
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::{path::Path, time::Duration};
 
 use airlock_agent::decider::Decider;
-use airlock_control_plane::{audit::Tamper, store::Store, ControlPlane};
+use airlock_control_plane::{audit::Tamper, auth::Scope, store::Store, ControlPlane};
 use airlock_proto::v1::{
     approval_service_client::ApprovalServiceClient, ActionRequest, DecideRequest,
     GetRequestRequest, Hello, RequestState, Verdict,
@@ -23,6 +23,13 @@ async fn serve(db: &Path, port: u16) -> tokio::sync::oneshot::Sender<()> {
         .await
         .unwrap();
     let store = Store::open(db).unwrap();
+    if !store.has_admin_token().unwrap() {
+        let agent = store.create_token("h1", Scope::Agent).unwrap();
+        std::fs::write(db.with_extension("agent"), agent).unwrap();
+        let alice = store.create_token("alice", Scope::Approve).unwrap();
+        std::fs::write(db.with_extension("alice"), alice).unwrap();
+        store.create_token("admin", Scope::Admin).unwrap();
+    }
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         ControlPlane::new(store)
@@ -35,6 +42,27 @@ async fn serve(db: &Path, port: u16) -> tokio::sync::oneshot::Sender<()> {
     tx
 }
 
+async fn client(
+    url: &str,
+    token: &str,
+) -> ApprovalServiceClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        impl tonic::service::Interceptor,
+    >,
+> {
+    let ch = tonic::transport::Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    ApprovalServiceClient::with_interceptor(ch, move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", value.clone());
+        Ok(req)
+    })
+}
+
 #[tokio::test]
 async fn restart_keeps_pending_and_delivers_later_decision() {
     let dir = tempfile::tempdir().unwrap();
@@ -45,6 +73,8 @@ async fn restart_keeps_pending_and_delivers_later_decision() {
     };
     let url = format!("http://127.0.0.1:{port}");
     let stop = serve(&db, port).await;
+    let agent_token = std::fs::read_to_string(db.with_extension("agent")).unwrap();
+    let alice = std::fs::read_to_string(db.with_extension("alice")).unwrap();
     let agent = Decider::spawn(
         url.clone(),
         Hello {
@@ -52,10 +82,11 @@ async fn restart_keeps_pending_and_delivers_later_decision() {
             hostname: "h1".into(),
             ..Default::default()
         },
+        Some(agent_token),
     );
     assert!(agent.wait_connected(Duration::from_secs(5)).await);
     let answer = agent.ask(request("pending-1"));
-    let mut c = ApprovalServiceClient::connect(url.clone()).await.unwrap();
+    let mut c = client(&url, &alice).await;
     for _ in 0..100 {
         if c.get(GetRequestRequest {
             request_id: "pending-1".into(),
@@ -72,7 +103,7 @@ async fn restart_keeps_pending_and_delivers_later_decision() {
     stop.send(()).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _stop = serve(&db, port).await;
-    let mut c = ApprovalServiceClient::connect(url.clone()).await.unwrap();
+    let mut c = client(&url, &alice).await;
     let held = c
         .get(GetRequestRequest {
             request_id: "pending-1".into(),
@@ -95,7 +126,7 @@ async fn restart_keeps_pending_and_delivers_later_decision() {
         request_id: "pending-1".into(),
         verdict: Verdict::Allow as i32,
         reason: "after restart".into(),
-        approver: "alice".into(),
+        approver: String::new(),
     })
     .await
     .unwrap();
@@ -119,6 +150,7 @@ fn populated(dir: &Path) -> std::path::PathBuf {
     s.decide("a", Verdict::Allow, "alice", "ok").unwrap();
     s.decide("b", Verdict::Deny, "bob", "no").unwrap();
     assert_eq!(s.verify_audit().unwrap(), 5);
+    drop(s);
     db
 }
 

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use airlock_agent::decider::Decider;
-use airlock_control_plane::ControlPlane;
+use std::collections::HashMap;
+
+use airlock_control_plane::{auth::Scope, store::Store, ControlPlane};
 use airlock_proto::v1::{
     approval_service_client::ApprovalServiceClient, ActionRequest, DecideRequest, ExecAction,
     GetRequestRequest, Hello, ListRequestsRequest, ProcessContext, RequestState, Verdict,
@@ -11,11 +13,28 @@ use airlock_proto::v1::{
 };
 use tonic::Code;
 
-async fn start() -> (String, tokio::sync::oneshot::Sender<()>) {
+/// A server with tokens: agents `host-a`, `host-b`; approvers alice and bob; `claude` (the
+/// account the agents' requests come from) also holds an approve token; `reader` can only read.
+async fn start() -> (
+    String,
+    HashMap<&'static str, String>,
+    tokio::sync::oneshot::Sender<()>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let store = airlock_control_plane::store::Store::in_memory().unwrap();
+    let store = Store::in_memory().unwrap();
+    let mut tokens = HashMap::new();
+    for (name, scope) in [
+        ("host-a", Scope::Agent),
+        ("host-b", Scope::Agent),
+        ("alice", Scope::Approve),
+        ("bob", Scope::Approve),
+        ("claude", Scope::Approve),
+        ("reader", Scope::Read),
+    ] {
+        tokens.insert(name, store.create_token(name, scope).unwrap());
+    }
     tokio::spawn(async move {
         ControlPlane::new(store)
             .serve(listener, async {
@@ -24,10 +43,10 @@ async fn start() -> (String, tokio::sync::oneshot::Sender<()>) {
             .await
             .unwrap();
     });
-    (url, tx)
+    (url, tokens, tx)
 }
 
-fn agent(url: &str, host: &str) -> Decider {
+fn agent(url: &str, host: &str, token: &str) -> Decider {
     Decider::spawn(
         url.to_owned(),
         Hello {
@@ -36,6 +55,7 @@ fn agent(url: &str, host: &str) -> Decider {
             labels: Default::default(),
             version: "test".into(),
         },
+        Some(token.to_owned()),
     )
 }
 
@@ -64,13 +84,33 @@ fn request(id: &str, user: &str) -> ActionRequest {
     }
 }
 
-async fn approvals(url: &str) -> ApprovalServiceClient<tonic::transport::Channel> {
-    ApprovalServiceClient::connect(url.to_owned())
-        .await
-        .unwrap()
+type Client = ApprovalServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
+
+#[derive(Clone)]
+struct Bearer(Option<String>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            let value = format!("Bearer {t}").parse().unwrap();
+            req.metadata_mut().insert("authorization", value);
+        }
+        Ok(req)
+    }
 }
 
-async fn wait_pending(c: &mut ApprovalServiceClient<tonic::transport::Channel>, n: usize) {
+async fn approvals(url: &str, token: Option<&str>) -> Client {
+    let ch = tonic::transport::Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    ApprovalServiceClient::with_interceptor(ch, Bearer(token.map(str::to_owned)))
+}
+
+async fn wait_pending(c: &mut Client, n: usize) {
     for _ in 0..100 {
         let list = c
             .list(ListRequestsRequest {
@@ -88,27 +128,30 @@ async fn wait_pending(c: &mut ApprovalServiceClient<tonic::transport::Channel>, 
     panic!("requests never arrived");
 }
 
-fn vote(id: &str, verdict: Verdict, approver: &str, reason: &str) -> DecideRequest {
+fn vote(id: &str, verdict: Verdict, reason: &str) -> DecideRequest {
     DecideRequest {
         request_id: id.into(),
         verdict: verdict as i32,
         reason: reason.into(),
-        approver: approver.into(),
+        approver: String::new(),
     }
 }
 
 #[tokio::test]
 async fn decision_reaches_the_right_agent_and_request() {
-    let (url, _stop) = start().await;
-    let (a, b) = (agent(&url, "host-a"), agent(&url, "host-b"));
+    let (url, t, _stop) = start().await;
+    let (a, b) = (
+        agent(&url, "host-a", &t["host-a"]),
+        agent(&url, "host-b", &t["host-b"]),
+    );
     assert!(a.wait_connected(Duration::from_secs(5)).await);
     assert!(b.wait_connected(Duration::from_secs(5)).await);
     let mut ra = a.ask(request("a-1", "ci"));
     let mut rb = b.ask(request("b-1", "ci"));
-    let mut c = approvals(&url).await;
+    let mut c = approvals(&url, Some(&t["alice"])).await;
     wait_pending(&mut c, 2).await;
 
-    c.decide(vote("b-1", Verdict::Deny, "alice", "not during the freeze"))
+    c.decide(vote("b-1", Verdict::Deny, "not during the freeze"))
         .await
         .unwrap();
     let d = tokio::time::timeout(Duration::from_secs(5), &mut rb)
@@ -122,9 +165,7 @@ async fn decision_reaches_the_right_agent_and_request() {
     assert_eq!(d.decided_by, "alice");
     assert!(ra.try_recv().is_err(), "agent a must not get b's decision");
 
-    c.decide(vote("a-1", Verdict::Allow, "alice", ""))
-        .await
-        .unwrap();
+    c.decide(vote("a-1", Verdict::Allow, "")).await.unwrap();
     let d = tokio::time::timeout(Duration::from_secs(5), ra)
         .await
         .unwrap()
@@ -137,15 +178,16 @@ async fn decision_reaches_the_right_agent_and_request() {
 
 #[tokio::test]
 async fn refusals_are_precise_and_lose_nothing() {
-    let (url, _stop) = start().await;
-    let a = agent(&url, "host-a");
+    let (url, t, _stop) = start().await;
+    let a = agent(&url, "host-a", &t["host-a"]);
     assert!(a.wait_connected(Duration::from_secs(5)).await);
     let _pending = a.ask(request("r-1", "claude"));
-    let mut c = approvals(&url).await;
-    wait_pending(&mut c, 1).await;
+    let mut alice = approvals(&url, Some(&t["alice"])).await;
+    wait_pending(&mut alice, 1).await;
 
-    let own = c
-        .decide(vote("r-1", Verdict::Allow, "claude", ""))
+    let mut claude = approvals(&url, Some(&t["claude"])).await;
+    let own = claude
+        .decide(vote("r-1", Verdict::Allow, ""))
         .await
         .unwrap_err();
     assert_eq!(own.code(), Code::PermissionDenied);
@@ -154,23 +196,65 @@ async fn refusals_are_precise_and_lose_nothing() {
         "{}",
         own.message()
     );
-    let no_reason = c
-        .decide(vote("r-1", Verdict::Deny, "alice", ""))
+
+    let mut agent_token = approvals(&url, Some(&t["host-a"])).await;
+    let by_agent = agent_token
+        .decide(vote("r-1", Verdict::Allow, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        by_agent.code(),
+        Code::PermissionDenied,
+        "agent credentials never vote"
+    );
+
+    let mut reader = approvals(&url, Some(&t["reader"])).await;
+    let by_reader = reader
+        .decide(vote("r-1", Verdict::Allow, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(by_reader.code(), Code::PermissionDenied);
+    assert!(
+        by_reader.message().contains("read token"),
+        "{}",
+        by_reader.message()
+    );
+
+    let mut anonymous = approvals(&url, None).await;
+    let anon = anonymous
+        .decide(vote("r-1", Verdict::Allow, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(anon.code(), Code::Unauthenticated);
+    let mut forged = approvals(&url, Some("alk_nope_0000")).await;
+    assert_eq!(
+        forged
+            .decide(vote("r-1", Verdict::Allow, ""))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+
+    let mut impersonate = vote("r-1", Verdict::Allow, "");
+    impersonate.approver = "bob".into();
+    assert_eq!(
+        alice.decide(impersonate).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+
+    let no_reason = alice
+        .decide(vote("r-1", Verdict::Deny, ""))
         .await
         .unwrap_err();
     assert_eq!(no_reason.code(), Code::InvalidArgument);
-    let nobody = c
-        .decide(vote("r-1", Verdict::Allow, " ", ""))
-        .await
-        .unwrap_err();
-    assert_eq!(nobody.code(), Code::InvalidArgument);
-    let unknown = c
-        .decide(vote("nope", Verdict::Allow, "alice", ""))
+    let unknown = alice
+        .decide(vote("nope", Verdict::Allow, ""))
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
 
-    let still = c
+    let still = alice
         .get(GetRequestRequest {
             request_id: "r-1".into(),
         })
@@ -183,20 +267,56 @@ async fn refusals_are_precise_and_lose_nothing() {
         "refused votes change nothing"
     );
 
-    c.decide(vote("r-1", Verdict::Allow, "alice", "ok"))
+    let done = alice
+        .decide(vote("r-1", Verdict::Allow, "ok"))
         .await
-        .unwrap();
-    let twice = c
-        .decide(vote("r-1", Verdict::Deny, "bob", "late"))
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.decided_by, "alice", "the token's identity decides");
+    let mut bob = approvals(&url, Some(&t["bob"])).await;
+    let twice = bob
+        .decide(vote("r-1", Verdict::Deny, "late"))
         .await
         .unwrap_err();
     assert_eq!(twice.code(), Code::FailedPrecondition);
 }
 
 #[tokio::test]
+async fn agent_stream_needs_its_own_credential() {
+    let (url, t, _stop) = start().await;
+    let anonymous = Decider::spawn(
+        url.clone(),
+        Hello {
+            host_id: "host-a".into(),
+            ..Default::default()
+        },
+        None,
+    );
+    assert!(
+        !anonymous.wait_connected(Duration::from_millis(800)).await,
+        "no token, no stream"
+    );
+    let with_approver_token = agent(&url, "host-a", &t["alice"]);
+    assert!(
+        !with_approver_token
+            .wait_connected(Duration::from_millis(800))
+            .await
+    );
+    let other_hosts_token = agent(&url, "host-a", &t["host-b"]);
+    assert!(
+        !other_hosts_token
+            .wait_connected(Duration::from_millis(800))
+            .await,
+        "a credential speaks for its own host only"
+    );
+    let ok = agent(&url, "host-a", &t["host-a"]);
+    assert!(ok.wait_connected(Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
 async fn resent_request_is_one_request_and_watchers_see_it() {
-    let (url, _stop) = start().await;
-    let mut c = approvals(&url).await;
+    let (url, t, _stop) = start().await;
+    let mut c = approvals(&url, Some(&t["alice"])).await;
     let mut watch = c
         .watch(WatchRequestsRequest {
             include_pending: true,
@@ -204,7 +324,7 @@ async fn resent_request_is_one_request_and_watchers_see_it() {
         .await
         .unwrap()
         .into_inner();
-    let a = agent(&url, "host-a");
+    let a = agent(&url, "host-a", &t["host-a"]);
     assert!(a.wait_connected(Duration::from_secs(5)).await);
     let _first = a.ask(request("same", "ci"));
     let second = a.ask(request("same", "ci"));
@@ -221,9 +341,7 @@ async fn resent_request_is_one_request_and_watchers_see_it() {
         .unwrap()
         .into_inner();
     assert_eq!(all.requests.len(), 1, "one request, not two");
-    c.decide(vote("same", Verdict::Allow, "alice", ""))
-        .await
-        .unwrap();
+    c.decide(vote("same", Verdict::Allow, "")).await.unwrap();
     let d = tokio::time::timeout(Duration::from_secs(5), second)
         .await
         .unwrap()

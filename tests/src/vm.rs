@@ -157,6 +157,7 @@ impl Guest {
         let start = Instant::now();
         let mut child = Command::new("qemu-system-x86_64")
             .args(["-accel", "tcg", "-smp", "2", "-nographic", "-no-reboot"])
+            .args(["-name", "airlock-guest"])
             .args(["-m", &self.memory_mb.to_string()])
             .arg("-kernel")
             .arg(&vmlinuz)

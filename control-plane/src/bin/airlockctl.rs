@@ -14,7 +14,25 @@ use airlock_proto::v1::{
     WatchRequestsRequest,
 };
 use clap::{Parser, Subcommand, ValueEnum};
-use tonic::{transport::Channel, Code};
+use tonic::{
+    metadata::MetadataValue, service::interceptor::InterceptedService, service::Interceptor,
+    transport::Channel, Code,
+};
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Client = ApprovalServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// Watch and decide the actions Airlock holds.
 #[derive(Debug, Parser)]
@@ -28,6 +46,9 @@ struct Cli {
         default_value = "http://127.0.0.1:7443"
     )]
     server: String,
+    /// API token (read, approve or admin scope); see `airlock-server tokens create`.
+    #[arg(long, global = true, env = "AIRLOCK_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -77,31 +98,25 @@ enum Requests {
         /// Request id.
         id: String,
     },
-    /// Print requests as they arrive and change; with --decide-as, ask for a decision on each
+    /// Print requests as they arrive and change; with --decide, ask for a decision on each
     /// new one (a = approve, d = deny, anything else = skip).
     Watch {
-        /// Decide interactively, as this approver.
-        #[arg(long, value_name = "APPROVER")]
-        decide_as: Option<String>,
+        /// Decide interactively (needs an approve or admin token).
+        #[arg(long)]
+        decide: bool,
     },
-    /// Approve a pending request.
+    /// Approve a pending request, as the identity of your token.
     Approve {
         /// Request id.
         id: String,
-        /// Your identity (never the account that made the request).
-        #[arg(long = "as", value_name = "APPROVER", env = "AIRLOCK_APPROVER")]
-        approver: String,
         /// Why.
         #[arg(long, default_value = "")]
         reason: String,
     },
-    /// Deny a pending request.
+    /// Deny a pending request, as the identity of your token.
     Deny {
         /// Request id.
         id: String,
-        /// Your identity.
-        #[arg(long = "as", value_name = "APPROVER", env = "AIRLOCK_APPROVER")]
-        approver: String,
         /// Why (required).
         #[arg(long)]
         reason: String,
@@ -212,9 +227,17 @@ async fn main() -> ExitCode {
         Command::Audit(Audit::Verify { db }) => return audit_verify(&db),
         Command::Requests(cmd) => cmd,
     };
+    let bearer = match cli.token.as_deref().map(|t| format!("Bearer {t}").parse()) {
+        None => Bearer(None),
+        Some(Ok(v)) => Bearer(Some(v)),
+        Some(Err(_)) => {
+            eprintln!("airlockctl: the token has characters that cannot be sent");
+            return ExitCode::from(2);
+        }
+    };
     let mut client = match Channel::from_shared(cli.server.clone()) {
         Ok(endpoint) => match endpoint.connect().await {
-            Ok(ch) => ApprovalServiceClient::new(ch),
+            Ok(ch) => ApprovalServiceClient::with_interceptor(ch, bearer),
             Err(e) => {
                 eprintln!("airlockctl: cannot reach {}: {e}", cli.server);
                 return ExitCode::from(1);
@@ -251,17 +274,11 @@ async fn main() -> ExitCode {
             .get(GetRequestRequest { request_id: id })
             .await
             .map(|r| print!("{}", details(r.get_ref()))),
-        Requests::Approve {
-            id,
-            approver,
-            reason,
-        } => decide(&mut client, id, Verdict::Allow, approver, reason).await,
-        Requests::Deny {
-            id,
-            approver,
-            reason,
-        } => decide(&mut client, id, Verdict::Deny, approver, reason).await,
-        Requests::Watch { decide_as } => watch(&mut client, decide_as).await,
+        Requests::Approve { id, reason } => decide(&mut client, id, Verdict::Allow, reason).await,
+        Requests::Deny { id, reason } => decide(&mut client, id, Verdict::Deny, reason).await,
+        Requests::Watch {
+            decide: interactive,
+        } => watch(&mut client, interactive).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -270,10 +287,9 @@ async fn main() -> ExitCode {
 }
 
 async fn decide(
-    client: &mut ApprovalServiceClient<Channel>,
+    client: &mut Client,
     id: String,
     verdict: Verdict,
-    approver: String,
     reason: String,
 ) -> Result<(), tonic::Status> {
     let h = client
@@ -281,7 +297,7 @@ async fn decide(
             request_id: id,
             verdict: verdict as i32,
             reason,
-            approver,
+            approver: String::new(),
         })
         .await?
         .into_inner();
@@ -289,10 +305,7 @@ async fn decide(
     Ok(())
 }
 
-async fn watch(
-    client: &mut ApprovalServiceClient<Channel>,
-    decide_as: Option<String>,
-) -> Result<(), tonic::Status> {
+async fn watch(client: &mut Client, interactive: bool) -> Result<(), tonic::Status> {
     let mut stream = client
         .watch(WatchRequestsRequest {
             include_pending: true,
@@ -301,13 +314,10 @@ async fn watch(
         .into_inner();
     let mut decider = client.clone();
     while let Some(h) = stream.message().await? {
-        let Some(approver) = decide_as
-            .as_ref()
-            .filter(|_| h.state() == RequestState::Pending && h.outcomes.is_empty())
-        else {
+        if !(interactive && h.state() == RequestState::Pending && h.outcomes.is_empty()) {
             println!("{}", line(&h));
             continue;
-        };
+        }
         println!("\n{}", details(&h));
         print!("approve (a), deny (d) or skip (enter)? ");
         let _ = std::io::stdout().flush();
@@ -333,7 +343,7 @@ async fn watch(
         } else {
             "approved from airlockctl watch"
         };
-        if let Err(e) = decide(&mut decider, id, verdict, approver.clone(), reason.into()).await {
+        if let Err(e) = decide(&mut decider, id, verdict, reason.into()).await {
             eprintln!("airlockctl: {}", e.message());
         }
     }

@@ -170,7 +170,8 @@ fn main() -> Result<()> {
          - Method: a watched account (`agent`) runs a small Rust program. Without and with the\n  \
            agent are measured alternately, {rounds} rounds in one boot (the agent is started and\n  \
            stopped each round); each figure is the median of the rounds' means, the rounds'\n  \
-           means follow in brackets.\n\n\
+           means follow in brackets. Under emulation a difference smaller than the spread\n  \
+           between rounds is noise, not a cost of the agent.\n\n\
          ## Overhead on actions that do not match (prefilter only)\n\n\
          | operation | without agent (µs) | with agent (µs) | ratio |\n\
          |---|---:|---:|---:|\n\

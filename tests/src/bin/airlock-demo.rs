@@ -17,11 +17,17 @@ struct Args {
     /// Rounds of actions before the guest powers off.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
+    /// File with the guest agent's credential (`airlock-server tokens create --scope agent
+    /// --name demo-guest`).
+    #[arg(long)]
+    agent_token_file: std::path::PathBuf,
 }
 
 const CONFIG: &str = r#"
 [agent]
 decider = "http://10.0.2.2:PORT"
+host_id = "demo-guest"
+token_file = "/etc/airlock/agent.token"
 hold_timeout_secs = 90
 labels = { env = "demo" }
 
@@ -96,6 +102,7 @@ fn main() -> Result<()> {
         .file("/usr/local/bin/kubectl", &workload, 0o755)
         .file("/usr/local/bin/terraform", &workload, 0o755)
         .file("/usr/local/bin/pg_dump", &workload, 0o755)
+        .file("/etc/airlock/agent.token", &args.agent_token_file, 0o600)
         .text(
             "/etc/airlock/agent.toml",
             CONFIG.replace("PORT", &args.server_port.to_string()),
