@@ -337,6 +337,7 @@ impl Guest {
 const INIT_HEAD: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/usr/local/bin:/usr/bin:/bin:/sbin
+hostname airlock-guest
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev

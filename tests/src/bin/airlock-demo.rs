@@ -70,7 +70,7 @@ fn script(rounds: u32) -> String {
     format!(
         r#"
 /usr/bin/airlock-workload serve 5432 > /dev/null &
-/usr/bin/airlock-agent --config /etc/airlock/agent.toml 2>&1 | grep --line-buffered -E "held|released|exited|connected|WARN|ERROR" | sed -u 's/^.*INFO /agent: /' &
+AIRLOCK_LOG=airlock_agent::holds=info,airlock_agent::decider=info,warn /usr/bin/airlock-agent --config /etc/airlock/agent.toml &
 sleep 3
 act() {{
   echo ">>> AI agent runs: $*"
