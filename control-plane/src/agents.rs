@@ -83,6 +83,8 @@ pub struct AgentSvc {
     pub store: Arc<Store>,
     /// Streams.
     pub agents: Arc<Agents>,
+    /// Routing of new requests.
+    pub policy: crate::SharedPolicy,
 }
 
 type OutStream = Pin<Box<dyn Stream<Item = Result<DeciderMessage, Status>> + Send>>;
@@ -131,7 +133,8 @@ impl AgentService for AgentSvc {
             .unwrap_or_else(|p| p.into_inner())
             .insert(hello.host_id.clone(), (session, tx.clone()));
         tracing::info!(host = %hello.hostname, host_id = %hello.host_id, version = %hello.version, "agent connected");
-        let (store, agents) = (self.store.clone(), self.agents.clone());
+        let (store, agents, policy) =
+            (self.store.clone(), self.agents.clone(), self.policy.clone());
         tokio::spawn(async move {
             while let Some(msg) = inbound.next().await {
                 let msg = match msg {
@@ -147,7 +150,9 @@ impl AgentService for AgentSvc {
                             tracing::warn!(host_id = %hello.host_id, "request without id ignored");
                             continue;
                         }
-                        let (held, new) = match store.receive(&hello.host_id, &hello.hostname, r) {
+                        let labels = hello.labels.clone().into_iter().collect();
+                        let route = crate::current(&policy).route(&r.rule, &labels);
+                        let (held, new) = match store.receive(&hello, &route, r) {
                             Ok(v) => v,
                             Err(e) => {
                                 // Not stored means not asked: the agent's deadline applies.

@@ -25,12 +25,16 @@ pub struct ApprovalSvc {
     pub store: Arc<Store>,
     /// Where decisions go.
     pub agents: Arc<Agents>,
+    /// Group membership.
+    pub policy: crate::SharedPolicy,
 }
 
 fn status_of(e: StoreError) -> Status {
     match e {
         StoreError::NotFound(_) => Status::not_found(e.to_string()),
-        StoreError::NotPending { .. } => Status::failed_precondition(e.to_string()),
+        StoreError::NotPending { .. } | StoreError::AlreadyVoted { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
         StoreError::TokenExists(_) => Status::already_exists(e.to_string()),
         StoreError::Db { .. } | StoreError::Corrupt(_) | StoreError::Random(_) => {
             tracing::error!(error = %e, "store failure");
@@ -54,6 +58,12 @@ pub fn check_vote(
     }
     if verdict == Verdict::Deny && reason.trim().is_empty() {
         return Err(Status::invalid_argument("a deny needs a reason"));
+    }
+    if verdict == Verdict::Allow && held.reason_required && reason.trim().is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "rule {:?} needs a reason for an approval too",
+            held.route
+        )));
     }
     let process = held.request.as_ref().and_then(|r| r.process.as_ref());
     if let Some(p) = process {
@@ -134,12 +144,22 @@ impl ApprovalService for ApprovalSvc {
         let held = self.store.get(&d.request_id).map_err(status_of)?;
         let verdict = Verdict::try_from(d.verdict).unwrap_or(Verdict::Unspecified);
         check_vote(&held, &d.approver, verdict, &d.reason)?;
-        let held = self
+        let member = crate::current(&self.policy).may_vote(&d.approver, &held.approver_groups);
+        if !member {
+            return Err(Status::permission_denied(format!(
+                "{} is not in the approver groups of this request ({})",
+                d.approver,
+                held.approver_groups.join(", ")
+            )));
+        }
+        let (held, decided) = self
             .store
-            .decide(&d.request_id, verdict, &d.approver, &d.reason)
+            .vote(&d.request_id, &d.approver, verdict, &d.reason)
             .map_err(status_of)?;
-        tracing::info!(request = %d.request_id, approver = %d.approver, verdict = ?verdict, reason = %d.reason, "decided");
-        self.agents.deliver(&held);
+        tracing::info!(request = %d.request_id, approver = %d.approver, verdict = ?verdict, decided, "vote");
+        if decided {
+            self.agents.deliver(&held);
+        }
         Ok(Response::new(held))
     }
 }

@@ -5,15 +5,20 @@
 //! - [`approvals`]: approvers and integrations (`ApprovalService`), and who may decide;
 //! - [`store`]: requests and their lifecycle, in SQLite;
 //! - [`audit`]: the hash-chained audit trail and its verification;
-//! - [`auth`]: bearer tokens and their scopes.
+//! - [`auth`]: bearer tokens and their scopes;
+//! - [`policy`]: approver groups, quorum and routing.
 
 pub mod agents;
 pub mod approvals;
 pub mod audit;
 pub mod auth;
+pub mod policy;
 pub mod store;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use airlock_proto::v1::{
     agent_service_server::AgentServiceServer, approval_service_server::ApprovalServiceServer,
@@ -22,6 +27,14 @@ use airlock_proto::v1::{
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+/// The approval policy in force, replaced whole on reload.
+pub type SharedPolicy = Arc<RwLock<Arc<policy::Policy>>>;
+
+/// The policy in force now.
+pub fn current(p: &SharedPolicy) -> Arc<policy::Policy> {
+    p.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// Everything the services share.
 #[derive(Clone)]
 pub struct ControlPlane {
@@ -29,6 +42,8 @@ pub struct ControlPlane {
     pub store: Arc<store::Store>,
     /// Connected agents.
     pub agents: Arc<agents::Agents>,
+    /// Approval policy.
+    pub policy: SharedPolicy,
 }
 
 impl ControlPlane {
@@ -37,7 +52,14 @@ impl ControlPlane {
         Self {
             store: Arc::new(store),
             agents: Arc::default(),
+            policy: Arc::default(),
         }
+    }
+
+    /// Uses `policy` from now on (new requests are routed by it; group membership is checked
+    /// against it).
+    pub fn set_policy(&self, policy: policy::Policy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
     }
 
     /// Serves gRPC (agents, approvals, health, reflection) on `listener` until `shutdown`
@@ -84,6 +106,7 @@ impl ControlPlane {
                 agents::AgentSvc {
                     store: self.store.clone(),
                     agents: self.agents.clone(),
+                    policy: self.policy.clone(),
                 },
                 auth::Auth::agents(self.store.clone()),
             ))
@@ -91,6 +114,7 @@ impl ControlPlane {
                 approvals::ApprovalSvc {
                     store: self.store.clone(),
                     agents: self.agents.clone(),
+                    policy: self.policy.clone(),
                 },
                 auth::Auth::people(self.store.clone()),
             ))

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use airlock_control_plane::ControlPlane;
-use airlock_control_plane::{auth::Scope, store::Store};
+use airlock_control_plane::{auth::Scope, policy::Policy, store::Store};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
@@ -20,6 +20,11 @@ struct Cli {
     /// Default: /var/lib/airlock when writable, else ~/.local/share/airlock.
     #[arg(long, env = "AIRLOCK_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Approval policy (TOML: [groups] and [[rule]] with groups, quorum, require_reason).
+    /// Default: policy.toml in the data directory if it exists, else any one approver decides.
+    /// Reloaded on SIGHUP; a bad new policy is refused and the running one kept.
+    #[arg(long, env = "AIRLOCK_POLICY")]
+    policy: Option<PathBuf>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -97,10 +102,38 @@ async fn main() -> Result<()> {
         .with_context(|| format!("listening on {}", cli.grpc))?;
     println!("airlock-server: gRPC on http://{}", listener.local_addr()?);
     println!("airlock-server: data in {}", db.display());
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    let plane = ControlPlane::new(store);
+    let policy_path = cli
+        .policy
+        .clone()
+        .or_else(|| Some(data_dir.join("policy.toml")).filter(|p| p.exists()));
+    if let Some(path) = &policy_path {
+        plane.set_policy(Policy::load(path)?);
+        println!("airlock-server: policy {}", path.display());
+        let (plane, path) = (plane.clone(), path.clone());
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match Policy::load(&path) {
+                    Ok(p) => {
+                        plane.set_policy(p);
+                        tracing::info!(policy = %path.display(), "policy reloaded");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "new policy refused; the running one stays")
+                    }
+                }
+            }
+        });
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
     };
-    ControlPlane::new(store).serve(listener, shutdown).await
+    plane.serve(listener, shutdown).await
 }
 
 fn default_data_dir() -> PathBuf {

@@ -12,7 +12,7 @@ use std::{
 };
 
 use airlock_proto::v1::{
-    ActionRequest, HeldRequest, ListRequestsRequest, Outcome, RequestState, Verdict,
+    ActionRequest, HeldRequest, Hello, ListRequestsRequest, Outcome, RequestState, Verdict, Vote,
 };
 use prost::Message;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -21,6 +21,7 @@ use tokio::sync::broadcast;
 use crate::{
     audit,
     auth::{self, Principal, Scope},
+    policy::Route,
 };
 
 /// Why a store operation was refused or failed.
@@ -44,6 +45,14 @@ pub enum StoreError {
         path: String,
         /// Cause.
         source: rusqlite::Error,
+    },
+    /// The same person voted twice.
+    #[error("{approver} has already voted on request {id:?}; a second vote does not count")]
+    AlreadyVoted {
+        /// The request.
+        id: String,
+        /// Who.
+        approver: String,
     },
     /// A token name is taken.
     #[error("a token named {0:?} already exists")]
@@ -222,12 +231,14 @@ impl Store {
 
     /// Records a request from agent `host_id`. A request with a known id is the same request
     /// (resent after a reconnect): the stored one is returned and nothing changes.
+    /// `route` (from the approval policy) fixes who may vote and how many must agree.
     pub fn receive(
         &self,
-        host_id: &str,
-        hostname: &str,
+        host: &Hello,
+        route: &Route,
         req: ActionRequest,
     ) -> Result<(HeldRequest, bool), StoreError> {
+        let (host_id, hostname) = (host.host_id.as_str(), host.hostname.as_str());
         let mut conn = self.lock();
         if let Some(existing) = Self::load(&conn, &req.request_id).map_err(self.db())? {
             return Ok((existing, false));
@@ -257,6 +268,11 @@ impl Store {
             hostname: hostname.to_owned(),
             state: RequestState::Pending as i32,
             received_unix_ms: now_ms(),
+            quorum: route.quorum,
+            approver_groups: route.groups.clone(),
+            host_labels: host.labels.clone(),
+            reason_required: route.require_reason,
+            route: route.rule.clone(),
             ..Default::default()
         };
         self.save(
@@ -270,14 +286,15 @@ impl Store {
         Ok((held, true))
     }
 
-    /// Decides a pending request.
-    pub fn decide(
+    /// Records a vote on a pending request. A deny decides at once; approvals decide when
+    /// `quorum` distinct approvers agree. Returns the request and whether it is now decided.
+    pub fn vote(
         &self,
         id: &str,
+        approver: &str,
         verdict: Verdict,
-        by: &str,
         reason: &str,
-    ) -> Result<HeldRequest, StoreError> {
+    ) -> Result<(HeldRequest, bool), StoreError> {
         let mut conn = self.lock();
         let mut held = Self::load(&conn, id)
             .map_err(self.db())?
@@ -288,17 +305,60 @@ impl Store {
                 state: state_name(held.state()),
             });
         }
-        let (state, action) = match verdict {
-            Verdict::Allow => (RequestState::Approved, "request.approved"),
-            _ => (RequestState::Denied, "request.denied"),
+        if held.votes.iter().any(|v| v.approver == approver) {
+            return Err(StoreError::AlreadyVoted {
+                id: id.to_owned(),
+                approver: approver.to_owned(),
+            });
+        }
+        let at = now_ms();
+        held.votes.push(Vote {
+            approver: approver.to_owned(),
+            verdict: verdict as i32,
+            reason: reason.to_owned(),
+            at_unix_ms: at,
+        });
+        let approvals: Vec<&str> = held
+            .votes
+            .iter()
+            .filter(|v| v.verdict == Verdict::Allow as i32)
+            .map(|v| v.approver.as_str())
+            .collect();
+        let outcome = if verdict != Verdict::Allow {
+            Some((RequestState::Denied, approver.to_owned(), reason.to_owned()))
+        } else if approvals.len() as u32 >= held.quorum.max(1) {
+            let reasons: Vec<&str> = held
+                .votes
+                .iter()
+                .map(|v| v.reason.as_str())
+                .filter(|r| !r.is_empty())
+                .collect();
+            Some((
+                RequestState::Approved,
+                approvals.join(", "),
+                reasons.join("; "),
+            ))
+        } else {
+            None
         };
-        held.state = state as i32;
-        held.decided_by = by.to_owned();
-        held.reason = reason.to_owned();
-        held.decided_unix_ms = now_ms();
-        let payload = format!("{{\"reason\":{}}}", json_str(reason));
-        self.save(&mut conn, &held, by, action, &payload, false)?;
-        Ok(held)
+        let decided = outcome.is_some();
+        let action = match verdict {
+            Verdict::Allow => "request.vote.approve",
+            _ => "request.vote.deny",
+        };
+        if let Some((state, by, why)) = outcome {
+            held.state = state as i32;
+            held.decided_by = by;
+            held.reason = why;
+            held.decided_unix_ms = at;
+        }
+        let payload = format!(
+            "{{\"reason\":{},\"decided\":{decided},\"state\":\"{}\"}}",
+            json_str(reason),
+            state_name(held.state())
+        );
+        self.save(&mut conn, &held, approver, action, &payload, false)?;
+        Ok((held, decided))
     }
 
     /// Marks pending requests whose deadline has passed as expired (the agent applies the
@@ -496,6 +556,23 @@ impl Store {
 mod tests {
     use super::*;
 
+    fn host() -> Hello {
+        Hello {
+            host_id: "h".into(),
+            hostname: "host".into(),
+            ..Default::default()
+        }
+    }
+
+    fn route(quorum: u32) -> Route {
+        Route {
+            rule: String::new(),
+            groups: vec![],
+            quorum,
+            require_reason: false,
+        }
+    }
+
     fn req(id: &str, deadline: i64) -> ActionRequest {
         ActionRequest {
             request_id: id.into(),
@@ -507,9 +584,9 @@ mod tests {
     #[test]
     fn resent_request_is_the_same_request() {
         let s = Store::in_memory().unwrap();
-        let (_, new) = s.receive("h", "host", req("a", i64::MAX)).unwrap();
+        let (_, new) = s.receive(&host(), &route(1), req("a", i64::MAX)).unwrap();
         assert!(new);
-        let (again, new) = s.receive("h", "host", req("a", i64::MAX)).unwrap();
+        let (again, new) = s.receive(&host(), &route(1), req("a", i64::MAX)).unwrap();
         assert!(!new);
         assert_eq!(again.request.unwrap().request_id, "a");
         assert_eq!(s.list(&ListRequestsRequest::default()).unwrap().len(), 1);
@@ -518,14 +595,14 @@ mod tests {
     #[test]
     fn decided_once_only() {
         let s = Store::in_memory().unwrap();
-        s.receive("h", "host", req("a", i64::MAX)).unwrap();
-        s.decide("a", Verdict::Allow, "alice", "ok").unwrap();
-        let err = s.decide("a", Verdict::Deny, "bob", "no").unwrap_err();
+        s.receive(&host(), &route(1), req("a", i64::MAX)).unwrap();
+        s.vote("a", "alice", Verdict::Allow, "ok").unwrap();
+        let err = s.vote("a", "bob", Verdict::Deny, "no").unwrap_err();
         assert!(
             matches!(err, StoreError::NotPending { ref id, state: "approved" } if id == "a"),
             "{err}"
         );
-        let err = s.decide("zz", Verdict::Allow, "a", "").unwrap_err();
+        let err = s.vote("zz", "a", Verdict::Allow, "").unwrap_err();
         assert!(
             matches!(err, StoreError::NotFound(ref id) if id == "zz"),
             "{err}"
@@ -535,13 +612,37 @@ mod tests {
     #[test]
     fn every_change_is_audited_and_verifies() {
         let s = Store::in_memory().unwrap();
-        s.receive("h", "host", req("a", i64::MAX)).unwrap();
-        s.decide("a", Verdict::Deny, "alice", "freeze").unwrap();
+        s.receive(&host(), &route(1), req("a", i64::MAX)).unwrap();
+        s.vote("a", "alice", Verdict::Deny, "freeze").unwrap();
         assert_eq!(s.verify_audit().unwrap(), 2);
         let records = audit::records(&s.lock()).unwrap();
-        assert_eq!(records[1].action, "request.denied");
+        assert_eq!(records[1].action, "request.vote.deny");
         assert_eq!(records[1].actor, "alice");
         assert!(records[1].payload.contains("freeze"));
+    }
+
+    #[test]
+    fn quorum_of_two_distinct_approvers_and_deny_wins() {
+        let s = Store::in_memory().unwrap();
+        s.receive(&host(), &route(2), req("q", i64::MAX)).unwrap();
+        let (h, decided) = s.vote("q", "alice", Verdict::Allow, "").unwrap();
+        assert!(!decided);
+        assert_eq!(h.state(), RequestState::Pending);
+        let again = s.vote("q", "alice", Verdict::Allow, "").unwrap_err();
+        assert!(matches!(again, StoreError::AlreadyVoted { .. }), "{again}");
+        let (h, decided) = s.vote("q", "bob", Verdict::Allow, "ok").unwrap();
+        assert!(decided);
+        assert_eq!(h.state(), RequestState::Approved);
+        assert_eq!(h.decided_by, "alice, bob");
+
+        s.receive(&host(), &route(2), req("d", i64::MAX)).unwrap();
+        s.vote("d", "alice", Verdict::Allow, "").unwrap();
+        let (h, decided) = s.vote("d", "bob", Verdict::Deny, "no").unwrap();
+        assert!(decided);
+        assert_eq!(
+            (h.state(), h.decided_by.as_str()),
+            (RequestState::Denied, "bob")
+        );
     }
 
     #[test]
@@ -571,10 +672,10 @@ mod tests {
     #[test]
     fn expiry_only_touches_pending_past_deadline() {
         let s = Store::in_memory().unwrap();
-        s.receive("h", "host", req("old", 10)).unwrap();
-        s.receive("h", "host", req("new", 1_000)).unwrap();
-        s.receive("h", "host", req("done", 10)).unwrap();
-        s.decide("done", Verdict::Deny, "a", "r").unwrap();
+        s.receive(&host(), &route(1), req("old", 10)).unwrap();
+        s.receive(&host(), &route(1), req("new", 1_000)).unwrap();
+        s.receive(&host(), &route(1), req("done", 10)).unwrap();
+        s.vote("done", "a", Verdict::Deny, "r").unwrap();
         let expired = s.expire_due(500).unwrap();
         assert_eq!(expired.len(), 1);
         assert_eq!(s.get("old").unwrap().state(), RequestState::Expired);

@@ -4,7 +4,9 @@
 use std::{path::Path, time::Duration};
 
 use airlock_agent::decider::Decider;
-use airlock_control_plane::{audit::Tamper, auth::Scope, store::Store, ControlPlane};
+use airlock_control_plane::{
+    audit::Tamper, auth::Scope, policy::Policy, store::Store, ControlPlane,
+};
 use airlock_proto::v1::{
     approval_service_client::ApprovalServiceClient, ActionRequest, DecideRequest,
     GetRequestRequest, Hello, RequestState, Verdict,
@@ -145,10 +147,20 @@ fn populated(dir: &Path) -> std::path::PathBuf {
     let db = dir.join("airlock.db");
     let s = Store::open(&db).unwrap();
     for id in ["a", "b", "c"] {
-        s.receive("h", "host", request(id)).unwrap();
+        let host = Hello {
+            host_id: "h".into(),
+            hostname: "host".into(),
+            ..Default::default()
+        };
+        s.receive(
+            &host,
+            &Policy::default().route("", &Default::default()),
+            request(id),
+        )
+        .unwrap();
     }
-    s.decide("a", Verdict::Allow, "alice", "ok").unwrap();
-    s.decide("b", Verdict::Deny, "bob", "no").unwrap();
+    s.vote("a", "alice", Verdict::Allow, "ok").unwrap();
+    s.vote("b", "bob", Verdict::Deny, "no").unwrap();
     assert_eq!(s.verify_audit().unwrap(), 5);
     drop(s);
     db

@@ -5,7 +5,7 @@ use std::time::Duration;
 use airlock_agent::decider::Decider;
 use std::collections::HashMap;
 
-use airlock_control_plane::{auth::Scope, store::Store, ControlPlane};
+use airlock_control_plane::{auth::Scope, policy::Policy, store::Store, ControlPlane};
 use airlock_proto::v1::{
     approval_service_client::ApprovalServiceClient, ActionRequest, DecideRequest, ExecAction,
     GetRequestRequest, Hello, ListRequestsRequest, ProcessContext, RequestState, Verdict,
@@ -16,6 +16,17 @@ use tonic::Code;
 /// A server with tokens: agents `host-a`, `host-b`; approvers alice and bob; `claude` (the
 /// account the agents' requests come from) also holds an approve token; `reader` can only read.
 async fn start() -> (
+    String,
+    HashMap<&'static str, String>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    start_with(None).await
+}
+
+/// Like [`start`], with an approval policy; carol holds an approve token too.
+async fn start_with(
+    policy: Option<&str>,
+) -> (
     String,
     HashMap<&'static str, String>,
     tokio::sync::oneshot::Sender<()>,
@@ -32,11 +43,16 @@ async fn start() -> (
         ("bob", Scope::Approve),
         ("claude", Scope::Approve),
         ("reader", Scope::Read),
+        ("carol", Scope::Approve),
     ] {
         tokens.insert(name, store.create_token(name, scope).unwrap());
     }
+    let plane = ControlPlane::new(store);
+    if let Some(text) = policy {
+        plane.set_policy(Policy::parse(text, "test-policy.toml").unwrap());
+    }
     tokio::spawn(async move {
-        ControlPlane::new(store)
+        plane
             .serve(listener, async {
                 let _ = rx.await;
             })
@@ -347,4 +363,107 @@ async fn resent_request_is_one_request_and_watchers_see_it() {
         .unwrap()
         .unwrap();
     assert_eq!(d.verdict, Verdict::Allow as i32);
+}
+
+#[tokio::test]
+async fn quorum_of_two_from_the_rules_group_and_deny_wins() {
+    let policy = r#"
+[groups]
+oncall = ["alice", "bob"]
+
+[[rule]]
+name = "kubectl"
+hosts = { env = "prod" }
+groups = ["oncall"]
+quorum = 2
+require_reason = true
+"#;
+    let (url, t, _stop) = start_with(Some(policy)).await;
+    let a = Decider::spawn(
+        url.clone(),
+        Hello {
+            host_id: "host-a".into(),
+            hostname: "host-a".into(),
+            labels: [("env".to_owned(), "prod".to_owned())].into(),
+            version: "test".into(),
+        },
+        Some(t["host-a"].clone()),
+    );
+    assert!(a.wait_connected(Duration::from_secs(5)).await);
+    let mut answer = a.ask(request("q-1", "ci"));
+    let _denied = a.ask(request("q-2", "ci"));
+    let mut alice = approvals(&url, Some(&t["alice"])).await;
+    wait_pending(&mut alice, 2).await;
+    let held = alice
+        .get(GetRequestRequest {
+            request_id: "q-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (held.quorum, held.approver_groups.clone()),
+        (2, vec!["oncall".to_owned()])
+    );
+
+    let mut carol = approvals(&url, Some(&t["carol"])).await;
+    let outsider = carol
+        .decide(vote("q-1", Verdict::Allow, "looks fine"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        outsider.code(),
+        Code::PermissionDenied,
+        "not in the rule's group"
+    );
+    let no_reason = alice
+        .decide(vote("q-1", Verdict::Allow, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        no_reason.code(),
+        Code::InvalidArgument,
+        "this rule wants a reason"
+    );
+
+    let first = alice
+        .decide(vote("q-1", Verdict::Allow, "change 42"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.state(), RequestState::Pending, "one of two");
+    let twice = alice
+        .decide(vote("q-1", Verdict::Allow, "really"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        twice.code(),
+        Code::FailedPrecondition,
+        "a second vote by the same person does not count"
+    );
+    assert!(answer.try_recv().is_err(), "not decided yet");
+    let mut bob = approvals(&url, Some(&t["bob"])).await;
+    let done = bob
+        .decide(vote("q-1", Verdict::Allow, "agreed"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.state(), RequestState::Approved);
+    assert_eq!(done.decided_by, "alice, bob");
+    let d = tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.verdict, Verdict::Allow as i32);
+
+    alice
+        .decide(vote("q-2", Verdict::Allow, "fine"))
+        .await
+        .unwrap();
+    let denied = bob
+        .decide(vote("q-2", Verdict::Deny, "no"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(denied.state(), RequestState::Denied, "any deny is final");
 }

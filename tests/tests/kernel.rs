@@ -195,6 +195,14 @@ echo "@@R sterm_rc $?"
 echo "@@R sterm_pinned_left $(ls /sys/fs/bpf/airlock 2>/dev/null | wc -l)"
 start_agent
 
+# 9: the agent is gone (killed, heartbeat stale): fail closed at once, nothing left stopped
+kill -9 $AGENT
+sleep 7
+echo "@@R s9_no_agent $(su agent -c '/usr/bin/airlock-workload timed /usr/local/bin/kubectl run /tmp/work/m9 0 allow-me-9')"
+echo "@@R s9_marker $(mark /tmp/work/m9)"
+echo "@@R s9_unwatched $(su agent -c '/usr/bin/airlock-workload run /tmp/work/m9u 0 unpriv-9')"
+start_agent
+
 # 5b: the decider becomes unreachable: fail closed after the grace period
 su agent -c '/usr/local/bin/kubectl run /tmp/work/mv 0 vanish-me'
 echo "@@R s5_vanish_rc $?"
@@ -538,6 +546,31 @@ fn s8_fifty_concurrent_holds_none_lost_or_swapped() {
             assert_eq!(marker, Some("no"), "child {i} never ran");
         }
     }
+}
+
+#[test]
+fn s9_agent_gone_fails_closed_without_stopping_anything() {
+    let t = r("s9_no_agent");
+    assert!(t.contains("signal=9"), "killed, not held: {t}");
+    assert!(ms_of(&t) < 2000, "no wait for a missing agent: {t}");
+    assert_eq!(r("s9_marker"), "no");
+    assert_eq!(
+        r("s9_unwatched"),
+        "ran: unpriv-9",
+        "unprivileged binaries still run"
+    );
+    assert_eq!(r("agent_4"), "1", "a new agent takes over");
+    let counters = r("counters");
+    let drops = counters
+        .split("\"drop_no_agent\": ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no drop_no_agent counter in {counters}"));
+    assert!(
+        drops >= 1,
+        "the kernel counted the fail-closed exec: {counters}"
+    );
 }
 
 #[test]

@@ -1,0 +1,258 @@
+//! Who may decide what: the control plane's approval policy (TOML), routing each request to
+//! approver groups with a quorum.
+//!
+//! ```toml
+//! [groups]
+//! oncall = ["alice", "bob"]
+//!
+//! [[rule]]
+//! name = "kubectl-destructive"   # the agent rule that held the action; "*" for any
+//! hosts = { env = "prod" }       # every label must match the agent's; empty: any host
+//! groups = ["oncall"]            # who may vote; empty: any approver
+//! quorum = 2                     # distinct approvals needed
+//! require_reason = true          # approvals need a reason too (denials always do)
+//! ```
+//!
+//! The first rule that matches routes the request; with none, any one approver decides.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
+
+use serde::Deserialize;
+
+/// Errors reading a policy.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The file could not be read.
+    #[error("cannot read policy {path}: {reason}")]
+    Read {
+        /// File.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Malformed TOML or an unknown field.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// File.
+        path: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// Well-formed but inconsistent.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// File.
+        path: String,
+        /// What is wrong, naming the rule.
+        message: String,
+    },
+}
+
+/// The policy file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Approver groups: name to member identities (token names, later OIDC subjects).
+    #[serde(default)]
+    pub groups: BTreeMap<String, Vec<String>>,
+    /// Routing rules, first match wins.
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<ApprovalRule>,
+}
+
+/// One `[[rule]]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalRule {
+    /// Agent rule name this applies to, or "*".
+    pub name: String,
+    /// Host label selector.
+    #[serde(default)]
+    pub hosts: BTreeMap<String, String>,
+    /// Groups whose members may vote.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Distinct approvals needed.
+    #[serde(default = "one")]
+    pub quorum: u32,
+    /// Approvals need a reason.
+    #[serde(default)]
+    pub require_reason: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The routing rule ("" for the default).
+    pub rule: String,
+    /// Groups whose members may vote; empty: any approver.
+    pub groups: Vec<String>,
+    /// Distinct approvals needed.
+    pub quorum: u32,
+    /// Approvals need a reason.
+    pub require_reason: bool,
+}
+
+fn line_col(text: &str, pos: usize) -> (usize, usize) {
+    let before = &text[..pos.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+impl Policy {
+    /// Reads and checks a policy file.
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks policy text; `path` names it in errors.
+    pub fn parse(text: &str, path: &str) -> Result<Self, PolicyError> {
+        let policy: Policy = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
+            PolicyError::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.message().to_owned(),
+            }
+        })?;
+        let invalid = |message: String| PolicyError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        for rule in &policy.rules {
+            if rule.quorum == 0 {
+                return Err(invalid(format!(
+                    "rule {:?}: quorum must be at least 1",
+                    rule.name
+                )));
+            }
+            let mut members = BTreeSet::new();
+            for g in &rule.groups {
+                let group = policy.groups.get(g).ok_or_else(|| {
+                    invalid(format!(
+                        "rule {:?}: unknown group {g:?} (define it under [groups])",
+                        rule.name
+                    ))
+                })?;
+                members.extend(group.iter());
+            }
+            if !rule.groups.is_empty() && (members.len() as u32) < rule.quorum {
+                return Err(invalid(format!(
+                    "rule {:?}: quorum {} but its groups have only {} members, so it could never be approved",
+                    rule.name,
+                    rule.quorum,
+                    members.len()
+                )));
+            }
+        }
+        Ok(policy)
+    }
+
+    /// The route of a request held under agent rule `agent_rule` on a host with `labels`.
+    pub fn route(&self, agent_rule: &str, labels: &BTreeMap<String, String>) -> Route {
+        self.rules
+            .iter()
+            .find(|r| {
+                (r.name == "*" || r.name == agent_rule)
+                    && r.hosts.iter().all(|(k, v)| labels.get(k) == Some(v))
+            })
+            .map_or(
+                Route {
+                    rule: String::new(),
+                    groups: Vec::new(),
+                    quorum: 1,
+                    require_reason: false,
+                },
+                |r| Route {
+                    rule: r.name.clone(),
+                    groups: r.groups.clone(),
+                    quorum: r.quorum,
+                    require_reason: r.require_reason,
+                },
+            )
+    }
+
+    /// Whether `approver` belongs to one of `groups` (true when `groups` is empty).
+    pub fn may_vote(&self, approver: &str, groups: &[String]) -> bool {
+        groups.is_empty()
+            || groups.iter().any(|g| {
+                self.groups
+                    .get(g)
+                    .is_some_and(|members| members.iter().any(|m| m == approver))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = r#"
+[groups]
+oncall = ["alice", "bob"]
+dba = ["carol"]
+
+[[rule]]
+name = "kubectl-destructive"
+hosts = { env = "prod" }
+groups = ["oncall"]
+quorum = 2
+
+[[rule]]
+name = "*"
+groups = ["oncall", "dba"]
+"#;
+
+    fn labels(env: &str) -> BTreeMap<String, String> {
+        [("env".to_owned(), env.to_owned())].into()
+    }
+
+    #[test]
+    fn first_matching_rule_routes() {
+        let p = Policy::parse(POLICY, "p.toml").unwrap();
+        let r = p.route("kubectl-destructive", &labels("prod"));
+        assert_eq!((r.rule.as_str(), r.quorum), ("kubectl-destructive", 2));
+        let r = p.route("kubectl-destructive", &labels("staging"));
+        assert_eq!((r.rule.as_str(), r.quorum), ("*", 1), "label selector");
+        assert_eq!(Policy::default().route("x", &labels("prod")).quorum, 1);
+        assert!(p.may_vote("carol", &["oncall".into(), "dba".into()]));
+        assert!(!p.may_vote("carol", &["oncall".into()]));
+        assert!(p.may_vote("anyone", &[]));
+    }
+
+    #[test]
+    fn errors_say_where_and_what() {
+        let err =
+            Policy::parse("[[rule]]\nname = \"x\"\nquorum = \"two\"\n", "p.toml").unwrap_err();
+        assert!(err.to_string().starts_with("p.toml:3:10:"), "{err}");
+        let err =
+            Policy::parse("[[rule]]\nname = \"x\"\ngroups = [\"ghosts\"]\n", "p.toml").unwrap_err();
+        assert!(
+            err.to_string().contains("unknown group \"ghosts\""),
+            "{err}"
+        );
+        let err = Policy::parse(
+            "[groups]\na = [\"x\"]\n[[rule]]\nname = \"x\"\ngroups = [\"a\"]\nquorum = 2\n",
+            "p.toml",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("could never be approved"), "{err}");
+    }
+}
