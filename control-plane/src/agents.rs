@@ -161,9 +161,10 @@ impl AgentService for AgentSvc {
                             }
                         };
                         if new {
-                            tracing::info!(request = %held.request.as_ref().map(|r| r.request_id.as_str()).unwrap_or(""), host = %hello.hostname, "request received");
-                        } else if let Some(d) = decision_of(&held) {
-                            // Resent after a reconnect and decided meanwhile: answer again.
+                            tracing::info!(request = %held.request.as_ref().map(|r| r.request_id.as_str()).unwrap_or(""), host = %hello.hostname, grant = %held.grant_id, "request received");
+                        }
+                        // Decided already (by a grant, or meanwhile for a resent request).
+                        if let Some(d) = decision_of(&held) {
                             let _ = tx.try_send(Ok(DeciderMessage {
                                 msg: Some(Out::Decision(d)),
                             }));

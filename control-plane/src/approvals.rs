@@ -7,8 +7,9 @@
 use std::{pin::Pin, sync::Arc};
 
 use airlock_proto::v1::{
-    approval_service_server::ApprovalService, DecideRequest, GetRequestRequest, HeldRequest,
-    ListRequestsRequest, ListRequestsResponse, RequestState, Verdict, WatchRequestsRequest,
+    approval_service_server::ApprovalService, DecideRequest, GetRequestRequest, Grant, HeldRequest,
+    ListGrantsRequest, ListGrantsResponse, ListRequestsRequest, ListRequestsResponse, RequestState,
+    RevokeGrantRequest, Verdict, WatchRequestsRequest,
 };
 use tokio_stream::{wrappers::BroadcastStream, Stream, StreamExt};
 use tonic::{Request, Response, Status};
@@ -154,12 +155,49 @@ impl ApprovalService for ApprovalSvc {
         }
         let (held, decided) = self
             .store
-            .vote(&d.request_id, &d.approver, verdict, &d.reason)
+            .vote(
+                &d.request_id,
+                &d.approver,
+                verdict,
+                &d.reason,
+                d.grant_minutes,
+            )
             .map_err(status_of)?;
         tracing::info!(request = %d.request_id, approver = %d.approver, verdict = ?verdict, decided, "vote");
         if decided {
             self.agents.deliver(&held);
         }
         Ok(Response::new(held))
+    }
+
+    async fn list_grants(
+        &self,
+        req: Request<ListGrantsRequest>,
+    ) -> Result<Response<ListGrantsResponse>, Status> {
+        Ok(Response::new(ListGrantsResponse {
+            grants: self
+                .store
+                .list_grants(req.get_ref().all)
+                .map_err(status_of)?,
+        }))
+    }
+
+    async fn revoke_grant(
+        &self,
+        req: Request<RevokeGrantRequest>,
+    ) -> Result<Response<Grant>, Status> {
+        let who = auth::principal(&req)?;
+        if !who.may_vote() {
+            return Err(Status::permission_denied(format!(
+                "{} has a {} token, which cannot revoke grants",
+                who.name, who.scope
+            )));
+        }
+        let g = self
+            .store
+            .revoke_grant(&req.get_ref().grant_id, &who.name)
+            .map_err(status_of)?;
+        tracing::info!(grant = %g.id, by = %who.name, "grant revoked");
+        Ok(Response::new(g))
     }
 }

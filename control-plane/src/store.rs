@@ -12,7 +12,8 @@ use std::{
 };
 
 use airlock_proto::v1::{
-    ActionRequest, HeldRequest, Hello, ListRequestsRequest, Outcome, RequestState, Verdict, Vote,
+    action_request::Action, ActionRequest, Grant, HeldRequest, Hello, ListRequestsRequest, Outcome,
+    RequestState, Verdict, Vote,
 };
 use prost::Message;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -65,6 +66,21 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// Longest grant, minutes.
+pub const MAX_GRANT_MINUTES: u32 = 24 * 60;
+
+/// What a grant covers of a request: the host, the account, and exactly this action.
+pub fn grant_key(held: &HeldRequest) -> (String, String, String) {
+    let req = held.request.clone().unwrap_or_default();
+    let account = req.process.map(|p| p.user).unwrap_or_default();
+    let action = match req.action {
+        Some(Action::Exec(e)) => format!("exec {} {}", e.path, e.argv.join("\u{1f}")),
+        Some(Action::Connect(c)) => format!("connect {} {} {}", c.address, c.port, c.protocol),
+        None => String::new(),
+    };
+    (held.host_id.clone(), account, action)
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -91,6 +107,16 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS requests (
     body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS requests_state ON requests (state, deadline_ms);
+CREATE TABLE IF NOT EXISTS grants (
+    id TEXT PRIMARY KEY,
+    host_id TEXT NOT NULL,
+    account TEXT NOT NULL,
+    action TEXT NOT NULL,
+    body BLOB NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS grants_match ON grants (host_id, account, action);
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -183,6 +209,91 @@ impl Store {
         Ok(body.and_then(|b| HeldRequest::decode(b.as_slice()).ok()))
     }
 
+    /// Updates `held` with an audit record, runs `extra` in the same transaction (it appends its
+    /// own audit record last), then announces the change.
+    fn save_with(
+        &self,
+        conn: &mut Connection,
+        held: &HeldRequest,
+        actor: &str,
+        action: &str,
+        payload: &str,
+        extra: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<audit::Record>,
+    ) -> Result<(), StoreError> {
+        let id = held
+            .request
+            .as_ref()
+            .map(|r| r.request_id.clone())
+            .unwrap_or_default();
+        let tx = conn.transaction().map_err(self.db())?;
+        tx.execute(
+            "UPDATE requests SET state = ?2, body = ?3 WHERE id = ?1",
+            params![id, held.state, held.encode_to_vec()],
+        )
+        .map_err(self.db())?;
+        audit::append(&tx, now_ms(), actor, action, &id, payload).map_err(self.db())?;
+        let record = extra(&tx).map_err(self.db())?;
+        tx.commit().map_err(self.db())?;
+        self.checkpoint(&record);
+        let _ = self.changes.send(held.clone());
+        Ok(())
+    }
+
+    /// Grants, newest first; only active ones unless `all`.
+    pub fn list_grants(&self, all: bool) -> Result<Vec<Grant>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare(
+                "SELECT body, revoked_ms FROM grants
+                 WHERE ?1 OR (revoked_ms IS NULL AND expires_ms > ?2) ORDER BY rowid DESC",
+            )
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map(params![all, now_ms()], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Option<i64>>(1)?))
+            })
+            .map_err(self.db())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (body, _) = row.map_err(self.db())?;
+            if let Ok(g) = Grant::decode(body.as_slice()) {
+                out.push(g);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ends grant `id` now.
+    pub fn revoke_grant(&self, id: &str, by: &str) -> Result<Grant, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(self.db())?;
+        let body: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT body FROM grants WHERE id = ?1 AND revoked_ms IS NULL",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.db())?;
+        let mut g = body
+            .and_then(|b| Grant::decode(b.as_slice()).ok())
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        let now = now_ms();
+        g.revoked_unix_ms = now;
+        g.revoked_by = by.to_owned();
+        tx.execute(
+            "UPDATE grants SET revoked_ms = ?2, body = ?3 WHERE id = ?1",
+            params![id, now, g.encode_to_vec()],
+        )
+        .map_err(self.db())?;
+        let payload = format!("{{\"grant\":{}}}", json_str(id));
+        let record = audit::append(&tx, now, by, "grant.revoked", &g.request_id, &payload)
+            .map_err(self.db())?;
+        tx.commit().map_err(self.db())?;
+        self.checkpoint(&record);
+        Ok(g)
+    }
+
     /// Writes `held` and an audit record in one transaction, then announces the change.
     fn save(
         &self,
@@ -262,12 +373,13 @@ impl Store {
             json_str(&req.rule),
             json_str(&argv)
         );
-        let held = HeldRequest {
+        let now = now_ms();
+        let mut held = HeldRequest {
             request: Some(req),
             host_id: host_id.to_owned(),
             hostname: hostname.to_owned(),
             state: RequestState::Pending as i32,
-            received_unix_ms: now_ms(),
+            received_unix_ms: now,
             quorum: route.quorum,
             approver_groups: route.groups.clone(),
             host_labels: host.labels.clone(),
@@ -275,6 +387,40 @@ impl Store {
             route: route.rule.clone(),
             ..Default::default()
         };
+        let (gh, ga, gx) = grant_key(&held);
+        let grant: Option<Vec<u8>> = conn
+            .query_row(
+                "SELECT body FROM grants WHERE host_id = ?1 AND account = ?2 AND action = ?3
+                 AND revoked_ms IS NULL AND expires_ms > ?4 ORDER BY expires_ms DESC LIMIT 1",
+                params![gh, ga, gx, now],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.db())?;
+        if let Some(g) = grant.and_then(|b| Grant::decode(b.as_slice()).ok()) {
+            held.state = RequestState::Approved as i32;
+            held.decided_by = format!("grant {} ({})", g.id, g.created_by);
+            held.reason = format!("covered by grant {} until {}", g.id, g.expires_unix_ms);
+            held.decided_unix_ms = now;
+            held.grant_id = g.id.clone();
+            let payload = format!(
+                "{{\"host\":{},\"user\":{},\"rule\":{},\"action\":{},\"grant\":{}}}",
+                json_str(hostname),
+                json_str(&user),
+                json_str(held.request.as_ref().map_or("", |r| r.rule.as_str())),
+                json_str(&argv),
+                json_str(&g.id)
+            );
+            self.save(
+                &mut conn,
+                &held,
+                host_id,
+                "request.approved.grant",
+                &payload,
+                true,
+            )?;
+            return Ok((held, true));
+        }
         self.save(
             &mut conn,
             &held,
@@ -288,12 +434,17 @@ impl Store {
 
     /// Records a vote on a pending request. A deny decides at once; approvals decide when
     /// `quorum` distinct approvers agree. Returns the request and whether it is now decided.
+    ///
+    /// `grant_minutes` with an approval: the approver agrees to approve the same action, host
+    /// and account for that long. When the request is approved and every approver agreed, a
+    /// grant for the shortest window is created in the same transaction.
     pub fn vote(
         &self,
         id: &str,
         approver: &str,
         verdict: Verdict,
         reason: &str,
+        grant_minutes: u32,
     ) -> Result<(HeldRequest, bool), StoreError> {
         let mut conn = self.lock();
         let mut held = Self::load(&conn, id)
@@ -317,6 +468,11 @@ impl Store {
             verdict: verdict as i32,
             reason: reason.to_owned(),
             at_unix_ms: at,
+            grant_minutes: if verdict == Verdict::Allow {
+                grant_minutes.min(MAX_GRANT_MINUTES)
+            } else {
+                0
+            },
         });
         let approvals: Vec<&str> = held
             .votes
@@ -346,18 +502,64 @@ impl Store {
             Verdict::Allow => "request.vote.approve",
             _ => "request.vote.deny",
         };
+        let mut grant = None;
         if let Some((state, by, why)) = outcome {
             held.state = state as i32;
             held.decided_by = by;
             held.reason = why;
             held.decided_unix_ms = at;
+            let minutes = held
+                .votes
+                .iter()
+                .filter(|v| v.verdict == Verdict::Allow as i32)
+                .map(|v| v.grant_minutes)
+                .min()
+                .unwrap_or(0);
+            if state == RequestState::Approved && minutes > 0 {
+                let (host_id, account, action) = grant_key(&held);
+                let g = Grant {
+                    id: format!(
+                        "g-{}",
+                        &auth::new_token("g").map_err(|e| StoreError::Random(e.to_string()))?
+                            [6..18]
+                    ),
+                    host_id,
+                    account,
+                    action,
+                    request_id: id.to_owned(),
+                    created_by: held.decided_by.clone(),
+                    created_unix_ms: at,
+                    expires_unix_ms: at + i64::from(minutes) * 60_000,
+                    ..Default::default()
+                };
+                held.grant_id = g.id.clone();
+                grant = Some(g);
+            }
         }
         let payload = format!(
             "{{\"reason\":{},\"decided\":{decided},\"state\":\"{}\"}}",
             json_str(reason),
             state_name(held.state())
         );
-        self.save(&mut conn, &held, approver, action, &payload, false)?;
+        match grant {
+            Some(g) => {
+                let tx_payload = format!(
+                    "{{\"grant\":{},\"action\":{},\"account\":{},\"expires_ms\":{}}}",
+                    json_str(&g.id),
+                    json_str(&g.action),
+                    json_str(&g.account),
+                    g.expires_unix_ms
+                );
+                self.save_with(&mut conn, &held, approver, action, &payload, |tx| {
+                    tx.execute(
+                        "INSERT INTO grants (id, host_id, account, action, body, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![g.id, g.host_id, g.account, g.action, g.encode_to_vec(), g.expires_unix_ms],
+                    )?;
+                    audit::append(tx, at, approver, "grant.created", id, &tx_payload)
+                })?;
+            }
+            None => self.save(&mut conn, &held, approver, action, &payload, false)?,
+        }
         Ok((held, decided))
     }
 
@@ -596,13 +798,13 @@ mod tests {
     fn decided_once_only() {
         let s = Store::in_memory().unwrap();
         s.receive(&host(), &route(1), req("a", i64::MAX)).unwrap();
-        s.vote("a", "alice", Verdict::Allow, "ok").unwrap();
-        let err = s.vote("a", "bob", Verdict::Deny, "no").unwrap_err();
+        s.vote("a", "alice", Verdict::Allow, "ok", 0).unwrap();
+        let err = s.vote("a", "bob", Verdict::Deny, "no", 0).unwrap_err();
         assert!(
             matches!(err, StoreError::NotPending { ref id, state: "approved" } if id == "a"),
             "{err}"
         );
-        let err = s.vote("zz", "a", Verdict::Allow, "").unwrap_err();
+        let err = s.vote("zz", "a", Verdict::Allow, "", 0).unwrap_err();
         assert!(
             matches!(err, StoreError::NotFound(ref id) if id == "zz"),
             "{err}"
@@ -613,7 +815,7 @@ mod tests {
     fn every_change_is_audited_and_verifies() {
         let s = Store::in_memory().unwrap();
         s.receive(&host(), &route(1), req("a", i64::MAX)).unwrap();
-        s.vote("a", "alice", Verdict::Deny, "freeze").unwrap();
+        s.vote("a", "alice", Verdict::Deny, "freeze", 0).unwrap();
         assert_eq!(s.verify_audit().unwrap(), 2);
         let records = audit::records(&s.lock()).unwrap();
         assert_eq!(records[1].action, "request.vote.deny");
@@ -625,24 +827,88 @@ mod tests {
     fn quorum_of_two_distinct_approvers_and_deny_wins() {
         let s = Store::in_memory().unwrap();
         s.receive(&host(), &route(2), req("q", i64::MAX)).unwrap();
-        let (h, decided) = s.vote("q", "alice", Verdict::Allow, "").unwrap();
+        let (h, decided) = s.vote("q", "alice", Verdict::Allow, "", 0).unwrap();
         assert!(!decided);
         assert_eq!(h.state(), RequestState::Pending);
-        let again = s.vote("q", "alice", Verdict::Allow, "").unwrap_err();
+        let again = s.vote("q", "alice", Verdict::Allow, "", 0).unwrap_err();
         assert!(matches!(again, StoreError::AlreadyVoted { .. }), "{again}");
-        let (h, decided) = s.vote("q", "bob", Verdict::Allow, "ok").unwrap();
+        let (h, decided) = s.vote("q", "bob", Verdict::Allow, "ok", 0).unwrap();
         assert!(decided);
         assert_eq!(h.state(), RequestState::Approved);
         assert_eq!(h.decided_by, "alice, bob");
 
         s.receive(&host(), &route(2), req("d", i64::MAX)).unwrap();
-        s.vote("d", "alice", Verdict::Allow, "").unwrap();
-        let (h, decided) = s.vote("d", "bob", Verdict::Deny, "no").unwrap();
+        s.vote("d", "alice", Verdict::Allow, "", 0).unwrap();
+        let (h, decided) = s.vote("d", "bob", Verdict::Deny, "no", 0).unwrap();
         assert!(decided);
         assert_eq!(
             (h.state(), h.decided_by.as_str()),
             (RequestState::Denied, "bob")
         );
+    }
+
+    #[test]
+    fn grant_approves_the_same_action_until_revoked() {
+        let s = Store::in_memory().unwrap();
+        let mut r = req("g1", i64::MAX);
+        r.process = Some(airlock_proto::v1::ProcessContext {
+            user: "ci".into(),
+            ..Default::default()
+        });
+        r.action = Some(Action::Exec(airlock_proto::v1::ExecAction {
+            path: "/usr/bin/kubectl".into(),
+            argv: vec!["kubectl".into(), "delete".into(), "pod".into(), "x".into()],
+            ..Default::default()
+        }));
+        s.receive(&host(), &route(1), r.clone()).unwrap();
+        let (h, _) = s.vote("g1", "alice", Verdict::Allow, "ok", 30).unwrap();
+        assert!(!h.grant_id.is_empty());
+
+        let mut again = r.clone();
+        again.request_id = "g2".into();
+        let (h2, _) = s.receive(&host(), &route(1), again).unwrap();
+        assert_eq!(
+            h2.state(),
+            RequestState::Approved,
+            "approved at once by the grant"
+        );
+        assert_eq!(h2.grant_id, h.grant_id);
+
+        let mut other = r.clone();
+        other.request_id = "g3".into();
+        if let Some(Action::Exec(e)) = &mut other.action {
+            e.argv[3] = "y".into();
+        }
+        let (h3, _) = s.receive(&host(), &route(1), other).unwrap();
+        assert_eq!(
+            h3.state(),
+            RequestState::Pending,
+            "another action is not covered"
+        );
+
+        assert_eq!(s.list_grants(false).unwrap().len(), 1);
+        s.revoke_grant(&h.grant_id, "bob").unwrap();
+        assert!(s.list_grants(false).unwrap().is_empty());
+        let mut later = r;
+        later.request_id = "g4".into();
+        let (h4, _) = s.receive(&host(), &route(1), later).unwrap();
+        assert_eq!(
+            h4.state(),
+            RequestState::Pending,
+            "revoked grants approve nothing"
+        );
+        let actions: Vec<String> = audit::records(&s.lock())
+            .unwrap()
+            .into_iter()
+            .map(|r| r.action)
+            .collect();
+        assert!(actions.contains(&"grant.created".to_owned()), "{actions:?}");
+        assert!(
+            actions.contains(&"request.approved.grant".to_owned()),
+            "{actions:?}"
+        );
+        assert!(actions.contains(&"grant.revoked".to_owned()), "{actions:?}");
+        assert!(s.verify_audit().is_ok());
     }
 
     #[test]
@@ -675,7 +941,7 @@ mod tests {
         s.receive(&host(), &route(1), req("old", 10)).unwrap();
         s.receive(&host(), &route(1), req("new", 1_000)).unwrap();
         s.receive(&host(), &route(1), req("done", 10)).unwrap();
-        s.vote("done", "a", Verdict::Deny, "r").unwrap();
+        s.vote("done", "a", Verdict::Deny, "r", 0).unwrap();
         let expired = s.expire_due(500).unwrap();
         assert_eq!(expired.len(), 1);
         assert_eq!(s.get("old").unwrap().state(), RequestState::Expired);

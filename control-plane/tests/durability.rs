@@ -129,6 +129,7 @@ async fn restart_keeps_pending_and_delivers_later_decision() {
         verdict: Verdict::Allow as i32,
         reason: "after restart".into(),
         approver: String::new(),
+        grant_minutes: 0,
     })
     .await
     .unwrap();
@@ -159,8 +160,8 @@ fn populated(dir: &Path) -> std::path::PathBuf {
         )
         .unwrap();
     }
-    s.vote("a", "alice", Verdict::Allow, "ok").unwrap();
-    s.vote("b", "bob", Verdict::Deny, "no").unwrap();
+    s.vote("a", "alice", Verdict::Allow, "ok", 0).unwrap();
+    s.vote("b", "bob", Verdict::Deny, "no", 0).unwrap();
     assert_eq!(s.verify_audit().unwrap(), 5);
     drop(s);
     db

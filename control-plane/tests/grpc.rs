@@ -150,6 +150,7 @@ fn vote(id: &str, verdict: Verdict, reason: &str) -> DecideRequest {
         verdict: verdict as i32,
         reason: reason.into(),
         approver: String::new(),
+        grant_minutes: 0,
     }
 }
 
@@ -466,4 +467,60 @@ require_reason = true
         .unwrap()
         .into_inner();
     assert_eq!(denied.state(), RequestState::Denied, "any deny is final");
+}
+
+#[tokio::test]
+async fn grant_answers_the_same_action_at_once_until_revoked() {
+    let (url, t, _stop) = start().await;
+    let a = agent(&url, "host-a", &t["host-a"]);
+    assert!(a.wait_connected(Duration::from_secs(5)).await);
+    let first = a.ask(request("g-1", "ci"));
+    let mut alice = approvals(&url, Some(&t["alice"])).await;
+    wait_pending(&mut alice, 1).await;
+    let mut with_grant = vote("g-1", Verdict::Allow, "deploy window");
+    with_grant.grant_minutes = 10;
+    let held = alice.decide(with_grant).await.unwrap().into_inner();
+    assert!(!held.grant_id.is_empty());
+    tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // The same action again: approved by the grant, nobody asked.
+    let repeat = a.ask(request("g-2", "ci"));
+    let d = tokio::time::timeout(Duration::from_secs(5), repeat)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.verdict, Verdict::Allow as i32);
+    assert!(d.decided_by.contains(&held.grant_id), "{}", d.decided_by);
+    let grants = alice
+        .list_grants(airlock_proto::v1::ListGrantsRequest { all: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .grants;
+    assert_eq!(grants.len(), 1);
+    assert_eq!(grants[0].account, "ci");
+
+    alice
+        .revoke_grant(airlock_proto::v1::RevokeGrantRequest {
+            grant_id: held.grant_id.clone(),
+        })
+        .await
+        .unwrap();
+    let mut after = a.ask(request("g-3", "ci"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        after.try_recv().is_err(),
+        "a revoked grant approves nothing"
+    );
+    let g3 = alice
+        .get(GetRequestRequest {
+            request_id: "g-3".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g3.state(), RequestState::Pending);
 }

@@ -61,6 +61,24 @@ enum Command {
     /// The audit trail.
     #[command(subcommand)]
     Audit(Audit),
+    /// Grants: standing approvals of one exact action for a while.
+    #[command(subcommand)]
+    Grants(Grants),
+}
+
+#[derive(Debug, Subcommand)]
+enum Grants {
+    /// List active grants (with --all, expired and revoked ones too).
+    List {
+        /// Include expired and revoked grants.
+        #[arg(long)]
+        all: bool,
+    },
+    /// End a grant now.
+    Revoke {
+        /// Grant id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -112,6 +130,9 @@ enum Requests {
         /// Why.
         #[arg(long, default_value = "")]
         reason: String,
+        /// Also approve the same action, host and account for this many minutes (max 1440).
+        #[arg(long, value_name = "MINUTES", default_value_t = 0)]
+        grant: u32,
     },
     /// Deny a pending request, as the identity of your token.
     Deny {
@@ -185,6 +206,47 @@ fn details(h: &HeldRequest) -> String {
     out
 }
 
+/// A client for `server` that sends `token` with every call; on failure, the exit code.
+async fn connect(server: &str, token: Option<&str>) -> Result<Client, ExitCode> {
+    let bearer = match token.map(|t| format!("Bearer {t}").parse()) {
+        None => Bearer(None),
+        Some(Ok(v)) => Bearer(Some(v)),
+        Some(Err(_)) => {
+            eprintln!("airlockctl: the token has characters that cannot be sent");
+            return Err(ExitCode::from(2));
+        }
+    };
+    let endpoint = Channel::from_shared(server.to_owned()).map_err(|e| {
+        eprintln!("airlockctl: bad --server {server:?}: {e}");
+        ExitCode::from(2)
+    })?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        eprintln!("airlockctl: cannot reach {server}: {e}");
+        ExitCode::from(1)
+    })?;
+    Ok(ApprovalServiceClient::with_interceptor(channel, bearer))
+}
+
+fn grant_line(g: &airlock_proto::v1::Grant) -> String {
+    let now = airlock_control_plane::store::now_ms();
+    let state = if g.revoked_unix_ms > 0 {
+        format!("revoked by {}", g.revoked_by)
+    } else if g.expires_unix_ms <= now {
+        "expired".to_owned()
+    } else {
+        format!("{} min left", (g.expires_unix_ms - now) / 60_000)
+    };
+    format!(
+        "{} {}@{} {} [{}] by {}",
+        g.id,
+        g.account,
+        g.host_id,
+        g.action.replace('\u{1f}', " "),
+        state,
+        g.created_by
+    )
+}
+
 fn exit_for(status: &tonic::Status) -> ExitCode {
     eprintln!("airlockctl: {}", status.message());
     match status.code() {
@@ -226,27 +288,35 @@ async fn main() -> ExitCode {
     let cmd = match cli.command {
         Command::Audit(Audit::Verify { db }) => return audit_verify(&db),
         Command::Requests(cmd) => cmd,
-    };
-    let bearer = match cli.token.as_deref().map(|t| format!("Bearer {t}").parse()) {
-        None => Bearer(None),
-        Some(Ok(v)) => Bearer(Some(v)),
-        Some(Err(_)) => {
-            eprintln!("airlockctl: the token has characters that cannot be sent");
-            return ExitCode::from(2);
+        Command::Grants(g) => {
+            let mut client = match connect(&cli.server, cli.token.as_deref()).await {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let result = match g {
+                Grants::List { all } => client
+                    .list_grants(airlock_proto::v1::ListGrantsRequest { all })
+                    .await
+                    .map(|r| {
+                        r.into_inner()
+                            .grants
+                            .iter()
+                            .for_each(|g| println!("{}", grant_line(g)))
+                    }),
+                Grants::Revoke { id } => client
+                    .revoke_grant(airlock_proto::v1::RevokeGrantRequest { grant_id: id })
+                    .await
+                    .map(|r| println!("{}", grant_line(r.get_ref()))),
+            };
+            return match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(status) => exit_for(&status),
+            };
         }
     };
-    let mut client = match Channel::from_shared(cli.server.clone()) {
-        Ok(endpoint) => match endpoint.connect().await {
-            Ok(ch) => ApprovalServiceClient::with_interceptor(ch, bearer),
-            Err(e) => {
-                eprintln!("airlockctl: cannot reach {}: {e}", cli.server);
-                return ExitCode::from(1);
-            }
-        },
-        Err(e) => {
-            eprintln!("airlockctl: bad --server {:?}: {e}", cli.server);
-            return ExitCode::from(2);
-        }
+    let mut client = match connect(&cli.server, cli.token.as_deref()).await {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     let result = match cmd {
         Requests::List { state, limit } => {
@@ -274,8 +344,10 @@ async fn main() -> ExitCode {
             .get(GetRequestRequest { request_id: id })
             .await
             .map(|r| print!("{}", details(r.get_ref()))),
-        Requests::Approve { id, reason } => decide(&mut client, id, Verdict::Allow, reason).await,
-        Requests::Deny { id, reason } => decide(&mut client, id, Verdict::Deny, reason).await,
+        Requests::Approve { id, reason, grant } => {
+            decide(&mut client, id, Verdict::Allow, reason, grant).await
+        }
+        Requests::Deny { id, reason } => decide(&mut client, id, Verdict::Deny, reason, 0).await,
         Requests::Watch {
             decide: interactive,
         } => watch(&mut client, interactive).await,
@@ -291,6 +363,7 @@ async fn decide(
     id: String,
     verdict: Verdict,
     reason: String,
+    grant_minutes: u32,
 ) -> Result<(), tonic::Status> {
     let h = client
         .decide(DecideRequest {
@@ -298,6 +371,7 @@ async fn decide(
             verdict: verdict as i32,
             reason,
             approver: String::new(),
+            grant_minutes,
         })
         .await?
         .into_inner();
@@ -343,7 +417,7 @@ async fn watch(client: &mut Client, interactive: bool) -> Result<(), tonic::Stat
         } else {
             "approved from airlockctl watch"
         };
-        if let Err(e) = decide(&mut decider, id, verdict, reason.into()).await {
+        if let Err(e) = decide(&mut decider, id, verdict, reason.into(), 0).await {
             eprintln!("airlockctl: {}", e.message());
         }
     }
