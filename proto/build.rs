@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/airlock/v1/agent.proto",
                 "proto/airlock/v1/approval.proto",
+                "proto/airlock/v1/control.proto",
             ],
             &["proto"],
         )?;

@@ -133,6 +133,9 @@ impl AgentService for AgentSvc {
             .unwrap_or_else(|p| p.into_inner())
             .insert(hello.host_id.clone(), (session, tx.clone()));
         tracing::info!(host = %hello.hostname, host_id = %hello.host_id, version = %hello.version, "agent connected");
+        if let Err(e) = self.store.agent_seen(&hello) {
+            tracing::error!(error = %e, "recording the agent failed");
+        }
         let (store, agents, policy) =
             (self.store.clone(), self.agents.clone(), self.policy.clone());
         tokio::spawn(async move {
@@ -184,6 +187,9 @@ impl AgentService for AgentSvc {
                 .is_some_and(|(s, _)| *s == session)
             {
                 streams.remove(&hello.host_id);
+            }
+            if let Err(e) = store.agent_seen(&hello) {
+                tracing::error!(error = %e, "recording the agent failed");
             }
             tracing::info!(host_id = %hello.host_id, "agent disconnected");
         });

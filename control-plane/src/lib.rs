@@ -6,23 +6,27 @@
 //! - [`store`]: requests and their lifecycle, in SQLite;
 //! - [`audit`]: the hash-chained audit trail and its verification;
 //! - [`auth`]: bearer tokens and their scopes;
-//! - [`policy`]: approver groups, quorum and routing.
+//! - [`policy`]: approver groups, quorum and routing;
+//! - [`control`]: audit queries and export, agents list, policy status.
 
 pub mod agents;
 pub mod approvals;
 pub mod audit;
 pub mod auth;
+pub mod control;
 pub mod policy;
 pub mod store;
 
 use std::{
-    sync::{Arc, RwLock},
+    path::Path,
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
 use airlock_proto::v1::{
-    agent_service_server::AgentServiceServer, approval_service_server::ApprovalServiceServer,
-    FILE_DESCRIPTOR_SET,
+    agent_service_server::AgentServiceServer, agents_service_server::AgentsServiceServer,
+    approval_service_server::ApprovalServiceServer, audit_service_server::AuditServiceServer,
+    policy_service_server::PolicyServiceServer, PolicyStatus, FILE_DESCRIPTOR_SET,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -44,6 +48,8 @@ pub struct ControlPlane {
     pub agents: Arc<agents::Agents>,
     /// Approval policy.
     pub policy: SharedPolicy,
+    /// What the policy service reports.
+    pub policy_status: Arc<Mutex<PolicyStatus>>,
 }
 
 impl ControlPlane {
@@ -53,6 +59,44 @@ impl ControlPlane {
             store: Arc::new(store),
             agents: Arc::default(),
             policy: Arc::default(),
+            policy_status: Arc::default(),
+        }
+    }
+
+    /// Loads the policy file `path` and puts it in force; a bad file is refused, recorded
+    /// (policy service, audit trail) and the running policy stays.
+    pub fn load_policy(&self, path: &Path) -> Result<(), policy::PolicyError> {
+        let now = store::now_ms();
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let digest = audit::sha256_hex(text.as_bytes());
+        let payload = format!(
+            "{{\"path\":{:?},\"sha256\":\"{digest}\"}}",
+            path.display().to_string()
+        );
+        let mut status = self.policy_status.lock().unwrap_or_else(|e| e.into_inner());
+        match policy::Policy::load(path) {
+            Ok(p) => {
+                self.set_policy(p);
+                *status = PolicyStatus {
+                    source: text,
+                    path: path.display().to_string(),
+                    loaded_unix_ms: now,
+                    last_error: String::new(),
+                    last_error_unix_ms: 0,
+                };
+                if let Err(e) = self.store.audit_event("server", "policy.loaded", &payload) {
+                    tracing::error!(error = %e, "auditing the policy load failed");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                status.last_error = e.to_string();
+                status.last_error_unix_ms = now;
+                if let Err(e) = self.store.audit_event("server", "policy.refused", &payload) {
+                    tracing::error!(error = %e, "auditing the refused policy failed");
+                }
+                Err(e)
+            }
         }
     }
 
@@ -70,7 +114,14 @@ impl ControlPlane {
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         let (health, health_svc) = tonic_health::server::health_reporter();
-        for name in ["airlock.v1.AgentService", "airlock.v1.ApprovalService", ""] {
+        for name in [
+            "airlock.v1.AgentService",
+            "airlock.v1.ApprovalService",
+            "airlock.v1.AuditService",
+            "airlock.v1.AgentsService",
+            "airlock.v1.PolicyService",
+            "",
+        ] {
             health
                 .set_service_status(name, tonic_health::ServingStatus::Serving)
                 .await;
@@ -109,6 +160,25 @@ impl ControlPlane {
                     policy: self.policy.clone(),
                 },
                 auth::Auth::agents(self.store.clone()),
+            ))
+            .add_service(AuditServiceServer::with_interceptor(
+                control::AuditSvc {
+                    store: self.store.clone(),
+                },
+                auth::Auth::people(self.store.clone()),
+            ))
+            .add_service(AgentsServiceServer::with_interceptor(
+                control::AgentsSvc {
+                    store: self.store.clone(),
+                    agents: self.agents.clone(),
+                },
+                auth::Auth::people(self.store.clone()),
+            ))
+            .add_service(PolicyServiceServer::with_interceptor(
+                control::PolicySvc {
+                    status: self.policy_status.clone(),
+                },
+                auth::Auth::people(self.store.clone()),
             ))
             .add_service(ApprovalServiceServer::with_interceptor(
                 approvals::ApprovalSvc {

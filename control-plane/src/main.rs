@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use airlock_control_plane::ControlPlane;
-use airlock_control_plane::{auth::Scope, policy::Policy, store::Store};
+use airlock_control_plane::{auth::Scope, store::Store};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
@@ -108,17 +108,14 @@ async fn main() -> Result<()> {
         .clone()
         .or_else(|| Some(data_dir.join("policy.toml")).filter(|p| p.exists()));
     if let Some(path) = &policy_path {
-        plane.set_policy(Policy::load(path)?);
+        plane.load_policy(path)?;
         println!("airlock-server: policy {}", path.display());
         let (plane, path) = (plane.clone(), path.clone());
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                match Policy::load(&path) {
-                    Ok(p) => {
-                        plane.set_policy(p);
-                        tracing::info!(policy = %path.display(), "policy reloaded");
-                    }
+                match plane.load_policy(&path) {
+                    Ok(()) => tracing::info!(policy = %path.display(), "policy reloaded"),
                     Err(e) => {
                         tracing::error!(error = %e, "new policy refused; the running one stays")
                     }

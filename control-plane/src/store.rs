@@ -117,6 +117,12 @@ CREATE TABLE IF NOT EXISTS grants (
     revoked_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS grants_match ON grants (host_id, account, action);
+CREATE TABLE IF NOT EXISTS agents (
+    host_id TEXT PRIMARY KEY,
+    body BLOB NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -746,6 +752,53 @@ impl Store {
                 tracing::error!(path = %cp.display(), error = %e, "writing the audit checkpoint failed");
             }
         }
+    }
+
+    /// Records that agent `hello` connected (or is still there).
+    pub fn agent_seen(&self, hello: &Hello) -> Result<(), StoreError> {
+        let now = now_ms();
+        self.lock()
+            .execute(
+                "INSERT INTO agents (host_id, body, first_seen_ms, last_seen_ms) VALUES (?1, ?2, ?3, ?3)
+                 ON CONFLICT (host_id) DO UPDATE SET body = ?2, last_seen_ms = ?3",
+                params![hello.host_id, hello.encode_to_vec(), now],
+            )
+            .map_err(self.db())?;
+        Ok(())
+    }
+
+    /// Every agent ever seen: hello, first and last seen (ms).
+    pub fn agents(&self) -> Result<Vec<(Hello, i64, i64)>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare("SELECT body, first_seen_ms, last_seen_ms FROM agents ORDER BY host_id")
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(self.db())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (body, first, last) = row.map_err(self.db())?;
+            if let Ok(h) = Hello::decode(body.as_slice()) {
+                out.push((h, first, last));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Appends an audit record that concerns no request (policy loads, logins).
+    pub fn audit_event(&self, actor: &str, action: &str, payload: &str) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(self.db())?;
+        let record = audit::append(&tx, now_ms(), actor, action, "", payload).map_err(self.db())?;
+        tx.commit().map_err(self.db())?;
+        self.checkpoint(&record);
+        Ok(())
+    }
+
+    /// Audit records matching `f`.
+    pub fn audit_query(&self, f: &audit::Filter) -> Result<Vec<audit::Record>, StoreError> {
+        audit::query(&self.lock(), f).map_err(self.db())
     }
 
     /// Verifies the audit chain (and the checkpoint beside the database file).

@@ -524,3 +524,151 @@ async fn grant_answers_the_same_action_at_once_until_revoked() {
         .into_inner();
     assert_eq!(g3.state(), RequestState::Pending);
 }
+
+#[tokio::test]
+async fn audit_export_agents_and_policy_services() {
+    use airlock_proto::v1::{
+        agents_service_client::AgentsServiceClient, audit_service_client::AuditServiceClient,
+        policy_service_client::PolicyServiceClient, AuditExportRequest, AuditQuery,
+        AuditVerifyRequest, ExportFormat, GetPolicyRequest, ListAgentsRequest,
+        ValidatePolicyRequest,
+    };
+    let (url, t, _stop) = start().await;
+    let a = agent(&url, "host-a", &t["host-a"]);
+    assert!(a.wait_connected(Duration::from_secs(5)).await);
+    let answer = a.ask(request("x-1", "ci"));
+    let mut alice = approvals(&url, Some(&t["alice"])).await;
+    wait_pending(&mut alice, 1).await;
+    alice
+        .decide(vote("x-1", Verdict::Deny, "no, \"really\""))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let ch = tonic::transport::Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let reader = Bearer(Some(t["reader"].clone()));
+    let mut audit = AuditServiceClient::with_interceptor(ch.clone(), reader.clone());
+    let export = |format: ExportFormat| AuditExportRequest {
+        query: Some(AuditQuery {
+            request_id: "x-1".into(),
+            ..Default::default()
+        }),
+        format: format as i32,
+    };
+    let mut stream = audit
+        .export(export(ExportFormat::JsonLines))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut jsonl = Vec::new();
+    while let Some(c) = stream.message().await.unwrap() {
+        jsonl.extend(c.data);
+    }
+    let lines: Vec<&str> = std::str::from_utf8(&jsonl).unwrap().lines().collect();
+    assert_eq!(lines.len(), 2, "received and denied: {lines:?}");
+    assert!(lines[1].contains("\"actor\":\"alice\"") && lines[1].contains("request.vote.deny"));
+    let mut stream = audit
+        .export(export(ExportFormat::Csv))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut csv = Vec::new();
+    while let Some(c) = stream.message().await.unwrap() {
+        csv.extend(c.data);
+    }
+    let csv = String::from_utf8(csv).unwrap();
+    assert!(
+        csv.starts_with("seq,at_ms,actor,action,request_id,payload"),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().count(), 3);
+    let unspecified = audit.export(export(ExportFormat::Unspecified)).await;
+    assert_eq!(
+        unspecified.err().map(|e| e.code()),
+        Some(Code::InvalidArgument)
+    );
+    let v = audit
+        .verify(AuditVerifyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.intact && v.records >= 2, "{v:?}");
+
+    let mut agents = AgentsServiceClient::with_interceptor(ch.clone(), reader.clone());
+    let list = agents
+        .list(ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    let host_a = list
+        .iter()
+        .find(|x| x.host_id == "host-a")
+        .expect("host-a known");
+    assert!(host_a.connected);
+
+    let mut policy = PolicyServiceClient::with_interceptor(ch.clone(), reader);
+    let status = policy.get(GetPolicyRequest {}).await.unwrap().into_inner();
+    assert!(status.path.is_empty(), "built-in default");
+    let bad = policy
+        .validate(ValidatePolicyRequest {
+            text: "[[rule]]\nname = 1\n".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !bad.valid && bad.error.starts_with("candidate:2:8:"),
+        "{bad:?}"
+    );
+
+    let mut anonymous = AuditServiceClient::new(ch);
+    let denied = anonymous.verify(AuditVerifyRequest {}).await.unwrap_err();
+    assert_eq!(denied.code(), Code::Unauthenticated);
+}
+
+#[test]
+fn bad_policy_reload_is_refused_recorded_and_old_one_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::write(
+        &path,
+        "[groups]\noncall = [\"alice\"]\n[[rule]]\nname = \"*\"\ngroups = [\"oncall\"]\n",
+    )
+    .unwrap();
+    let plane = ControlPlane::new(Store::in_memory().unwrap());
+    plane.load_policy(&path).unwrap();
+    std::fs::write(&path, "[[rule]]\nname = \"*\"\ngroups = [\"nobody\"]\n").unwrap();
+    let err = plane.load_policy(&path).unwrap_err();
+    assert!(
+        err.to_string().contains("unknown group \"nobody\""),
+        "{err}"
+    );
+    let policy = airlock_control_plane::current(&plane.policy);
+    assert_eq!(
+        policy.groups.get("oncall").map(Vec::len),
+        Some(1),
+        "old policy still in force"
+    );
+    let status = plane.policy_status.lock().unwrap().clone();
+    assert!(status.last_error.contains("nobody"));
+    assert!(
+        status.source.contains("oncall"),
+        "status shows the policy in force"
+    );
+    let actions: Vec<String> = plane
+        .store
+        .audit_query(&Default::default())
+        .unwrap()
+        .into_iter()
+        .map(|r| r.action)
+        .collect();
+    assert_eq!(actions, ["policy.loaded", "policy.refused"]);
+}

@@ -9,9 +9,11 @@ use std::{
 };
 
 use airlock_proto::v1::{
-    action_request::Action, approval_service_client::ApprovalServiceClient, DecideRequest,
-    GetRequestRequest, HeldRequest, ListRequestsRequest, RequestState, Verdict,
-    WatchRequestsRequest,
+    action_request::Action, agents_service_client::AgentsServiceClient,
+    approval_service_client::ApprovalServiceClient, audit_service_client::AuditServiceClient,
+    policy_service_client::PolicyServiceClient, AuditExportRequest, AuditQuery, AuditVerifyRequest,
+    DecideRequest, ExportFormat, GetPolicyRequest, GetRequestRequest, HeldRequest,
+    ListAgentsRequest, ListRequestsRequest, RequestState, Verdict, WatchRequestsRequest,
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use tonic::{
@@ -64,6 +66,12 @@ enum Command {
     /// Grants: standing approvals of one exact action for a while.
     #[command(subcommand)]
     Grants(Grants),
+    /// Agents known to the server.
+    #[command(subcommand)]
+    Agents(Agents),
+    /// The approval policy.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -84,12 +92,56 @@ enum Grants {
 #[derive(Debug, Subcommand)]
 enum Audit {
     /// Check that no audit record was changed, removed, reordered or cut off the end; reports
-    /// the first bad record. Reads the database file directly (and its checkpoint beside it).
+    /// the first bad record. With --db, reads the database file directly (and the checkpoint
+    /// beside it), which is what an auditor should do; without, asks the server.
     Verify {
         /// The control plane's database, e.g. /var/lib/airlock/airlock.db.
         #[arg(long)]
-        db: std::path::PathBuf,
+        db: Option<std::path::PathBuf>,
     },
+    /// Write audit records as JSON Lines or CSV to stdout (or --out).
+    Export {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = FormatArg::Jsonl)]
+        format: FormatArg,
+        /// Only records of this request.
+        #[arg(long)]
+        request: Option<String>,
+        /// Only records by this actor.
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only this action, or a prefix ending in '*' (e.g. 'request.*').
+        #[arg(long)]
+        action: Option<String>,
+        /// Write here instead of stdout.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FormatArg {
+    /// JSON Lines.
+    Jsonl,
+    /// CSV with a header.
+    Csv,
+}
+
+#[derive(Debug, Subcommand)]
+enum Agents {
+    /// Known agents, connected or not.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Check a policy file (line and column of the first problem); nothing is applied.
+    Validate {
+        /// The file.
+        file: std::path::PathBuf,
+    },
+    /// The policy in force on the server, and its last reload error.
+    Show,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -208,6 +260,135 @@ fn details(h: &HeldRequest) -> String {
 
 /// A client for `server` that sends `token` with every call; on failure, the exit code.
 async fn connect(server: &str, token: Option<&str>) -> Result<Client, ExitCode> {
+    let (channel, bearer) = channel(server, token).await?;
+    Ok(ApprovalServiceClient::with_interceptor(channel, bearer))
+}
+
+fn finish(result: Result<(), tonic::Status>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(status) => exit_for(&status),
+    }
+}
+
+async fn audit_remote(server: &str, token: Option<&str>, cmd: Audit) -> ExitCode {
+    let (ch, bearer) = match channel(server, token).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut client = AuditServiceClient::with_interceptor(ch, bearer);
+    match cmd {
+        Audit::Verify { .. } => match client.verify(AuditVerifyRequest {}).await {
+            Ok(r) if r.get_ref().intact => {
+                println!("audit trail intact: {} records", r.get_ref().records);
+                ExitCode::SUCCESS
+            }
+            Ok(r) => {
+                eprintln!("airlockctl: {}", r.get_ref().problem);
+                ExitCode::from(5)
+            }
+            Err(status) => exit_for(&status),
+        },
+        Audit::Export {
+            format,
+            request,
+            actor,
+            action,
+            out,
+        } => {
+            let query = AuditQuery {
+                request_id: request.unwrap_or_default(),
+                actor: actor.unwrap_or_default(),
+                action: action.unwrap_or_default(),
+                ..Default::default()
+            };
+            let format = match format {
+                FormatArg::Jsonl => ExportFormat::JsonLines,
+                FormatArg::Csv => ExportFormat::Csv,
+            };
+            let result = async {
+                let mut stream = client
+                    .export(AuditExportRequest {
+                        query: Some(query),
+                        format: format as i32,
+                    })
+                    .await?
+                    .into_inner();
+                let mut data = Vec::new();
+                while let Some(chunk) = stream.message().await? {
+                    data.extend_from_slice(&chunk.data);
+                }
+                Ok::<_, tonic::Status>(data)
+            }
+            .await;
+            match result {
+                Ok(data) => {
+                    let written = match &out {
+                        Some(path) => std::fs::write(path, &data),
+                        None => std::io::stdout().write_all(&data),
+                    };
+                    if let Err(e) = written {
+                        eprintln!("airlockctl: writing the export: {e}");
+                        return ExitCode::from(1);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(status) => exit_for(&status),
+            }
+        }
+    }
+}
+
+async fn agents_list(server: &str, token: Option<&str>) -> ExitCode {
+    let (ch, bearer) = match channel(server, token).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut client = AgentsServiceClient::with_interceptor(ch, bearer);
+    finish(client.list(ListAgentsRequest {}).await.map(|r| {
+        for a in &r.get_ref().agents {
+            let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!(
+                "{:<12} {} {} v{} [{}] last seen {}s ago",
+                if a.connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                },
+                a.host_id,
+                a.hostname,
+                a.version,
+                labels.join(","),
+                (airlock_control_plane::store::now_ms() - a.last_seen_unix_ms) / 1000
+            );
+        }
+    }))
+}
+
+async fn policy_show(server: &str, token: Option<&str>) -> ExitCode {
+    let (ch, bearer) = match channel(server, token).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut client = PolicyServiceClient::with_interceptor(ch, bearer);
+    finish(client.get(GetPolicyRequest {}).await.map(|r| {
+        let st = r.get_ref();
+        if st.path.is_empty() {
+            println!("built-in default policy: any one approver decides");
+        } else {
+            println!(
+                "# {} (loaded at {} ms)\n{}",
+                st.path, st.loaded_unix_ms, st.source
+            );
+        }
+        if !st.last_error.is_empty() {
+            println!("# last reload refused: {}", st.last_error);
+        }
+    }))
+}
+
+/// A channel to `server` and the interceptor that adds `token`; on failure, the exit code.
+async fn channel(server: &str, token: Option<&str>) -> Result<(Channel, Bearer), ExitCode> {
     let bearer = match token.map(|t| format!("Bearer {t}").parse()) {
         None => Bearer(None),
         Some(Ok(v)) => Bearer(Some(v)),
@@ -224,7 +405,7 @@ async fn connect(server: &str, token: Option<&str>) -> Result<Client, ExitCode> 
         eprintln!("airlockctl: cannot reach {server}: {e}");
         ExitCode::from(1)
     })?;
-    Ok(ApprovalServiceClient::with_interceptor(channel, bearer))
+    Ok((channel, bearer))
 }
 
 fn grant_line(g: &airlock_proto::v1::Grant) -> String {
@@ -286,7 +467,31 @@ fn audit_verify(db: &std::path::Path) -> ExitCode {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let cmd = match cli.command {
-        Command::Audit(Audit::Verify { db }) => return audit_verify(&db),
+        Command::Audit(Audit::Verify { db: Some(db) }) => return audit_verify(&db),
+        Command::Policy(PolicyCmd::Validate { file }) => {
+            return match airlock_control_plane::policy::Policy::load(&file) {
+                Ok(p) => {
+                    println!(
+                        "{}: ok ({} groups, {} rules)",
+                        file.display(),
+                        p.groups.len(),
+                        p.rules.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("airlockctl: {e}");
+                    ExitCode::from(4)
+                }
+            };
+        }
+        Command::Audit(a) => return audit_remote(&cli.server, cli.token.as_deref(), a).await,
+        Command::Agents(Agents::List) => {
+            return agents_list(&cli.server, cli.token.as_deref()).await
+        }
+        Command::Policy(PolicyCmd::Show) => {
+            return policy_show(&cli.server, cli.token.as_deref()).await
+        }
         Command::Requests(cmd) => cmd,
         Command::Grants(g) => {
             let mut client = match connect(&cli.server, cli.token.as_deref()).await {

@@ -1,0 +1,189 @@
+//! The read-mostly services for operators and auditors: `AuditService` (query, export,
+//! verify), `AgentsService` (known and connected agents) and `PolicyService` (the policy in
+//! force, and validation of a candidate).
+
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex},
+};
+
+use airlock_proto::v1::{
+    agents_service_server::AgentsService, audit_service_server::AuditService,
+    policy_service_server::PolicyService, AgentInfo, AuditChunk, AuditExportRequest, AuditQuery,
+    AuditRecord, AuditRecords, AuditVerifyRequest, AuditVerifyResponse, ExportFormat,
+    GetPolicyRequest, ListAgentsRequest, ListAgentsResponse, PolicyStatus, ValidatePolicyRequest,
+    ValidatePolicyResponse,
+};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::{agents::Agents, audit, policy::Policy, store::Store};
+
+/// Bytes per export chunk.
+const CHUNK: usize = 64 * 1024;
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %e, "store failure");
+    Status::internal("the control plane could not read its database")
+}
+
+fn filter(q: Option<AuditQuery>) -> audit::Filter {
+    let q = q.unwrap_or_default();
+    let some = |s: String| Some(s).filter(|s| !s.is_empty());
+    audit::Filter {
+        request_id: some(q.request_id),
+        actor: some(q.actor),
+        action: some(q.action),
+        since_ms: Some(q.since_unix_ms).filter(|t| *t > 0),
+        until_ms: Some(q.until_unix_ms).filter(|t| *t > 0),
+        limit: Some(q.limit).filter(|l| *l > 0),
+    }
+}
+
+fn to_proto(r: audit::Record) -> AuditRecord {
+    AuditRecord {
+        seq: r.seq,
+        at_unix_ms: r.at_ms,
+        actor: r.actor,
+        action: r.action,
+        request_id: r.request_id,
+        payload: r.payload,
+        digest: r.digest,
+        prev_hash: r.prev_hash,
+        hash: r.hash,
+    }
+}
+
+/// `AuditService`.
+pub struct AuditSvc {
+    /// Where the trail lives.
+    pub store: Arc<Store>,
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<AuditChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AuditService for AuditSvc {
+    async fn query(&self, req: Request<AuditQuery>) -> Result<Response<AuditRecords>, Status> {
+        let records = self
+            .store
+            .audit_query(&filter(Some(req.into_inner())))
+            .map_err(internal)?;
+        Ok(Response::new(AuditRecords {
+            records: records.into_iter().map(to_proto).collect(),
+        }))
+    }
+
+    type ExportStream = ChunkStream;
+
+    async fn export(
+        &self,
+        req: Request<AuditExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        let r = req.into_inner();
+        let records = self.store.audit_query(&filter(r.query)).map_err(internal)?;
+        let text = match ExportFormat::try_from(r.format).unwrap_or(ExportFormat::Unspecified) {
+            ExportFormat::JsonLines => audit::to_json_lines(&records),
+            ExportFormat::Csv => audit::to_csv(&records).map_err(internal)?,
+            ExportFormat::Unspecified => {
+                return Err(Status::invalid_argument("format must be JSON_LINES or CSV"))
+            }
+        };
+        let chunks: Vec<Result<AuditChunk, Status>> = text
+            .into_bytes()
+            .chunks(CHUNK)
+            .map(|c| Ok(AuditChunk { data: c.to_vec() }))
+            .collect();
+        Ok(Response::new(
+            Box::pin(tokio_stream::iter(chunks)) as ChunkStream
+        ))
+    }
+
+    async fn verify(
+        &self,
+        _req: Request<AuditVerifyRequest>,
+    ) -> Result<Response<AuditVerifyResponse>, Status> {
+        Ok(Response::new(match self.store.verify_audit() {
+            Ok(n) => AuditVerifyResponse {
+                intact: true,
+                records: n,
+                problem: String::new(),
+            },
+            Err(t) => AuditVerifyResponse {
+                intact: false,
+                records: 0,
+                problem: t.to_string(),
+            },
+        }))
+    }
+}
+
+/// `AgentsService`.
+pub struct AgentsSvc {
+    /// Known agents.
+    pub store: Arc<Store>,
+    /// Connected agents.
+    pub agents: Arc<Agents>,
+}
+
+#[tonic::async_trait]
+impl AgentsService for AgentsSvc {
+    async fn list(
+        &self,
+        _req: Request<ListAgentsRequest>,
+    ) -> Result<Response<ListAgentsResponse>, Status> {
+        let connected = self.agents.connected();
+        let agents = self
+            .store
+            .agents()
+            .map_err(internal)?
+            .into_iter()
+            .map(|(h, first, last)| AgentInfo {
+                connected: connected.contains(&h.host_id),
+                host_id: h.host_id,
+                hostname: h.hostname,
+                labels: h.labels,
+                version: h.version,
+                first_seen_unix_ms: first,
+                last_seen_unix_ms: last,
+            })
+            .collect();
+        Ok(Response::new(ListAgentsResponse { agents }))
+    }
+}
+
+/// `PolicyService`.
+pub struct PolicySvc {
+    /// What is in force, and the last reload error.
+    pub status: Arc<Mutex<PolicyStatus>>,
+}
+
+#[tonic::async_trait]
+impl PolicyService for PolicySvc {
+    async fn get(&self, _req: Request<GetPolicyRequest>) -> Result<Response<PolicyStatus>, Status> {
+        Ok(Response::new(
+            self.status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        ))
+    }
+
+    async fn validate(
+        &self,
+        req: Request<ValidatePolicyRequest>,
+    ) -> Result<Response<ValidatePolicyResponse>, Status> {
+        Ok(Response::new(
+            match Policy::parse(&req.get_ref().text, "candidate") {
+                Ok(_) => ValidatePolicyResponse {
+                    valid: true,
+                    error: String::new(),
+                },
+                Err(e) => ValidatePolicyResponse {
+                    valid: false,
+                    error: e.to_string(),
+                },
+            },
+        ))
+    }
+}
