@@ -66,7 +66,7 @@ impl Agents {
 fn decision_of(held: &HeldRequest) -> Option<Decision> {
     let verdict = match held.state() {
         RequestState::Approved => Verdict::Allow,
-        RequestState::Denied => Verdict::Deny,
+        RequestState::Denied | RequestState::Cancelled => Verdict::Deny,
         _ => return None,
     };
     Some(Decision {

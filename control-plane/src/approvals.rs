@@ -7,9 +7,9 @@
 use std::{pin::Pin, sync::Arc};
 
 use airlock_proto::v1::{
-    approval_service_server::ApprovalService, DecideRequest, GetRequestRequest, Grant, HeldRequest,
-    ListGrantsRequest, ListGrantsResponse, ListRequestsRequest, ListRequestsResponse, RequestState,
-    RevokeGrantRequest, Verdict, WatchRequestsRequest,
+    approval_service_server::ApprovalService, CancelRequest, DecideRequest, GetRequestRequest,
+    Grant, HeldRequest, ListGrantsRequest, ListGrantsResponse, ListRequestsRequest,
+    ListRequestsResponse, RequestState, RevokeGrantRequest, Verdict, WatchRequestsRequest,
 };
 use tokio_stream::{wrappers::BroadcastStream, Stream, StreamExt};
 use tonic::{Request, Response, Status};
@@ -199,5 +199,26 @@ impl ApprovalService for ApprovalSvc {
             .map_err(status_of)?;
         tracing::info!(grant = %g.id, by = %who.name, "grant revoked");
         Ok(Response::new(g))
+    }
+
+    async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<HeldRequest>, Status> {
+        let who = auth::principal(&req)?;
+        if !who.may_vote() {
+            return Err(Status::permission_denied(format!(
+                "{} has a {} token, which cannot cancel requests",
+                who.name, who.scope
+            )));
+        }
+        let c = req.into_inner();
+        if c.reason.trim().is_empty() {
+            return Err(Status::invalid_argument("a cancel needs a reason"));
+        }
+        let held = self
+            .store
+            .cancel(&c.request_id, &who.name, &c.reason)
+            .map_err(status_of)?;
+        tracing::info!(request = %c.request_id, by = %who.name, "cancelled");
+        self.agents.deliver(&held);
+        Ok(Response::new(held))
     }
 }

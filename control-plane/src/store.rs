@@ -95,6 +95,7 @@ pub fn state_name(s: RequestState) -> &'static str {
         RequestState::Approved => "approved",
         RequestState::Denied => "denied",
         RequestState::Expired => "expired",
+        RequestState::Cancelled => "cancelled",
         RequestState::Unspecified => "unknown",
     }
 }
@@ -567,6 +568,27 @@ impl Store {
             None => self.save(&mut conn, &held, approver, action, &payload, false)?,
         }
         Ok((held, decided))
+    }
+
+    /// Withdraws a pending request (the agent is told to deny it).
+    pub fn cancel(&self, id: &str, by: &str, reason: &str) -> Result<HeldRequest, StoreError> {
+        let mut conn = self.lock();
+        let mut held = Self::load(&conn, id)
+            .map_err(self.db())?
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        if held.state() != RequestState::Pending {
+            return Err(StoreError::NotPending {
+                id: id.to_owned(),
+                state: state_name(held.state()),
+            });
+        }
+        held.state = RequestState::Cancelled as i32;
+        held.decided_by = by.to_owned();
+        held.reason = format!("cancelled: {reason}");
+        held.decided_unix_ms = now_ms();
+        let payload = format!("{{\"reason\":{}}}", json_str(reason));
+        self.save(&mut conn, &held, by, "request.cancelled", &payload, false)?;
+        Ok(held)
     }
 
     /// Marks pending requests whose deadline has passed as expired (the agent applies the

@@ -672,3 +672,50 @@ fn bad_policy_reload_is_refused_recorded_and_old_one_stays() {
         .collect();
     assert_eq!(actions, ["policy.loaded", "policy.refused"]);
 }
+
+#[tokio::test]
+async fn cancel_tells_the_agent_to_deny() {
+    let (url, t, _stop) = start().await;
+    let a = agent(&url, "host-a", &t["host-a"]);
+    assert!(a.wait_connected(Duration::from_secs(5)).await);
+    let answer = a.ask(request("c-1", "ci"));
+    let mut alice = approvals(&url, Some(&t["alice"])).await;
+    wait_pending(&mut alice, 1).await;
+    let no_reason = alice
+        .cancel(airlock_proto::v1::CancelRequest {
+            request_id: "c-1".into(),
+            reason: " ".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(no_reason.code(), Code::InvalidArgument);
+    let mut reader = approvals(&url, Some(&t["reader"])).await;
+    let by_reader = reader
+        .cancel(airlock_proto::v1::CancelRequest {
+            request_id: "c-1".into(),
+            reason: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(by_reader.code(), Code::PermissionDenied);
+    let held = alice
+        .cancel(airlock_proto::v1::CancelRequest {
+            request_id: "c-1".into(),
+            reason: "wrong ticket".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(held.state(), RequestState::Cancelled);
+    let d = tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.verdict, Verdict::Deny as i32);
+    assert!(d.reason.contains("wrong ticket"), "{}", d.reason);
+    let late = alice
+        .decide(vote("c-1", Verdict::Allow, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition);
+}

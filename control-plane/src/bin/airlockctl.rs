@@ -150,6 +150,7 @@ enum StateArg {
     Approved,
     Denied,
     Expired,
+    Cancelled,
 }
 
 #[derive(Debug, Subcommand)]
@@ -185,6 +186,14 @@ enum Requests {
         /// Also approve the same action, host and account for this many minutes (max 1440).
         #[arg(long, value_name = "MINUTES", default_value_t = 0)]
         grant: u32,
+    },
+    /// Withdraw a pending request; the agent denies it.
+    Cancel {
+        /// Request id.
+        id: String,
+        /// Why (required).
+        #[arg(long)]
+        reason: String,
     },
     /// Deny a pending request, as the identity of your token.
     Deny {
@@ -531,6 +540,7 @@ async fn main() -> ExitCode {
                 Some(StateArg::Approved) => RequestState::Approved,
                 Some(StateArg::Denied) => RequestState::Denied,
                 Some(StateArg::Expired) => RequestState::Expired,
+                Some(StateArg::Cancelled) => RequestState::Cancelled,
             };
             client
                 .list(ListRequestsRequest {
@@ -553,6 +563,13 @@ async fn main() -> ExitCode {
             decide(&mut client, id, Verdict::Allow, reason, grant).await
         }
         Requests::Deny { id, reason } => decide(&mut client, id, Verdict::Deny, reason, 0).await,
+        Requests::Cancel { id, reason } => client
+            .cancel(airlock_proto::v1::CancelRequest {
+                request_id: id,
+                reason,
+            })
+            .await
+            .map(|r| println!("{}", line(r.get_ref()))),
         Requests::Watch {
             decide: interactive,
         } => watch(&mut client, interactive).await,
