@@ -115,6 +115,34 @@ fn hostname() -> String {
         .unwrap_or_else(|| "unknown-host".into())
 }
 
+/// TLS settings for an https decider, from agent.tls_* files.
+pub fn client_tls(
+    settings: &crate::config::AgentSection,
+) -> Result<Option<tonic::transport::ClientTlsConfig>> {
+    let read = |p: &std::path::PathBuf| {
+        std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+    };
+    let Some(ca) = &settings.tls_ca_file else {
+        if settings.tls_cert_file.is_some() {
+            bail!("agent.tls_cert_file needs agent.tls_ca_file too");
+        }
+        return Ok(None);
+    };
+    let mut cfg = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+    match (&settings.tls_cert_file, &settings.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            cfg = cfg.identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ));
+        }
+        (None, None) => {}
+        _ => bail!("agent.tls_cert_file and agent.tls_key_file go together"),
+    }
+    Ok(Some(cfg))
+}
+
 /// The agent's credential: AIRLOCK_AGENT_TOKEN, else the contents of agent.token_file.
 fn agent_token(settings: &crate::config::AgentSection) -> Result<Option<String>> {
     if let Ok(t) = std::env::var("AIRLOCK_AGENT_TOKEN") {
@@ -164,16 +192,20 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
     kernel.heartbeat(me, hb_timeout)?;
     let host = host_id(settings.host_id.as_deref());
     let token = agent_token(&settings)?;
+    let tls = client_tls(&settings)?;
     let decider = settings.decider.clone().map(|url| {
-        Decider::spawn(
-            url,
+        Decider::spawn_with(
+            crate::decider::Connection {
+                url,
+                token: token.clone(),
+                tls: tls.clone(),
+            },
             Hello {
                 host_id: host.clone(),
                 hostname: hostname(),
                 labels: settings.labels.clone().into_iter().collect(),
                 version: env!("CARGO_PKG_VERSION").into(),
             },
-            token.clone(),
         )
     });
     let engine = Arc::new(Engine::new(

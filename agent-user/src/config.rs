@@ -84,6 +84,13 @@ pub struct AgentSection {
     /// create --scope agent --name <host id>`). The AIRLOCK_AGENT_TOKEN environment variable
     /// takes precedence.
     pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for an `https://` decider; default: the system roots are
+    /// not used, so set this for https.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS, with `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Client key (PEM) for mTLS.
+    pub tls_key_file: Option<PathBuf>,
     /// Labels sent in the hello (`env = "prod"`), used by the control plane to pick rules.
     pub labels: BTreeMap<String, String>,
     /// Default deadline of a hold, in seconds, when a rule sets none.
@@ -108,6 +115,9 @@ impl Default for AgentSection {
             decider: None,
             host_id: None,
             token_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             labels: BTreeMap::new(),
             hold_timeout_secs: 60,
             fail_mode: FailMode::Deny,

@@ -20,6 +20,17 @@ use tokio_stream::wrappers::ReceiverStream;
 /// Outcomes kept while the decider is unreachable; older ones are dropped past this.
 const MAX_QUEUED_OUTCOMES: usize = 4096;
 
+/// How to reach the decider.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    /// `http://` or `https://` address.
+    pub url: String,
+    /// Bearer token (the agent's credential).
+    pub token: Option<String>,
+    /// TLS settings for `https://`: CA to trust, client certificate for mTLS.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
 #[derive(Default)]
 struct Shared {
     /// Requests waiting for a decision, by id.
@@ -41,9 +52,21 @@ impl Decider {
     /// Starts the connection task for `url` (e.g. `http://10.0.2.2:7443`), authenticating with
     /// `token` when given.
     pub fn spawn(url: String, hello: Hello, token: Option<String>) -> Self {
+        Self::spawn_with(
+            Connection {
+                url,
+                token,
+                tls: None,
+            },
+            hello,
+        )
+    }
+
+    /// Starts the connection task for `conn`.
+    pub fn spawn_with(conn: Connection, hello: Hello) -> Self {
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (tx, rx) = watch::channel(false);
-        tokio::spawn(run(url, hello, token, shared.clone(), tx));
+        tokio::spawn(run(conn, hello, shared.clone(), tx));
         Self {
             shared,
             connected: rx,
@@ -103,15 +126,15 @@ impl Decider {
 }
 
 async fn run(
-    url: String,
+    conn: Connection,
     hello: Hello,
-    token: Option<String>,
     shared: Arc<Mutex<Shared>>,
     connected: watch::Sender<bool>,
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match session(&url, &hello, token.as_deref(), &shared, &connected).await {
+        let url = &conn.url;
+        match session(&conn, &hello, &shared, &connected).await {
             Ok(()) => tracing::warn!(decider = %url, "decider closed the stream; reconnecting"),
             Err(e) => {
                 tracing::warn!(decider = %url, error = %e, "decider unreachable; retrying in {backoff:?}")
@@ -131,17 +154,22 @@ async fn run(
 
 /// One stream, from connect to its end.
 async fn session(
-    url: &str,
+    conn: &Connection,
     hello: &Hello,
-    token: Option<&str>,
     shared: &Arc<Mutex<Shared>>,
     connected: &watch::Sender<bool>,
 ) -> Result<(), tonic::Status> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+    let (url, token) = (conn.url.as_str(), conn.token.as_deref());
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
         .map_err(|e| tonic::Status::invalid_argument(format!("decider address {url:?}: {e}")))?
         .connect_timeout(Duration::from_secs(3))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
+    if let Some(tls) = &conn.tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| tonic::Status::invalid_argument(format!("TLS settings: {e}")))?;
+    }
     let channel = endpoint
         .connect()
         .await

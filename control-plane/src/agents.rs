@@ -85,6 +85,8 @@ pub struct AgentSvc {
     pub agents: Arc<Agents>,
     /// Routing of new requests.
     pub policy: crate::SharedPolicy,
+    /// mTLS: agents must present a client certificate signed by the configured CA.
+    pub require_client_cert: bool,
 }
 
 type OutStream = Pin<Box<dyn Stream<Item = Result<DeciderMessage, Status>> + Send>>;
@@ -98,6 +100,11 @@ impl AgentService for AgentSvc {
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let who = crate::auth::principal(&req)?;
+        if self.require_client_cert && req.peer_certs().is_none_or(|c| c.is_empty()) {
+            return Err(Status::unauthenticated(
+                "this server requires agents to present a client certificate (mTLS)",
+            ));
+        }
         let mut inbound = req.into_inner();
         let hello = match inbound.next().await {
             Some(Ok(AgentMessage {

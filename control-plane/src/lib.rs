@@ -50,6 +50,20 @@ pub struct ControlPlane {
     pub policy: SharedPolicy,
     /// What the policy service reports.
     pub policy_status: Arc<Mutex<PolicyStatus>>,
+    /// TLS for the listener, if configured.
+    pub tls: Option<Tls>,
+}
+
+/// TLS settings of the listener.
+#[derive(Clone)]
+pub struct Tls {
+    /// Server certificate chain and key, PEM.
+    pub cert_pem: Vec<u8>,
+    /// Server key, PEM.
+    pub key_pem: Vec<u8>,
+    /// CA that signs agent client certificates (mTLS): when set, agent streams must present
+    /// a certificate it signed. Approver clients may connect without one.
+    pub client_ca_pem: Option<Vec<u8>>,
 }
 
 impl ControlPlane {
@@ -60,6 +74,7 @@ impl ControlPlane {
             agents: Arc::default(),
             policy: Arc::default(),
             policy_status: Arc::default(),
+            tls: None,
         }
     }
 
@@ -150,7 +165,20 @@ impl ControlPlane {
             shutdown.await;
             agents.close_all();
         };
-        let result = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.tls {
+            let mut cfg = tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+            );
+            if let Some(ca) = &tls.client_ca_pem {
+                cfg = cfg
+                    .client_ca_root(tonic::transport::Certificate::from_pem(ca))
+                    .client_auth_optional(true);
+            }
+            builder = builder.tls_config(cfg)?;
+        }
+        let require_client_cert = self.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some());
+        let result = builder
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(AgentServiceServer::with_interceptor(
@@ -158,6 +186,7 @@ impl ControlPlane {
                     store: self.store.clone(),
                     agents: self.agents.clone(),
                     policy: self.policy.clone(),
+                    require_client_cert,
                 },
                 auth::Auth::agents(self.store.clone()),
             ))

@@ -25,6 +25,15 @@ struct Cli {
     /// Reloaded on SIGHUP; a bad new policy is refused and the running one kept.
     #[arg(long, env = "AIRLOCK_POLICY")]
     policy: Option<PathBuf>,
+    /// TLS certificate chain (PEM) for the gRPC listener; with --tls-key, serve https only.
+    #[arg(long, requires = "tls_key", env = "AIRLOCK_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert", env = "AIRLOCK_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that signs agent client certificates: agents must then use mTLS.
+    #[arg(long, requires = "tls_cert", env = "AIRLOCK_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -100,9 +109,26 @@ async fn main() -> Result<()> {
     let listener = tokio::net::TcpListener::bind(cli.grpc)
         .await
         .with_context(|| format!("listening on {}", cli.grpc))?;
-    println!("airlock-server: gRPC on http://{}", listener.local_addr()?);
+    let scheme = if cli.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!(
+        "airlock-server: gRPC on {scheme}://{}",
+        listener.local_addr()?
+    );
     println!("airlock-server: data in {}", db.display());
-    let plane = ControlPlane::new(store);
+    let mut plane = ControlPlane::new(store);
+    if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        plane.tls = Some(airlock_control_plane::Tls {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            client_ca_pem: cli.tls_client_ca.as_ref().map(read).transpose()?,
+        });
+    }
     let policy_path = cli
         .policy
         .clone()

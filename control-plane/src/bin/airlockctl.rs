@@ -51,6 +51,9 @@ struct Cli {
     /// API token (read, approve or admin scope); see `airlock-server tokens create`.
     #[arg(long, global = true, env = "AIRLOCK_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// server.
+    #[arg(long, global = true, env = "AIRLOCK_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -396,6 +399,9 @@ async fn policy_show(server: &str, token: Option<&str>) -> ExitCode {
     }))
 }
 
+/// CA to trust for https, from --ca-file (set once at start).
+static CA_FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
 /// A channel to `server` and the interceptor that adds `token`; on failure, the exit code.
 async fn channel(server: &str, token: Option<&str>) -> Result<(Channel, Bearer), ExitCode> {
     let bearer = match token.map(|t| format!("Bearer {t}").parse()) {
@@ -406,10 +412,22 @@ async fn channel(server: &str, token: Option<&str>) -> Result<(Channel, Bearer),
             return Err(ExitCode::from(2));
         }
     };
-    let endpoint = Channel::from_shared(server.to_owned()).map_err(|e| {
+    let mut endpoint = Channel::from_shared(server.to_owned()).map_err(|e| {
         eprintln!("airlockctl: bad --server {server:?}: {e}");
         ExitCode::from(2)
     })?;
+    if let Some(Some(ca)) = CA_FILE.get() {
+        let pem = std::fs::read(ca).map_err(|e| {
+            eprintln!("airlockctl: reading {}: {e}", ca.display());
+            ExitCode::from(1)
+        })?;
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        endpoint = endpoint.tls_config(tls).map_err(|e| {
+            eprintln!("airlockctl: TLS settings: {e}");
+            ExitCode::from(2)
+        })?;
+    }
     let channel = endpoint.connect().await.map_err(|e| {
         eprintln!("airlockctl: cannot reach {server}: {e}");
         ExitCode::from(1)
@@ -475,6 +493,7 @@ fn audit_verify(db: &std::path::Path) -> ExitCode {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let _ = CA_FILE.set(cli.ca_file.clone());
     let cmd = match cli.command {
         Command::Audit(Audit::Verify { db: Some(db) }) => return audit_verify(&db),
         Command::Policy(PolicyCmd::Validate { file }) => {
