@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use airlock_agent::decider::{Connection, Decider};
 use airlock_control_plane::{auth::Scope, store::Store, ControlPlane, Tls};
-use airlock_proto::v1::{ActionRequest, Hello};
+use airlock_proto::v1::{
+    approval_service_client::ApprovalServiceClient, ActionRequest, DecideRequest, Hello, Verdict,
+};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
@@ -33,11 +35,12 @@ fn pki() -> Pki {
     }
 }
 
-async fn serve(pki: &Pki, mtls: bool) -> (String, String) {
+async fn serve(pki: &Pki, mtls: bool) -> (String, String, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let store = Store::in_memory().unwrap();
     let token = store.create_token("host-a", Scope::Agent).unwrap();
+    let alice = store.create_token("alice", Scope::Approve).unwrap();
     let mut plane = ControlPlane::new(store);
     plane.tls = Some(Tls {
         cert_pem: pki.server.0.clone().into_bytes(),
@@ -47,7 +50,7 @@ async fn serve(pki: &Pki, mtls: bool) -> (String, String) {
     tokio::spawn(async move {
         plane.serve(listener, std::future::pending()).await.unwrap();
     });
-    (format!("https://localhost:{port}"), token)
+    (format!("https://localhost:{port}"), token, alice)
 }
 
 fn hello() -> Hello {
@@ -70,7 +73,7 @@ fn tls(pki: &Pki, with_client_cert: bool) -> ClientTlsConfig {
 #[tokio::test]
 async fn agent_stream_over_tls() {
     let pki = pki();
-    let (url, token) = serve(&pki, false).await;
+    let (url, token, alice) = serve(&pki, false).await;
     let conn = Connection {
         url: url.clone(),
         token: Some(token.clone()),
@@ -81,10 +84,44 @@ async fn agent_stream_over_tls() {
         agent.wait_connected(Duration::from_secs(5)).await,
         "TLS session up"
     );
-    let _ = agent.ask(ActionRequest {
+    let answer = agent.ask(ActionRequest {
         request_id: "t-1".into(),
+        deadline_unix_ms: i64::MAX,
         ..Default::default()
     });
+    // An approver over TLS decides; the decision comes back over the agent's TLS stream.
+    let ch = tonic::transport::Channel::from_shared(url.clone())
+        .unwrap()
+        .tls_config(tls(&pki, false))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {alice}").parse().unwrap();
+    let mut approvals =
+        ApprovalServiceClient::with_interceptor(ch, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", bearer.clone());
+            Ok(r)
+        });
+    let mut decided = false;
+    for _ in 0..100 {
+        let vote = DecideRequest {
+            request_id: "t-1".into(),
+            verdict: Verdict::Allow as i32,
+            ..Default::default()
+        };
+        if approvals.decide(vote).await.is_ok() {
+            decided = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(decided);
+    let d = tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.verdict, Verdict::Allow as i32);
 
     // Plain http to the TLS port, or TLS without trusting the CA, never connects.
     let plain = Decider::spawn(
@@ -113,7 +150,7 @@ async fn agent_stream_over_tls() {
 #[tokio::test]
 async fn mtls_requires_the_agents_client_certificate() {
     let pki = pki();
-    let (url, token) = serve(&pki, true).await;
+    let (url, token, _) = serve(&pki, true).await;
     let without = Connection {
         url: url.clone(),
         token: Some(token.clone()),
