@@ -25,6 +25,7 @@ use crate::{
     decider::Decider,
     holds::Engine,
     policy::Policy,
+    server_rules,
 };
 
 /// Resolved watch list.
@@ -159,9 +160,16 @@ fn agent_token(settings: &crate::config::AgentSection) -> Result<Option<String>>
 }
 
 /// Loads everything `config` names into the kernel and the engine.
-fn apply_config(engine: &Engine, config: &Config, path: &Path) -> Result<()> {
+/// `server` are the rules from the control plane, enforced after the local ones.
+fn apply_config(
+    engine: &Engine,
+    config: &Config,
+    server: &[crate::config::RuleConfig],
+    path: &Path,
+) -> Result<()> {
     let watch = resolve_watch(&config.watch, Path::new("/sys/fs/cgroup"))?;
-    let policy = Policy::compile(&config.rules, path)?;
+    let rules = server_rules::merge(&config.rules, server).map_err(anyhow::Error::msg)?;
+    let policy = Policy::compile(&rules, path)?;
     let tables = policy.kernel_tables();
     engine
         .kernel
@@ -173,7 +181,7 @@ fn apply_config(engine: &Engine, config: &Config, path: &Path) -> Result<()> {
     *engine.settings.write().unwrap_or_else(|p| p.into_inner()) = config.agent.clone();
     tracing::info!(
         uids = ?watch.uids, gids = ?watch.gids, cgroups = ?watch.cgroups,
-        rules = config.rules.len(), binaries = tables.exec_files.len(), networks = tables.nets.len(),
+        local_rules = config.rules.len(), server_rules = server.len(), binaries = tables.exec_files.len(), networks = tables.nets.len(),
         "policy loaded"
     );
     Ok(())
@@ -215,7 +223,20 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
         settings,
         host,
     ));
-    apply_config(&engine, &config, &config_path)?;
+    let server = Arc::new(std::sync::Mutex::new(server_rules::load_cache(
+        &config.agent.rules_cache,
+    )));
+    let current = Arc::new(std::sync::Mutex::new(config.clone()));
+    apply_config(&engine, &config, &lock(&server), &config_path)?;
+    let rules_task = engine.decider.as_ref().map(|d| {
+        tokio::spawn(follow_rules(
+            d.rules(),
+            engine.clone(),
+            current.clone(),
+            server.clone(),
+            config_path.clone(),
+        ))
+    });
     kernel.heartbeat(me, hb_timeout)?;
 
     // Holds an earlier agent left behind (it was killed mid-hold): resolve them now.
@@ -257,8 +278,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 match Config::load(&config_path) {
-                    Ok(c) => match apply_config(&engine, &c, &config_path) {
-                        Ok(()) => tracing::info!(config = %config_path.display(), "reloaded"),
+                    Ok(c) => match apply_config(&engine, &c, &lock(&server), &config_path) {
+                        Ok(()) => {
+                            *lock(&current) = c;
+                            tracing::info!(config = %config_path.display(), "reloaded");
+                        }
                         Err(e) => tracing::error!(error = %format!("{e:#}"), "reload refused; keeping the running policy"),
                     },
                     Err(e) => tracing::error!(error = %e, "reload refused; keeping the running policy"),
@@ -270,6 +294,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
     event_task.abort();
     heartbeat.abort();
     sweeper.abort();
+    if let Some(t) = rules_task {
+        t.abort();
+    }
     engine.resolve_all("shutdown");
     let counters: BTreeMap<_, _> = bpf::named_counters(&kernel.counters())
         .into_iter()
@@ -279,6 +306,48 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
     // Give queued outcomes a moment to reach the decider.
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Applies every rules update from the decider: a bad one is refused (the running rules stay),
+/// a good one is cached on disk and enforced.
+async fn follow_rules(
+    mut updates: tokio::sync::watch::Receiver<Option<airlock_proto::v1::RulesUpdate>>,
+    engine: Arc<Engine>,
+    current: Arc<std::sync::Mutex<Config>>,
+    server: Arc<std::sync::Mutex<Vec<crate::config::RuleConfig>>>,
+    config_path: PathBuf,
+) {
+    while updates.changed().await.is_ok() {
+        let Some(update) = updates.borrow_and_update().clone() else {
+            continue;
+        };
+        let rules = match server_rules::parse(&update.rules_toml) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(version = %update.version, error = %e, "rules from the decider refused; keeping the running rules");
+                continue;
+            }
+        };
+        let config = lock(&current).clone();
+        match apply_config(&engine, &config, &rules, &config_path) {
+            Ok(()) => {
+                *lock(&server) = rules;
+                if let Err(e) =
+                    server_rules::save_cache(&config.agent.rules_cache, &update.rules_toml)
+                {
+                    tracing::warn!(path = %config.agent.rules_cache.display(), error = %e, "could not cache the rules");
+                }
+                tracing::info!(version = %update.version, "rules from the decider in force");
+            }
+            Err(e) => {
+                tracing::error!(version = %update.version, error = %format!("{e:#}"), "rules from the decider refused; keeping the running rules")
+            }
+        }
+    }
 }
 
 /// Picks up holds that never arrived through this agent's ring (published into the ring of an

@@ -91,6 +91,9 @@ pub struct AgentSection {
     pub tls_cert_file: Option<PathBuf>,
     /// Client key (PEM) for mTLS.
     pub tls_key_file: Option<PathBuf>,
+    /// Where the rules sent by the control plane are cached, so a restarted host enforces
+    /// them before the control plane is reachable.
+    pub rules_cache: PathBuf,
     /// Labels sent in the hello (`env = "prod"`), used by the control plane to pick rules.
     pub labels: BTreeMap<String, String>,
     /// Default deadline of a hold, in seconds, when a rule sets none.
@@ -118,6 +121,7 @@ impl Default for AgentSection {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            rules_cache: PathBuf::from("/var/lib/airlock-agent/server-rules.toml"),
             labels: BTreeMap::new(),
             hold_timeout_secs: 60,
             fail_mode: FailMode::Deny,

@@ -13,6 +13,7 @@ use std::{
 use airlock_proto::v1::{
     agent_message::Msg as Out, agent_service_client::AgentServiceClient,
     decider_message::Msg as In, ActionRequest, AgentMessage, Decision, Hello, Outcome, Pong,
+    RulesUpdate,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,14 +32,26 @@ pub struct Connection {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
-#[derive(Default)]
 struct Shared {
+    /// Latest rules the decider sent.
+    rules: watch::Sender<Option<RulesUpdate>>,
     /// Requests waiting for a decision, by id.
     pending: HashMap<String, (ActionRequest, oneshot::Sender<Decision>)>,
     /// Outcomes not yet sent.
     outcomes: VecDeque<Outcome>,
     /// Sender of the live stream, if any.
     stream: Option<mpsc::Sender<AgentMessage>>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            rules: watch::channel(None).0,
+            pending: HashMap::new(),
+            outcomes: VecDeque::new(),
+            stream: None,
+        }
+    }
 }
 
 /// Client side of the agent stream.
@@ -99,6 +112,11 @@ impl Decider {
         }
         s.pending.insert(req.request_id.clone(), (req, tx));
         rx
+    }
+
+    /// The rules the decider sent most recently (`None` until it sends some).
+    pub fn rules(&self) -> watch::Receiver<Option<RulesUpdate>> {
+        self.lock().rules.subscribe()
     }
 
     /// Stops waiting for a decision on `request_id` (deadline passed, task gone).
@@ -228,6 +246,14 @@ async fn session(
                         tracing::debug!(request = %d.request_id, "decision for a request no longer waiting")
                     }
                 }
+            }
+            Some(In::Rules(r)) => {
+                tracing::info!(version = %r.version, "rules received from the decider");
+                let _ = shared
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .rules
+                    .send_replace(Some(r));
             }
             Some(In::Ping(p)) => {
                 let _ = tx.try_send(AgentMessage {

@@ -8,6 +8,7 @@
 //! - [`procinfo`]: the context of a held task from /proc;
 //! - [`decider`]: the gRPC stream to the control plane;
 //! - [`config`]: the TOML configuration;
+//! - [`server_rules`]: rules sent by the control plane, and their cache on disk;
 //! - [`agent`]: wiring it together at start-up.
 
 pub mod agent;
@@ -17,3 +18,4 @@ pub mod decider;
 pub mod holds;
 pub mod policy;
 pub mod procinfo;
+pub mod server_rules;

@@ -1,24 +1,39 @@
 //! `AgentService`: the agents' streams. Requests are stored before anyone is told; decisions are
 //! routed back to the stream of the agent that holds the request.
 
-use std::{collections::HashMap, pin::Pin, sync::Arc, sync::Mutex};
+use std::{
+    collections::{BTreeMap, HashMap},
+    pin::Pin,
+    sync::{Arc, Mutex},
+};
 
 use airlock_proto::v1::{
     agent_message::Msg as In, agent_service_server::AgentService, decider_message::Msg as Out,
-    AgentMessage, DeciderMessage, Decision, HeldRequest, RequestState, Verdict,
+    AgentMessage, DeciderMessage, Decision, HeldRequest, RequestState, RulesUpdate, Verdict,
 };
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::store::Store;
+use crate::{policy::Policy, store::Store};
 
 type Tx = mpsc::Sender<Result<DeciderMessage, Status>>;
+
+/// One connected agent.
+struct Session {
+    /// Distinguishes a reconnect from the stream it replaced.
+    number: u64,
+    /// Messages to the agent.
+    tx: Tx,
+    /// Its labels (which rules it gets).
+    labels: BTreeMap<String, String>,
+}
 
 /// Connected agents, by host id.
 #[derive(Default)]
 pub struct Agents {
-    streams: Mutex<HashMap<String, (u64, Tx)>>,
+    /// By host id.
+    streams: Mutex<HashMap<String, Session>>,
     next: Mutex<u64>,
 }
 
@@ -30,8 +45,8 @@ impl Agents {
             return;
         };
         let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, tx)) = streams.get(&held.host_id) {
-            let _ = tx.try_send(Ok(DeciderMessage {
+        if let Some(session) = streams.get(&held.host_id) {
+            let _ = session.tx.try_send(Ok(DeciderMessage {
                 msg: Some(Out::Decision(decision)),
             }));
         }
@@ -46,8 +61,24 @@ impl Agents {
             .unwrap_or_else(|p| p.into_inner())
             .drain()
             .collect();
-        for (_, (_, tx)) in streams {
-            let _ = tx.try_send(Err(Status::unavailable("airlock-server is shutting down")));
+        for (_, session) in streams {
+            let _ = session
+                .tx
+                .try_send(Err(Status::unavailable("airlock-server is shutting down")));
+        }
+    }
+
+    /// Sends every connected agent the rules `policy` gives it (after a policy change).
+    pub fn push_rules(&self, policy: &Policy) {
+        let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        for (host, session) in streams.iter() {
+            if session
+                .tx
+                .try_send(Ok(rules_message(policy, &session.labels)))
+                .is_err()
+            {
+                tracing::warn!(host_id = %host, "could not queue rules for agent");
+            }
         }
     }
 
@@ -59,6 +90,20 @@ impl Agents {
             .keys()
             .cloned()
             .collect()
+    }
+}
+
+fn labels_of(hello: &airlock_proto::v1::Hello) -> BTreeMap<String, String> {
+    hello.labels.clone().into_iter().collect()
+}
+
+fn rules_message(policy: &Policy, labels: &BTreeMap<String, String>) -> DeciderMessage {
+    let (rules_toml, version) = policy.rules_for(labels);
+    DeciderMessage {
+        msg: Some(Out::Rules(RulesUpdate {
+            rules_toml,
+            version,
+        })),
     }
 }
 
@@ -138,7 +183,18 @@ impl AgentService for AgentSvc {
             .streams
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(hello.host_id.clone(), (session, tx.clone()));
+            .insert(
+                hello.host_id.clone(),
+                Session {
+                    number: session,
+                    tx: tx.clone(),
+                    labels: labels_of(&hello),
+                },
+            );
+        let _ = tx.try_send(Ok(rules_message(
+            &crate::current(&self.policy),
+            &labels_of(&hello),
+        )));
         tracing::info!(host = %hello.hostname, host_id = %hello.host_id, version = %hello.version, "agent connected");
         if let Err(e) = self.store.agent_seen(&hello) {
             tracing::error!(error = %e, "recording the agent failed");
@@ -191,7 +247,7 @@ impl AgentService for AgentSvc {
             let mut streams = agents.streams.lock().unwrap_or_else(|p| p.into_inner());
             if streams
                 .get(&hello.host_id)
-                .is_some_and(|(s, _)| *s == session)
+                .is_some_and(|s| s.number == session)
             {
                 streams.remove(&hello.host_id);
             }

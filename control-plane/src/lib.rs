@@ -118,7 +118,9 @@ impl ControlPlane {
     /// Uses `policy` from now on (new requests are routed by it; group membership is checked
     /// against it).
     pub fn set_policy(&self, policy: policy::Policy) {
-        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        let policy = Arc::new(policy);
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy.clone();
+        self.agents.push_rules(&policy);
     }
 
     /// Serves gRPC (agents, approvals, health, reflection) on `listener` until `shutdown`

@@ -85,6 +85,61 @@ pub struct ApprovalRule {
     /// Approvals need a reason.
     #[serde(default)]
     pub require_reason: bool,
+    /// What agents enforce (optional): when `exec` or `connect` is set, the rule is sent to
+    /// every agent whose labels match `hosts`, in the agent's rule format.
+    #[serde(flatten)]
+    pub enforce: Enforce,
+}
+
+/// The agent side of a rule; field meanings as in the agent's `[[rule]]`.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
+pub struct Enforce {
+    /// Shown to approvers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Binaries (absolute paths), or "*".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exec: Vec<String>,
+    /// Argument globs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Destination CIDRs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connect: Vec<String>,
+    /// Destination ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    /// tcp, udp or any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// allow, deny or ask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
+    /// Hold deadline, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// allow or deny when the deadline passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_timeout: Option<String>,
+    /// refuse or kill, for connects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_deny: Option<String>,
+    /// Risk label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk: Option<String>,
+}
+
+/// A rule as sent to agents.
+#[derive(serde::Serialize)]
+struct AgentRule<'a> {
+    name: &'a str,
+    #[serde(flatten)]
+    enforce: &'a Enforce,
+}
+
+#[derive(serde::Serialize)]
+struct AgentRules<'a> {
+    rule: Vec<AgentRule<'a>>,
 }
 
 fn one() -> u32 {
@@ -137,6 +192,29 @@ impl Policy {
             message,
         };
         for rule in &policy.rules {
+            let e = &rule.enforce;
+            if !e.exec.is_empty() || !e.connect.is_empty() {
+                if !e.exec.is_empty() && !e.connect.is_empty() {
+                    return Err(invalid(format!(
+                        "rule {:?}: set exec or connect, not both",
+                        rule.name
+                    )));
+                }
+                if rule.name == "*" {
+                    return Err(invalid(
+                        "a rule named \"*\" cannot hold anything; give it a name".into(),
+                    ));
+                }
+                match e.decision.as_deref() {
+                    Some("allow" | "deny" | "ask" | "approve") => {}
+                    other => {
+                        return Err(invalid(format!(
+                            "rule {:?}: decision must be allow, deny or ask (got {other:?})",
+                            rule.name
+                        )))
+                    }
+                }
+            }
             if rule.quorum == 0 {
                 return Err(invalid(format!(
                     "rule {:?}: quorum must be at least 1",
@@ -189,6 +267,24 @@ impl Policy {
             )
     }
 
+    /// The rules agents with `labels` must enforce, as TOML in the agent's rule format, and a
+    /// version (digest) of that text.
+    pub fn rules_for(&self, labels: &BTreeMap<String, String>) -> (String, String) {
+        let rule = self
+            .rules
+            .iter()
+            .filter(|r| !r.enforce.exec.is_empty() || !r.enforce.connect.is_empty())
+            .filter(|r| r.hosts.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            .map(|r| AgentRule {
+                name: &r.name,
+                enforce: &r.enforce,
+            })
+            .collect();
+        let text = toml::to_string(&AgentRules { rule }).unwrap_or_default();
+        let version = crate::audit::sha256_hex(text.as_bytes())[..16].to_owned();
+        (text, version)
+    }
+
     /// Whether `approver` belongs to one of `groups` (true when `groups` is empty).
     pub fn may_vote(&self, approver: &str, groups: &[String]) -> bool {
         groups.is_empty()
@@ -235,6 +331,54 @@ groups = ["oncall", "dba"]
         assert!(p.may_vote("carol", &["oncall".into(), "dba".into()]));
         assert!(!p.may_vote("carol", &["oncall".into()]));
         assert!(p.may_vote("anyone", &[]));
+    }
+
+    #[test]
+    fn agents_get_the_rules_for_their_labels() {
+        let p = Policy::parse(
+            r#"
+[[rule]]
+name = "prod-kubectl"
+hosts = { env = "prod" }
+exec = ["/usr/bin/kubectl"]
+args = ["delete *"]
+decision = "ask"
+timeout_secs = 120
+
+[[rule]]
+name = "everywhere-db"
+connect = ["10.0.0.0/8"]
+ports = [5432]
+decision = "deny"
+
+[[rule]]
+name = "*"
+quorum = 1
+"#,
+            "p.toml",
+        )
+        .unwrap();
+        let (prod, v1) = p.rules_for(&labels("prod"));
+        let parsed: toml::Table = toml::from_str(&prod).unwrap();
+        let rules = parsed["rule"].as_array().unwrap();
+        assert_eq!(rules.len(), 2, "{prod}");
+        assert_eq!(rules[0]["name"].as_str(), Some("prod-kubectl"));
+        assert_eq!(rules[0]["timeout_secs"].as_integer(), Some(120));
+        assert!(
+            rules[0].get("hosts").is_none() && rules[0].get("quorum").is_none(),
+            "server-only fields stay"
+        );
+        let (staging, v2) = p.rules_for(&labels("staging"));
+        assert!(!staging.contains("prod-kubectl"));
+        assert_ne!(v1, v2);
+        let err =
+            Policy::parse("[[rule]]\nname = \"x\"\nexec = [\"/bin/a\"]\n", "p.toml").unwrap_err();
+        assert!(err.to_string().contains("decision must be"), "{err}");
+        let err = Policy::parse("[[rule]]\nname = \"x\"\nquorom = 2\n", "p.toml").unwrap_err();
+        assert!(
+            err.to_string().contains("quorom"),
+            "a typo is an error, not ignored: {err}"
+        );
     }
 
     #[test]

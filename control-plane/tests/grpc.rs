@@ -719,3 +719,75 @@ async fn cancel_tells_the_agent_to_deny() {
         .unwrap_err();
     assert_eq!(late.code(), Code::FailedPrecondition);
 }
+
+#[tokio::test]
+async fn agents_receive_their_rules_now_and_on_change() {
+    let policy = r#"
+[[rule]]
+name = "prod-kubectl"
+hosts = { env = "prod" }
+exec = ["/usr/bin/kubectl"]
+args = ["delete *"]
+decision = "ask"
+
+[[rule]]
+name = "staging-only"
+hosts = { env = "staging" }
+exec = ["/usr/bin/terraform"]
+decision = "ask"
+"#;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let store = Store::in_memory().unwrap();
+    let token = store.create_token("host-a", Scope::Agent).unwrap();
+    let plane = ControlPlane::new(store);
+    plane.set_policy(Policy::parse(policy, "p.toml").unwrap());
+    let serving = plane.clone();
+    tokio::spawn(async move {
+        serving
+            .serve(listener, std::future::pending())
+            .await
+            .unwrap()
+    });
+
+    let a = Decider::spawn(
+        url,
+        Hello {
+            host_id: "host-a".into(),
+            hostname: "host-a".into(),
+            labels: [("env".to_owned(), "prod".to_owned())].into(),
+            version: "test".into(),
+        },
+        Some(token),
+    );
+    let mut rules = a.rules();
+    tokio::time::timeout(Duration::from_secs(5), rules.wait_for(Option::is_some))
+        .await
+        .unwrap()
+        .unwrap();
+    let first = rules.borrow_and_update().clone().unwrap();
+    let parsed = airlock_agent::server_rules::parse(&first.rules_toml).unwrap();
+    let names: Vec<&str> = parsed.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["prod-kubectl"],
+        "only the rules for this host's labels"
+    );
+    assert_eq!(parsed[0].args, ["delete *"]);
+
+    plane.set_policy(
+        Policy::parse(
+            "[[rule]]\nname = \"db\"\nconnect = [\"10.0.0.0/8\"]\ndecision = \"deny\"\n",
+            "p.toml",
+        )
+        .unwrap(),
+    );
+    tokio::time::timeout(Duration::from_secs(5), rules.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    let second = rules.borrow_and_update().clone().unwrap();
+    assert_ne!(second.version, first.version);
+    let parsed = airlock_agent::server_rules::parse(&second.rules_toml).unwrap();
+    assert_eq!(parsed[0].name, "db");
+}
