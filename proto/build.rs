@@ -3,6 +3,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("airlock_descriptor.bin"))
+        // For `airlockctl --json`.
+        .type_attribute(".", "#[derive(serde::Serialize)]")
         .compile_protos(
             &[
                 "proto/airlock/v1/agent.proto",

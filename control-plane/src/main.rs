@@ -22,7 +22,8 @@ struct Cli {
     data_dir: Option<PathBuf>,
     /// Approval policy (TOML: [groups] and [[rule]] with groups, quorum, require_reason).
     /// Default: policy.toml in the data directory if it exists, else any one approver decides.
-    /// Reloaded on SIGHUP; a bad new policy is refused and the running one kept.
+    /// Reloaded when the file changes and on SIGHUP; a bad new policy is refused and the
+    /// running one kept.
     #[arg(long, env = "AIRLOCK_POLICY")]
     policy: Option<PathBuf>,
     /// TLS certificate chain (PEM) for the gRPC listener; with --tls-key, serve https only.
@@ -139,7 +140,21 @@ async fn main() -> Result<()> {
         let (plane, path) = (plane.clone(), path.clone());
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         tokio::spawn(async move {
-            while hup.recv().await.is_some() {
+            // Reload on SIGHUP, and when the file changes (checked every two seconds).
+            let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            let mut seen = modified(&path);
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+            loop {
+                tokio::select! {
+                    _ = hup.recv() => {}
+                    _ = tick.tick() => {
+                        let now = modified(&path);
+                        if now == seen {
+                            continue;
+                        }
+                        seen = now;
+                    }
+                }
                 match plane.load_policy(&path) {
                     Ok(()) => tracing::info!(policy = %path.display(), "policy reloaded"),
                     Err(e) => {

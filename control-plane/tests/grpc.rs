@@ -791,3 +791,43 @@ decision = "ask"
     let parsed = airlock_agent::server_rules::parse(&second.rules_toml).unwrap();
     assert_eq!(parsed[0].name, "db");
 }
+
+#[tokio::test]
+async fn airlockctl_json_and_exit_codes() {
+    let (url, t, _stop) = start().await;
+    let a = agent(&url, "host-a", &t["host-a"]);
+    assert!(a.wait_connected(Duration::from_secs(5)).await);
+    let _pending = a.ask(request("j-1", "claude"));
+    let mut alice = approvals(&url, Some(&t["alice"])).await;
+    wait_pending(&mut alice, 1).await;
+    let ctl = |token: &str, args: &[&str]| {
+        let url = url.clone();
+        let token = token.to_owned();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_airlockctl"))
+                .args(["--server", &url, "--token", &token, "--json"])
+                .args(&args)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let out = ctl(&t["reader"], &["requests", "list"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let first: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(first["request"]["request_id"], "j-1");
+    let own = ctl(&t["claude"], &["requests", "approve", "j-1"]).await;
+    assert_eq!(own.status.code(), Some(4), "refused: own request");
+    let missing = ctl(&t["alice"], &["requests", "show", "nope"]).await;
+    assert_eq!(missing.status.code(), Some(3), "not found");
+    let ok = ctl(
+        &t["alice"],
+        &["requests", "approve", "j-1", "--reason", "ok"],
+    )
+    .await;
+    assert!(ok.status.success(), "{ok:?}");
+    let decided: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(decided["decided_by"], "alice");
+}

@@ -51,6 +51,9 @@ struct Cli {
     /// API token (read, approve or admin scope); see `airlock-server tokens create`.
     #[arg(long, global = true, env = "AIRLOCK_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Print JSON (one object per line) instead of tables, for scripts.
+    #[arg(long, global = true)]
+    json: bool,
     /// CA certificate (PEM) to trust for an https:// server.
     #[arg(long, global = true, env = "AIRLOCK_CA_FILE")]
     ca_file: Option<std::path::PathBuf>,
@@ -360,19 +363,21 @@ async fn agents_list(server: &str, token: Option<&str>) -> ExitCode {
     finish(client.list(ListAgentsRequest {}).await.map(|r| {
         for a in &r.get_ref().agents {
             let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            println!(
-                "{:<12} {} {} v{} [{}] last seen {}s ago",
-                if a.connected {
-                    "connected"
-                } else {
-                    "disconnected"
-                },
-                a.host_id,
-                a.hostname,
-                a.version,
-                labels.join(","),
-                (airlock_control_plane::store::now_ms() - a.last_seen_unix_ms) / 1000
-            );
+            emit(a, || {
+                format!(
+                    "{:<12} {} {} v{} [{}] last seen {}s ago",
+                    if a.connected {
+                        "connected"
+                    } else {
+                        "disconnected"
+                    },
+                    a.host_id,
+                    a.hostname,
+                    a.version,
+                    labels.join(","),
+                    (airlock_control_plane::store::now_ms() - a.last_seen_unix_ms) / 1000
+                )
+            });
         }
     }))
 }
@@ -397,6 +402,21 @@ async fn policy_show(server: &str, token: Option<&str>) -> ExitCode {
             println!("# last reload refused: {}", st.last_error);
         }
     }))
+}
+
+/// --json (set once at start).
+static JSON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Prints `v` as one JSON line with --json, else `human()`.
+fn emit<T: serde::Serialize>(v: &T, human: impl FnOnce() -> String) {
+    if JSON.get().copied().unwrap_or(false) {
+        match serde_json::to_string(v) {
+            Ok(j) => println!("{j}"),
+            Err(e) => eprintln!("airlockctl: cannot encode JSON: {e}"),
+        }
+    } else {
+        println!("{}", human());
+    }
 }
 
 /// CA to trust for https, from --ca-file (set once at start).
@@ -494,6 +514,7 @@ fn audit_verify(db: &std::path::Path) -> ExitCode {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = CA_FILE.set(cli.ca_file.clone());
+    let _ = JSON.set(cli.json);
     let cmd = match cli.command {
         Command::Audit(Audit::Verify { db: Some(db) }) => return audit_verify(&db),
         Command::Policy(PolicyCmd::Validate { file }) => {
@@ -534,12 +555,12 @@ async fn main() -> ExitCode {
                         r.into_inner()
                             .grants
                             .iter()
-                            .for_each(|g| println!("{}", grant_line(g)))
+                            .for_each(|g| emit(g, || grant_line(g)))
                     }),
                 Grants::Revoke { id } => client
                     .revoke_grant(airlock_proto::v1::RevokeGrantRequest { grant_id: id })
                     .await
-                    .map(|r| println!("{}", grant_line(r.get_ref()))),
+                    .map(|r| emit(r.get_ref(), || grant_line(r.get_ref()))),
             };
             return match result {
                 Ok(()) => ExitCode::SUCCESS,
@@ -571,13 +592,13 @@ async fn main() -> ExitCode {
                     r.into_inner()
                         .requests
                         .iter()
-                        .for_each(|h| println!("{}", line(h)))
+                        .for_each(|h| emit(h, || line(h)))
                 })
         }
         Requests::Show { id } => client
             .get(GetRequestRequest { request_id: id })
             .await
-            .map(|r| print!("{}", details(r.get_ref()))),
+            .map(|r| emit(r.get_ref(), || details(r.get_ref()).trim_end().to_owned())),
         Requests::Approve { id, reason, grant } => {
             decide(&mut client, id, Verdict::Allow, reason, grant).await
         }
@@ -588,7 +609,7 @@ async fn main() -> ExitCode {
                 reason,
             })
             .await
-            .map(|r| println!("{}", line(r.get_ref()))),
+            .map(|r| emit(r.get_ref(), || line(r.get_ref()))),
         Requests::Watch {
             decide: interactive,
         } => watch(&mut client, interactive).await,
@@ -616,7 +637,7 @@ async fn decide(
         })
         .await?
         .into_inner();
-    println!("{}", line(&h));
+    emit(&h, || line(&h));
     Ok(())
 }
 
@@ -630,7 +651,7 @@ async fn watch(client: &mut Client, interactive: bool) -> Result<(), tonic::Stat
     let mut decider = client.clone();
     while let Some(h) = stream.message().await? {
         if !(interactive && h.state() == RequestState::Pending && h.outcomes.is_empty()) {
-            println!("{}", line(&h));
+            emit(&h, || line(&h));
             continue;
         }
         println!("\n{}", details(&h));
