@@ -37,6 +37,7 @@ fn status_of(e: StoreError) -> Status {
             Status::failed_precondition(e.to_string())
         }
         StoreError::TokenExists(_) => Status::already_exists(e.to_string()),
+        StoreError::BadPageToken(_) => Status::invalid_argument(e.to_string()),
         StoreError::Db { .. } | StoreError::Corrupt(_) | StoreError::Random(_) => {
             tracing::error!(error = %e, "store failure");
             Status::internal("the control plane could not read or write its database")
@@ -85,8 +86,10 @@ impl ApprovalService for ApprovalSvc {
         &self,
         req: Request<ListRequestsRequest>,
     ) -> Result<Response<ListRequestsResponse>, Status> {
+        let (requests, next_page_token) = self.store.list(req.get_ref()).map_err(status_of)?;
         Ok(Response::new(ListRequestsResponse {
-            requests: self.store.list(req.get_ref()).map_err(status_of)?,
+            requests,
+            next_page_token,
         }))
     }
 
@@ -110,11 +113,13 @@ impl ApprovalService for ApprovalSvc {
             let q = ListRequestsRequest {
                 state: RequestState::Pending as i32,
                 limit: 10_000,
+                ..Default::default()
             };
             first = self
                 .store
                 .list(&q)
                 .map_err(status_of)?
+                .0
                 .into_iter()
                 .rev()
                 .map(Ok)

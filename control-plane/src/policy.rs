@@ -11,6 +11,7 @@
 //! groups = ["oncall"]            # who may vote; empty: any approver
 //! quorum = 2                     # distinct approvals needed
 //! require_reason = true          # approvals need a reason too (denials always do)
+//! deny_needs_quorum = false       # true: `quorum` denials are needed, not one
 //! ```
 //!
 //! The first rule that matches routes the request; with none, any one approver decides.
@@ -85,6 +86,9 @@ pub struct ApprovalRule {
     /// Approvals need a reason.
     #[serde(default)]
     pub require_reason: bool,
+    /// A deny is final unless this is set; then `quorum` denials are needed.
+    #[serde(default)]
+    pub deny_needs_quorum: bool,
     /// What agents enforce (optional): when `exec` or `connect` is set, the rule is sent to
     /// every agent whose labels match `hosts`, in the agent's rule format.
     #[serde(flatten)]
@@ -157,6 +161,8 @@ pub struct Route {
     pub quorum: u32,
     /// Approvals need a reason.
     pub require_reason: bool,
+    /// Denials need a quorum too.
+    pub deny_needs_quorum: bool,
 }
 
 fn line_col(text: &str, pos: usize) -> (usize, usize) {
@@ -257,12 +263,14 @@ impl Policy {
                     groups: Vec::new(),
                     quorum: 1,
                     require_reason: false,
+                    deny_needs_quorum: false,
                 },
                 |r| Route {
                     rule: r.name.clone(),
                     groups: r.groups.clone(),
                     quorum: r.quorum,
                     require_reason: r.require_reason,
+                    deny_needs_quorum: r.deny_needs_quorum,
                 },
             )
     }

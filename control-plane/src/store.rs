@@ -55,6 +55,9 @@ pub enum StoreError {
         /// Who.
         approver: String,
     },
+    /// A page token that no list call produced.
+    #[error("page token {0:?} is not valid; pass the next_page_token of a previous answer")]
+    BadPageToken(String),
     /// A token name is taken.
     #[error("a token named {0:?} already exists")]
     TokenExists(String),
@@ -105,6 +108,8 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS requests (
     seq INTEGER NOT NULL,
     state INTEGER NOT NULL,
     deadline_ms INTEGER NOT NULL,
+    host_id TEXT NOT NULL,
+    account TEXT NOT NULL,
     body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS requests_state ON requests (state, deadline_ms);
@@ -328,8 +333,17 @@ impl Store {
                 })
                 .map_err(self.db())?;
             tx.execute(
-                "INSERT INTO requests (id, seq, state, deadline_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![id, seq, held.state, deadline, held.encode_to_vec()],
+                "INSERT INTO requests (id, seq, state, deadline_ms, host_id, account, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    id,
+                    seq,
+                    held.state,
+                    deadline,
+                    held.host_id,
+                    grant_key(held).1,
+                    held.encode_to_vec()
+                ],
             )
             .map_err(self.db())?;
         } else {
@@ -391,6 +405,7 @@ impl Store {
             approver_groups: route.groups.clone(),
             host_labels: host.labels.clone(),
             reason_required: route.require_reason,
+            deny_needs_quorum: route.deny_needs_quorum,
             route: route.rule.clone(),
             ..Default::default()
         };
@@ -487,8 +502,24 @@ impl Store {
             .filter(|v| v.verdict == Verdict::Allow as i32)
             .map(|v| v.approver.as_str())
             .collect();
-        let outcome = if verdict != Verdict::Allow {
+        let denials: Vec<&str> = held
+            .votes
+            .iter()
+            .filter(|v| v.verdict != Verdict::Allow as i32)
+            .map(|v| v.approver.as_str())
+            .collect();
+        let outcome = if verdict != Verdict::Allow && !held.deny_needs_quorum {
             Some((RequestState::Denied, approver.to_owned(), reason.to_owned()))
+        } else if verdict != Verdict::Allow {
+            (denials.len() as u32 >= held.quorum.max(1)).then(|| {
+                let reasons: Vec<&str> = held
+                    .votes
+                    .iter()
+                    .filter(|v| v.verdict != Verdict::Allow as i32)
+                    .map(|v| v.reason.as_str())
+                    .collect();
+                (RequestState::Denied, denials.join(", "), reasons.join("; "))
+            })
         } else if approvals.len() as u32 >= held.quorum.max(1) {
             let reasons: Vec<&str> = held
                 .votes
@@ -650,27 +681,60 @@ impl Store {
     }
 
     /// Requests, newest first.
-    pub fn list(&self, q: &ListRequestsRequest) -> Result<Vec<HeldRequest>, StoreError> {
+    /// Requests matching `q`, newest first, one page, and the token of the next page ("" when
+    /// this is the last).
+    pub fn list(&self, q: &ListRequestsRequest) -> Result<(Vec<HeldRequest>, String), StoreError> {
         let conn = self.lock();
         let limit = if q.limit == 0 {
             100
         } else {
             i64::from(q.limit)
         };
+        let before: i64 = if q.page_token.is_empty() {
+            i64::MAX
+        } else {
+            q.page_token
+                .parse()
+                .map_err(|_| StoreError::BadPageToken(q.page_token.clone()))?
+        };
         let mut stmt = conn
-            .prepare("SELECT id, body FROM requests WHERE (?1 = 0 OR state = ?1) ORDER BY seq DESC LIMIT ?2")
+            .prepare(
+                "SELECT id, seq, body FROM requests
+                 WHERE (?1 = 0 OR state = ?1) AND (?2 = '' OR host_id = ?2)
+                   AND (?3 = '' OR account = ?3) AND seq < ?4
+                 ORDER BY seq DESC LIMIT ?5",
+            )
             .map_err(self.db())?;
         let rows = stmt
-            .query_map(params![q.state, limit], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
-            })
+            .query_map(
+                params![q.state, q.host_id, q.account, before, limit + 1],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                    ))
+                },
+            )
             .map_err(self.db())?;
         let mut out = Vec::new();
+        let mut last_seq = 0;
+        let mut more = false;
         for row in rows {
-            let (id, body) = row.map_err(self.db())?;
+            let (id, seq, body) = row.map_err(self.db())?;
+            if out.len() as i64 == limit {
+                more = true;
+                break;
+            }
             out.push(HeldRequest::decode(body.as_slice()).map_err(|_| StoreError::Corrupt(id))?);
+            last_seq = seq;
         }
-        Ok(out)
+        let next = if more {
+            last_seq.to_string()
+        } else {
+            String::new()
+        };
+        Ok((out, next))
     }
 
     /// Creates a token `name` with `scope`; returns the token, which is not stored and cannot
@@ -847,6 +911,7 @@ mod tests {
             groups: vec![],
             quorum,
             require_reason: false,
+            deny_needs_quorum: false,
         }
     }
 
@@ -866,7 +931,46 @@ mod tests {
         let (again, new) = s.receive(&host(), &route(1), req("a", i64::MAX)).unwrap();
         assert!(!new);
         assert_eq!(again.request.unwrap().request_id, "a");
-        assert_eq!(s.list(&ListRequestsRequest::default()).unwrap().len(), 1);
+        assert_eq!(s.list(&ListRequestsRequest::default()).unwrap().0.len(), 1);
+    }
+
+    #[test]
+    fn list_filters_and_pages() {
+        let s = Store::in_memory().unwrap();
+        for i in 0..5 {
+            let mut r = req(&format!("p{i}"), i64::MAX);
+            r.process = Some(airlock_proto::v1::ProcessContext {
+                user: if i % 2 == 0 {
+                    "ci".into()
+                } else {
+                    "bot".into()
+                },
+                ..Default::default()
+            });
+            s.receive(&host(), &route(1), r).unwrap();
+        }
+        let q = |page: &str| ListRequestsRequest {
+            limit: 2,
+            page_token: page.into(),
+            ..Default::default()
+        };
+        let (p1, t1) = s.list(&q("")).unwrap();
+        let (p2, t2) = s.list(&q(&t1)).unwrap();
+        let (p3, t3) = s.list(&q(&t2)).unwrap();
+        let ids: Vec<String> = [p1, p2, p3]
+            .concat()
+            .into_iter()
+            .map(|h| h.request.unwrap().request_id)
+            .collect();
+        assert_eq!(ids, ["p4", "p3", "p2", "p1", "p0"]);
+        assert!(t3.is_empty(), "last page");
+        let by_ci = ListRequestsRequest {
+            account: "ci".into(),
+            ..Default::default()
+        };
+        assert_eq!(s.list(&by_ci).unwrap().0.len(), 3);
+        let bad = s.list(&q("garbage")).unwrap_err();
+        assert!(matches!(bad, StoreError::BadPageToken(_)), "{bad}");
     }
 
     #[test]

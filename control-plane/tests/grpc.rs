@@ -131,7 +131,7 @@ async fn wait_pending(c: &mut Client, n: usize) {
         let list = c
             .list(ListRequestsRequest {
                 state: RequestState::Pending as i32,
-                limit: 0,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -169,6 +169,15 @@ enum Requests {
         /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Only requests from this agent (host id).
+        #[arg(long)]
+        host: Option<String>,
+        /// Only requests by this account.
+        #[arg(long)]
+        account: Option<String>,
+        /// The next page: the token printed after the previous page.
+        #[arg(long)]
+        page: Option<String>,
     },
     /// Show one request with its whole context.
     Show {
@@ -573,7 +582,13 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     let result = match cmd {
-        Requests::List { state, limit } => {
+        Requests::List {
+            state,
+            limit,
+            host,
+            account,
+            page,
+        } => {
             let state = match state {
                 None => RequestState::Unspecified,
                 Some(StateArg::Pending) => RequestState::Pending,
@@ -586,13 +601,17 @@ async fn main() -> ExitCode {
                 .list(ListRequestsRequest {
                     state: state as i32,
                     limit,
+                    host_id: host.unwrap_or_default(),
+                    account: account.unwrap_or_default(),
+                    page_token: page.unwrap_or_default(),
                 })
                 .await
                 .map(|r| {
-                    r.into_inner()
-                        .requests
-                        .iter()
-                        .for_each(|h| emit(h, || line(h)))
+                    let r = r.into_inner();
+                    r.requests.iter().for_each(|h| emit(h, || line(h)));
+                    if !r.next_page_token.is_empty() {
+                        eprintln!("more: --page {}", r.next_page_token);
+                    }
                 })
         }
         Requests::Show { id } => client
