@@ -9,15 +9,22 @@ use std::{
 
 use airlock_proto::v1::{
     agents_service_server::AgentsService, audit_service_server::AuditService,
-    policy_service_server::PolicyService, AgentInfo, AuditChunk, AuditExportRequest, AuditQuery,
-    AuditRecord, AuditRecords, AuditVerifyRequest, AuditVerifyResponse, ExportFormat,
-    GetPolicyRequest, ListAgentsRequest, ListAgentsResponse, PolicyStatus, ValidatePolicyRequest,
-    ValidatePolicyResponse,
+    policy_service_server::PolicyService, tokens_service_server::TokensService, AgentInfo,
+    AuditChunk, AuditExportRequest, AuditQuery, AuditRecord, AuditRecords, AuditVerifyRequest,
+    AuditVerifyResponse, CreateTokenRequest, CreateTokenResponse, ExportFormat, GetPolicyRequest,
+    ListAgentsRequest, ListAgentsResponse, PolicyStatus, RevokeTokenRequest, RevokeTokenResponse,
+    ValidatePolicyRequest, ValidatePolicyResponse,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::{agents::Agents, audit, policy::Policy, store::Store};
+use crate::{
+    agents::Agents,
+    audit,
+    auth::{self, Scope},
+    policy::Policy,
+    store::{Store, StoreError},
+};
 
 /// Bytes per export chunk.
 const CHUNK: usize = 64 * 1024;
@@ -185,5 +192,59 @@ impl PolicyService for PolicySvc {
                 },
             },
         ))
+    }
+}
+
+/// `TokensService`: admin tokens only.
+pub struct TokensSvc {
+    /// Where tokens live.
+    pub store: Arc<Store>,
+}
+
+fn admin<T>(req: &Request<T>) -> Result<String, Status> {
+    let who = auth::principal(req)?;
+    if who.scope != Scope::Admin {
+        return Err(Status::permission_denied(format!(
+            "{} has a {} token; managing tokens needs an admin token",
+            who.name, who.scope
+        )));
+    }
+    Ok(who.name)
+}
+
+#[tonic::async_trait]
+impl TokensService for TokensSvc {
+    async fn create(
+        &self,
+        req: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        let by = admin(&req)?;
+        let r = req.into_inner();
+        if r.name.trim().is_empty() {
+            return Err(Status::invalid_argument("a token needs a name"));
+        }
+        let scope: Scope = r.scope.parse().map_err(Status::invalid_argument)?;
+        let token = self
+            .store
+            .create_token(&r.name, scope)
+            .map_err(|e| match e {
+                StoreError::TokenExists(_) => Status::already_exists(e.to_string()),
+                other => internal(other),
+            })?;
+        tracing::info!(name = %r.name, %scope, by = %by, "token created");
+        Ok(Response::new(CreateTokenResponse { token }))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        let by = admin(&req)?;
+        let name = req.into_inner().name;
+        if !self.store.revoke_token(&name).map_err(internal)? {
+            return Err(Status::not_found(format!("no active token named {name:?}")));
+        }
+        tracing::info!(name = %name, by = %by, "token revoked");
+        Ok(Response::new(RevokeTokenResponse {}))
     }
 }

@@ -26,7 +26,8 @@ use std::{
 use airlock_proto::v1::{
     agent_service_server::AgentServiceServer, agents_service_server::AgentsServiceServer,
     approval_service_server::ApprovalServiceServer, audit_service_server::AuditServiceServer,
-    policy_service_server::PolicyServiceServer, PolicyStatus, FILE_DESCRIPTOR_SET,
+    policy_service_server::PolicyServiceServer, tokens_service_server::TokensServiceServer,
+    PolicyStatus, FILE_DESCRIPTOR_SET,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -137,6 +138,7 @@ impl ControlPlane {
             "airlock.v1.AuditService",
             "airlock.v1.AgentsService",
             "airlock.v1.PolicyService",
+            "airlock.v1.TokensService",
             "",
         ] {
             health
@@ -202,6 +204,12 @@ impl ControlPlane {
                 control::AgentsSvc {
                     store: self.store.clone(),
                     agents: self.agents.clone(),
+                },
+                auth::Auth::people(self.store.clone()),
+            ))
+            .add_service(TokensServiceServer::with_interceptor(
+                control::TokensSvc {
+                    store: self.store.clone(),
                 },
                 auth::Auth::people(self.store.clone()),
             ))

@@ -44,6 +44,7 @@ async fn start_with(
         ("claude", Scope::Approve),
         ("reader", Scope::Read),
         ("carol", Scope::Approve),
+        ("root-admin", Scope::Admin),
     ] {
         tokens.insert(name, store.create_token(name, scope).unwrap());
     }
@@ -830,4 +831,52 @@ async fn airlockctl_json_and_exit_codes() {
     assert!(ok.status.success(), "{ok:?}");
     let decided: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
     assert_eq!(decided["decided_by"], "alice");
+}
+
+#[tokio::test]
+async fn only_admins_manage_tokens_and_revoked_tokens_stop_working() {
+    use airlock_proto::v1::{
+        tokens_service_client::TokensServiceClient, CreateTokenRequest, RevokeTokenRequest,
+    };
+    let (url, t, _stop) = start().await;
+    let ch = tonic::transport::Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut as_alice =
+        TokensServiceClient::with_interceptor(ch.clone(), Bearer(Some(t["alice"].clone())));
+    let create = |name: &str, scope: &str| CreateTokenRequest {
+        name: name.into(),
+        scope: scope.into(),
+    };
+    let refused = as_alice.create(create("eve", "admin")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+
+    let mut admin =
+        TokensServiceClient::with_interceptor(ch, Bearer(Some(t["root-admin"].clone())));
+    let bad_scope = admin.create(create("dave", "superuser")).await.unwrap_err();
+    assert_eq!(bad_scope.code(), Code::InvalidArgument);
+    let dave = admin
+        .create(create("dave", "read"))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let twice = admin.create(create("dave", "read")).await.unwrap_err();
+    assert_eq!(twice.code(), Code::AlreadyExists);
+
+    let mut as_dave = approvals(&url, Some(&dave)).await;
+    as_dave.list(ListRequestsRequest::default()).await.unwrap();
+    admin
+        .revoke(RevokeTokenRequest {
+            name: "dave".into(),
+        })
+        .await
+        .unwrap();
+    let gone = as_dave
+        .list(ListRequestsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::Unauthenticated);
 }

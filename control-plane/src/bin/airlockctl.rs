@@ -11,9 +11,10 @@ use std::{
 use airlock_proto::v1::{
     action_request::Action, agents_service_client::AgentsServiceClient,
     approval_service_client::ApprovalServiceClient, audit_service_client::AuditServiceClient,
-    policy_service_client::PolicyServiceClient, AuditExportRequest, AuditQuery, AuditVerifyRequest,
-    DecideRequest, ExportFormat, GetPolicyRequest, GetRequestRequest, HeldRequest,
-    ListAgentsRequest, ListRequestsRequest, RequestState, Verdict, WatchRequestsRequest,
+    policy_service_client::PolicyServiceClient, tokens_service_client::TokensServiceClient,
+    AuditExportRequest, AuditQuery, AuditVerifyRequest, CreateTokenRequest, DecideRequest,
+    ExportFormat, GetPolicyRequest, GetRequestRequest, HeldRequest, ListAgentsRequest,
+    ListRequestsRequest, RequestState, RevokeTokenRequest, Verdict, WatchRequestsRequest,
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use tonic::{
@@ -78,6 +79,27 @@ enum Command {
     /// The approval policy.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// API tokens and agent credentials (needs an admin token).
+    #[command(subcommand)]
+    Tokens(TokensCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokensCmd {
+    /// Create a token and print it (shown once).
+    Create {
+        /// Identity: an approver's name, or an agent's host id.
+        #[arg(long)]
+        name: String,
+        /// agent, read, approve or admin.
+        #[arg(long)]
+        scope: String,
+    },
+    /// Revoke a token by name.
+    Revoke {
+        /// The token's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -391,6 +413,24 @@ async fn agents_list(server: &str, token: Option<&str>) -> ExitCode {
     }))
 }
 
+async fn tokens(server: &str, token: Option<&str>, cmd: TokensCmd) -> ExitCode {
+    let (ch, bearer) = match channel(server, token).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut client = TokensServiceClient::with_interceptor(ch, bearer);
+    finish(match cmd {
+        TokensCmd::Create { name, scope } => client
+            .create(CreateTokenRequest { name, scope })
+            .await
+            .map(|r| println!("{}", r.get_ref().token)),
+        TokensCmd::Revoke { name } => client
+            .revoke(RevokeTokenRequest { name: name.clone() })
+            .await
+            .map(|_| println!("revoked {name}")),
+    })
+}
+
 async fn policy_show(server: &str, token: Option<&str>) -> ExitCode {
     let (ch, bearer) = match channel(server, token).await {
         Ok(c) => c,
@@ -547,6 +587,7 @@ async fn main() -> ExitCode {
         Command::Agents(Agents::List) => {
             return agents_list(&cli.server, cli.token.as_deref()).await
         }
+        Command::Tokens(t) => return tokens(&cli.server, cli.token.as_deref(), t).await,
         Command::Policy(PolicyCmd::Show) => {
             return policy_show(&cli.server, cli.token.as_deref()).await
         }
