@@ -221,11 +221,18 @@ impl Policy {
     }
 
     /// The rule governing an exec of the file `key` with arguments `argv` (argv[0] included).
+    ///
+    /// An argv the agent had to cut (see `procinfo`) matches every argument pattern: what was
+    /// cut cannot be checked, so the rule applies (fail closed).
     pub fn match_exec(&self, key: FileKey, argv: &[String]) -> Option<&Rule> {
         let joined = argv.get(1..).unwrap_or_default().join(" ");
+        let cut = argv
+            .last()
+            .is_some_and(|a| a.starts_with("[airlock: ") && a.ends_with(" cut]"));
         self.rules.iter().find(|rule| match &rule.matcher {
             Matcher::Exec { files, all, args } => {
-                (*all || files.contains(&key)) && args.as_ref().is_none_or(|g| g.is_match(&joined))
+                (*all || files.contains(&key))
+                    && (cut || args.as_ref().is_none_or(|g| g.is_match(&joined)))
             }
             Matcher::Connect { .. } => false,
         })
@@ -363,6 +370,24 @@ decision = "allow"
         );
         let other = file_key(Path::new("/")).unwrap();
         assert!(p.match_exec(other, &argv("x delete y")).is_none());
+    }
+
+    #[test]
+    fn a_cut_argv_matches_argument_patterns() {
+        let p = policy(
+            "[[rule]]\nname = \"force\"\nexec = [\"/bin/sh\"]\nargs = [\"* --force\"]\ndecision = \"ask\"\n",
+        );
+        let key = file_key(Path::new("/bin/sh")).unwrap();
+        assert!(p.match_exec(key, &argv("sh delete pod")).is_none());
+        let cut = vec![
+            "sh".to_owned(),
+            "pad".to_owned(),
+            "[airlock: 9000 more items cut]".to_owned(),
+        ];
+        assert!(
+            p.match_exec(key, &cut).is_some(),
+            "what was cut could hide --force"
+        );
     }
 
     #[test]

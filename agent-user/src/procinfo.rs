@@ -15,6 +15,11 @@ use nix::unistd::{Gid, Group, Uid, User};
 
 /// How many ancestors a request carries.
 const MAX_ANCESTORS: usize = 8;
+/// Bytes of a command line or environment kept (a request must stay far below gRPC's limits,
+/// whatever a task puts in its argv).
+const MAX_TEXT: usize = 64 * 1024;
+/// Arguments or environment entries kept.
+const MAX_ITEMS: usize = 1024;
 
 /// State of a task as /proc/PID/stat shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,11 +74,21 @@ pub fn cmdline(root: &Path, pid: u32) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Splits NUL-separated text, keeping at most [`MAX_ITEMS`] items and [`MAX_TEXT`] bytes; a
+/// cut is marked with a last item saying how much was left out.
 fn split_nul(raw: &[u8]) -> Vec<String> {
-    raw.split(|b| *b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect()
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    let items: Vec<&[u8]> = raw.split(|b| *b == 0).filter(|s| !s.is_empty()).collect();
+    for (i, item) in items.iter().enumerate() {
+        if out.len() == MAX_ITEMS || bytes + item.len() > MAX_TEXT {
+            out.push(format!("[airlock: {} more items cut]", items.len() - i));
+            break;
+        }
+        bytes += item.len();
+        out.push(String::from_utf8_lossy(item).into_owned());
+    }
+    out
 }
 
 fn link(root: &Path, pid: u32, name: &str) -> String {
@@ -221,6 +236,22 @@ mod tests {
             .iter()
             .filter(|e| e.name != "PATH")
             .all(|e| e.value.is_none()));
+    }
+
+    #[test]
+    fn huge_command_lines_are_cut_and_say_so() {
+        let mut raw = Vec::new();
+        for _ in 0..5000 {
+            raw.extend_from_slice(b"argument\0");
+        }
+        let v = split_nul(&raw);
+        assert_eq!(v.len(), MAX_ITEMS + 1);
+        assert_eq!(
+            v.last().unwrap(),
+            &format!("[airlock: {} more items cut]", 5000 - MAX_ITEMS)
+        );
+        let big = vec![b'x'; MAX_TEXT + 10];
+        assert_eq!(split_nul(&big), ["[airlock: 1 more items cut]"]);
     }
 
     #[test]

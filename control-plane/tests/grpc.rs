@@ -880,3 +880,71 @@ async fn only_admins_manage_tokens_and_revoked_tokens_stop_working() {
         .unwrap_err();
     assert_eq!(gone.code(), Code::Unauthenticated);
 }
+
+#[tokio::test]
+async fn overdue_requests_expire_and_bad_requests_lose_nothing() {
+    let (url, t, _stop) = start().await;
+    let a = agent(&url, "host-a", &t["host-a"]);
+    assert!(a.wait_connected(Duration::from_secs(5)).await);
+    let mut soon = request("e-1", "ci");
+    soon.deadline_unix_ms = airlock_control_plane::store::now_ms() + 300;
+    let _expiring = a.ask(soon);
+    let _no_id = a.ask(request("", "ci"));
+    let _kept = a.ask(request("k-1", "ci"));
+    let mut alice = approvals(&url, Some(&t["alice"])).await;
+    let mut expired = None;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let h = alice
+            .get(GetRequestRequest {
+                request_id: "e-1".into(),
+            })
+            .await;
+        if let Ok(h) = h {
+            if h.get_ref().state() == RequestState::Expired {
+                expired = Some(h.into_inner());
+                break;
+            }
+        }
+    }
+    assert!(
+        expired.is_some(),
+        "the server marks an overdue request expired"
+    );
+    let late = alice
+        .decide(vote("e-1", Verdict::Allow, "late"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        late.code(),
+        Code::FailedPrecondition,
+        "an expired request cannot be approved"
+    );
+
+    let all = alice
+        .list(ListRequestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .requests;
+    let ids: Vec<String> = all
+        .into_iter()
+        .map(|h| h.request.unwrap().request_id)
+        .collect();
+    assert!(
+        !ids.contains(&String::new()),
+        "a request without id is not stored"
+    );
+    assert!(
+        ids.contains(&"k-1".to_owned()),
+        "the stream went on after the bad request: {ids:?}"
+    );
+    let bad_page = alice
+        .list(ListRequestsRequest {
+            page_token: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_page.code(), Code::InvalidArgument);
+}
