@@ -153,23 +153,7 @@ pub fn write_checkpoint(path: &Path, head: &Record) -> std::io::Result<()> {
 
 /// Every record, in order.
 pub fn records(conn: &Connection) -> rusqlite::Result<Vec<Record>> {
-    let mut stmt = conn.prepare(
-        "SELECT seq, at_ms, actor, action, request_id, payload, digest, prev_hash, hash FROM audit ORDER BY seq",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok(Record {
-            seq: r.get(0)?,
-            at_ms: r.get(1)?,
-            actor: r.get(2)?,
-            action: r.get(3)?,
-            request_id: r.get(4)?,
-            payload: r.get(5)?,
-            digest: r.get(6)?,
-            prev_hash: r.get(7)?,
-            hash: r.get(8)?,
-        })
-    })?;
-    rows.collect()
+    query(conn, &Filter::default())
 }
 
 /// Which records to read; every set field must match.

@@ -306,6 +306,20 @@ impl Store {
         Ok(g)
     }
 
+    /// The request `id`, which must still be pending.
+    fn load_pending(&self, conn: &Connection, id: &str) -> Result<HeldRequest, StoreError> {
+        let held = Self::load(conn, id)
+            .map_err(self.db())?
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        if held.state() != RequestState::Pending {
+            return Err(StoreError::NotPending {
+                id: id.to_owned(),
+                state: state_name(held.state()),
+            });
+        }
+        Ok(held)
+    }
+
     /// Writes `held` and an audit record in one transaction, then announces the change.
     fn save(
         &self,
@@ -469,15 +483,7 @@ impl Store {
         grant_minutes: u32,
     ) -> Result<(HeldRequest, bool), StoreError> {
         let mut conn = self.lock();
-        let mut held = Self::load(&conn, id)
-            .map_err(self.db())?
-            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
-        if held.state() != RequestState::Pending {
-            return Err(StoreError::NotPending {
-                id: id.to_owned(),
-                state: state_name(held.state()),
-            });
-        }
+        let mut held = self.load_pending(&conn, id)?;
         if held.votes.iter().any(|v| v.approver == approver) {
             return Err(StoreError::AlreadyVoted {
                 id: id.to_owned(),
@@ -604,15 +610,7 @@ impl Store {
     /// Withdraws a pending request (the agent is told to deny it).
     pub fn cancel(&self, id: &str, by: &str, reason: &str) -> Result<HeldRequest, StoreError> {
         let mut conn = self.lock();
-        let mut held = Self::load(&conn, id)
-            .map_err(self.db())?
-            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
-        if held.state() != RequestState::Pending {
-            return Err(StoreError::NotPending {
-                id: id.to_owned(),
-                state: state_name(held.state()),
-            });
-        }
+        let mut held = self.load_pending(&conn, id)?;
         held.state = RequestState::Cancelled as i32;
         held.decided_by = by.to_owned();
         held.reason = format!("cancelled: {reason}");

@@ -222,42 +222,32 @@ impl Kernel {
                 source: Box::new(e),
             }
         };
-        for (program, hook) in TP_PROGRAMS {
-            let p: &mut BtfTracePoint = ebpf
-                .program_mut(program)
-                .and_then(|p| p.try_into().ok())
-                .ok_or_else(|| {
-                prog_err("lookup", program, hook)(
-                    aya::programs::ProgramError::UnexpectedProgramType,
-                )
-            })?;
-            p.load(hook, &btf)
-                .map_err(prog_err("load", program, hook))?;
-            let id = p.attach().map_err(prog_err("attach", program, hook))?;
-            let link: FdLink = p
-                .take_link(id)
-                .map_err(prog_err("attach", program, hook))?
-                .into();
-            pin_replacing(link, &links_dir.join(program))?;
+        // BtfTracePoint and Lsm share no trait for load/attach, hence a macro.
+        macro_rules! attach_all {
+            ($programs:expr, $kind:ty) => {
+                for (program, hook) in $programs {
+                    let p: &mut $kind = ebpf
+                        .program_mut(program)
+                        .and_then(|p| p.try_into().ok())
+                        .ok_or_else(|| {
+                        prog_err("lookup", program, hook)(
+                            aya::programs::ProgramError::UnexpectedProgramType,
+                        )
+                    })?;
+                    p.load(hook, &btf)
+                        .map_err(prog_err("load", program, hook))?;
+                    let id = p.attach().map_err(prog_err("attach", program, hook))?;
+                    let link: FdLink = p
+                        .take_link(id)
+                        .map_err(prog_err("attach", program, hook))?
+                        .into();
+                    pin_replacing(link, &links_dir.join(program))?;
+                }
+            };
         }
-        for (program, hook) in LSM_PROGRAMS {
-            let p: &mut Lsm = ebpf
-                .program_mut(program)
-                .and_then(|p| p.try_into().ok())
-                .ok_or_else(|| {
-                    prog_err("lookup", program, hook)(
-                        aya::programs::ProgramError::UnexpectedProgramType,
-                    )
-                })?;
-            p.load(hook, &btf)
-                .map_err(prog_err("load", program, hook))?;
-            let id = p.attach().map_err(prog_err("attach", program, hook))?;
-            let link: FdLink = p
-                .take_link(id)
-                .map_err(prog_err("attach", program, hook))?
-                .into();
-            pin_replacing(link, &links_dir.join(program))?;
-        }
+        // Fork tracking first, so no task forked meanwhile escapes its mark.
+        attach_all!(TP_PROGRAMS, BtfTracePoint);
+        attach_all!(LSM_PROGRAMS, Lsm);
         let maps = Maps {
             held: take(&mut ebpf, names::HELD)?,
             verdicts: take(&mut ebpf, names::VERDICTS)?,
