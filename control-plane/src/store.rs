@@ -1064,6 +1064,27 @@ mod tests {
         );
 
         assert_eq!(s.list_grants(false).unwrap().len(), 1);
+
+        // Once its window has passed, the grant covers nothing.
+        s.lock()
+            .execute("UPDATE grants SET expires_ms = ?1", [now_ms() - 1])
+            .unwrap();
+        let mut expired = r.clone();
+        expired.request_id = "g-exp".into();
+        let (he, _) = s.receive(&host(), &route(1), expired).unwrap();
+        assert_eq!(
+            he.state(),
+            RequestState::Pending,
+            "an expired grant approves nothing"
+        );
+        assert!(
+            s.list_grants(false).unwrap().is_empty(),
+            "expired grants are not active"
+        );
+        s.lock()
+            .execute("UPDATE grants SET expires_ms = ?1", [now_ms() + 60_000])
+            .unwrap();
+
         s.revoke_grant(&h.grant_id, "bob").unwrap();
         assert!(s.list_grants(false).unwrap().is_empty());
         let mut later = r;
