@@ -16,7 +16,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # --- apt packages -------------------------------------------------------------------------
 need_pkgs=()
-for p in qemu-system-x86 busybox-static cpio kmod protobuf-compiler; do
+for p in qemu-system-x86 busybox-static cpio kmod protobuf-compiler systemd; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
