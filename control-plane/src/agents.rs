@@ -132,6 +132,8 @@ pub struct AgentSvc {
     pub policy: crate::SharedPolicy,
     /// mTLS: agents must present a client certificate signed by the configured CA.
     pub require_client_cert: bool,
+    /// Counters.
+    pub metrics: Arc<crate::http::Metrics>,
 }
 
 type OutStream = Pin<Box<dyn Stream<Item = Result<DeciderMessage, Status>> + Send>>;
@@ -201,6 +203,7 @@ impl AgentService for AgentSvc {
         }
         let (store, agents, policy) =
             (self.store.clone(), self.agents.clone(), self.policy.clone());
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             while let Some(msg) = inbound.next().await {
                 let msg = match msg {
@@ -227,6 +230,10 @@ impl AgentService for AgentSvc {
                             }
                         };
                         if new {
+                            metrics.requests.inc();
+                            if !held.grant_id.is_empty() {
+                                metrics.decided("approved_by_grant");
+                            }
                             tracing::info!(request = %held.request.as_ref().map(|r| r.request_id.as_str()).unwrap_or(""), host = %hello.hostname, grant = %held.grant_id, "request received");
                         }
                         // Decided already (by a grant, or meanwhile for a resent request).

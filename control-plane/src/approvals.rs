@@ -28,6 +28,8 @@ pub struct ApprovalSvc {
     pub agents: Arc<Agents>,
     /// Group membership.
     pub policy: crate::SharedPolicy,
+    /// Counters.
+    pub metrics: Arc<crate::http::Metrics>,
 }
 
 fn status_of(e: StoreError) -> Status {
@@ -170,6 +172,9 @@ impl ApprovalService for ApprovalSvc {
             .map_err(status_of)?;
         tracing::info!(request = %d.request_id, approver = %d.approver, verdict = ?verdict, decided, "vote");
         if decided {
+            self.metrics.decided(crate::store::state_name(held.state()));
+            let secs = (held.decided_unix_ms - held.received_unix_ms).max(0) as f64 / 1000.0;
+            self.metrics.decision_latency.observe(secs);
             self.agents.deliver(&held);
         }
         Ok(Response::new(held))
@@ -223,6 +228,7 @@ impl ApprovalService for ApprovalSvc {
             .cancel(&c.request_id, &who.name, &c.reason)
             .map_err(status_of)?;
         tracing::info!(request = %c.request_id, by = %who.name, "cancelled");
+        self.metrics.decided("cancelled");
         self.agents.deliver(&held);
         Ok(Response::new(held))
     }

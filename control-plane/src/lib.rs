@@ -7,13 +7,15 @@
 //! - [`audit`]: the hash-chained audit trail and its verification;
 //! - [`auth`]: bearer tokens and their scopes;
 //! - [`policy`]: approver groups, quorum and routing;
-//! - [`control`]: audit queries and export, agents list, policy status.
+//! - [`control`]: audit queries and export, agents list, policy status;
+//! - [`http`]: health, readiness and Prometheus metrics.
 
 pub mod agents;
 pub mod approvals;
 pub mod audit;
 pub mod auth;
 pub mod control;
+pub mod http;
 pub mod policy;
 pub mod store;
 
@@ -53,6 +55,8 @@ pub struct ControlPlane {
     pub policy_status: Arc<Mutex<PolicyStatus>>,
     /// TLS for the listener, if configured.
     pub tls: Option<Tls>,
+    /// Prometheus metrics.
+    pub metrics: Arc<http::Metrics>,
 }
 
 /// TLS settings of the listener.
@@ -76,7 +80,24 @@ impl ControlPlane {
             policy: Arc::default(),
             policy_status: Arc::default(),
             tls: None,
+            metrics: Arc::default(),
         }
+    }
+
+    /// Serves health, readiness and metrics over HTTP on `listener` until `shutdown`.
+    pub async fn serve_http(
+        &self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let app = http::router(
+            self.store.clone(),
+            self.agents.clone(),
+            self.metrics.clone(),
+        );
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
     }
 
     /// Loads the policy file `path` and puts it in force; a bad file is refused, recorded
@@ -150,6 +171,7 @@ impl ControlPlane {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
         let store = self.store.clone();
+        let metrics = self.metrics.clone();
         let expiry = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
@@ -157,6 +179,7 @@ impl ControlPlane {
                 match store.expire_due(store::now_ms()) {
                     Ok(expired) => {
                         for h in expired {
+                            metrics.decided("expired");
                             tracing::info!(request = %h.request.map(|r| r.request_id).unwrap_or_default(), "expired");
                         }
                     }
@@ -191,6 +214,7 @@ impl ControlPlane {
                     agents: self.agents.clone(),
                     policy: self.policy.clone(),
                     require_client_cert,
+                    metrics: self.metrics.clone(),
                 },
                 auth::Auth::agents(self.store.clone()),
             ))
@@ -224,6 +248,7 @@ impl ControlPlane {
                     store: self.store.clone(),
                     agents: self.agents.clone(),
                     policy: self.policy.clone(),
+                    metrics: self.metrics.clone(),
                 },
                 auth::Auth::people(self.store.clone()),
             ))

@@ -16,6 +16,9 @@ struct Cli {
     /// from other hosts.
     #[arg(long, env = "AIRLOCK_GRPC_ADDR", default_value = "127.0.0.1:7443")]
     grpc: SocketAddr,
+    /// Address for HTTP: /healthz, /readyz and Prometheus /metrics.
+    #[arg(long, env = "AIRLOCK_HTTP_ADDR", default_value = "127.0.0.1:7080")]
+    http: SocketAddr,
     /// Directory for the database (airlock.db, SQLite in WAL mode) and the audit checkpoint.
     /// Default: /var/lib/airlock when writable, else ~/.local/share/airlock.
     #[arg(long, env = "AIRLOCK_DATA_DIR")]
@@ -164,14 +167,31 @@ async fn main() -> Result<()> {
             }
         });
     }
+    let http = tokio::net::TcpListener::bind(cli.http)
+        .await
+        .with_context(|| format!("listening on {}", cli.http))?;
+    println!(
+        "airlock-server: HTTP (health, metrics) on http://{}",
+        http.local_addr()?
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let shutdown = async move {
+    tokio::spawn(async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
     };
-    plane.serve(listener, shutdown).await
+    let http_plane = plane.clone();
+    let http_stop = stopped(stop_rx.clone());
+    let http_task = tokio::spawn(async move { http_plane.serve_http(http, http_stop).await });
+    let result = plane.serve(listener, stopped(stop_rx)).await;
+    let _ = http_task.await;
+    result
 }
 
 fn default_data_dir() -> PathBuf {

@@ -838,6 +838,17 @@ impl Store {
         }
     }
 
+    /// How many requests are pending.
+    pub fn count_pending(&self) -> Result<i64, StoreError> {
+        self.lock()
+            .query_row(
+                "SELECT COUNT(*) FROM requests WHERE state = ?1",
+                [RequestState::Pending as i32],
+                |r| r.get(0),
+            )
+            .map_err(self.db())
+    }
+
     /// Records that agent `hello` connected (or is still there).
     pub fn agent_seen(&self, hello: &Hello) -> Result<(), StoreError> {
         let now = now_ms();

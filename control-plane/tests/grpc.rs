@@ -948,3 +948,60 @@ async fn overdue_requests_expire_and_bad_requests_lose_nothing() {
         .unwrap_err();
     assert_eq!(bad_page.code(), Code::InvalidArgument);
 }
+
+/// GET over a plain HTTP/1.0 connection; returns status line and body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    (
+        head.lines().next().unwrap_or_default().to_owned(),
+        body.to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics_over_http() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http.local_addr().unwrap();
+    let store = Store::in_memory().unwrap();
+    let agent_token = store.create_token("host-a", Scope::Agent).unwrap();
+    let alice = store.create_token("alice", Scope::Approve).unwrap();
+    let plane = ControlPlane::new(store);
+    let (p1, p2) = (plane.clone(), plane.clone());
+    tokio::spawn(async move { p1.serve(listener, std::future::pending()).await.unwrap() });
+    tokio::spawn(async move { p2.serve_http(http, std::future::pending()).await.unwrap() });
+
+    assert_eq!(http_get(http_addr, "/healthz").await.0, "HTTP/1.0 200 OK");
+    assert_eq!(http_get(http_addr, "/readyz").await.0, "HTTP/1.0 200 OK");
+    let a = agent(&url, "host-a", &agent_token);
+    assert!(a.wait_connected(Duration::from_secs(5)).await);
+    let answer = a.ask(request("m-1", "ci"));
+    let _pending = a.ask(request("m-2", "ci"));
+    let mut c = approvals(&url, Some(&alice)).await;
+    wait_pending(&mut c, 2).await;
+    c.decide(vote("m-1", Verdict::Deny, "no")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let (status, body) = http_get(http_addr, "/metrics").await;
+    assert_eq!(status, "HTTP/1.0 200 OK");
+    for expected in [
+        "airlock_requests_total 2",
+        "airlock_decisions_total{result=\"denied\"} 1",
+        "airlock_pending_requests 1",
+        "airlock_connected_agents 1",
+        "airlock_decision_latency_seconds_count 1",
+    ] {
+        assert!(body.contains(expected), "missing {expected:?} in:\n{body}");
+    }
+}

@@ -16,7 +16,13 @@ async fn first_start_prints_what_matters_and_policy_file_changes_reload() {
     let policy = dir.path().join("policy.toml");
     std::fs::write(&policy, "[groups]\noncall = [\"alice\"]\n").unwrap();
     let mut server = Command::new(env!("CARGO_BIN_EXE_airlock-server"))
-        .args(["--grpc", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .arg("--policy")
         .arg(&policy)
