@@ -267,6 +267,21 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
             }
         }
     });
+    let metrics_task = match config.agent.metrics_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening for metrics on {addr}"))?;
+            let app = crate::metrics::router(kernel.clone(), engine.metrics.clone());
+            tracing::info!(%addr, "metrics on http://{addr}/metrics");
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "metrics endpoint failed");
+                }
+            }))
+        }
+        None => None,
+    };
     tracing::info!(pid = me, "airlock-agent running");
 
     let mut term = signal(SignalKind::terminate())?;
@@ -294,7 +309,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
     event_task.abort();
     heartbeat.abort();
     sweeper.abort();
-    if let Some(t) = rules_task {
+    for t in [rules_task, metrics_task].into_iter().flatten() {
         t.abort();
     }
     engine.resolve_all("shutdown");

@@ -91,6 +91,9 @@ pub struct AgentSection {
     pub tls_cert_file: Option<PathBuf>,
     /// Client key (PEM) for mTLS.
     pub tls_key_file: Option<PathBuf>,
+    /// Address for `/metrics` (Prometheus) and `/healthz`, e.g. `127.0.0.1:9464`; none by
+    /// default.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Where the rules sent by the control plane are cached, so a restarted host enforces
     /// them before the control plane is reachable.
     pub rules_cache: PathBuf,
@@ -121,6 +124,7 @@ impl Default for AgentSection {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            metrics_addr: None,
             rules_cache: PathBuf::from("/var/lib/airlock-agent/server-rules.toml"),
             labels: BTreeMap::new(),
             hold_timeout_secs: 60,

@@ -49,6 +49,8 @@ pub struct Engine {
     /// Holds being handled, by (tgid, hold time): the ring and the recovery scan may both
     /// produce the same hold.
     active: Mutex<HashSet<(u32, u64)>>,
+    /// Counters.
+    pub metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
 /// What was decided, why, and by whom.
@@ -93,6 +95,7 @@ impl Engine {
             boot_id,
             proc_root: PathBuf::from("/proc"),
             active: Mutex::new(HashSet::new()),
+            metrics: Arc::default(),
         }
     }
 
@@ -302,6 +305,8 @@ impl Engine {
                 Released::Done
             }
         };
+        let held_for = monotonic_ns().saturating_sub(ev.hold_ns) as f64 / 1e9;
+        self.metrics.applied(v.allow, v.cause, held_for);
         let kind = if released == Released::Vanished {
             OutcomeKind::Vanished
         } else {

@@ -9,6 +9,7 @@
 //! - [`decider`]: the gRPC stream to the control plane;
 //! - [`config`]: the TOML configuration;
 //! - [`server_rules`]: rules sent by the control plane, and their cache on disk;
+//! - [`metrics`]: Prometheus metrics and health;
 //! - [`agent`]: wiring it together at start-up.
 
 pub mod agent;
@@ -16,6 +17,7 @@ pub mod bpf;
 pub mod config;
 pub mod decider;
 pub mod holds;
+pub mod metrics;
 pub mod policy;
 pub mod procinfo;
 pub mod server_rules;

@@ -57,6 +57,7 @@ hold_timeout_secs = 30
 unreachable_grace_secs = {grace}
 env_allow = ["AIRLOCK_VISIBLE"]
 labels = {{ env = "test" }}
+metrics_addr = "127.0.0.1:9464"
 
 [watch]
 users = ["agent"]
@@ -111,6 +112,9 @@ echo "@@R s1_allow_marker $(mark /tmp/work/m1a)"
 su agent -c '/usr/local/bin/kubectl run /tmp/work/m1d 0 deny-me-1'
 echo "@@R s1_deny_rc $?"
 echo "@@R s1_deny_marker $(mark /tmp/work/m1d)"
+wget -qO /tmp/metrics http://127.0.0.1:9464/metrics
+echo "@@R metrics_hold_exec $(grep 'kernel_events_total{event="hold_exec"}' /tmp/metrics | awk '{print $2}')"
+echo "@@R metrics_denied $(grep 'decisions_applied_total{verdict="deny",cause="decision"}' /tmp/metrics | awk '{print $2}')"
 
 # 2: what must not be held, and every path to a held binary
 su agent -c '/usr/bin/airlock-workload run /tmp/work/m2u 0 unpriv-2'
@@ -367,6 +371,13 @@ fn s1_held_exec_allowed_runs_intact_denied_never_runs() {
     );
     let hello = d.hellos().into_iter().next().expect("hello");
     assert_eq!(hello.labels.get("env").map(String::as_str), Some("test"));
+}
+
+#[test]
+fn agent_metrics_count_holds_and_decisions() {
+    let holds: u64 = r("metrics_hold_exec").parse().expect("hold_exec counter");
+    assert!(holds >= 2, "two execs were held before the scrape: {holds}");
+    assert_eq!(r("metrics_denied"), "1", "one exec was denied by decision");
 }
 
 #[test]
