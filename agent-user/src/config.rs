@@ -195,6 +195,9 @@ pub struct RuleConfig {
     /// Binaries (paths) whose exec this rule covers; `"*"` covers every exec.
     #[serde(default)]
     pub exec: Vec<String>,
+    /// Accounts (user names) the rule applies to; empty: every watched account.
+    #[serde(default)]
+    pub accounts: Vec<String>,
     /// Glob patterns over the arguments (argv[1..] joined by spaces), e.g. `"delete *"`.
     /// Empty: any arguments.
     #[serde(default)]

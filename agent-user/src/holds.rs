@@ -147,7 +147,7 @@ impl Engine {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let Some(rule) = policy.match_event(&ev, &ctx.argv) else {
+        let Some(rule) = policy.match_event(&ev, &ctx.argv, &ctx.user) else {
             // Held by the prefilter, but no rule matches in full (e.g. other arguments).
             tracing::debug!(pid = ev.tgid, argv = ?ctx.argv, "no rule matches; resuming");
             self.apply(

@@ -1,7 +1,7 @@
 //! Rule matching: which rule governs a held exec or connect, and the kernel prefilter tables
 //! (binaries by device and inode, destination prefixes and ports) derived from the rules.
 //!
-//! Semantics: rules are tried in file order and the first whose action, arguments and
+//! Semantics: rules are tried in file order and the first whose account, action, arguments and
 //! destination match decides. An action the kernel held that no rule matches in full (say
 //! `kubectl get` under a `kubectl delete *` rule) is allowed at once.
 
@@ -224,54 +224,66 @@ impl Policy {
     ///
     /// An argv the agent had to cut (see `procinfo`) matches every argument pattern: what was
     /// cut cannot be checked, so the rule applies (fail closed).
-    pub fn match_exec(&self, key: FileKey, argv: &[String]) -> Option<&Rule> {
+    pub fn match_exec(&self, key: FileKey, argv: &[String], user: &str) -> Option<&Rule> {
         let joined = argv.get(1..).unwrap_or_default().join(" ");
         let cut = argv
             .last()
             .is_some_and(|a| a.starts_with("[airlock: ") && a.ends_with(" cut]"));
-        self.rules.iter().find(|rule| match &rule.matcher {
-            Matcher::Exec { files, all, args } => {
-                (*all || files.contains(&key))
-                    && (cut || args.as_ref().is_none_or(|g| g.is_match(&joined)))
-            }
-            Matcher::Connect { .. } => false,
-        })
+        self.rules
+            .iter()
+            .filter(|r| r.applies_to(user))
+            .find(|rule| match &rule.matcher {
+                Matcher::Exec { files, all, args } => {
+                    (*all || files.contains(&key))
+                        && (cut || args.as_ref().is_none_or(|g| g.is_match(&joined)))
+                }
+                Matcher::Connect { .. } => false,
+            })
     }
 
     /// The rule governing a connect to `addr`:`port` over a socket of type `sock_type`
     /// (1 stream, 2 datagram).
-    pub fn match_connect(&self, addr: IpAddr, port: u16, sock_type: u32) -> Option<&Rule> {
+    pub fn match_connect(
+        &self,
+        addr: IpAddr,
+        port: u16,
+        sock_type: u32,
+        user: &str,
+    ) -> Option<&Rule> {
         let v6 = to_v6(addr);
-        self.rules.iter().find(|rule| match &rule.matcher {
-            Matcher::Connect {
-                nets,
-                ports,
-                protocol,
-            } => {
-                let proto_ok = match protocol {
-                    ProtocolFilter::Any => true,
-                    ProtocolFilter::Tcp => sock_type == 1,
-                    ProtocolFilter::Udp => sock_type == 2,
-                };
-                proto_ok
-                    && (ports.is_empty() || ports.contains(&port))
-                    && nets.iter().any(|n| contains(net_v6(n), (128, v6.octets())))
-            }
-            Matcher::Exec { .. } => false,
-        })
+        self.rules
+            .iter()
+            .filter(|r| r.applies_to(user))
+            .find(|rule| match &rule.matcher {
+                Matcher::Connect {
+                    nets,
+                    ports,
+                    protocol,
+                } => {
+                    let proto_ok = match protocol {
+                        ProtocolFilter::Any => true,
+                        ProtocolFilter::Tcp => sock_type == 1,
+                        ProtocolFilter::Udp => sock_type == 2,
+                    };
+                    proto_ok
+                        && (ports.is_empty() || ports.contains(&port))
+                        && nets.iter().any(|n| contains(net_v6(n), (128, v6.octets())))
+                }
+                Matcher::Exec { .. } => false,
+            })
     }
 
-    /// The rule for a held event, given the argv read from /proc (exec only).
-    pub fn match_event(&self, ev: &HoldEvent, argv: &[String]) -> Option<&Rule> {
+    /// The rule for a held event of account `user`, given the argv read from /proc (exec only).
+    pub fn match_event(&self, ev: &HoldEvent, argv: &[String], user: &str) -> Option<&Rule> {
         if ev.kind == agent_common::HoldKind::Connect as u32 {
-            self.match_connect(display_addr(ev.addr), ev.port, ev.sock_type)
+            self.match_connect(display_addr(ev.addr), ev.port, ev.sock_type, user)
         } else {
             let key = FileKey {
                 ino: ev.ino,
                 dev: ev.dev,
                 pad: 0,
             };
-            self.match_exec(key, argv)
+            self.match_exec(key, argv, user)
         }
     }
 
@@ -318,6 +330,11 @@ impl Policy {
 }
 
 impl Rule {
+    /// Whether the rule covers account `user` (every account when it names none).
+    pub fn applies_to(&self, user: &str) -> bool {
+        self.config.accounts.is_empty() || self.config.accounts.iter().any(|a| a == user)
+    }
+
     /// What a deny does for this rule's connects.
     pub fn connect_deny(&self) -> ConnectDeny {
         self.config.on_deny
@@ -355,21 +372,21 @@ decision = "allow"
         );
         let key = file_key(Path::new("/bin/sh")).unwrap();
         assert_eq!(
-            p.match_exec(key, &argv("kubectl delete pod x"))
+            p.match_exec(key, &argv("kubectl delete pod x"), "ci")
                 .unwrap()
                 .config
                 .name,
             "delete"
         );
         assert_eq!(
-            p.match_exec(key, &argv("kubectl get pods"))
+            p.match_exec(key, &argv("kubectl get pods"), "ci")
                 .unwrap()
                 .config
                 .name,
             "rest"
         );
         let other = file_key(Path::new("/")).unwrap();
-        assert!(p.match_exec(other, &argv("x delete y")).is_none());
+        assert!(p.match_exec(other, &argv("x delete y"), "ci").is_none());
     }
 
     #[test]
@@ -378,15 +395,34 @@ decision = "allow"
             "[[rule]]\nname = \"force\"\nexec = [\"/bin/sh\"]\nargs = [\"* --force\"]\ndecision = \"ask\"\n",
         );
         let key = file_key(Path::new("/bin/sh")).unwrap();
-        assert!(p.match_exec(key, &argv("sh delete pod")).is_none());
+        assert!(p.match_exec(key, &argv("sh delete pod"), "ci").is_none());
         let cut = vec![
             "sh".to_owned(),
             "pad".to_owned(),
             "[airlock: 9000 more items cut]".to_owned(),
         ];
         assert!(
-            p.match_exec(key, &cut).is_some(),
+            p.match_exec(key, &cut, "ci").is_some(),
             "what was cut could hide --force"
+        );
+    }
+
+    #[test]
+    fn rules_can_name_accounts() {
+        let p = policy(
+            "[[rule]]\nname = \"ci-only\"\naccounts = [\"ci\"]\nexec = [\"/bin/sh\"]\ndecision = \"ask\"\n[[rule]]\nname = \"rest\"\nexec = [\"/bin/sh\"]\ndecision = \"deny\"\n",
+        );
+        let key = file_key(Path::new("/bin/sh")).unwrap();
+        assert_eq!(
+            p.match_exec(key, &argv("sh x"), "ci").unwrap().config.name,
+            "ci-only"
+        );
+        assert_eq!(
+            p.match_exec(key, &argv("sh x"), "claude")
+                .unwrap()
+                .config
+                .name,
+            "rest"
         );
     }
 
@@ -411,15 +447,15 @@ decision = "ask"
 "#,
         );
         let v4: IpAddr = "10.1.2.3".parse().unwrap();
-        assert!(p.match_connect(v4, 5432, 1).is_some());
-        assert!(p.match_connect(v4, 5433, 1).is_none());
-        assert!(p.match_connect(v4, 5432, 2).is_none(), "udp excluded");
+        assert!(p.match_connect(v4, 5432, 1, "ci").is_some());
+        assert!(p.match_connect(v4, 5433, 1, "ci").is_none());
+        assert!(p.match_connect(v4, 5432, 2, "ci").is_none(), "udp excluded");
         let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
-        assert!(p.match_connect(mapped, 5432, 1).is_some());
+        assert!(p.match_connect(mapped, 5432, 1, "ci").is_some());
         let v6: IpAddr = "2001:db8::5".parse().unwrap();
-        assert!(p.match_connect(v6, 5432, 1).is_some());
+        assert!(p.match_connect(v6, 5432, 1, "ci").is_some());
         assert!(p
-            .match_connect("11.0.0.1".parse().unwrap(), 5432, 1)
+            .match_connect("11.0.0.1".parse().unwrap(), 5432, 1, "ci")
             .is_none());
     }
 

@@ -220,7 +220,8 @@ impl AgentService for AgentSvc {
                             continue;
                         }
                         let labels = hello.labels.clone().into_iter().collect();
-                        let route = crate::current(&policy).route(&r.rule, &labels);
+                        let account = r.process.as_ref().map_or("", |p| p.user.as_str());
+                        let route = crate::current(&policy).route(&r.rule, &labels, account);
                         let (held, new) = match store.receive(&hello, &route, r) {
                             Ok(v) => v,
                             Err(e) => {

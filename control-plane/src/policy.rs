@@ -8,6 +8,7 @@
 //! [[rule]]
 //! name = "kubectl-destructive"   # the agent rule that held the action; "*" for any
 //! hosts = { env = "prod" }       # every label must match the agent's; empty: any host
+//! accounts = ["ci"]              # the held task's account; empty: any
 //! groups = ["oncall"]            # who may vote; empty: any approver
 //! quorum = 2                     # distinct approvals needed
 //! require_reason = true          # approvals need a reason too (denials always do)
@@ -98,6 +99,9 @@ pub struct ApprovalRule {
 /// The agent side of a rule; field meanings as in the agent's `[[rule]]`.
 #[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
 pub struct Enforce {
+    /// Accounts (user names) the rule applies to; empty: any. Also used for routing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accounts: Vec<String>,
     /// Shown to approvers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
@@ -249,13 +253,21 @@ impl Policy {
         Ok(policy)
     }
 
-    /// The route of a request held under agent rule `agent_rule` on a host with `labels`.
-    pub fn route(&self, agent_rule: &str, labels: &BTreeMap<String, String>) -> Route {
+    /// The route of a request held under agent rule `agent_rule` on a host with `labels`, for
+    /// account `account`.
+    pub fn route(
+        &self,
+        agent_rule: &str,
+        labels: &BTreeMap<String, String>,
+        account: &str,
+    ) -> Route {
         self.rules
             .iter()
             .find(|r| {
                 (r.name == "*" || r.name == agent_rule)
                     && r.hosts.iter().all(|(k, v)| labels.get(k) == Some(v))
+                    && (r.enforce.accounts.is_empty()
+                        || r.enforce.accounts.iter().any(|a| a == account))
             })
             .map_or(
                 Route {
@@ -331,11 +343,25 @@ groups = ["oncall", "dba"]
     #[test]
     fn first_matching_rule_routes() {
         let p = Policy::parse(POLICY, "p.toml").unwrap();
-        let r = p.route("kubectl-destructive", &labels("prod"));
+        let r = p.route("kubectl-destructive", &labels("prod"), "ci");
         assert_eq!((r.rule.as_str(), r.quorum), ("kubectl-destructive", 2));
-        let r = p.route("kubectl-destructive", &labels("staging"));
+        let r = p.route("kubectl-destructive", &labels("staging"), "ci");
         assert_eq!((r.rule.as_str(), r.quorum), ("*", 1), "label selector");
-        assert_eq!(Policy::default().route("x", &labels("prod")).quorum, 1);
+        assert_eq!(
+            Policy::default().route("x", &labels("prod"), "ci").quorum,
+            1
+        );
+        let by_account = Policy::parse(
+            "[[rule]]\nname = \"*\"\naccounts = [\"ci\"]\nquorum = 1\nrequire_reason = true\n",
+            "p.toml",
+        )
+        .unwrap();
+        assert!(by_account.route("x", &labels("prod"), "ci").require_reason);
+        assert!(
+            !by_account
+                .route("x", &labels("prod"), "claude")
+                .require_reason
+        );
         assert!(p.may_vote("carol", &["oncall".into(), "dba".into()]));
         assert!(!p.may_vote("carol", &["oncall".into()]));
         assert!(p.may_vote("anyone", &[]));

@@ -155,7 +155,7 @@ fn populated(dir: &Path) -> std::path::PathBuf {
         };
         s.receive(
             &host,
-            &Policy::default().route("", &Default::default()),
+            &Policy::default().route("", &Default::default(), ""),
             request(id),
         )
         .unwrap();
