@@ -63,7 +63,8 @@ pub async fn wait_stopped(root: &Path, pid: u32, limit: Duration) -> TaskState {
             return state;
         }
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(20));
+        // Short steps: every millisecond slept here is added to the held task's round trip.
+        delay = (delay * 2).min(Duration::from_millis(2));
     }
 }
 
