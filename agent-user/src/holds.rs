@@ -138,7 +138,7 @@ impl Engine {
         let settings = self.settings();
         let id = self.request_id(&ev);
         if procinfo::wait_stopped(&self.proc_root, ev.tgid, STOP_WAIT).await == TaskState::Gone {
-            self.finish(&ev, &id, OutcomeKind::Vanished, None, "task-gone");
+            self.finish(&id, OutcomeKind::Vanished, None, "task-gone");
             return;
         }
         let ctx = procinfo::gather(&self.proc_root, ev.tgid, &settings.env_allow);
@@ -192,7 +192,7 @@ impl Engine {
             {
                 Some(v) => v,
                 None => {
-                    self.finish(&ev, &id, OutcomeKind::Vanished, None, "task-gone");
+                    self.finish(&id, OutcomeKind::Vanished, None, "task-gone");
                     return;
                 }
             },
@@ -291,11 +291,7 @@ impl Engine {
 
     async fn apply(self: &Arc<Self>, ev: &HoldEvent, id: &str, v: Verdicted, on_deny: ConnectDeny) {
         let is_connect = ev.kind == HoldKind::Connect as u32;
-        let (how, kind) = match (v.allow, is_connect, on_deny) {
-            (true, _, _) => (Release::Resume, OutcomeKind::Resumed),
-            (false, true, ConnectDeny::Refuse) => (Release::Refuse, OutcomeKind::Refused),
-            (false, _, _) => (Release::Kill, OutcomeKind::Killed),
-        };
+        let (how, kind) = release_for(v.allow, is_connect, on_deny);
         let released = match self.kernel.release(ev, how) {
             Ok(r) => r,
             Err(e) => {
@@ -313,7 +309,7 @@ impl Engine {
             kind
         };
         tracing::info!(request = %id, pid = ev.tgid, allow = v.allow, cause = v.cause, by = %v.by, reason = %v.reason, outcome = ?kind, "released");
-        self.finish(ev, id, kind, Some(v.allow), v.cause);
+        self.finish(id, kind, Some(v.allow), v.cause);
         if kind == OutcomeKind::Resumed && !is_connect {
             let engine = self.clone();
             let (tgid, id) = (ev.tgid, id.to_owned());
@@ -321,14 +317,7 @@ impl Engine {
         }
     }
 
-    fn finish(
-        &self,
-        _ev: &HoldEvent,
-        id: &str,
-        kind: OutcomeKind,
-        allow: Option<bool>,
-        cause: &str,
-    ) {
+    fn finish(&self, id: &str, kind: OutcomeKind, allow: Option<bool>, cause: &str) {
         if let Some(d) = &self.decider {
             d.report(Outcome {
                 request_id: id.to_owned(),
@@ -374,24 +363,25 @@ impl Engine {
         let allow = self.settings().fail_mode == FailMode::Allow;
         for ev in self.kernel.held() {
             let is_connect = ev.kind == HoldKind::Connect as u32;
-            let how = match (allow, is_connect) {
-                (true, _) => Release::Resume,
-                (false, true) => Release::Refuse,
-                (false, false) => Release::Kill,
-            };
+            let (how, kind) = release_for(allow, is_connect, ConnectDeny::Refuse);
             let id = self.request_id(&ev);
             if let Err(e) = self.kernel.release(&ev, how) {
                 tracing::error!(request = %id, error = %e, "release on shutdown failed; killing");
                 let _ = self.kernel.release(&ev, Release::Kill);
             }
             tracing::info!(request = %id, pid = ev.tgid, allow, cause, "released on shutdown");
-            let kind = match how {
-                Release::Resume => OutcomeKind::Resumed,
-                Release::Refuse => OutcomeKind::Refused,
-                Release::Kill => OutcomeKind::Killed,
-            };
-            self.finish(&ev, &id, kind, Some(allow), cause);
+            self.finish(&id, kind, Some(allow), cause);
         }
+    }
+}
+
+/// How a verdict is applied, and what the outcome is called: a denied connect is refused or
+/// killed as its rule says; a denied exec is killed.
+fn release_for(allow: bool, is_connect: bool, on_deny: ConnectDeny) -> (Release, OutcomeKind) {
+    match (allow, is_connect, on_deny) {
+        (true, _, _) => (Release::Resume, OutcomeKind::Resumed),
+        (false, true, ConnectDeny::Refuse) => (Release::Refuse, OutcomeKind::Refused),
+        (false, _, _) => (Release::Kill, OutcomeKind::Killed),
     }
 }
 

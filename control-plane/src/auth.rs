@@ -75,12 +75,17 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// `bytes` random bytes from the kernel, as hex.
+pub fn random_hex(bytes: usize) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(hex::encode(buf))
+}
+
 /// A new random token for `id`.
 pub fn new_token(id: &str) -> std::io::Result<String> {
-    let mut secret = [0u8; 24];
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut secret)?;
-    Ok(format!("alk_{id}_{}", hex::encode(secret)))
+    Ok(format!("alk_{id}_{}", random_hex(24)?))
 }
 
 fn bearer<T>(req: &Request<T>) -> Result<&str, Status> {

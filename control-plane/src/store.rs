@@ -17,6 +17,7 @@ use airlock_proto::v1::{
 };
 use prost::Message;
 use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::json;
 use tokio::sync::broadcast;
 
 use crate::{
@@ -146,10 +147,6 @@ pub struct Store {
     changes: broadcast::Sender<HeldRequest>,
 }
 
-fn json_str(s: &str) -> String {
-    format!("{s:?}")
-}
-
 impl Store {
     /// Opens (creating if needed) the database file `path`; the audit checkpoint lives beside it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -221,36 +218,6 @@ impl Store {
         Ok(body.and_then(|b| HeldRequest::decode(b.as_slice()).ok()))
     }
 
-    /// Updates `held` with an audit record, runs `extra` in the same transaction (it appends its
-    /// own audit record last), then announces the change.
-    fn save_with(
-        &self,
-        conn: &mut Connection,
-        held: &HeldRequest,
-        actor: &str,
-        action: &str,
-        payload: &str,
-        extra: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<audit::Record>,
-    ) -> Result<(), StoreError> {
-        let id = held
-            .request
-            .as_ref()
-            .map(|r| r.request_id.clone())
-            .unwrap_or_default();
-        let tx = conn.transaction().map_err(self.db())?;
-        tx.execute(
-            "UPDATE requests SET state = ?2, body = ?3 WHERE id = ?1",
-            params![id, held.state, held.encode_to_vec()],
-        )
-        .map_err(self.db())?;
-        audit::append(&tx, now_ms(), actor, action, &id, payload).map_err(self.db())?;
-        let record = extra(&tx).map_err(self.db())?;
-        tx.commit().map_err(self.db())?;
-        self.checkpoint(&record);
-        let _ = self.changes.send(held.clone());
-        Ok(())
-    }
-
     /// Grants, newest first; only active ones unless `all`.
     pub fn list_grants(&self, all: bool) -> Result<Vec<Grant>, StoreError> {
         let conn = self.lock();
@@ -298,7 +265,7 @@ impl Store {
             params![id, now, g.encode_to_vec()],
         )
         .map_err(self.db())?;
-        let payload = format!("{{\"grant\":{}}}", json_str(id));
+        let payload = json!({ "grant": id }).to_string();
         let record = audit::append(&tx, now, by, "grant.revoked", &g.request_id, &payload)
             .map_err(self.db())?;
         tx.commit().map_err(self.db())?;
@@ -329,6 +296,22 @@ impl Store {
         action: &str,
         payload: &str,
         insert: bool,
+    ) -> Result<(), StoreError> {
+        self.save_and(conn, held, actor, action, payload, insert, |_| Ok(None))
+    }
+
+    /// Like [`Store::save`], and runs `extra` in the same transaction; a record it appends to
+    /// the audit trail comes last and becomes the checkpoint.
+    #[allow(clippy::too_many_arguments)]
+    fn save_and(
+        &self,
+        conn: &mut Connection,
+        held: &HeldRequest,
+        actor: &str,
+        action: &str,
+        payload: &str,
+        insert: bool,
+        extra: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<Option<audit::Record>>,
     ) -> Result<(), StoreError> {
         let id = held
             .request
@@ -369,6 +352,7 @@ impl Store {
         }
         let record =
             audit::append(&tx, now_ms(), actor, action, &id, payload).map_err(self.db())?;
+        let record = extra(&tx).map_err(self.db())?.unwrap_or(record);
         tx.commit().map_err(self.db())?;
         self.checkpoint(&record);
         let _ = self.changes.send(held.clone());
@@ -401,13 +385,7 @@ impl Store {
             .as_ref()
             .map(|p| p.user.clone())
             .unwrap_or_default();
-        let payload = format!(
-            "{{\"host\":{},\"user\":{},\"rule\":{},\"action\":{}}}",
-            json_str(hostname),
-            json_str(&user),
-            json_str(&req.rule),
-            json_str(&argv)
-        );
+        let mut payload = json!({"host": hostname, "user": user, "rule": req.rule, "action": argv});
         let now = now_ms();
         let mut held = HeldRequest {
             request: Some(req),
@@ -439,20 +417,13 @@ impl Store {
             held.reason = format!("covered by grant {} until {}", g.id, g.expires_unix_ms);
             held.decided_unix_ms = now;
             held.grant_id = g.id.clone();
-            let payload = format!(
-                "{{\"host\":{},\"user\":{},\"rule\":{},\"action\":{},\"grant\":{}}}",
-                json_str(hostname),
-                json_str(&user),
-                json_str(held.request.as_ref().map_or("", |r| r.rule.as_str())),
-                json_str(&argv),
-                json_str(&g.id)
-            );
+            payload["grant"] = json!(g.id);
             self.save(
                 &mut conn,
                 &held,
                 host_id,
                 "request.approved.grant",
-                &payload,
+                &payload.to_string(),
                 true,
             )?;
             return Ok((held, true));
@@ -462,7 +433,7 @@ impl Store {
             &held,
             host_id,
             "request.received",
-            &payload,
+            &payload.to_string(),
             true,
         )?;
         Ok((held, true))
@@ -564,8 +535,7 @@ impl Store {
                 let g = Grant {
                     id: format!(
                         "g-{}",
-                        &auth::new_token("g").map_err(|e| StoreError::Random(e.to_string()))?
-                            [6..18]
+                        auth::random_hex(6).map_err(|e| StoreError::Random(e.to_string()))?
                     ),
                     host_id,
                     account,
@@ -580,26 +550,22 @@ impl Store {
                 grant = Some(g);
             }
         }
-        let payload = format!(
-            "{{\"reason\":{},\"decided\":{decided},\"state\":\"{}\"}}",
-            json_str(reason),
-            state_name(held.state())
-        );
+        let payload =
+            json!({"reason": reason, "decided": decided, "state": state_name(held.state())})
+                .to_string();
         match grant {
             Some(g) => {
-                let tx_payload = format!(
-                    "{{\"grant\":{},\"action\":{},\"account\":{},\"expires_ms\":{}}}",
-                    json_str(&g.id),
-                    json_str(&g.action),
-                    json_str(&g.account),
-                    g.expires_unix_ms
-                );
-                self.save_with(&mut conn, &held, approver, action, &payload, |tx| {
+                let tx_payload = json!({
+                    "grant": g.id, "action": g.action, "account": g.account,
+                    "expires_ms": g.expires_unix_ms,
+                })
+                .to_string();
+                self.save_and(&mut conn, &held, approver, action, &payload, false, |tx| {
                     tx.execute(
                         "INSERT INTO grants (id, host_id, account, action, body, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                         params![g.id, g.host_id, g.account, g.action, g.encode_to_vec(), g.expires_unix_ms],
                     )?;
-                    audit::append(tx, at, approver, "grant.created", id, &tx_payload)
+                    audit::append(tx, at, approver, "grant.created", id, &tx_payload).map(Some)
                 })?;
             }
             None => self.save(&mut conn, &held, approver, action, &payload, false)?,
@@ -615,7 +581,7 @@ impl Store {
         held.decided_by = by.to_owned();
         held.reason = format!("cancelled: {reason}");
         held.decided_unix_ms = now_ms();
-        let payload = format!("{{\"reason\":{}}}", json_str(reason));
+        let payload = json!({ "reason": reason }).to_string();
         self.save(&mut conn, &held, by, "request.cancelled", &payload, false)?;
         Ok(held)
     }
@@ -652,14 +618,11 @@ impl Store {
         let mut held = Self::load(&conn, &outcome.request_id)
             .map_err(self.db())?
             .ok_or_else(|| StoreError::NotFound(outcome.request_id.clone()))?;
-        let payload = format!(
-            "{{\"kind\":{},\"applied\":{},\"cause\":{},\"exit_code\":{},\"signal\":{}}}",
-            outcome.kind,
-            outcome.applied,
-            json_str(&outcome.cause),
-            outcome.exit_code.map_or("null".into(), |c| c.to_string()),
-            outcome.signal.map_or("null".into(), |c| c.to_string()),
-        );
+        let payload = json!({
+            "kind": outcome.kind, "applied": outcome.applied, "cause": outcome.cause,
+            "exit_code": outcome.exit_code, "signal": outcome.signal,
+        })
+        .to_string();
         held.outcomes.push(outcome);
         self.save(
             &mut conn,
@@ -738,12 +701,7 @@ impl Store {
     /// Creates a token `name` with `scope`; returns the token, which is not stored and cannot
     /// be shown again.
     pub fn create_token(&self, name: &str, scope: Scope) -> Result<String, StoreError> {
-        let id = auth::new_token("x")
-            .map_err(|e| StoreError::Random(e.to_string()))?
-            .chars()
-            .skip(6)
-            .take(12)
-            .collect::<String>();
+        let id = auth::random_hex(6).map_err(|e| StoreError::Random(e.to_string()))?;
         let token = auth::new_token(&id).map_err(|e| StoreError::Random(e.to_string()))?;
         let mut conn = self.lock();
         let tx = conn.transaction().map_err(self.db())?;
@@ -767,7 +725,7 @@ impl Store {
             ],
         )
         .map_err(self.db())?;
-        let payload = format!("{{\"name\":{},\"scope\":\"{scope}\"}}", json_str(name));
+        let payload = json!({"name": name, "scope": scope.to_string()}).to_string();
         let record = audit::append(&tx, now_ms(), "server", "token.created", "", &payload)
             .map_err(self.db())?;
         tx.commit().map_err(self.db())?;
@@ -788,7 +746,7 @@ impl Store {
         if n == 0 {
             return Ok(false);
         }
-        let payload = format!("{{\"name\":{}}}", json_str(name));
+        let payload = json!({ "name": name }).to_string();
         let record = audit::append(&tx, now_ms(), "server", "token.revoked", "", &payload)
             .map_err(self.db())?;
         tx.commit().map_err(self.db())?;
