@@ -1,8 +1,7 @@
 //! `ApprovalService`: list, watch and decide held requests.
 //!
 //! Who may decide: a caller whose token has the approve or admin scope, as the token's identity
-//! (agent credentials never vote); a deny needs a reason; and nobody decides a request made by
-//! their own account (the held task's user or the user who logged in and launched it).
+//! (agent credentials never vote); the rest of the rules are in [`crate::decide`].
 
 use std::{pin::Pin, sync::Arc};
 
@@ -17,6 +16,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     agents::Agents,
     auth,
+    decide::{Approver, Decisions},
     store::{Store, StoreError},
 };
 
@@ -26,10 +26,10 @@ pub struct ApprovalSvc {
     pub store: Arc<Store>,
     /// Where decisions go.
     pub agents: Arc<Agents>,
-    /// Group membership.
-    pub policy: crate::SharedPolicy,
     /// Counters.
     pub metrics: Arc<crate::http::Metrics>,
+    /// The vote path.
+    pub decisions: Decisions,
 }
 
 fn status_of(e: StoreError) -> Status {
@@ -47,37 +47,14 @@ fn status_of(e: StoreError) -> Status {
     }
 }
 
-/// Checks that `approver` may decide `held` with `verdict` and `reason`.
-pub fn check_vote(
-    held: &HeldRequest,
-    approver: &str,
-    verdict: Verdict,
-    reason: &str,
-) -> Result<(), Status> {
-    if approver.trim().is_empty() {
-        return Err(Status::invalid_argument("approver is required"));
+/// The gRPC status for a refused or failed vote.
+pub fn status_of_decide(e: crate::decide::DecideError) -> Status {
+    use crate::decide::DecideError;
+    match e {
+        DecideError::Invalid(m) => Status::invalid_argument(m),
+        DecideError::Forbidden(m) => Status::permission_denied(m),
+        DecideError::Store(e) => status_of(e),
     }
-    if verdict == Verdict::Unspecified {
-        return Err(Status::invalid_argument("verdict must be allow or deny"));
-    }
-    if verdict == Verdict::Deny && reason.trim().is_empty() {
-        return Err(Status::invalid_argument("a deny needs a reason"));
-    }
-    if verdict == Verdict::Allow && held.reason_required && reason.trim().is_empty() {
-        return Err(Status::invalid_argument(format!(
-            "rule {:?} needs a reason for an approval too",
-            held.route
-        )));
-    }
-    let process = held.request.as_ref().and_then(|r| r.process.as_ref());
-    if let Some(p) = process {
-        if approver == p.user || (!p.login_user.is_empty() && approver == p.login_user) {
-            return Err(Status::permission_denied(format!(
-                "{approver} made this request and cannot decide it"
-            )));
-        }
-    }
-    Ok(())
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<HeldRequest, Status>> + Send>>;
@@ -109,7 +86,8 @@ impl ApprovalService for ApprovalSvc {
         req: Request<WatchRequestsRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         // Subscribe before listing, so nothing falls between the two.
-        let changes = BroadcastStream::new(self.store.subscribe()).filter_map(|r| r.ok().map(Ok));
+        let changes =
+            BroadcastStream::new(self.store.subscribe()).filter_map(|r| r.ok().map(|c| Ok(c.held)));
         let mut first: Vec<Result<HeldRequest, Status>> = Vec::new();
         if req.get_ref().include_pending {
             let q = ListRequestsRequest {
@@ -149,34 +127,17 @@ impl ApprovalService for ApprovalSvc {
                 who.name, d.approver
             )));
         }
-        let held = self.store.get(&d.request_id).map_err(status_of)?;
         let verdict = Verdict::try_from(d.verdict).unwrap_or(Verdict::Unspecified);
-        check_vote(&held, &d.approver, verdict, &d.reason)?;
-        let member = crate::current(&self.policy).may_vote(&d.approver, &held.approver_groups);
-        if !member {
-            return Err(Status::permission_denied(format!(
-                "{} is not in the approver groups of this request ({})",
-                d.approver,
-                held.approver_groups.join(", ")
-            )));
-        }
-        let (held, decided) = self
-            .store
-            .vote(
+        let held = self
+            .decisions
+            .decide(
+                &Approver::named(d.approver),
                 &d.request_id,
-                &d.approver,
                 verdict,
                 &d.reason,
                 d.grant_minutes,
             )
-            .map_err(status_of)?;
-        tracing::info!(request = %d.request_id, approver = %d.approver, verdict = ?verdict, decided, "vote");
-        if decided {
-            self.metrics.decided(crate::store::state_name(held.state()));
-            let secs = (held.decided_unix_ms - held.received_unix_ms).max(0) as f64 / 1000.0;
-            self.metrics.decision_latency.observe(secs);
-            self.agents.deliver(&held);
-        }
+            .map_err(status_of_decide)?;
         Ok(Response::new(held))
     }
 

@@ -2,19 +2,25 @@
 //! agents.
 //!
 //! - [`agents`]: the agents' streams (`AgentService`);
+//! - [`accounts`]: local web UI accounts (Argon2id);
+//! - [`config`]: the server configuration file (web UI, OIDC, notification channels);
 //! - [`approvals`]: approvers and integrations (`ApprovalService`), and who may decide;
 //! - [`store`]: requests and their lifecycle, in SQLite;
 //! - [`audit`]: the hash-chained audit trail and its verification;
 //! - [`auth`]: bearer tokens and their scopes;
+//! - [`decide`]: the one vote path (who may decide what), for every front end;
 //! - [`policy`]: approver groups, quorum and routing;
 //! - [`control`]: audit queries and export, agents list, policy status;
 //! - [`http`]: health, readiness and Prometheus metrics.
 
+pub mod accounts;
 pub mod agents;
 pub mod approvals;
 pub mod audit;
 pub mod auth;
+pub mod config;
 pub mod control;
+pub mod decide;
 pub mod http;
 pub mod policy;
 pub mod store;
@@ -137,6 +143,16 @@ impl ControlPlane {
         }
     }
 
+    /// The vote path shared by gRPC, the web UI and Slack.
+    pub fn decisions(&self) -> decide::Decisions {
+        decide::Decisions {
+            store: self.store.clone(),
+            agents: self.agents.clone(),
+            policy: self.policy.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
     /// Uses `policy` from now on (new requests are routed by it; group membership is checked
     /// against it).
     pub fn set_policy(&self, policy: policy::Policy) {
@@ -247,8 +263,8 @@ impl ControlPlane {
                 approvals::ApprovalSvc {
                     store: self.store.clone(),
                     agents: self.agents.clone(),
-                    policy: self.policy.clone(),
                     metrics: self.metrics.clone(),
+                    decisions: self.decisions(),
                 },
                 auth::Auth::people(self.store.clone()),
             ))

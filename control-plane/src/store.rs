@@ -139,12 +139,23 @@ CREATE TABLE IF NOT EXISTS tokens (
     revoked_ms INTEGER
 );";
 
+/// One change to a request, as watchers and notifiers hear of it.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// The audit action that recorded it: `request.received`, `request.vote.approve`,
+    /// `request.vote.deny`, `request.approved.grant`, `request.cancelled`, `request.expired`
+    /// or `request.outcome`.
+    pub action: String,
+    /// The request after the change.
+    pub held: HeldRequest,
+}
+
 /// The request store.
 pub struct Store {
     conn: Mutex<Connection>,
     path: String,
     checkpoint: Option<PathBuf>,
-    changes: broadcast::Sender<HeldRequest>,
+    changes: broadcast::Sender<Change>,
 }
 
 impl Store {
@@ -185,6 +196,7 @@ impl Store {
             .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
         conn.execute_batch(audit::SCHEMA).map_err(db)?;
+        conn.execute_batch(crate::accounts::SCHEMA).map_err(db)?;
         Ok(Self {
             conn: Mutex::new(conn),
             path,
@@ -205,8 +217,36 @@ impl Store {
     }
 
     /// Every change from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<HeldRequest> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
+    }
+
+    /// Runs `f` on the database connection: for the modules that keep their own tables
+    /// (accounts, sessions, notification deliveries) beside the requests.
+    pub fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.lock();
+        f(&mut conn).map_err(self.db())
+    }
+
+    /// Appends an audit record in the transaction `tx` (for modules that change their own
+    /// tables), returning it so that [`Store::checkpointed`] can advance the checkpoint
+    /// once `tx` commits.
+    pub fn audit_in(
+        tx: &rusqlite::Transaction<'_>,
+        actor: &str,
+        action: &str,
+        subject: &str,
+        payload: &str,
+    ) -> rusqlite::Result<audit::Record> {
+        audit::append(tx, now_ms(), actor, action, subject, payload)
+    }
+
+    /// Advances the audit checkpoint to `record`, committed by the caller.
+    pub fn checkpointed(&self, record: &audit::Record) {
+        self.checkpoint(record);
     }
 
     fn load(conn: &Connection, id: &str) -> Result<Option<HeldRequest>, rusqlite::Error> {
@@ -355,7 +395,10 @@ impl Store {
         let record = extra(&tx).map_err(self.db())?.unwrap_or(record);
         tx.commit().map_err(self.db())?;
         self.checkpoint(&record);
-        let _ = self.changes.send(held.clone());
+        let _ = self.changes.send(Change {
+            action: action.to_owned(),
+            held: held.clone(),
+        });
         Ok(())
     }
 

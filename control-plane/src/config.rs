@@ -1,0 +1,375 @@
+//! The server's configuration file (TOML): the web UI, OIDC login and the notification channels.
+//!
+//! Secrets (client secret, Slack tokens, webhook keys, a Teams URL) are never written in this
+//! file: each is named by a `*_file` key and read from that file, so the file can be world-
+//! readable and the secrets are never logged (their `Debug` prints `[redacted]`).
+//!
+//! ```toml
+//! [web]
+//! public_url = "https://airlock.example.com"   # base of links in notifications and OIDC
+//!
+//! [oidc]
+//! issuer = "https://example.okta.com"
+//! client_id = "0oa1b2c3"
+//! client_secret_file = "/etc/airlock/oidc-client-secret"
+//! groups_claim = "groups"
+//!
+//! [slack]
+//! channel = "C0123456789"
+//! bot_token_file = "/etc/airlock/slack-bot-token"
+//! signing_secret_file = "/etc/airlock/slack-signing-secret"
+//! users = { U0123ABCD = "alice" }
+//!
+//! [teams]
+//! webhook_url_file = "/etc/airlock/teams-webhook-url"
+//!
+//! [[webhook]]
+//! name = "siem"
+//! url = "https://siem.example.com/airlock"
+//! secret_file = "/etc/airlock/siem-hmac-key"
+//! ```
+
+use std::{collections::BTreeMap, fmt, path::Path};
+
+use serde::Deserialize;
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {reason}")]
+    Read {
+        /// File.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Malformed TOML or an unknown key.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// File.
+        path: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// Well-formed but unusable.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// File.
+        path: String,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+}
+
+/// A secret read from a file; `Debug` and `Display` never show it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `s`.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The web UI.
+    #[serde(default)]
+    pub web: WebConfig,
+    /// Login through an OIDC issuer (in addition to local accounts).
+    pub oidc: Option<OidcFile>,
+    /// Slack notifications and buttons.
+    pub slack: Option<SlackFile>,
+    /// Microsoft Teams cards.
+    pub teams: Option<TeamsFile>,
+    /// Generic webhooks.
+    #[serde(default, rename = "webhook")]
+    pub webhooks: Vec<WebhookFile>,
+}
+
+/// `[web]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebConfig {
+    /// The address people reach the web UI at; links in notifications and the OIDC redirect URI
+    /// are built from it. Default: the HTTP listen address. Cookies are marked Secure unless it
+    /// is plain http.
+    pub public_url: Option<String>,
+    /// How long a login lasts, hours.
+    #[serde(default = "default_session_hours")]
+    pub session_hours: u32,
+    /// Allow local accounts to log in (on by default; turn off to force OIDC).
+    #[serde(default = "yes")]
+    pub local_accounts: bool,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        Self {
+            public_url: None,
+            session_hours: default_session_hours(),
+            local_accounts: true,
+        }
+    }
+}
+
+fn default_session_hours() -> u32 {
+    12
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `[oidc]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcFile {
+    /// Issuer URL; its `/.well-known/openid-configuration` is fetched at start.
+    pub issuer: String,
+    /// Client id registered at the issuer.
+    pub client_id: String,
+    /// File holding the client secret (omit for a public client: PKCE alone).
+    pub client_secret_file: Option<String>,
+    /// Scopes to ask for.
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<String>,
+    /// ID token claim that names the person (falls back to `preferred_username`, then `sub`).
+    #[serde(default = "default_identity_claim")]
+    pub identity_claim: String,
+    /// ID token claim that lists the person's groups.
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// Issuer group (name or id, as in the claim) to approver group; unmapped claim values are
+    /// used as they are.
+    #[serde(default)]
+    pub group_map: BTreeMap<String, String>,
+    /// Text of the login button.
+    #[serde(default = "default_oidc_label")]
+    pub label: String,
+}
+
+fn default_scopes() -> Vec<String> {
+    ["openid", "email", "profile"].map(String::from).to_vec()
+}
+
+fn default_identity_claim() -> String {
+    "email".into()
+}
+
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+
+fn default_oidc_label() -> String {
+    "Sign in with single sign-on".into()
+}
+
+/// `[slack]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackFile {
+    /// Channel id to post requests to.
+    pub channel: String,
+    /// File holding the bot token (`xoxb-...`, scope chat:write).
+    pub bot_token_file: String,
+    /// File holding the app's signing secret (verifies button presses).
+    pub signing_secret_file: String,
+    /// Slack user id to approver identity; presses by anyone else are refused.
+    #[serde(default)]
+    pub users: BTreeMap<String, String>,
+    /// Web API base URL.
+    #[serde(default = "default_slack_api")]
+    pub api_url: String,
+}
+
+fn default_slack_api() -> String {
+    "https://slack.com/api".into()
+}
+
+/// `[teams]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeamsFile {
+    /// File holding the incoming webhook or Workflows URL (it embeds a key).
+    pub webhook_url_file: String,
+}
+
+/// One `[[webhook]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookFile {
+    /// Name shown in the delivery log.
+    pub name: String,
+    /// Where to POST.
+    pub url: String,
+    /// File holding the HMAC key for `X-Airlock-Signature`.
+    pub secret_file: String,
+    /// Events to send (`request.received`, `request.vote`, `request.decided`); empty: all.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// Attempts per event before it is given up (logged as failed).
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// First retry delay, milliseconds; doubles each retry.
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_ms: u64,
+    /// Per-attempt timeout, seconds.
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: u64,
+}
+
+fn default_attempts() -> u32 {
+    5
+}
+
+fn default_backoff_ms() -> u64 {
+    1000
+}
+
+fn default_timeout_secs() -> u64 {
+    10
+}
+
+/// Event names a webhook may subscribe to.
+pub const EVENTS: [&str; 3] = ["request.received", "request.vote", "request.decided"];
+
+impl ServerConfig {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks `text`, naming `path` in errors.
+    pub fn parse(text: &str, path: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: path.into(),
+                line,
+                column,
+                message: e.message().to_owned(),
+            }
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.into(),
+            message,
+        };
+        if let Some(u) = &cfg.web.public_url {
+            url::Url::parse(u).map_err(|e| invalid(format!("web.public_url {u:?}: {e}")))?;
+        }
+        if let Some(o) = &cfg.oidc {
+            url::Url::parse(&o.issuer).map_err(|e| invalid(format!("oidc.issuer: {e}")))?;
+            if !o.scopes.iter().any(|s| s == "openid") {
+                return Err(invalid("oidc.scopes must include \"openid\"".into()));
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for w in &cfg.webhooks {
+            if !names.insert(&w.name) {
+                return Err(invalid(format!("two webhooks are named {:?}", w.name)));
+            }
+            url::Url::parse(&w.url)
+                .map_err(|e| invalid(format!("webhook {:?}: url: {e}", w.name)))?;
+            if let Some(bad) = w.events.iter().find(|e| !EVENTS.contains(&e.as_str())) {
+                return Err(invalid(format!(
+                    "webhook {:?}: unknown event {bad:?} (known: {})",
+                    w.name,
+                    EVENTS.join(", ")
+                )));
+            }
+            if w.max_attempts == 0 {
+                return Err(invalid(format!(
+                    "webhook {:?}: max_attempts must be at least 1",
+                    w.name
+                )));
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// Reads the secret in `path`, trimmed of surrounding white space.
+pub fn read_secret(path: &str) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    let s = text.trim();
+    if s.is_empty() {
+        return Err(ConfigError::Invalid {
+            path: path.into(),
+            message: "the secret file is empty".into(),
+        });
+    }
+    Ok(Secret::new(s))
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret::new("xoxb-very-secret");
+        assert_eq!(format!("{s:?}"), "[redacted]");
+        assert_eq!(s.expose(), "xoxb-very-secret");
+    }
+
+    #[test]
+    fn errors_name_the_place() {
+        let e = ServerConfig::parse("[web]\npublic_urll = \"x\"\n", "server.toml").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("server.toml:2:1: unknown field `public_urll`"),
+            "{e}"
+        );
+        let e = ServerConfig::parse(
+            "[[webhook]]\nname = \"a\"\nurl = \"http://x\"\nsecret_file = \"k\"\nevents = [\"request.nope\"]\n",
+            "server.toml",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("unknown event \"request.nope\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn defaults_allow_local_accounts() {
+        let c = ServerConfig::parse("", "x").unwrap();
+        assert!(c.web.local_accounts);
+        assert_eq!(c.web.session_hours, 12);
+        assert!(c.oidc.is_none() && c.slack.is_none() && c.webhooks.is_empty());
+    }
+}

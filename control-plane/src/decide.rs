@@ -1,0 +1,193 @@
+//! The one path by which a person decides a request, whatever they clicked: gRPC
+//! `ApprovalService.Decide`, the web UI or a Slack button. Every rule of who may vote lives here,
+//! so no front end can weaken it.
+//!
+//! A vote is refused when the approver has no identity, when a deny (or, where the rule says so,
+//! an approval) has no reason, when the approver made the request, when they are in none of the
+//! request's approver groups, when they already voted, and when the request is no longer pending.
+
+use std::sync::Arc;
+
+use airlock_proto::v1::{HeldRequest, RequestState, Verdict};
+
+use crate::{
+    agents::Agents,
+    http::Metrics,
+    store::{Store, StoreError},
+    SharedPolicy,
+};
+
+/// A person deciding: their identity and the groups their login gave them (OIDC group claims or
+/// a local account's groups), on top of the groups the policy file lists them in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approver {
+    /// Identity, as the policy's `[groups]` and the audit trail name it.
+    pub name: String,
+    /// Groups from the login itself.
+    pub groups: Vec<String>,
+}
+
+impl Approver {
+    /// An approver known only by name (API tokens): groups come from the policy alone.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            groups: Vec::new(),
+        }
+    }
+}
+
+/// Why a vote was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DecideError {
+    /// The vote itself is malformed (no verdict, no reason where one is needed).
+    #[error("{0}")]
+    Invalid(String),
+    /// This approver may not vote on this request.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The store refused (not found, not pending, already voted) or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Decides requests for every front end.
+#[derive(Clone)]
+pub struct Decisions {
+    /// Requests.
+    pub store: Arc<Store>,
+    /// Where decisions go.
+    pub agents: Arc<Agents>,
+    /// Group membership.
+    pub policy: SharedPolicy,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Whether `approver` is the account that made `held` (its user, or the user who logged in
+/// and launched it). An e-mail style identity matches the account named by its local part,
+/// so `alice@example.com` cannot approve what `alice` runs.
+pub fn is_requester(held: &HeldRequest, approver: &str) -> bool {
+    let Some(p) = held.request.as_ref().and_then(|r| r.process.as_ref()) else {
+        return false;
+    };
+    let local = approver.split('@').next().unwrap_or(approver);
+    [p.user.as_str(), p.login_user.as_str()]
+        .iter()
+        .any(|u| !u.is_empty() && (*u == approver || *u == local))
+}
+
+impl Decisions {
+    /// Why `approver` may not vote on `held` at all, or `None` if they may. The web UI shows
+    /// the buttons only when this is `None`; [`Decisions::decide`] checks it again.
+    pub fn refusal(&self, held: &HeldRequest, approver: &Approver) -> Option<String> {
+        if approver.name.trim().is_empty() {
+            return Some("an approver identity is required".into());
+        }
+        if held.state() != RequestState::Pending {
+            return Some(format!(
+                "the request is {}",
+                crate::store::state_name(held.state())
+            ));
+        }
+        if is_requester(held, &approver.name) {
+            return Some(format!(
+                "{} made this request and cannot decide it",
+                approver.name
+            ));
+        }
+        if held.votes.iter().any(|v| v.approver == approver.name) {
+            return Some(format!("{} has already voted", approver.name));
+        }
+        let policy = crate::current(&self.policy);
+        let member = policy.may_vote(&approver.name, &held.approver_groups)
+            || held
+                .approver_groups
+                .iter()
+                .any(|g| approver.groups.contains(g));
+        if !member {
+            return Some(format!(
+                "{} is not in the approver groups of this request ({})",
+                approver.name,
+                held.approver_groups.join(", ")
+            ));
+        }
+        None
+    }
+
+    /// Records `approver`'s vote on request `id`; when it decides the request, the agent is
+    /// told (after the decision is committed).
+    pub fn decide(
+        &self,
+        approver: &Approver,
+        id: &str,
+        verdict: Verdict,
+        reason: &str,
+        grant_minutes: u32,
+    ) -> Result<HeldRequest, DecideError> {
+        if verdict == Verdict::Unspecified {
+            return Err(DecideError::Invalid("verdict must be allow or deny".into()));
+        }
+        let held = self.store.get(id)?;
+        if verdict == Verdict::Deny && reason.trim().is_empty() {
+            return Err(DecideError::Invalid("a deny needs a reason".into()));
+        }
+        if verdict == Verdict::Allow && held.reason_required && reason.trim().is_empty() {
+            return Err(DecideError::Invalid(format!(
+                "rule {:?} needs a reason for an approval too",
+                held.route
+            )));
+        }
+        if let Some(why) = self.refusal(&held, approver) {
+            if held.state() != RequestState::Pending {
+                return Err(StoreError::NotPending {
+                    id: id.to_owned(),
+                    state: crate::store::state_name(held.state()),
+                }
+                .into());
+            }
+            return Err(DecideError::Forbidden(why));
+        }
+        let (held, decided) =
+            self.store
+                .vote(id, &approver.name, verdict, reason.trim(), grant_minutes)?;
+        tracing::info!(request = %id, approver = %approver.name, verdict = ?verdict, decided, "vote");
+        if decided {
+            self.metrics.decided(crate::store::state_name(held.state()));
+            let secs = (held.decided_unix_ms - held.received_unix_ms).max(0) as f64 / 1000.0;
+            self.metrics.decision_latency.observe(secs);
+            self.agents.deliver(&held);
+        }
+        Ok(held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use airlock_proto::v1::{ActionRequest, ProcessContext};
+
+    fn held(user: &str, login: &str) -> HeldRequest {
+        HeldRequest {
+            request: Some(ActionRequest {
+                process: Some(ProcessContext {
+                    user: user.into(),
+                    login_user: login.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn requester_matches_user_login_user_and_email_local_part() {
+        let h = held("ci-bot", "alice");
+        assert!(is_requester(&h, "ci-bot"));
+        assert!(is_requester(&h, "alice"));
+        assert!(is_requester(&h, "alice@example.com"));
+        assert!(!is_requester(&h, "bob"));
+        assert!(!is_requester(&held("ci-bot", ""), ""));
+    }
+}
