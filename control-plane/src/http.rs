@@ -18,6 +18,13 @@ pub struct ResultLabel {
     pub result: String,
 }
 
+/// Label of the notification failures counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChannelLabel {
+    /// slack, teams, or webhook:NAME.
+    pub channel: String,
+}
+
 /// The control plane's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -27,6 +34,8 @@ pub struct Metrics {
     pub decisions: Family<ResultLabel, Counter>,
     /// Seconds from a request's arrival to its decision by people.
     pub decision_latency: Histogram,
+    /// Notification deliveries that failed (each failed attempt), by channel.
+    pub notification_failures: Family<ChannelLabel, Counter>,
     pending: Gauge,
     agents: Gauge,
 }
@@ -40,6 +49,12 @@ impl Default for Metrics {
             Histogram::new([0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0]);
         let pending = Gauge::default();
         let agents = Gauge::default();
+        let notification_failures = Family::<ChannelLabel, Counter>::default();
+        registry.register(
+            "notification_failures",
+            "Failed notification attempts, by channel",
+            notification_failures.clone(),
+        );
         registry.register(
             "requests",
             "Held actions received from agents",
@@ -70,6 +85,7 @@ impl Default for Metrics {
             requests,
             decisions,
             decision_latency,
+            notification_failures,
             pending,
             agents,
         }
@@ -77,6 +93,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts one failed notification attempt on `channel`.
+    pub fn notification_failed(&self, channel: &str) {
+        self.notification_failures
+            .get_or_create(&ChannelLabel {
+                channel: channel.to_owned(),
+            })
+            .inc();
+    }
+
     /// Counts one decision.
     pub fn decided(&self, result: &str) {
         self.decisions

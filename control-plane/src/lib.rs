@@ -11,7 +11,9 @@
 //! - [`decide`]: the one vote path (who may decide what), for every front end;
 //! - [`policy`]: approver groups, quorum and routing;
 //! - [`control`]: audit queries and export, agents list, policy status;
-//! - [`http`]: health, readiness and Prometheus metrics.
+//! - [`http`]: health, readiness and Prometheus metrics;
+//! - [`notify`]: fan-out to Slack, Teams and webhooks, and Slack's buttons;
+//! - [`oidc`]: login through an OpenID Connect issuer.
 
 pub mod accounts;
 pub mod agents;
@@ -22,6 +24,8 @@ pub mod config;
 pub mod control;
 pub mod decide;
 pub mod http;
+pub mod notify;
+pub mod oidc;
 pub mod policy;
 pub mod store;
 

@@ -197,6 +197,7 @@ impl Store {
         conn.execute_batch(SCHEMA).map_err(db)?;
         conn.execute_batch(audit::SCHEMA).map_err(db)?;
         conn.execute_batch(crate::accounts::SCHEMA).map_err(db)?;
+        conn.execute_batch(crate::notify::SCHEMA).map_err(db)?;
         Ok(Self {
             conn: Mutex::new(conn),
             path,

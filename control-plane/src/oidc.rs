@@ -1,0 +1,1 @@
+//! Login through an OpenID Connect issuer: authorization code flow with PKCE.
