@@ -2,7 +2,8 @@
 # Installs what a fresh Debian 12 machine lacks to build and test Airlock, and is quick
 # (a few checks, no downloads) when everything is already present. Idempotent.
 #
-# - apt: QEMU (software-emulated guest with a BPF LSM kernel), busybox, cpio, kmod, protoc
+# - apt: QEMU (software-emulated guest with a BPF LSM kernel), busybox, cpio, kmod, protoc,
+#   Chromium and its WebDriver (web UI tests)
 # - Debian's 6.1 kernel package, unpacked under $AIRLOCK_VM_DIR (default: target/vm)
 # - rust-src for the nightly toolchain (eBPF side is built with -Z build-std=core)
 # - bpf-linker built against the nightly's own LLVM
@@ -16,7 +17,8 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # --- apt packages -------------------------------------------------------------------------
 need_pkgs=()
-for p in qemu-system-x86 busybox-static cpio kmod protobuf-compiler systemd; do
+for p in qemu-system-x86 busybox-static cpio kmod protobuf-compiler systemd \
+         chromium chromium-driver fonts-liberation; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

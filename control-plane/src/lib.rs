@@ -13,7 +13,8 @@
 //! - [`control`]: audit queries and export, agents list, policy status;
 //! - [`http`]: health, readiness and Prometheus metrics;
 //! - [`notify`]: fan-out to Slack, Teams and webhooks, and Slack's buttons;
-//! - [`oidc`]: login through an OpenID Connect issuer.
+//! - [`oidc`]: login through an OpenID Connect issuer;
+//! - [`web`]: the web UI (queue, request pages, history, audit, agents, policy).
 
 pub mod accounts;
 pub mod agents;
@@ -28,6 +29,7 @@ pub mod notify;
 pub mod oidc;
 pub mod policy;
 pub mod store;
+pub mod web;
 
 use std::{
     path::Path,
@@ -94,17 +96,20 @@ impl ControlPlane {
         }
     }
 
-    /// Serves health, readiness and metrics over HTTP on `listener` until `shutdown`.
+    /// Serves health, readiness and metrics, and the routes of `extra` (the web UI, Slack's
+    /// interactivity endpoint), over HTTP on `listener` until `shutdown`.
     pub async fn serve_http(
         &self,
         listener: TcpListener,
+        extra: axum::Router,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let app = http::router(
             self.store.clone(),
             self.agents.clone(),
             self.metrics.clone(),
-        );
+        )
+        .merge(extra);
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await

@@ -2,8 +2,15 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use airlock_control_plane::ControlPlane;
-use airlock_control_plane::{auth::Scope, store::Store};
+use std::sync::Arc;
+
+use airlock_control_plane::{
+    auth::Scope,
+    config::{read_secret, ServerConfig},
+    store::Store,
+    web::{OidcLogin, Settings, Web},
+    ControlPlane,
+};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
@@ -16,7 +23,8 @@ struct Cli {
     /// from other hosts.
     #[arg(long, env = "AIRLOCK_GRPC_ADDR", default_value = "127.0.0.1:7443")]
     grpc: SocketAddr,
-    /// Address for HTTP: /healthz, /readyz and Prometheus /metrics.
+    /// Address for HTTP: the web UI, /healthz, /readyz, Prometheus /metrics and Slack's
+    /// /slack/interactions.
     #[arg(long, env = "AIRLOCK_HTTP_ADDR", default_value = "127.0.0.1:7080")]
     http: SocketAddr,
     /// Directory for the database (airlock.db, SQLite in WAL mode) and the audit checkpoint.
@@ -38,6 +46,11 @@ struct Cli {
     /// CA (PEM) that signs agent client certificates: agents must then use mTLS.
     #[arg(long, requires = "tls_cert", env = "AIRLOCK_TLS_CLIENT_CA")]
     tls_client_ca: Option<PathBuf>,
+    /// Server configuration (TOML): [web] public_url, [oidc], [slack], [teams], [[webhook]].
+    /// Default: server.toml in the data directory if it exists. Secrets are read from the
+    /// files it names, never from the file itself.
+    #[arg(long, env = "AIRLOCK_CONFIG")]
+    config: Option<PathBuf>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -50,6 +63,88 @@ enum Cmd {
     /// Manage API tokens and agent credentials in the database (works while the server runs).
     #[command(subcommand)]
     Tokens(Tokens),
+    /// Manage local web UI accounts (works while the server runs).
+    #[command(subcommand)]
+    Users(Users),
+}
+
+#[derive(Debug, Subcommand)]
+enum Users {
+    /// Create an account; the password is read from standard input (one line), or generated
+    /// and printed when --generate-password is given.
+    Add {
+        /// Login name, also the approver identity the policy's [groups] use.
+        name: String,
+        /// Approver groups, comma-separated (in addition to the policy's [groups]).
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+        /// Generate a random password and print it.
+        #[arg(long)]
+        generate_password: bool,
+    },
+    /// Set a new password (read from standard input); ends the account's sessions.
+    Passwd {
+        /// Login name.
+        name: String,
+    },
+    /// Delete an account and end its sessions.
+    Remove {
+        /// Login name.
+        name: String,
+    },
+    /// List accounts and their groups.
+    List,
+}
+
+fn read_password() -> Result<String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the password from standard input")?;
+    let p = line.trim_end_matches(['\r', '\n']).to_owned();
+    if p.is_empty() {
+        anyhow::bail!("no password on standard input (or use --generate-password)");
+    }
+    Ok(p)
+}
+
+fn users(store: &Store, cmd: Users) -> Result<()> {
+    use airlock_control_plane::{accounts, web::session};
+    match cmd {
+        Users::Add {
+            name,
+            groups,
+            generate_password,
+        } => {
+            let password = if generate_password {
+                airlock_control_plane::auth::random_hex(12)?
+            } else {
+                read_password()?
+            };
+            accounts::create(store, &name, &password, &groups)?;
+            if generate_password {
+                println!("{name} {password}");
+            } else {
+                println!("created {name}");
+            }
+        }
+        Users::Passwd { name } => {
+            accounts::set_password(store, &name, &read_password()?)?;
+            session::end_all(store, &name, "local")?;
+            println!("password changed for {name}; their sessions ended");
+        }
+        Users::Remove { name } => {
+            accounts::remove(store, &name)?;
+            session::end_all(store, &name, "local")?;
+            println!("removed {name}");
+        }
+        Users::List => {
+            for a in accounts::list(store)? {
+                println!("{}\t{}", a.name, a.groups.join(","));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,7 +199,13 @@ async fn main() -> Result<()> {
             println!("revoked {name}");
             return Ok(());
         }
+        Some(Cmd::Users(cmd)) => return users(&store, cmd),
         None => {}
+    }
+    if !airlock_control_plane::accounts::any(&store)? {
+        let password = airlock_control_plane::auth::random_hex(12)?;
+        airlock_control_plane::accounts::create(&store, "admin", &password, &["admins".into()])?;
+        println!("airlock-server: first start; web UI login (shown once): admin / {password}");
     }
     if !store.has_admin_token()? {
         let token = store.create_token("admin", Scope::Admin)?;
@@ -170,10 +271,42 @@ async fn main() -> Result<()> {
     let http = tokio::net::TcpListener::bind(cli.http)
         .await
         .with_context(|| format!("listening on {}", cli.http))?;
-    println!(
-        "airlock-server: HTTP (health, metrics) on http://{}",
-        http.local_addr()?
-    );
+    let http_addr = http.local_addr()?;
+    let config_path = cli
+        .config
+        .clone()
+        .or_else(|| Some(data_dir.join("server.toml")).filter(|p| p.exists()));
+    let config = match &config_path {
+        Some(p) => ServerConfig::load(p)?,
+        None => ServerConfig::default(),
+    };
+    let public_url = match &config.web.public_url {
+        Some(u) => url::Url::parse(u).with_context(|| format!("web.public_url {u:?}"))?,
+        None => url::Url::parse(&format!("http://{http_addr}"))?,
+    };
+    let settings = Settings::new(public_url.clone(), &config.web);
+    if !settings.secure_cookies && !http_addr.ip().is_loopback() {
+        tracing::warn!(
+            "the web UI is served over plain http on a non-loopback address: put TLS in front \
+             of it and set web.public_url to its https address"
+        );
+    }
+    let oidc = match &config.oidc {
+        Some(o) => {
+            let secret = o
+                .client_secret_file
+                .as_deref()
+                .map(read_secret)
+                .transpose()?;
+            Some(Arc::new(
+                OidcLogin::new(o.clone(), secret, &settings).context("oidc redirect URL")?,
+            ))
+        }
+        None => None,
+    };
+    let web = Web::new(plane.clone(), settings, oidc);
+    let routes = web.router();
+    println!("airlock-server: web UI on {public_url}");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::spawn(async move {
@@ -188,9 +321,17 @@ async fn main() -> Result<()> {
     };
     let http_plane = plane.clone();
     let http_stop = stopped(stop_rx.clone());
-    let http_task = tokio::spawn(async move { http_plane.serve_http(http, http_stop).await });
+    let http_task =
+        tokio::spawn(async move { http_plane.serve_http(http, routes, http_stop).await });
     let result = plane.serve(listener, stopped(stop_rx)).await;
-    let _ = http_task.await;
+    // Live event streams of open browser tabs do not end by themselves: give requests in
+    // flight a moment, then stop.
+    if tokio::time::timeout(std::time::Duration::from_secs(3), http_task)
+        .await
+        .is_err()
+    {
+        tracing::info!("closed the web UI's open event streams");
+    }
     result
 }
 

@@ -198,6 +198,8 @@ impl Store {
         conn.execute_batch(audit::SCHEMA).map_err(db)?;
         conn.execute_batch(crate::accounts::SCHEMA).map_err(db)?;
         conn.execute_batch(crate::notify::SCHEMA).map_err(db)?;
+        conn.execute_batch(crate::web::session::SCHEMA)
+            .map_err(db)?;
         Ok(Self {
             conn: Mutex::new(conn),
             path,

@@ -977,7 +977,11 @@ async fn health_readiness_and_metrics_over_http() {
     let plane = ControlPlane::new(store);
     let (p1, p2) = (plane.clone(), plane.clone());
     tokio::spawn(async move { p1.serve(listener, std::future::pending()).await.unwrap() });
-    tokio::spawn(async move { p2.serve_http(http, std::future::pending()).await.unwrap() });
+    tokio::spawn(async move {
+        p2.serve_http(http, axum::Router::new(), std::future::pending())
+            .await
+            .unwrap()
+    });
 
     assert_eq!(http_get(http_addr, "/healthz").await.0, "HTTP/1.0 200 OK");
     assert_eq!(http_get(http_addr, "/readyz").await.0, "HTTP/1.0 200 OK");

@@ -1,0 +1,301 @@
+//! Logging in and out: local accounts (a form, checked against Argon2id hashes) and OIDC
+//! (redirect to the issuer, then its callback).
+
+use axum::{
+    extract::{Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Redirect, Response},
+    Form,
+};
+use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
+use maud::html;
+use serde::Deserialize;
+
+use super::{page, session, session::Session, Web, WebError};
+use crate::{accounts, auth};
+
+/// Cookie that ties a login form, or an OIDC round trip, to the browser that started it.
+const LOGIN_COOKIE: &str = "airlock_login";
+/// How long an OIDC round trip may take.
+const OIDC_PENDING_MS: i64 = 10 * 60_000;
+
+#[derive(Deserialize)]
+pub(super) struct Next {
+    next: Option<String>,
+}
+
+/// Only same-site paths: never redirect a login to another host.
+fn safe_next(next: Option<&str>) -> String {
+    match next {
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.into(),
+        _ => "/".into(),
+    }
+}
+
+fn login_cookie(value: String, secure: bool) -> Cookie<'static> {
+    Cookie::build((LOGIN_COOKIE, value))
+        .path("/")
+        .http_only(true)
+        .secure(secure)
+        .same_site(SameSite::Lax)
+        .max_age(time::Duration::minutes(10))
+        .build()
+}
+
+fn render_login(web: &Web, token: &str, next: &str, error: Option<&str>) -> maud::Markup {
+    page::bare(
+        "Log in",
+        html! {
+            main.narrow #main {
+                h1 { "Airlock" }
+                p { "Log in to review held actions." }
+                @if let Some(e) = error { p.error role="alert" { (e) } }
+                @if web.settings.local_accounts {
+                    form.stack method="post" action="/login" {
+                        input type="hidden" name="login_csrf" value=(token);
+                        input type="hidden" name="next" value=(next);
+                        label for="name" { "Name" }
+                        input #name name="name" autocomplete="username" required autofocus;
+                        label for="password" { "Password" }
+                        input #password name="password" type="password" autocomplete="current-password" required;
+                        button.primary type="submit" { "Log in" }
+                    }
+                }
+                @if let Some(o) = &web.oidc {
+                    p { a.button href="/auth/oidc/start" { (o.label()) } }
+                }
+            }
+        },
+    )
+}
+
+/// GET /login.
+pub(super) async fn login_page(
+    State(web): State<Web>,
+    jar: CookieJar,
+    Query(q): Query<Next>,
+) -> Result<Response, WebError> {
+    let token = auth::random_hex(16)
+        .map_err(|e| WebError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let next = safe_next(q.next.as_deref());
+    let jar = jar.add(login_cookie(token.clone(), web.settings.secure_cookies));
+    Ok((jar, render_login(&web, &token, &next, None)).into_response())
+}
+
+#[derive(Deserialize)]
+pub(super) struct LoginForm {
+    name: String,
+    password: String,
+    login_csrf: String,
+    next: Option<String>,
+}
+
+/// POST /login: a local account.
+pub(super) async fn login(
+    State(web): State<Web>,
+    jar: CookieJar,
+    Form(f): Form<LoginForm>,
+) -> Result<Response, WebError> {
+    let next = safe_next(f.next.as_deref());
+    let cookie_token = jar.get(LOGIN_COOKIE).map(|c| c.value().to_owned());
+    let fresh = auth::random_hex(16)
+        .map_err(|e| WebError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let again = |status: StatusCode, msg: &str| {
+        let jar = jar
+            .clone()
+            .add(login_cookie(fresh.clone(), web.settings.secure_cookies));
+        (status, jar, render_login(&web, &fresh, &next, Some(msg))).into_response()
+    };
+    if !web.settings.local_accounts {
+        return Ok(again(
+            StatusCode::FORBIDDEN,
+            "Local accounts are turned off here; use single sign-on.",
+        ));
+    }
+    if !cookie_token
+        .is_some_and(|t| session::constant_time_eq(t.as_bytes(), f.login_csrf.as_bytes()))
+    {
+        return Ok(again(
+            StatusCode::FORBIDDEN,
+            "The login form expired or did not come from this site; try again.",
+        ));
+    }
+    let store = web.plane.store.clone();
+    let (name, password) = (f.name.trim().to_owned(), f.password);
+    let checked = tokio::task::spawn_blocking(move || accounts::verify(&store, &name, &password))
+        .await
+        .map_err(|e| WebError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let account = match checked {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            tracing::warn!(name = %f.name.trim(), "login refused: wrong name or password");
+            let payload = serde_json::json!({ "via": "local" }).to_string();
+            if let Err(e) = web
+                .plane
+                .store
+                .audit_event(f.name.trim(), "login.failed", &payload)
+            {
+                tracing::error!(error = %e, "auditing a failed login failed");
+            }
+            return Ok(again(StatusCode::UNAUTHORIZED, "Wrong name or password."));
+        }
+        Err(e) => return Err(WebError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    };
+    let (id, _) = session::create(
+        &web.plane.store,
+        &account.name,
+        &account.groups,
+        "local",
+        web.settings.session_ttl_ms,
+    )?;
+    tracing::info!(name = %account.name, "logged in");
+    let jar = jar.remove(Cookie::from(LOGIN_COOKIE)).add(session::cookie(
+        id,
+        web.settings.secure_cookies,
+        web.settings.session_ttl_ms / 1000,
+    ));
+    Ok((jar, Redirect::to(&next)).into_response())
+}
+
+#[derive(Deserialize)]
+pub(super) struct CsrfForm {
+    csrf: String,
+}
+
+/// POST /logout.
+pub(super) async fn logout(
+    State(web): State<Web>,
+    s: Session,
+    jar: CookieJar,
+    Form(f): Form<CsrfForm>,
+) -> Result<Response, WebError> {
+    if !s.csrf_ok(&f.csrf) {
+        return Err(WebError(
+            StatusCode::FORBIDDEN,
+            "missing or wrong CSRF token".into(),
+        ));
+    }
+    if let Some(c) = jar.get(session::COOKIE) {
+        session::end(&web.plane.store, c.value(), &s.name)?;
+    }
+    let jar = jar.remove(Cookie::build(session::COOKIE).path("/").build());
+    Ok((jar, Redirect::to("/login")).into_response())
+}
+
+/// GET /auth/oidc/start: off to the issuer.
+pub(super) async fn oidc_start(
+    State(web): State<Web>,
+    jar: CookieJar,
+) -> Result<Response, WebError> {
+    let oidc = web.oidc.clone().ok_or_else(|| {
+        WebError(
+            StatusCode::NOT_FOUND,
+            "single sign-on is not configured".into(),
+        )
+    })?;
+    let issuer = oidc.get().await.map_err(|e| {
+        tracing::error!(error = %e, "OIDC issuer not usable");
+        WebError(
+            StatusCode::BAD_GATEWAY,
+            format!("single sign-on is unavailable: {e}"),
+        )
+    })?;
+    let (url, pending) = issuer
+        .begin()
+        .map_err(|e| WebError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let key = auth::random_hex(16)
+        .map_err(|e| WebError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    {
+        let mut map = web.pending_oidc.lock().unwrap_or_else(|p| p.into_inner());
+        let now = crate::store::now_ms();
+        map.retain(|_, p| now - p.created_ms < OIDC_PENDING_MS);
+        map.insert(key.clone(), pending);
+    }
+    let jar = jar.add(login_cookie(key, web.settings.secure_cookies));
+    Ok((jar, Redirect::to(url.as_str())).into_response())
+}
+
+#[derive(Deserialize)]
+pub(super) struct Callback {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// GET /auth/oidc/callback: the issuer sends the browser back with a code.
+pub(super) async fn oidc_callback(
+    State(web): State<Web>,
+    jar: CookieJar,
+    Query(cb): Query<Callback>,
+) -> Result<Response, WebError> {
+    let refuse = |msg: String| {
+        tracing::warn!(reason = %msg, "OIDC login refused");
+        WebError(
+            StatusCode::FORBIDDEN,
+            format!("Single sign-on failed: {msg}"),
+        )
+    };
+    let oidc = web.oidc.clone().ok_or_else(|| {
+        WebError(
+            StatusCode::NOT_FOUND,
+            "single sign-on is not configured".into(),
+        )
+    })?;
+    if let Some(e) = cb.error {
+        return Err(refuse(format!(
+            "the issuer answered {e}: {}",
+            cb.error_description.unwrap_or_default()
+        )));
+    }
+    let pending = jar
+        .get(LOGIN_COOKIE)
+        .and_then(|c| {
+            web.pending_oidc
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(c.value())
+        })
+        .filter(|p| crate::store::now_ms() - p.created_ms < OIDC_PENDING_MS)
+        .ok_or_else(|| refuse("this login was not started here, or took too long".into()))?;
+    let (code, state) = match (cb.code, cb.state) {
+        (Some(c), Some(s)) => (c, s),
+        _ => return Err(refuse("the callback has no code or state".into())),
+    };
+    let issuer = oidc
+        .get()
+        .await
+        .map_err(|e| refuse(format!("the issuer is unavailable: {e}")))?;
+    let who = issuer
+        .finish(&pending, &code, &state)
+        .await
+        .map_err(|e| refuse(e.to_string()))?;
+    let (id, _) = session::create(
+        &web.plane.store,
+        &who.name,
+        &who.groups,
+        "oidc",
+        web.settings.session_ttl_ms,
+    )?;
+    tracing::info!(name = %who.name, groups = ?who.groups, "logged in through OIDC");
+    let jar = jar.remove(Cookie::from(LOGIN_COOKIE)).add(session::cookie(
+        id,
+        web.settings.secure_cookies,
+        web.settings.session_ttl_ms / 1000,
+    ));
+    Ok((jar, Redirect::to("/")).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_next;
+
+    #[test]
+    fn next_stays_on_this_site() {
+        assert_eq!(safe_next(Some("/requests/r1")), "/requests/r1");
+        assert_eq!(safe_next(Some("//evil.example")), "/");
+        assert_eq!(safe_next(Some("https://evil.example")), "/");
+        assert_eq!(safe_next(Some("/\\evil.example")), "/");
+        assert_eq!(safe_next(None), "/");
+    }
+}

@@ -1,0 +1,143 @@
+//! The page layout and the formatting every page shares.
+
+use airlock_proto::v1::{action_request::Action, HeldRequest, RequestState};
+use maud::{html, Markup, DOCTYPE};
+
+use super::session::Session;
+
+/// A page for a logged-in person: navigation, who they are, logout.
+pub fn layout(s: &Session, title: &str, admin: bool, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head { (head(title)) }
+            body {
+                a.skip href="#main" { "Skip to content" }
+                header.top {
+                    nav aria-label="Main" {
+                        a.brand href="/" { "Airlock" }
+                        a href="/" { "Queue" }
+                        a href="/history" { "History" }
+                        a href="/audit" { "Audit" }
+                        a href="/agents" { "Agents" }
+                        a href="/policy" { "Policy" }
+                        @if admin { a href="/admin/deliveries" { "Deliveries" } }
+                    }
+                    form.who method="post" action="/logout" {
+                        span { (s.name) }
+                        input type="hidden" name="csrf" value=(s.csrf);
+                        button.link type="submit" { "Log out" }
+                    }
+                }
+                main #main { (body) }
+            }
+        }
+    }
+}
+
+/// A page without navigation (login, errors).
+pub fn bare(title: &str, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head { (head(title)) }
+            body { (body) }
+        }
+    }
+}
+
+fn head(title: &str) -> Markup {
+    html! {
+        meta charset="utf-8";
+        meta name="viewport" content="width=device-width, initial-scale=1";
+        title { (title) " · Airlock" }
+        link rel="stylesheet" href="/static/app.css";
+        script src="/static/app.js" defer {}
+    }
+}
+
+/// `ms` (Unix) as `2026-11-22 14:03:07 UTC`; empty for 0.
+pub fn time(ms: i64) -> String {
+    if ms <= 0 {
+        return String::new();
+    }
+    let fmt =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&fmt).ok())
+        .unwrap_or_default()
+}
+
+/// What the request would do, in one line: the command line, or `connect host:port/proto`.
+pub fn what(held: &HeldRequest) -> String {
+    match held.request.as_ref().and_then(|r| r.action.as_ref()) {
+        Some(Action::Exec(e)) if !e.argv.is_empty() => e.argv.join(" "),
+        Some(Action::Exec(e)) => e.path.clone(),
+        Some(Action::Connect(c)) => {
+            format!("connect {}:{}/{}", c.address, c.port, protocol(c.protocol))
+        }
+        None => String::new(),
+    }
+}
+
+/// `tcp` or `udp`.
+pub fn protocol(p: i32) -> &'static str {
+    if p == airlock_proto::v1::Protocol::Udp as i32 {
+        "udp"
+    } else {
+        "tcp"
+    }
+}
+
+/// The account that asked.
+pub fn account(held: &HeldRequest) -> String {
+    held.request
+        .as_ref()
+        .and_then(|r| r.process.as_ref())
+        .map(|p| p.user.clone())
+        .unwrap_or_default()
+}
+
+/// The request id.
+pub fn id(held: &HeldRequest) -> &str {
+    held.request.as_ref().map_or("", |r| r.request_id.as_str())
+}
+
+/// The agent rule that held it.
+pub fn rule(held: &HeldRequest) -> &str {
+    held.request.as_ref().map_or("", |r| r.rule.as_str())
+}
+
+/// The rule's risk label.
+pub fn risk(held: &HeldRequest) -> &str {
+    held.request.as_ref().map_or("", |r| r.risk.as_str())
+}
+
+/// The deadline, Unix ms.
+pub fn deadline(held: &HeldRequest) -> i64 {
+    held.request.as_ref().map_or(0, |r| r.deadline_unix_ms)
+}
+
+/// The state as a badge.
+pub fn state(held: &HeldRequest) -> Markup {
+    let name = crate::store::state_name(held.state());
+    html! { span class={ "badge " (name) } { (name) } }
+}
+
+/// Time left until `deadline`, updated by the page's script every second.
+pub fn countdown(held: &HeldRequest) -> Markup {
+    if held.state() != RequestState::Pending {
+        return html! { span { "—" } };
+    }
+    let left = (deadline(held) - crate::store::now_ms()).max(0) / 1000;
+    html! {
+        time.countdown data-deadline=(deadline(held)) { (left / 60) "m " (left % 60) "s" }
+    }
+}
+
+/// A risk badge.
+pub fn risk_badge(held: &HeldRequest) -> Markup {
+    let r = risk(held);
+    html! { @if !r.is_empty() { span class={ "risk " (r) } { (r) } } }
+}

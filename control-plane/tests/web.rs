@@ -1,0 +1,437 @@
+//! The web UI in real headless Chromium, against a real control plane on loopback with a real
+//! agent connection over gRPC.
+
+#[path = "support/browser.rs"]
+mod browser;
+
+use std::time::Duration;
+
+use airlock_agent::decider::Decider;
+use airlock_control_plane::{
+    accounts,
+    auth::Scope,
+    config::WebConfig,
+    policy::Policy,
+    store::Store,
+    web::{Settings, Web},
+    ControlPlane,
+};
+use airlock_proto::v1::{
+    action_request::Action, ActionRequest, Ancestor, EnvVar, ExecAction, Hello, ProcessContext,
+    RequestState, Verdict,
+};
+use browser::Browser;
+
+const POLICY: &str = r#"
+[groups]
+oncall = ["alice", "claude"]
+
+[[rule]]
+name = "kubectl-delete"
+groups = ["oncall"]
+quorum = 1
+"#;
+
+const PASSWORD: &str = "a long test password";
+
+/// A control plane (gRPC and HTTP with the web UI) and one connected agent, `host-a`.
+struct Ui {
+    base: String,
+    plane: ControlPlane,
+    agent: Decider,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Ui {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("airlock.db")).unwrap();
+    let agent_token = store.create_token("host-a", Scope::Agent).unwrap();
+    // alice is in oncall through the policy, bob through his account's groups; claude is the
+    // agent account itself (in oncall too, so only the self-approval rule stops it); dave is
+    // in no group.
+    for (name, groups) in [
+        ("alice", vec![]),
+        ("bob", vec!["oncall".to_owned()]),
+        ("claude", vec![]),
+        ("dave", vec![]),
+    ] {
+        accounts::create(&store, name, PASSWORD, &groups).unwrap();
+    }
+    let plane = ControlPlane::new(store);
+    plane.set_policy(Policy::parse(POLICY, "policy.toml").unwrap());
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_url = format!("http://{}", grpc.local_addr().unwrap());
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", http.local_addr().unwrap());
+    let web = Web::new(
+        plane.clone(),
+        Settings::new(url::Url::parse(&base).unwrap(), &WebConfig::default()),
+        None,
+    );
+    let p = plane.clone();
+    tokio::spawn(async move { p.serve(grpc, std::future::pending()).await.unwrap() });
+    let p = plane.clone();
+    tokio::spawn(async move {
+        p.serve_http(http, web.router(), std::future::pending())
+            .await
+            .unwrap()
+    });
+    let agent = Decider::spawn(
+        grpc_url,
+        Hello {
+            host_id: "host-a".into(),
+            hostname: "build-01".into(),
+            labels: [("env".to_owned(), "prod".to_owned())].into(),
+            version: "test".into(),
+        },
+        Some(agent_token),
+    );
+    assert!(agent.wait_connected(Duration::from_secs(10)).await);
+    Ui {
+        base,
+        plane,
+        agent,
+        _dir: dir,
+    }
+}
+
+fn request(id: &str, user: &str, argv: &[&str]) -> ActionRequest {
+    ActionRequest {
+        request_id: id.into(),
+        rule: "kubectl-delete".into(),
+        risk: "high".into(),
+        description: "Deleting cluster objects".into(),
+        process: Some(ProcessContext {
+            user: user.into(),
+            uid: 1500,
+            group: user.into(),
+            cwd: "/srv/agent/work".into(),
+            login_user: "maria".into(),
+            env: vec![EnvVar {
+                name: "KUBECONFIG".into(),
+                value: None,
+            }],
+            ancestors: vec![Ancestor {
+                pid: 41,
+                user: user.into(),
+                exe: "/usr/bin/python3".into(),
+                argv: vec!["python3".into(), "agent.py".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        action: Some(Action::Exec(ExecAction {
+            path: "/usr/bin/kubectl".into(),
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })),
+        held_at_unix_ms: airlock_control_plane::store::now_ms(),
+        deadline_unix_ms: airlock_control_plane::store::now_ms() + 600_000,
+        ..Default::default()
+    }
+}
+
+async fn wait_state(plane: &ControlPlane, id: &str, state: RequestState) {
+    for _ in 0..100 {
+        if plane.store.get(id).is_ok_and(|h| h.state() == state) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{id} never became {state:?}");
+}
+
+#[tokio::test]
+async fn login_live_queue_approve_with_reason_and_deny() {
+    let ui = start().await;
+    let b = Browser::start().await;
+
+    // A wrong password is refused with a message, and no session starts.
+    b.goto(&format!("{}/", ui.base)).await;
+    b.wait_for("#password", 10).await;
+    b.fill("#name", "alice").await;
+    b.fill("#password", "not the password").await;
+    b.click("button[type=submit]").await;
+    assert!(b
+        .wait_for("p.error", 10)
+        .await
+        .text()
+        .await
+        .unwrap()
+        .contains("Wrong name or password"));
+    b.login(&ui.base, "alice", PASSWORD).await;
+    assert!(b.text("#queue").await.contains("Nothing is waiting"));
+
+    // A request held now appears in the open page, without reload, and the tab counts it.
+    let decision = ui.agent.ask(request(
+        "r-approve",
+        "claude",
+        &["kubectl", "delete", "namespace", "payments"],
+    ));
+    let row = b.wait_for("#queue a[href='/requests/r-approve']", 5).await;
+    assert!(row
+        .text()
+        .await
+        .unwrap()
+        .contains("kubectl delete namespace payments"));
+    assert!(b.text("#queue").await.contains("build-01"));
+    for _ in 0..50 {
+        if b.client.title().await.unwrap().starts_with("(1) ") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(b.client.title().await.unwrap().starts_with("(1) "));
+
+    // The request page shows what the agent sent.
+    row.click().await.unwrap();
+    b.wait_for("form.decide", 10).await;
+    let page = b.text("main").await;
+    for expected in [
+        "/srv/agent/work",
+        "python3 agent.py",
+        "KUBECONFIG",
+        "Deleting cluster objects",
+        "maria",
+        "namespace",
+        "oncall",
+    ] {
+        assert!(
+            page.contains(expected),
+            "request page lacks {expected:?}:\n{page}"
+        );
+    }
+
+    // Approve with a reason: the agent receives the decision.
+    b.fill("#reason", "change ticket CHG-42").await;
+    b.click("#approve").await;
+    b.wait_for("p.outcome", 10).await;
+    let d = tokio::time::timeout(Duration::from_secs(10), decision)
+        .await
+        .expect("the agent got no decision")
+        .unwrap();
+    assert_eq!(d.verdict, Verdict::Allow as i32);
+    assert_eq!(d.decided_by, "alice");
+    assert!(d.reason.contains("CHG-42"));
+    assert!(b.text("p.outcome").await.contains("approved"));
+
+    // Deny: without a reason the browser does not submit and the request stays pending; with
+    // one, the agent is told.
+    let decision = ui.agent.ask(request(
+        "r-deny",
+        "claude",
+        &["kubectl", "delete", "pvc", "--all"],
+    ));
+    wait_state(&ui.plane, "r-deny", RequestState::Pending).await;
+    b.goto(&format!("{}/requests/r-deny", ui.base)).await;
+    b.wait_for("#deny", 10).await;
+    b.click("#deny").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        ui.plane.store.get("r-deny").unwrap().state(),
+        RequestState::Pending
+    );
+    b.fill("#reason", "not during the freeze").await;
+    b.click("#deny").await;
+    b.wait_for("p.outcome", 10).await;
+    let d = tokio::time::timeout(Duration::from_secs(10), decision)
+        .await
+        .expect("the agent got no decision")
+        .unwrap();
+    assert_eq!(d.verdict, Verdict::Deny as i32);
+    assert_eq!(d.reason, "not during the freeze");
+
+    // Both decisions are in the audit trail, which verifies.
+    b.goto(&format!("{}/audit", ui.base)).await;
+    assert!(b.text("#audit-status").await.contains("verified"));
+    let audit = b.text("#audit").await;
+    assert!(audit.contains("request.vote.approve") && audit.contains("request.vote.deny"));
+    b.close().await;
+}
+
+#[tokio::test]
+async fn own_request_shows_no_buttons_and_the_server_refuses_forged_votes() {
+    let ui = start().await;
+    let _decision = ui.agent.ask(request(
+        "r-own",
+        "claude",
+        &["kubectl", "delete", "ns", "x"],
+    ));
+    wait_state(&ui.plane, "r-own", RequestState::Pending).await;
+    let b = Browser::start().await;
+
+    // claude is in the approver group, but made the request.
+    b.login(&ui.base, "claude", PASSWORD).await;
+    b.goto(&format!("{}/requests/r-own", ui.base)).await;
+    assert!(b
+        .wait_for("#no-vote", 10)
+        .await
+        .text()
+        .await
+        .unwrap()
+        .contains("made this request"));
+    assert!(!b.has("#approve").await && !b.has("#deny").await);
+
+    // A forged form post, with the session's valid CSRF token, is refused by the server.
+    let csrf = b
+        .client
+        .find(fantoccini::Locator::Css("form.who input[name=csrf]"))
+        .await
+        .unwrap()
+        .attr("value")
+        .await
+        .unwrap()
+        .unwrap();
+    let status = b
+        .post_from_page(
+            "/requests/r-own/decide",
+            &format!("csrf={csrf}&verdict=allow&reason=me"),
+        )
+        .await;
+    assert_eq!(status, 403);
+
+    // Without the CSRF token (or with a wrong one) a state change is refused before anything
+    // else is looked at.
+    let status = b
+        .post_from_page("/requests/r-own/decide", "verdict=deny&reason=x")
+        .await;
+    assert_eq!(status, 403);
+    let status = b
+        .post_from_page(
+            "/requests/r-own/decide",
+            "csrf=forged&verdict=deny&reason=x",
+        )
+        .await;
+    assert_eq!(status, 403);
+    let status = b.post_from_page("/logout", "csrf=forged").await;
+    assert_eq!(status, 403);
+
+    // dave is in no approver group: no buttons, and a post is refused.
+    b.goto(&format!("{}/login", ui.base)).await;
+    let b2 = Browser::start().await;
+    b2.login(&ui.base, "dave", PASSWORD).await;
+    b2.goto(&format!("{}/requests/r-own", ui.base)).await;
+    assert!(b2
+        .wait_for("#no-vote", 10)
+        .await
+        .text()
+        .await
+        .unwrap()
+        .contains("not in the approver groups"));
+    assert!(!b2.has("#approve").await);
+    let csrf = b2
+        .client
+        .find(fantoccini::Locator::Css("form.who input[name=csrf]"))
+        .await
+        .unwrap()
+        .attr("value")
+        .await
+        .unwrap()
+        .unwrap();
+    let status = b2
+        .post_from_page(
+            "/requests/r-own/decide",
+            &format!("csrf={csrf}&verdict=allow&reason=x"),
+        )
+        .await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        ui.plane.store.get("r-own").unwrap().state(),
+        RequestState::Pending
+    );
+    assert!(ui.plane.store.get("r-own").unwrap().votes.is_empty());
+
+    // bob is in oncall through his account's groups: he gets the buttons.
+    let b3 = Browser::start().await;
+    b3.login(&ui.base, "bob", PASSWORD).await;
+    b3.goto(&format!("{}/requests/r-own", ui.base)).await;
+    b3.wait_for("#approve", 10).await;
+    b.close().await;
+    b2.close().await;
+    b3.close().await;
+}
+
+#[tokio::test]
+async fn pages_need_a_session_and_history_exports_the_filter() {
+    let ui = start().await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    // No session: pages redirect to the login page, state changes get 401.
+    let r = http
+        .get(format!("{}/history", ui.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/login?next=%2Fhistory");
+    let r = http
+        .post(format!("{}/requests/x/decide", ui.base))
+        .form(&[("verdict", "allow")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    let approve = ui
+        .agent
+        .ask(request("h-1", "claude", &["kubectl", "delete", "ns", "a"]));
+    let _deny = ui
+        .agent
+        .ask(request("h-2", "claude", &["kubectl", "delete", "ns", "b"]));
+    wait_state(&ui.plane, "h-2", RequestState::Pending).await;
+    let decisions = ui.plane.decisions();
+    let alice = airlock_control_plane::decide::Approver::named("alice");
+    decisions
+        .decide(&alice, "h-1", Verdict::Allow, "", 0)
+        .unwrap();
+    decisions
+        .decide(&alice, "h-2", Verdict::Deny, "no", 0)
+        .unwrap();
+    let _ = approve.await;
+
+    let b = Browser::start().await;
+    b.login(&ui.base, "alice", PASSWORD).await;
+    b.goto(&format!("{}/history?decision=denied", ui.base))
+        .await;
+    let rows = b.text("#history").await;
+    assert!(rows.contains("ns b") && !rows.contains("ns a"), "{rows}");
+    // Export the same filter, with the browser's session.
+    let script = "const done = arguments[0]; \
+        fetch('/history/export?decision=denied&format=csv').then(r => r.text()).then(done);";
+    let csv = b.client.execute_async(script, vec![]).await.unwrap();
+    let csv = csv.as_str().unwrap();
+    assert!(
+        csv.starts_with("id,received,host,account,what,rule,risk,decision"),
+        "{csv}"
+    );
+    assert!(csv.contains("h-2") && !csv.contains("h-1"), "{csv}");
+    let script = "const done = arguments[0]; \
+        fetch('/audit/export?action=request.vote.*&format=jsonl').then(r => r.text()).then(done);";
+    let jsonl = b.client.execute_async(script, vec![]).await.unwrap();
+    let lines: Vec<serde_json::Value> = jsonl
+        .as_str()
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines.iter().all(|l| l["actor"] == "alice"));
+
+    // The agents and policy pages show the connected agent and the rule.
+    b.goto(&format!("{}/agents", ui.base)).await;
+    let agents = b.text("#agents").await;
+    assert!(
+        agents.contains("build-01") && agents.contains("connected") && agents.contains("env=prod")
+    );
+    b.goto(&format!("{}/policy", ui.base)).await;
+    assert!(b.text("#rules").await.contains("kubectl-delete"));
+
+    // Logging out ends the session for good.
+    b.click("form.who button").await;
+    b.wait_for("#password", 10).await;
+    b.goto(&format!("{}/history", ui.base)).await;
+    b.wait_for("#password", 10).await;
+    b.close().await;
+}
