@@ -138,14 +138,22 @@ impl Decisions {
                 held.route
             )));
         }
-        if let Some(why) = self.refusal(&held, approver) {
-            if held.state() != RequestState::Pending {
-                return Err(StoreError::NotPending {
-                    id: id.to_owned(),
-                    state: crate::store::state_name(held.state()),
-                }
-                .into());
+        // Refusals that are about the request's state, not the person, keep the store's errors.
+        if held.state() != RequestState::Pending {
+            return Err(StoreError::NotPending {
+                id: id.to_owned(),
+                state: crate::store::state_name(held.state()),
             }
+            .into());
+        }
+        if held.votes.iter().any(|v| v.approver == approver.name) {
+            return Err(StoreError::AlreadyVoted {
+                id: id.to_owned(),
+                approver: approver.name.clone(),
+            }
+            .into());
+        }
+        if let Some(why) = self.refusal(&held, approver) {
             return Err(DecideError::Forbidden(why));
         }
         let (held, decided) =

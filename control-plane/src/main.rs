@@ -7,6 +7,7 @@ use std::sync::Arc;
 use airlock_control_plane::{
     auth::Scope,
     config::{read_secret, ServerConfig},
+    notify,
     store::Store,
     web::{OidcLogin, Settings, Web},
     ControlPlane,
@@ -305,7 +306,14 @@ async fn main() -> Result<()> {
         None => None,
     };
     let web = Web::new(plane.clone(), settings, oidc);
-    let routes = web.router();
+    let mut routes = web.router();
+    let channels = notify::channels_from_config(&config, &public_url)?;
+    // Kept alive until the server stops: dropping the hub stops the channel workers.
+    let _hub = notify::Hub::start(plane.store.clone(), &channels, plane.metrics.clone());
+    if let Some(app) = channels.slack.clone() {
+        routes = routes.merge(notify::slack::router(app, plane.decisions()));
+        println!("airlock-server: Slack buttons on {public_url}slack/interactions");
+    }
     println!("airlock-server: web UI on {public_url}");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -3,6 +3,8 @@
 
 #[path = "support/browser.rs"]
 mod browser;
+#[path = "support/issuer.rs"]
+mod issuer;
 
 use std::time::Duration;
 
@@ -43,6 +45,10 @@ struct Ui {
 }
 
 async fn start() -> Ui {
+    start_with_oidc(None).await
+}
+
+async fn start_with_oidc(oidc: Option<airlock_control_plane::config::OidcFile>) -> Ui {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("airlock.db")).unwrap();
     let agent_token = store.create_token("host-a", Scope::Agent).unwrap();
@@ -63,11 +69,14 @@ async fn start() -> Ui {
     let grpc_url = format!("http://{}", grpc.local_addr().unwrap());
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", http.local_addr().unwrap());
-    let web = Web::new(
-        plane.clone(),
-        Settings::new(url::Url::parse(&base).unwrap(), &WebConfig::default()),
-        None,
-    );
+    let settings = Settings::new(url::Url::parse(&base).unwrap(), &WebConfig::default());
+    let oidc = oidc.map(|cfg| {
+        let secret = airlock_control_plane::config::Secret::new(issuer::CLIENT_SECRET);
+        std::sync::Arc::new(
+            airlock_control_plane::web::OidcLogin::new(cfg, Some(secret), &settings).unwrap(),
+        )
+    });
+    let web = Web::new(plane.clone(), settings, oidc);
     let p = plane.clone();
     tokio::spawn(async move { p.serve(grpc, std::future::pending()).await.unwrap() });
     let p = plane.clone();
@@ -433,5 +442,54 @@ async fn pages_need_a_session_and_history_exports_the_filter() {
     b.wait_for("#password", 10).await;
     b.goto(&format!("{}/history", ui.base)).await;
     b.wait_for("#password", 10).await;
+    b.close().await;
+}
+
+#[tokio::test]
+async fn oidc_login_in_the_browser_maps_groups_and_refuses_a_bad_token() {
+    let idp =
+        issuer::Issuer::start(issuer::TestUser::new("erin@example.com", &["okta-oncall"])).await;
+    let mut cfg = idp.oidc_file();
+    cfg.group_map.insert("okta-oncall".into(), "oncall".into());
+    cfg.label = "Sign in with Test IdP".into();
+    let ui = start_with_oidc(Some(cfg)).await;
+    let _decision = ui
+        .agent
+        .ask(request("o-1", "claude", &["kubectl", "delete", "ns", "x"]));
+    wait_state(&ui.plane, "o-1", RequestState::Pending).await;
+
+    // The login page offers the issuer; one click there and back logs erin in, and her
+    // issuer group (mapped to oncall) lets her vote.
+    let b = Browser::start().await;
+    b.goto(&format!("{}/requests/o-1", ui.base)).await;
+    b.wait_for("a.button", 10).await;
+    assert!(b.text("a.button").await.contains("Sign in with Test IdP"));
+    b.click("a.button").await;
+    b.wait_for("header.top", 10).await;
+    assert!(b.text("form.who").await.contains("erin@example.com"));
+    b.goto(&format!("{}/requests/o-1", ui.base)).await;
+    b.wait_for("#approve", 10).await;
+    b.close().await;
+
+    // A token for another audience is refused: no session, a clear reason.
+    idp.set_fault(issuer::Fault::WrongAudience);
+    let b = Browser::start().await;
+    b.goto(&format!("{}/login", ui.base)).await;
+    b.wait_for("a.button", 10).await;
+    b.click("a.button").await;
+    let err = b.wait_for("p.error", 10).await.text().await.unwrap();
+    assert!(
+        err.contains("Single sign-on failed") && err.contains("audience"),
+        "{err}"
+    );
+    b.goto(&format!("{}/", ui.base)).await;
+    b.wait_for("#password", 10).await;
+    let audit = ui.plane.store.audit_query(&Default::default()).unwrap();
+    let logins: Vec<&str> = audit
+        .iter()
+        .filter(|r| r.action == "login")
+        .map(|r| r.actor.as_str())
+        .collect();
+    assert_eq!(logins, ["erin@example.com"]);
     b.close().await;
 }
