@@ -191,6 +191,25 @@ fn apply_config(
 pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
     bpf::preflight::check(Path::new("/sys"))?;
     let settings = config.agent.clone();
+    let host = host_id(settings.host_id.as_deref());
+    let tls = client_tls(&settings)?;
+    let hello = Hello {
+        host_id: host.clone(),
+        hostname: hostname(),
+        labels: settings.labels.clone().into_iter().collect(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    // Before the kernel programs are loaded: an agent that cannot get a credential cannot run,
+    // and should say so before touching anything. AIRLOCK_AGENT_TOKEN is a credential too.
+    if let (Some(url), None) = (&settings.decider, std::env::var_os("AIRLOCK_AGENT_TOKEN")) {
+        let conn = crate::decider::Connection {
+            url: url.clone(),
+            token: None,
+            tls: tls.clone(),
+        };
+        crate::enroll::ensure_credential(&settings, &conn, &hello).await?;
+    }
+    let token = agent_token(&settings)?;
     let kernel = Arc::new(
         Kernel::load(&settings.bpffs_dir, Path::new("/sys/kernel/btf/vmlinux"))
             .context("loading the kernel programs")?,
@@ -198,9 +217,6 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
     let me = std::process::id();
     let hb_timeout = Duration::from_secs(settings.heartbeat_timeout_secs.max(1)).as_nanos() as u64;
     kernel.heartbeat(me, hb_timeout)?;
-    let host = host_id(settings.host_id.as_deref());
-    let token = agent_token(&settings)?;
-    let tls = client_tls(&settings)?;
     let decider = settings.decider.clone().map(|url| {
         Decider::spawn_with(
             crate::decider::Connection {
@@ -208,12 +224,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
                 token: token.clone(),
                 tls: tls.clone(),
             },
-            Hello {
-                host_id: host.clone(),
-                hostname: hostname(),
-                labels: settings.labels.clone().into_iter().collect(),
-                version: env!("CARGO_PKG_VERSION").into(),
-            },
+            hello.clone(),
         )
     });
     let engine = Arc::new(Engine::new(

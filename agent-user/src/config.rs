@@ -84,6 +84,11 @@ pub struct AgentSection {
     /// create --scope agent --name <host id>`). The AIRLOCK_AGENT_TOKEN environment variable
     /// takes precedence.
     pub token_file: Option<PathBuf>,
+    /// File holding a one-time enrollment token (`airlock-server tokens create --scope enroll`).
+    /// When `token_file` is missing or empty at start, the agent trades this token with the
+    /// decider for its own credential, writes that to `token_file` (mode 0600) and deletes
+    /// this file, which is spent. Needs `token_file`.
+    pub enroll_token_file: Option<PathBuf>,
     /// CA certificate (PEM) to trust for an `https://` decider; default: the system roots are
     /// not used, so set this for https.
     pub tls_ca_file: Option<PathBuf>,
@@ -121,6 +126,7 @@ impl Default for AgentSection {
             decider: None,
             host_id: None,
             token_file: None,
+            enroll_token_file: None,
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
@@ -289,6 +295,13 @@ impl Config {
                 self.rules.len()
             )));
         }
+        if self.agent.enroll_token_file.is_some() && self.agent.token_file.is_none() {
+            return Err(invalid(
+                "agent.enroll_token_file needs agent.token_file: where the credential it is \
+                 traded for is kept"
+                    .into(),
+            ));
+        }
         if let Some(addr) = &self.agent.decider {
             if !(addr.starts_with("http://") || addr.starts_with("https://")) {
                 return Err(invalid(format!(
@@ -333,6 +346,19 @@ mod tests {
         let text = "[[rule]]\nname = \"both\"\ndecision = \"ask\"\nexec = [\"/bin/a\"]\nconnect = [\"10.0.0.0/8\"]\n";
         let err = Config::parse(text, Path::new("a.toml")).unwrap_err();
         assert!(err.to_string().contains("rule \"both\""), "{err}");
+    }
+
+    #[test]
+    fn enrolment_needs_a_credential_file() {
+        let err = Config::parse("[agent]\nenroll_token_file = \"/e\"\n", Path::new("a.toml"))
+            .unwrap_err();
+        assert!(err.to_string().contains("agent.token_file"), "{err}");
+        let ok = Config::parse(
+            "[agent]\nenroll_token_file = \"/e\"\ntoken_file = \"/t\"\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(ok.agent.enroll_token_file.as_deref(), Some(Path::new("/e")));
     }
 
     #[test]

@@ -32,6 +32,40 @@ pub struct Connection {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
+impl Connection {
+    /// Connects to the decider (address, timeouts, TLS), without sending anything: shared by
+    /// the session and enrolment so that both reach the decider the same way.
+    pub async fn connect(&self) -> Result<tonic::transport::Channel, tonic::Status> {
+        let url = self.url.as_str();
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .map_err(|e| tonic::Status::invalid_argument(format!("decider address {url:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(3))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| tonic::Status::invalid_argument(format!("TLS settings: {e}")))?;
+        }
+        endpoint
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(error_chain(&e)))
+    }
+}
+
+/// An error with its causes: a transport error alone says only "transport error".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 struct Shared {
     /// Latest rules the decider sent.
     rules: watch::Sender<Option<RulesUpdate>>,
@@ -178,21 +212,7 @@ async fn session(
     connected: &watch::Sender<bool>,
 ) -> Result<(), tonic::Status> {
     let (url, token) = (conn.url.as_str(), conn.token.as_deref());
-    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .map_err(|e| tonic::Status::invalid_argument(format!("decider address {url:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5));
-    if let Some(tls) = &conn.tls {
-        endpoint = endpoint
-            .tls_config(tls.clone())
-            .map_err(|e| tonic::Status::invalid_argument(format!("TLS settings: {e}")))?;
-    }
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let mut client = AgentServiceClient::new(channel);
+    let mut client = AgentServiceClient::new(conn.connect().await?);
     let (tx, rx) = mpsc::channel(1024);
     let hello_msg = AgentMessage {
         msg: Some(Out::Hello(hello.clone())),

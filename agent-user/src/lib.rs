@@ -7,6 +7,7 @@
 //! - [`policy`]: rule matching and the kernel prefilter tables;
 //! - [`procinfo`]: the context of a held task from /proc;
 //! - [`decider`]: the gRPC stream to the control plane;
+//! - [`enroll`]: trading a one-time enrollment token for the agent's credential at start;
 //! - [`config`]: the TOML configuration;
 //! - [`server_rules`]: rules sent by the control plane, and their cache on disk;
 //! - [`metrics`]: Prometheus metrics and health;
@@ -16,6 +17,7 @@ pub mod agent;
 pub mod bpf;
 pub mod config;
 pub mod decider;
+pub mod enroll;
 pub mod holds;
 pub mod metrics;
 pub mod policy;

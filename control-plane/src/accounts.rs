@@ -64,7 +64,8 @@ fn hash(password: &str) -> Result<String, AccountError> {
         .map_err(|e| AccountError::Hash(e.to_string()))
 }
 
-fn check_name(name: &str) -> Result<(), AccountError> {
+/// Checks that `name` can be an account name.
+pub fn check_name(name: &str) -> Result<(), AccountError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -118,7 +119,7 @@ pub fn create(
     })
 }
 
-/// Sets a new password for `name`.
+/// Sets a new password for `name` and ends the account's sessions.
 pub fn set_password(store: &Store, name: &str, password: &str) -> Result<(), AccountError> {
     let hash = hash(password)?;
     let record = store.with_conn(|conn| {
@@ -130,6 +131,11 @@ pub fn set_password(store: &Store, name: &str, password: &str) -> Result<(), Acc
         {
             return Ok(None);
         }
+        // Whoever knew the old password is logged out.
+        tx.execute(
+            "DELETE FROM sessions WHERE name = ?1 AND via = 'local'",
+            [name],
+        )?;
         let r = Store::audit_in(
             &tx,
             "server",
@@ -145,13 +151,17 @@ pub fn set_password(store: &Store, name: &str, password: &str) -> Result<(), Acc
     Ok(())
 }
 
-/// Deletes account `name` (and so ends its sessions at their next use).
+/// Deletes account `name` and ends its sessions.
 pub fn remove(store: &Store, name: &str) -> Result<(), AccountError> {
     let record = store.with_conn(|conn| {
         let tx = conn.transaction()?;
         if tx.execute("DELETE FROM accounts WHERE name = ?1", [name])? == 0 {
             return Ok(None);
         }
+        tx.execute(
+            "DELETE FROM sessions WHERE name = ?1 AND via = 'local'",
+            [name],
+        )?;
         let r = Store::audit_in(
             &tx,
             "server",
@@ -268,8 +278,15 @@ mod tests {
         assert!(verify(&store, "alice", "a brand new passphrase")
             .unwrap()
             .is_some());
+        let (sid, _) =
+            crate::web::session::create(&store, "alice", &groups, "local", 60_000).unwrap();
         remove(&store, "alice").unwrap();
         assert!(list(&store).unwrap().is_empty());
+        assert_eq!(
+            crate::web::session::lookup(&store, &sid).unwrap(),
+            None,
+            "removing an account ends its sessions"
+        );
         let audit = store.audit_query(&Default::default()).unwrap();
         let actions: Vec<&str> = audit.iter().map(|r| r.action.as_str()).collect();
         assert!(actions.contains(&"account.created"));

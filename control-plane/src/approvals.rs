@@ -30,6 +30,8 @@ pub struct ApprovalSvc {
     pub metrics: Arc<crate::http::Metrics>,
     /// The vote path.
     pub decisions: Decisions,
+    /// Becomes true when the server stops: watch streams end then.
+    pub closing: tokio::sync::watch::Receiver<bool>,
 }
 
 fn status_of(e: StoreError) -> Status {
@@ -38,8 +40,12 @@ fn status_of(e: StoreError) -> Status {
         StoreError::NotPending { .. } | StoreError::AlreadyVoted { .. } => {
             Status::failed_precondition(e.to_string())
         }
-        StoreError::TokenExists(_) => Status::already_exists(e.to_string()),
-        StoreError::BadPageToken(_) => Status::invalid_argument(e.to_string()),
+        StoreError::TokenExists(_) | StoreError::IdConflict { .. } => {
+            Status::already_exists(e.to_string())
+        }
+        StoreError::BadPageToken(_) | StoreError::NotBearerScope => {
+            Status::invalid_argument(e.to_string())
+        }
         StoreError::Db { .. } | StoreError::Corrupt(_) | StoreError::Random(_) => {
             tracing::error!(error = %e, "store failure");
             Status::internal("the control plane could not read or write its database")
@@ -54,6 +60,16 @@ pub fn status_of_decide(e: crate::decide::DecideError) -> Status {
         DecideError::Invalid(m) => Status::invalid_argument(m),
         DecideError::Forbidden(m) => Status::permission_denied(m),
         DecideError::Store(e) => status_of(e),
+    }
+}
+
+/// Resolves once `closing` is true (or its sender is gone).
+async fn stopped(closing: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let now = *closing.borrow_and_update();
+        if now || closing.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -105,8 +121,26 @@ impl ApprovalService for ApprovalSvc {
                 .map(Ok)
                 .collect();
         }
+        // Forwarded through a channel so the stream ends when the server stops; a graceful
+        // shutdown would otherwise wait for every watcher to hang up.
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let mut closing = self.closing.clone();
+        tokio::spawn(async move {
+            let mut items = std::pin::pin!(tokio_stream::iter(first).chain(changes));
+            loop {
+                tokio::select! {
+                    _ = stopped(&mut closing) => break,
+                    item = items.next() => {
+                        let Some(i) = item else { break };
+                        if tx.send(i).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
         Ok(Response::new(
-            Box::pin(tokio_stream::iter(first).chain(changes)) as WatchStream,
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as WatchStream,
         ))
     }
 

@@ -4,8 +4,12 @@
 //! - `read`: may list and watch requests.
 //! - `approve`: may also decide, as the token's identity.
 //! - `admin`: everything.
+//! - `enroll`: a one-time enrollment token. Not a bearer token at all: it is stored apart (see
+//!   [`crate::store::Store::enroll`]), no interceptor admits it, and its only use is the body of
+//!   `EnrollmentService/Enroll`, which trades it for an `agent` token.
 //!
-//! A token reads `alk_<id>_<secret>`; only the SHA-256 of the whole token is stored.
+//! A token reads `alk_<id>_<secret>`, an enrollment token `alkenroll_<id>_<secret>`; only the
+//! SHA-256 of the whole token is stored.
 
 use std::{fmt, str::FromStr, sync::Arc};
 
@@ -25,6 +29,8 @@ pub enum Scope {
     Approve,
     /// Everything.
     Admin,
+    /// A one-time enrollment token (never a bearer token; see the module docs).
+    Enroll,
 }
 
 impl fmt::Display for Scope {
@@ -34,6 +40,7 @@ impl fmt::Display for Scope {
             Scope::Read => "read",
             Scope::Approve => "approve",
             Scope::Admin => "admin",
+            Scope::Enroll => "enroll",
         })
     }
 }
@@ -47,8 +54,9 @@ impl FromStr for Scope {
             "read" => Ok(Scope::Read),
             "approve" => Ok(Scope::Approve),
             "admin" => Ok(Scope::Admin),
+            "enroll" => Ok(Scope::Enroll),
             other => Err(format!(
-                "unknown scope {other:?} (agent, read, approve or admin)"
+                "unknown scope {other:?} (agent, read, approve, admin or enroll)"
             )),
         }
     }
@@ -86,6 +94,23 @@ pub fn random_hex(bytes: usize) -> std::io::Result<String> {
 /// A new random token for `id`.
 pub fn new_token(id: &str) -> std::io::Result<String> {
     Ok(format!("alk_{id}_{}", random_hex(24)?))
+}
+
+/// How enrollment tokens begin. Unlike `alk_`, so that one can never be taken for a bearer
+/// token, and so that the interceptors can tell someone who sends one what it is for.
+pub const ENROLL_PREFIX: &str = "alkenroll_";
+
+/// A new random enrollment token for `id`.
+pub fn new_enrollment_token(id: &str) -> std::io::Result<String> {
+    Ok(format!("{ENROLL_PREFIX}{id}_{}", random_hex(24)?))
+}
+
+/// The id part of an enrollment token; `None` if `token` is not one.
+pub fn enrollment_token_id(token: &str) -> Option<&str> {
+    token
+        .strip_prefix(ENROLL_PREFIX)
+        .and_then(|t| t.split('_').next())
+        .filter(|id| !id.is_empty())
 }
 
 fn bearer<T>(req: &Request<T>) -> Result<&str, Status> {
@@ -130,6 +155,12 @@ impl Auth {
 impl Interceptor for Auth {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         let token = bearer(&req)?;
+        if token.starts_with(ENROLL_PREFIX) {
+            return Err(Status::unauthenticated(
+                "this is an enrollment token: it is not a bearer token; give it to the agent as \
+                 agent.enroll_token_file, which trades it for the agent's own credential",
+            ));
+        }
         let principal = match self.store.principal(token) {
             Ok(Some(p)) => p,
             Ok(None) => return Err(Status::unauthenticated("unknown or revoked token")),
@@ -183,5 +214,15 @@ mod tests {
             scope: Scope::Agent,
         };
         assert!(!agent.may_vote());
+        assert_eq!("enroll".parse::<Scope>().unwrap(), Scope::Enroll);
+    }
+
+    #[test]
+    fn enrollment_tokens_are_not_bearer_tokens() {
+        let t = new_enrollment_token("abc").unwrap();
+        assert!(!t.starts_with("alk_"), "{t}");
+        assert_eq!(enrollment_token_id(&t), Some("abc"));
+        assert_eq!(enrollment_token_id(&new_token("abc").unwrap()), None);
+        assert_eq!(enrollment_token_id("alkenroll__x"), None);
     }
 }

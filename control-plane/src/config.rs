@@ -163,6 +163,11 @@ pub struct OidcFile {
     /// used as they are.
     #[serde(default)]
     pub group_map: BTreeMap<String, String>,
+    /// Approver groups (after `group_map`) allowed to log in; empty: anyone the issuer
+    /// authenticates. Set it when the issuer serves more people than your approvers, since a
+    /// request routed to no group may be decided by anyone who can log in.
+    #[serde(default)]
+    pub allowed_groups: Vec<String>,
     /// Text of the login button.
     #[serde(default = "default_oidc_label")]
     pub label: String,

@@ -224,6 +224,22 @@ impl TokensService for TokensSvc {
             return Err(Status::invalid_argument("a token needs a name"));
         }
         let scope: Scope = r.scope.parse().map_err(Status::invalid_argument)?;
+        if scope == Scope::Enroll {
+            let ttl = match r.ttl_hours {
+                0 => crate::enroll::DEFAULT_TTL,
+                h => std::time::Duration::from_secs(u64::from(h) * 3600),
+            };
+            let host = Some(r.host_id.as_str()).filter(|h| !h.is_empty());
+            let created = crate::enroll::create(&self.store, &r.name, host, ttl, &by)?;
+            return Ok(Response::new(CreateTokenResponse {
+                token: created.token,
+            }));
+        }
+        if r.ttl_hours != 0 || !r.host_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "ttl_hours and host_id are for scope enroll only; other tokens last until revoked",
+            ));
+        }
         let token = self
             .store
             .create_token(&r.name, scope)

@@ -64,17 +64,34 @@ pub struct Decisions {
     pub metrics: Arc<Metrics>,
 }
 
+/// The person behind an identity: its local part, lower-cased, so that `Alice@example.com`
+/// (OIDC), `alice` (a local account or token) and the Unix account `alice` are one person.
+/// Comparisons err on the side of "same person": refusing a vote is safe, a second vote by
+/// one person is not.
+pub fn person(identity: &str) -> String {
+    identity
+        .split('@')
+        .next()
+        .unwrap_or(identity)
+        .to_ascii_lowercase()
+}
+
 /// Whether `approver` is the account that made `held` (its user, or the user who logged in
-/// and launched it). An e-mail style identity matches the account named by its local part,
-/// so `alice@example.com` cannot approve what `alice` runs.
+/// and launched it), as the same [`person`].
 pub fn is_requester(held: &HeldRequest, approver: &str) -> bool {
     let Some(p) = held.request.as_ref().and_then(|r| r.process.as_ref()) else {
         return false;
     };
-    let local = approver.split('@').next().unwrap_or(approver);
+    let me = person(approver);
     [p.user.as_str(), p.login_user.as_str()]
         .iter()
-        .any(|u| !u.is_empty() && (*u == approver || *u == local))
+        .any(|u| !u.is_empty() && person(u) == me)
+}
+
+/// Whether the same [`person`] as `approver` already voted on `held`.
+pub fn has_voted(held: &HeldRequest, approver: &str) -> bool {
+    let me = person(approver);
+    held.votes.iter().any(|v| person(&v.approver) == me)
 }
 
 impl Decisions {
@@ -96,7 +113,7 @@ impl Decisions {
                 approver.name
             ));
         }
-        if held.votes.iter().any(|v| v.approver == approver.name) {
+        if has_voted(held, &approver.name) {
             return Some(format!("{} has already voted", approver.name));
         }
         let policy = crate::current(&self.policy);
@@ -146,7 +163,7 @@ impl Decisions {
             }
             .into());
         }
-        if held.votes.iter().any(|v| v.approver == approver.name) {
+        if has_voted(&held, &approver.name) {
             return Err(StoreError::AlreadyVoted {
                 id: id.to_owned(),
                 approver: approver.name.clone(),
@@ -196,6 +213,22 @@ mod tests {
         assert!(is_requester(&h, "alice"));
         assert!(is_requester(&h, "alice@example.com"));
         assert!(!is_requester(&h, "bob"));
+        assert!(
+            is_requester(&h, "Alice@Example.com"),
+            "case does not make another person"
+        );
         assert!(!is_requester(&held("ci-bot", ""), ""));
+    }
+
+    #[test]
+    fn one_person_votes_once_under_any_of_their_identities() {
+        let mut h = held("ci-bot", "");
+        h.votes.push(airlock_proto::v1::Vote {
+            approver: "alice".into(),
+            ..Default::default()
+        });
+        assert!(has_voted(&h, "alice"));
+        assert!(has_voted(&h, "ALICE@example.com"));
+        assert!(!has_voted(&h, "bob@example.com"));
     }
 }

@@ -8,6 +8,8 @@
 //! - [`store`]: requests and their lifecycle, in SQLite;
 //! - [`audit`]: the hash-chained audit trail and its verification;
 //! - [`auth`]: bearer tokens and their scopes;
+//! - [`enroll`]: one-time enrollment tokens and `EnrollmentService`, which trades one for an
+//!   agent's credential;
 //! - [`decide`]: the one vote path (who may decide what), for every front end;
 //! - [`policy`]: approver groups, quorum and routing;
 //! - [`control`]: audit queries and export, agents list, policy status;
@@ -24,6 +26,7 @@ pub mod auth;
 pub mod config;
 pub mod control;
 pub mod decide;
+pub mod enroll;
 pub mod http;
 pub mod notify;
 pub mod oidc;
@@ -40,8 +43,8 @@ use std::{
 use airlock_proto::v1::{
     agent_service_server::AgentServiceServer, agents_service_server::AgentsServiceServer,
     approval_service_server::ApprovalServiceServer, audit_service_server::AuditServiceServer,
-    policy_service_server::PolicyServiceServer, tokens_service_server::TokensServiceServer,
-    PolicyStatus, FILE_DESCRIPTOR_SET,
+    enrollment_service_server::EnrollmentServiceServer, policy_service_server::PolicyServiceServer,
+    tokens_service_server::TokensServiceServer, PolicyStatus, FILE_DESCRIPTOR_SET,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -69,6 +72,9 @@ pub struct ControlPlane {
     pub tls: Option<Tls>,
     /// Prometheus metrics.
     pub metrics: Arc<http::Metrics>,
+    /// Set when the server stops, so that long-lived streams (watchers) end and shutdown
+    /// does not wait for them.
+    pub closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// TLS settings of the listener.
@@ -93,6 +99,7 @@ impl ControlPlane {
             policy_status: Arc::default(),
             tls: None,
             metrics: Arc::default(),
+            closing: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
 
@@ -180,6 +187,7 @@ impl ControlPlane {
         let (health, health_svc) = tonic_health::server::health_reporter();
         for name in [
             "airlock.v1.AgentService",
+            "airlock.v1.EnrollmentService",
             "airlock.v1.ApprovalService",
             "airlock.v1.AuditService",
             "airlock.v1.AgentsService",
@@ -213,9 +221,11 @@ impl ControlPlane {
             }
         });
         let agents = self.agents.clone();
+        let closing = self.closing.clone();
         let shutdown = async move {
             shutdown.await;
             agents.close_all();
+            closing.send_replace(true);
         };
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = &self.tls {
@@ -243,6 +253,14 @@ impl ControlPlane {
                 },
                 auth::Auth::agents(self.store.clone()),
             ))
+            // No interceptor: enrolling is how an agent gets a credential, so it cannot need
+            // one; the one-time enrollment token in the request body authenticates the call.
+            // A service of its own (not a method of AgentService) because interceptors do not
+            // see the method path: exempting one method would admit bearer-less calls to all.
+            .add_service(EnrollmentServiceServer::new(enroll::EnrollmentSvc {
+                store: self.store.clone(),
+                require_client_cert,
+            }))
             .add_service(AuditServiceServer::with_interceptor(
                 control::AuditSvc {
                     store: self.store.clone(),
@@ -274,6 +292,7 @@ impl ControlPlane {
                     agents: self.agents.clone(),
                     metrics: self.metrics.clone(),
                     decisions: self.decisions(),
+                    closing: self.closing.subscribe(),
                 },
                 auth::Auth::people(self.store.clone()),
             ))

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use airlock_control_plane::{
     auth::Scope,
     config::{read_secret, ServerConfig},
-    notify,
+    enroll, notify,
     store::Store,
     web::{OidcLogin, Settings, Web},
     ControlPlane,
@@ -110,7 +110,7 @@ fn read_password() -> Result<String> {
 }
 
 fn users(store: &Store, cmd: Users) -> Result<()> {
-    use airlock_control_plane::{accounts, web::session};
+    use airlock_control_plane::accounts;
     match cmd {
         Users::Add {
             name,
@@ -131,12 +131,10 @@ fn users(store: &Store, cmd: Users) -> Result<()> {
         }
         Users::Passwd { name } => {
             accounts::set_password(store, &name, &read_password()?)?;
-            session::end_all(store, &name, "local")?;
             println!("password changed for {name}; their sessions ended");
         }
         Users::Remove { name } => {
             accounts::remove(store, &name)?;
-            session::end_all(store, &name, "local")?;
             println!("removed {name}");
         }
         Users::List => {
@@ -151,14 +149,29 @@ fn users(store: &Store, cmd: Users) -> Result<()> {
 #[derive(Debug, Subcommand)]
 enum Tokens {
     /// Create a token and print it (it is stored hashed and cannot be shown again).
+    ///
+    /// To enrol an agent without copying its credential by hand: `--scope enroll` prints a
+    /// one-time enrollment token; put it in the host's agent.enroll_token_file and the agent
+    /// trades it for its own credential at start. It works once, expires (--ttl-hours), and
+    /// with --host only enrols that host. Without --host it enrols any host that has no
+    /// credential yet; replacing a host's credential needs a token made with --host.
     Create {
         /// Identity: the approver's name, or for scope agent the agent's host id (its
-        /// /etc/machine-id unless agent.host_id is set).
+        /// /etc/machine-id unless agent.host_id is set). For scope enroll, a label for the
+        /// audit trail (it does not bind the token to a host; --host does).
         #[arg(long)]
         name: String,
-        /// agent (an agent's credential), read, approve or admin.
+        /// agent (an agent's credential), read, approve, admin, or enroll (a one-time
+        /// enrollment token for an agent).
         #[arg(long)]
         scope: Scope,
+        /// Scope enroll only: hours until the token expires (default 24, at most 720).
+        #[arg(long, value_name = "HOURS", value_parser = clap::value_parser!(u64).range(1..=720))]
+        ttl_hours: Option<u64>,
+        /// Scope enroll only: the host id (the agent's /etc/machine-id unless agent.host_id is
+        /// set) the token may enrol; an agent with another host id is refused.
+        #[arg(long, value_name = "HOST_ID")]
+        host: Option<String>,
     },
     /// Revoke a token by name.
     Revoke {
@@ -189,7 +202,36 @@ async fn main() -> Result<()> {
     let db = data_dir.join("airlock.db");
     let store = Store::open(&db)?;
     match cli.command {
-        Some(Cmd::Tokens(Tokens::Create { name, scope })) => {
+        Some(Cmd::Tokens(Tokens::Create {
+            name,
+            scope,
+            ttl_hours,
+            host,
+        })) => {
+            if scope == Scope::Enroll {
+                let ttl = ttl_hours.map_or(enroll::DEFAULT_TTL, |h| {
+                    std::time::Duration::from_secs(h * 3600)
+                });
+                let created = enroll::create(&store, &name, host.as_deref(), ttl, "server")?;
+                // The token alone on stdout, for scripts; what it is for on stderr.
+                eprintln!(
+                    "airlock-server: one-time enrollment token {:?} for {}, expires in {} h",
+                    created.id,
+                    host.as_deref()
+                        .map_or("any host not enrolled yet".to_owned(), |h| {
+                            format!("host {h:?}")
+                        }),
+                    ttl.as_secs() / 3600
+                );
+                println!("{}", created.token);
+                return Ok(());
+            }
+            if ttl_hours.is_some() || host.is_some() {
+                anyhow::bail!(
+                    "--ttl-hours and --host are for --scope enroll only; other tokens last until \
+                     revoked (`airlock-server tokens revoke NAME`)"
+                );
+            }
             println!("{}", store.create_token(&name, scope)?);
             return Ok(());
         }
@@ -331,7 +373,15 @@ async fn main() -> Result<()> {
     let http_stop = stopped(stop_rx.clone());
     let http_task =
         tokio::spawn(async move { http_plane.serve_http(http, routes, http_stop).await });
-    let result = plane.serve(listener, stopped(stop_rx)).await;
+    let cap = stopped(stop_rx.clone());
+    let result = tokio::select! {
+        r = plane.serve(listener, stopped(stop_rx)) => r,
+        // A client that never hangs up must not keep a stopping server alive.
+        _ = async { cap.await; tokio::time::sleep(std::time::Duration::from_secs(10)).await } => {
+            tracing::warn!("gRPC connections still open 10 s after the stop; closing them");
+            Ok(())
+        }
+    };
     // Live event streams of open browser tabs do not end by themselves: give requests in
     // flight a moment, then stop.
     if tokio::time::timeout(std::time::Duration::from_secs(3), http_task)

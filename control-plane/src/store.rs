@@ -65,6 +65,18 @@ pub enum StoreError {
     /// The system random source failed.
     #[error("cannot read random bytes: {0}")]
     Random(String),
+    /// Scope `enroll` asked of [`Store::create_token`]: enrollment tokens are one-time, expire
+    /// and live apart from bearer tokens ([`crate::enroll::create`]).
+    #[error("scope enroll makes a one-time enrollment token, not a bearer token")]
+    NotBearerScope,
+    /// A request id already names another host's request or another action.
+    #[error("request id {id:?} from {host} is already used by a different request; refused")]
+    IdConflict {
+        /// The id.
+        id: String,
+        /// The host that sent it.
+        host: String,
+    },
     /// A stored request could not be decoded.
     #[error("stored request {0:?} is corrupt")]
     Corrupt(String),
@@ -197,6 +209,7 @@ impl Store {
         conn.execute_batch(SCHEMA).map_err(db)?;
         conn.execute_batch(audit::SCHEMA).map_err(db)?;
         conn.execute_batch(crate::accounts::SCHEMA).map_err(db)?;
+        conn.execute_batch(crate::enroll::SCHEMA).map_err(db)?;
         conn.execute_batch(crate::notify::SCHEMA).map_err(db)?;
         conn.execute_batch(crate::web::session::SCHEMA)
             .map_err(db)?;
@@ -417,6 +430,16 @@ impl Store {
         let (host_id, hostname) = (host.host_id.as_str(), host.hostname.as_str());
         let mut conn = self.lock();
         if let Some(existing) = Self::load(&conn, &req.request_id).map_err(self.db())? {
+            // A resend is the same action from the same host; anything else reusing the id must
+            // not receive that request's decision.
+            let same = existing.host_id == host_id
+                && existing.request.as_ref().map(|r| &r.action) == Some(&req.action);
+            if !same {
+                return Err(StoreError::IdConflict {
+                    id: req.request_id,
+                    host: host_id.to_owned(),
+                });
+            }
             return Ok((existing, false));
         }
         let argv = match &req.action {
@@ -747,6 +770,9 @@ impl Store {
     /// Creates a token `name` with `scope`; returns the token, which is not stored and cannot
     /// be shown again.
     pub fn create_token(&self, name: &str, scope: Scope) -> Result<String, StoreError> {
+        if scope == Scope::Enroll {
+            return Err(StoreError::NotBearerScope);
+        }
         let id = auth::random_hex(6).map_err(|e| StoreError::Random(e.to_string()))?;
         let token = auth::new_token(&id).map_err(|e| StoreError::Random(e.to_string()))?;
         let mut conn = self.lock();
@@ -945,6 +971,24 @@ mod tests {
         assert!(!new);
         assert_eq!(again.request.unwrap().request_id, "a");
         assert_eq!(s.list(&ListRequestsRequest::default()).unwrap().0.len(), 1);
+        // The same id from another host, or for another action, never gets this request back.
+        let mut other = host();
+        other.host_id = "someone-else".into();
+        assert!(matches!(
+            s.receive(&other, &route(1), req("a", i64::MAX)),
+            Err(StoreError::IdConflict { .. })
+        ));
+        let mut changed = req("a", i64::MAX);
+        changed.action = Some(Action::Connect(airlock_proto::v1::ConnectAction {
+            address: "10.0.0.9".into(),
+            port: 5432,
+            ..Default::default()
+        }));
+        assert_ne!(changed.action, req("a", i64::MAX).action);
+        assert!(matches!(
+            s.receive(&host(), &route(1), changed),
+            Err(StoreError::IdConflict { .. })
+        ));
     }
 
     #[test]

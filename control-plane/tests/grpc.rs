@@ -849,6 +849,7 @@ async fn only_admins_manage_tokens_and_revoked_tokens_stop_working() {
     let create = |name: &str, scope: &str| CreateTokenRequest {
         name: name.into(),
         scope: scope.into(),
+        ..Default::default()
     };
     let refused = as_alice.create(create("eve", "admin")).await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied);

@@ -428,6 +428,24 @@ async fn pages_need_a_session_and_history_exports_the_filter() {
     assert_eq!(lines.len(), 2);
     assert!(lines.iter().all(|l| l["actor"] == "alice"));
 
+    // On a phone-sized screen the history table reflows instead of scrolling sideways.
+    b.client.set_window_size(390, 844).await.unwrap();
+    b.goto(&format!("{}/history", ui.base)).await;
+    let fits = b
+        .client
+        .execute(
+            "return document.documentElement.scrollWidth <= window.innerWidth;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        fits,
+        serde_json::Value::Bool(true),
+        "history overflows a phone screen"
+    );
+    b.client.set_window_size(1280, 900).await.unwrap();
+
     // The agents and policy pages show the connected agent and the rule.
     b.goto(&format!("{}/agents", ui.base)).await;
     let agents = b.text("#agents").await;
@@ -452,6 +470,7 @@ async fn oidc_login_in_the_browser_maps_groups_and_refuses_a_bad_token() {
     let mut cfg = idp.oidc_file();
     cfg.group_map.insert("okta-oncall".into(), "oncall".into());
     cfg.label = "Sign in with Test IdP".into();
+    cfg.allowed_groups = vec!["oncall".into()];
     let ui = start_with_oidc(Some(cfg)).await;
     let _decision = ui
         .agent
@@ -484,6 +503,15 @@ async fn oidc_login_in_the_browser_maps_groups_and_refuses_a_bad_token() {
     );
     b.goto(&format!("{}/", ui.base)).await;
     b.wait_for("#password", 10).await;
+
+    // Someone the issuer knows but who is in none of the allowed groups does not get in.
+    idp.set_fault(issuer::Fault::None);
+    idp.set_user(issuer::TestUser::new("mallory@example.com", &["sales"]));
+    b.goto(&format!("{}/login", ui.base)).await;
+    b.wait_for("a.button", 10).await;
+    b.click("a.button").await;
+    let err = b.wait_for("p.error", 10).await.text().await.unwrap();
+    assert!(err.contains("none of the groups allowed"), "{err}");
     let audit = ui.plane.store.audit_query(&Default::default()).unwrap();
     let logins: Vec<&str> = audit
         .iter()

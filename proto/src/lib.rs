@@ -3,6 +3,8 @@
 //! `AgentService` is the one long-lived bidirectional stream each node agent keeps with the
 //! control plane (or any decider that implements it): the agent says hello, sends the actions it
 //! holds and their outcomes; the decider sends decisions and pings back.
+//! `EnrollmentService` is how an agent without a credential trades a one-time enrollment token
+//! for one.
 
 /// Generated types and services of `airlock.v1`.
 pub mod v1 {

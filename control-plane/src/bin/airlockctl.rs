@@ -87,13 +87,23 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum TokensCmd {
     /// Create a token and print it (shown once).
+    ///
+    /// `--scope enroll` prints a one-time enrollment token for an agent's
+    /// agent.enroll_token_file: it works once, expires (--ttl-hours) and, with --host, enrols
+    /// only that host; without --host it enrols any host that has no credential yet.
     Create {
-        /// Identity: an approver's name, or an agent's host id.
+        /// Identity: an approver's name, or an agent's host id; for scope enroll, a label.
         #[arg(long)]
         name: String,
-        /// agent, read, approve or admin.
+        /// agent, read, approve, admin or enroll.
         #[arg(long)]
         scope: String,
+        /// Scope enroll only: hours until the token expires (default 24, at most 720).
+        #[arg(long, value_name = "HOURS", value_parser = clap::value_parser!(u32).range(1..=720))]
+        ttl_hours: Option<u32>,
+        /// Scope enroll only: the host id the token may enrol.
+        #[arg(long, value_name = "HOST_ID")]
+        host: Option<String>,
     },
     /// Revoke a token by name.
     Revoke {
@@ -420,8 +430,18 @@ async fn tokens(server: &str, token: Option<&str>, cmd: TokensCmd) -> ExitCode {
     };
     let mut client = TokensServiceClient::with_interceptor(ch, bearer);
     finish(match cmd {
-        TokensCmd::Create { name, scope } => client
-            .create(CreateTokenRequest { name, scope })
+        TokensCmd::Create {
+            name,
+            scope,
+            ttl_hours,
+            host,
+        } => client
+            .create(CreateTokenRequest {
+                name,
+                scope,
+                ttl_hours: ttl_hours.unwrap_or(0),
+                host_id: host.unwrap_or_default(),
+            })
             .await
             .map(|r| println!("{}", r.get_ref().token)),
         TokensCmd::Revoke { name } => client

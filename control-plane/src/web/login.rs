@@ -18,6 +18,50 @@ use crate::{accounts, auth};
 const LOGIN_COOKIE: &str = "airlock_login";
 /// How long an OIDC round trip may take.
 const OIDC_PENDING_MS: i64 = 10 * 60_000;
+/// Most OIDC round trips in flight at once (each is a small entry in memory).
+const OIDC_PENDING_MAX: usize = 10_000;
+/// Password checks running at once: Argon2id takes about 19 MiB and tens of ms each, so an
+/// unbounded number would let anyone exhaust memory.
+static VERIFYING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+/// Failed logins for one name within [`FAIL_WINDOW_MS`] before it is locked for the rest of
+/// the window.
+const MAX_FAILURES: u32 = 5;
+const FAIL_WINDOW_MS: i64 = 5 * 60_000;
+
+/// Failed logins by name, to slow down password guessing.
+#[derive(Default)]
+pub struct Throttle {
+    failures: std::sync::Mutex<std::collections::HashMap<String, (u32, i64)>>,
+}
+
+impl Throttle {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (u32, i64)>> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `name` has failed too often within the window.
+    pub fn locked(&self, name: &str) -> bool {
+        let now = crate::store::now_ms();
+        self.map()
+            .get(name)
+            .is_some_and(|(n, since)| *n >= MAX_FAILURES && now - since < FAIL_WINDOW_MS)
+    }
+
+    /// Counts a failure for `name`.
+    pub fn failed(&self, name: &str) {
+        let now = crate::store::now_ms();
+        let mut map = self.map();
+        // Names are checked (at most 64 characters) before they get here; old entries go.
+        map.retain(|_, (_, since)| now - *since < FAIL_WINDOW_MS);
+        let e = map.entry(name.to_owned()).or_insert((0, now));
+        e.0 += 1;
+    }
+
+    /// Forgets `name`'s failures (after a good login).
+    pub fn clear(&self, name: &str) {
+        self.map().remove(name);
+    }
+}
 
 #[derive(Deserialize)]
 pub(super) struct Next {
@@ -27,7 +71,16 @@ pub(super) struct Next {
 /// Only same-site paths: never redirect a login to another host.
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.into(),
+        // Browsers drop tabs and newlines inside URLs, so "/\t/evil" would become "//evil".
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n
+                    .bytes()
+                    .any(|b| b == b'\\' || b.is_ascii_control() || b == b' ') =>
+        {
+            n.into()
+        }
         _ => "/".into(),
     }
 }
@@ -120,27 +173,49 @@ pub(super) async fn login(
             "The login form expired or did not come from this site; try again.",
         ));
     }
+    let name = f.name.trim().to_owned();
+    // Names that cannot exist are refused before any work, and never reach the audit trail.
+    if accounts::check_name(&name).is_err() {
+        return Ok(again(StatusCode::UNAUTHORIZED, "Wrong name or password."));
+    }
+    if web.login_failures.locked(&name) {
+        tracing::warn!(name = %name, "login refused: too many failures");
+        return Ok(again(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many failed logins for this name; wait a few minutes.",
+        ));
+    }
+    let _permit = VERIFYING.acquire().await.map_err(|_| {
+        WebError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is stopping".into(),
+        )
+    })?;
     let store = web.plane.store.clone();
-    let (name, password) = (f.name.trim().to_owned(), f.password);
-    let checked = tokio::task::spawn_blocking(move || accounts::verify(&store, &name, &password))
+    let (who, password) = (name.clone(), f.password);
+    let checked = tokio::task::spawn_blocking(move || accounts::verify(&store, &who, &password))
         .await
         .map_err(|e| WebError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let account = match checked {
         Ok(Some(a)) => a,
         Ok(None) => {
-            tracing::warn!(name = %f.name.trim(), "login refused: wrong name or password");
+            web.login_failures.failed(&name);
+            tracing::warn!(name = %name, "login refused: wrong name or password");
             let payload = serde_json::json!({ "via": "local" }).to_string();
-            if let Err(e) = web
-                .plane
-                .store
-                .audit_event(f.name.trim(), "login.failed", &payload)
-            {
+            if let Err(e) = web.plane.store.audit_event(&name, "login.failed", &payload) {
                 tracing::error!(error = %e, "auditing a failed login failed");
             }
             return Ok(again(StatusCode::UNAUTHORIZED, "Wrong name or password."));
         }
-        Err(e) => return Err(WebError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        Err(e) => {
+            tracing::error!(error = %e, "checking a password failed");
+            return Err(WebError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "could not check the password".into(),
+            ));
+        }
     };
+    web.login_failures.clear(&name);
     let (id, _) = session::create(
         &web.plane.store,
         &account.name,
@@ -149,11 +224,13 @@ pub(super) async fn login(
         web.settings.session_ttl_ms,
     )?;
     tracing::info!(name = %account.name, "logged in");
-    let jar = jar.remove(Cookie::from(LOGIN_COOKIE)).add(session::cookie(
-        id,
-        web.settings.secure_cookies,
-        web.settings.session_ttl_ms / 1000,
-    ));
+    let jar = jar
+        .remove(Cookie::build(LOGIN_COOKIE).path("/").build())
+        .add(session::cookie(
+            id,
+            web.settings.secure_cookies,
+            web.settings.session_ttl_ms / 1000,
+        ));
     Ok((jar, Redirect::to(&next)).into_response())
 }
 
@@ -209,6 +286,12 @@ pub(super) async fn oidc_start(
         let mut map = web.pending_oidc.lock().unwrap_or_else(|p| p.into_inner());
         let now = crate::store::now_ms();
         map.retain(|_, p| now - p.created_ms < OIDC_PENDING_MS);
+        if map.len() >= OIDC_PENDING_MAX {
+            return Err(WebError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many logins in progress; try again in a minute".into(),
+            ));
+        }
         map.insert(key.clone(), pending);
     }
     let jar = jar.add(login_cookie(key, web.settings.secure_cookies));
@@ -243,10 +326,13 @@ pub(super) async fn oidc_callback(
         )
     })?;
     if let Some(e) = cb.error {
-        return Err(refuse(format!(
-            "the issuer answered {e}: {}",
-            cb.error_description.unwrap_or_default()
-        )));
+        // Shown as the issuer's words, cut short: anyone can put text in this URL.
+        let said: String = format!("{e}: {}", cb.error_description.unwrap_or_default())
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(200)
+            .collect();
+        return Err(refuse(format!("the issuer answered \"{said}\"")));
     }
     let pending = jar
         .get(LOGIN_COOKIE)
@@ -262,14 +348,22 @@ pub(super) async fn oidc_callback(
         (Some(c), Some(s)) => (c, s),
         _ => return Err(refuse("the callback has no code or state".into())),
     };
-    let issuer = oidc
-        .get()
-        .await
-        .map_err(|e| refuse(format!("the issuer is unavailable: {e}")))?;
+    let issuer = oidc.get().await.map_err(|e| {
+        WebError(
+            StatusCode::BAD_GATEWAY,
+            format!("single sign-on is unavailable: {e}"),
+        )
+    })?;
     let who = issuer
         .finish(&pending, &code, &state)
         .await
         .map_err(|e| refuse(e.to_string()))?;
+    if !oidc.admits(&who.groups) {
+        return Err(refuse(format!(
+            "{} is in none of the groups allowed to log in here",
+            who.name
+        )));
+    }
     let (id, _) = session::create(
         &web.plane.store,
         &who.name,
@@ -278,17 +372,32 @@ pub(super) async fn oidc_callback(
         web.settings.session_ttl_ms,
     )?;
     tracing::info!(name = %who.name, groups = ?who.groups, "logged in through OIDC");
-    let jar = jar.remove(Cookie::from(LOGIN_COOKIE)).add(session::cookie(
-        id,
-        web.settings.secure_cookies,
-        web.settings.session_ttl_ms / 1000,
-    ));
+    let jar = jar
+        .remove(Cookie::build(LOGIN_COOKIE).path("/").build())
+        .add(session::cookie(
+            id,
+            web.settings.secure_cookies,
+            web.settings.session_ttl_ms / 1000,
+        ));
     Ok((jar, Redirect::to("/")).into_response())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::safe_next;
+    use super::{safe_next, Throttle, MAX_FAILURES};
+
+    #[test]
+    fn a_name_locks_after_repeated_failures_and_a_good_login_clears_it() {
+        let t = Throttle::default();
+        for _ in 0..MAX_FAILURES {
+            assert!(!t.locked("alice"));
+            t.failed("alice");
+        }
+        assert!(t.locked("alice"));
+        assert!(!t.locked("bob"));
+        t.clear("alice");
+        assert!(!t.locked("alice"));
+    }
 
     #[test]
     fn next_stays_on_this_site() {
@@ -296,6 +405,8 @@ mod tests {
         assert_eq!(safe_next(Some("//evil.example")), "/");
         assert_eq!(safe_next(Some("https://evil.example")), "/");
         assert_eq!(safe_next(Some("/\\evil.example")), "/");
+        assert_eq!(safe_next(Some("/\t/evil.example")), "/");
+        assert_eq!(safe_next(Some("/\n/evil.example")), "/");
         assert_eq!(safe_next(None), "/");
     }
 }

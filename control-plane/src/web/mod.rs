@@ -64,6 +64,12 @@ impl OidcLogin {
         &self.cfg.label
     }
 
+    /// Whether someone with `groups` may log in (`allowed_groups`).
+    pub fn admits(&self, groups: &[String]) -> bool {
+        self.cfg.allowed_groups.is_empty()
+            || self.cfg.allowed_groups.iter().any(|g| groups.contains(g))
+    }
+
     /// The discovered issuer.
     pub async fn get(&self) -> Result<Arc<Oidc>, OidcError> {
         self.ready
@@ -123,6 +129,8 @@ pub struct Web {
     pub oidc: Option<Arc<OidcLogin>>,
     /// Logins on their way through the issuer, by the login cookie's value.
     pending_oidc: Arc<Mutex<HashMap<String, crate::oidc::Pending>>>,
+    /// Failed local logins by name.
+    login_failures: Arc<login::Throttle>,
 }
 
 impl Web {
@@ -134,6 +142,7 @@ impl Web {
             settings: Arc::new(settings),
             oidc,
             pending_oidc: Arc::default(),
+            login_failures: Arc::default(),
         }
     }
 
@@ -158,7 +167,12 @@ impl Web {
             .route("/auth/oidc/callback", get(login::oidc_callback))
             .route("/static/app.css", get(css))
             .route("/static/app.js", get(js))
-            .layer(axum::middleware::map_response(security_headers))
+            .layer(axum::middleware::map_response_with_state(
+                self.settings.secure_cookies,
+                security_headers,
+            ))
+            // Forms are small; nothing here needs more.
+            .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
             .with_state(self)
     }
 }
@@ -200,8 +214,25 @@ impl From<crate::store::StoreError> for WebError {
 }
 
 /// No inline script, no framing, no other origins: the UI needs none of them.
-async fn security_headers(mut r: Response) -> Response {
+async fn security_headers(
+    axum::extract::State(https): axum::extract::State<bool>,
+    mut r: Response,
+) -> Response {
     let h = r.headers_mut();
+    if https {
+        h.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            header::HeaderValue::from_static("max-age=31536000"),
+        );
+    }
+    // Pages carry request details and the CSRF token: keep them out of caches; the static
+    // assets set their own.
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-store"),
+        );
+    }
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         header::HeaderValue::from_static(

@@ -123,7 +123,7 @@ fn still_may_vote(web: &Web, held: &HeldRequest) -> Markup {
         .filter_map(|g| policy.groups.get(g))
         .flatten()
         .map(String::as_str)
-        .filter(|m| !held.votes.iter().any(|v| v.approver == *m))
+        .filter(|m| !crate::decide::has_voted(held, m))
         .filter(|m| !crate::decide::is_requester(held, m))
         .collect();
     people.sort_unstable();

@@ -156,17 +156,6 @@ pub fn end(store: &Store, id: &str, name: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Ends every session of `name` that came from `via` (an account removed or its password
-/// changed).
-pub fn end_all(store: &Store, name: &str, via: &str) -> Result<usize, StoreError> {
-    store.with_conn(|conn| {
-        conn.execute(
-            "DELETE FROM sessions WHERE name = ?1 AND via = ?2",
-            params![name, via],
-        )
-    })
-}
-
 /// The session cookie for `id`.
 pub fn cookie(id: String, secure: bool, max_age_secs: i64) -> Cookie<'static> {
     Cookie::build((COOKIE, id))

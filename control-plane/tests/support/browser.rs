@@ -1,3 +1,6 @@
+// Shared by several test crates; each uses a different part.
+#![allow(dead_code)]
+
 //! Headless Chromium driven over WebDriver (Debian's chromium and chromium-driver).
 
 use std::{process::Stdio, time::Duration};

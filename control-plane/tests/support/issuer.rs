@@ -220,6 +220,7 @@ impl Issuer {
             identity_claim: "email".into(),
             groups_claim: "groups".into(),
             group_map: BTreeMap::from([("okta-approvers".into(), "approvers".into())]),
+            allowed_groups: Vec::new(),
             label: "Sign in with Test IdP".into(),
         }
     }

@@ -1,0 +1,585 @@
+//! The whole product on a real kernel: `airlock-server` (the real binary) on this host,
+//! `airlock-agent` in a QEMU guest with Debian's kernel connecting to it at 10.0.2.2, and a
+//! scripted AI-agent workload in the guest. Approvers act the way people do: some requests are
+//! approved through the gRPC API, one is denied in the web UI in headless Chromium, one is left
+//! to time out, a grant approves a repeat, and the control plane and the agent are each
+//! restarted while a task is held.
+//!
+//! One boot runs every scenario; each test asserts one scenario, from what the workload saw and
+//! from what the audit trail recorded.
+
+#[path = "../../control-plane/tests/support/browser.rs"]
+mod browser;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use airlock_control_plane::{audit, store::Store};
+use airlock_proto::v1::{
+    action_request::Action, approval_service_client::ApprovalServiceClient, DecideRequest,
+    HeldRequest, OutcomeKind, RequestState, Verdict, WatchRequestsRequest,
+};
+use airlock_tests::{
+    vm::{Guest, GuestRun},
+    workspace_bin,
+};
+use anyhow::{Context, Result};
+use tokio_stream::StreamExt;
+
+const AGENT_CONFIG: &str = r#"
+[agent]
+decider = "http://10.0.2.2:GRPC_PORT"
+host_id = "e2e-guest"
+token_file = "/etc/airlock/agent.token"
+hold_timeout_secs = 60
+unreachable_grace_secs = 30
+labels = { env = "e2e" }
+
+[watch]
+users = ["agent"]
+
+[[rule]]
+name = "kubectl-delete"
+description = "Deletes cluster objects"
+exec = ["/usr/local/bin/kubectl"]
+args = ["delete *"]
+decision = "ask"
+risk = "high"
+
+[[rule]]
+name = "kubectl-drain"
+description = "Drains a node"
+exec = ["/usr/local/bin/kubectl"]
+args = ["drain *"]
+decision = "ask"
+timeout_secs = 4
+on_timeout = "deny"
+
+[[rule]]
+name = "prod-db"
+description = "Connection to the production database"
+connect = ["127.0.0.2/32"]
+ports = [5432]
+decision = "ask"
+risk = "medium"
+"#;
+
+const SCRIPT: &str = r#"
+n=0
+start_agent() {
+  n=$((n+1))
+  /usr/bin/airlock-agent --config /etc/airlock/agent.toml > /tmp/agent-$n.log 2>&1 &
+  AGENT=$!
+  for i in $(seq 1 150); do grep -q "connected to decider" /tmp/agent-$n.log && break; sleep 0.2; done
+  echo "@@R agent_$n $(grep -c 'connected to decider' /tmp/agent-$n.log)"
+}
+k() { out=$(su agent -c "/usr/local/bin/kubectl $*" 2>&1); rc=$?; }
+/usr/bin/airlock-workload serve 5432 > /dev/null &
+start_agent
+
+k get pods;                    echo "@@R get_rc $rc"; echo "@@R get_out $out"
+k delete ns approve-me;        echo "@@R approve_rc $rc"; echo "@@R approve_out $out"
+k delete ns approve-me;        echo "@@R grant_rc $rc"
+k delete ns deny-web;          echo "@@R deny_rc $rc"
+k drain node-1 timeout-me;     echo "@@R timeout_rc $rc"
+echo "@@R db $(su agent -c '/usr/bin/airlock-workload connect tcp 127.0.0.2 5432')"
+k delete ns restart-server;    echo "@@R restart_server_rc $rc"; echo "@@R restart_server_out $out"
+
+# The agent is SIGKILLed while the task is held; a new agent picks the hold up.
+su agent -c '/usr/local/bin/kubectl delete ns restart-agent' > /tmp/ra.out 2>&1 &
+j=$!
+sleep 3
+kill -9 $AGENT
+sleep 1
+start_agent
+wait $j
+echo "@@R restart_agent_rc $?"
+echo "@@R restart_agent_out $(cat /tmp/ra.out)"
+kill -TERM $AGENT
+wait $AGENT
+for f in /tmp/agent-*.log; do tail -n 60 $f | sed "s|^|@@LOG $f |"; done
+"#;
+
+/// The real `airlock-server` binary, restartable on the same ports and data.
+struct Server {
+    bin: PathBuf,
+    data: PathBuf,
+    grpc: u16,
+    http: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+impl Server {
+    fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.bin)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "airlock-server {args:?} failed: {out:?}"
+        );
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let child = Command::new(&self.bin)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(["--grpc", &format!("127.0.0.1:{}", self.grpc)])
+            .args(["--http", &format!("127.0.0.1:{}", self.http)])
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.data.join("server.log"))?,
+            )
+            .spawn()?;
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.http)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", self.grpc)).is_ok()
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        anyhow::bail!("airlock-server did not start")
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM: the graceful path a systemd stop takes.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[derive(Clone)]
+struct Bearer(String);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let v = format!("Bearer {}", self.0)
+            .parse()
+            .map_err(|_| tonic::Status::internal("bad token"))?;
+        req.metadata_mut().insert("authorization", v);
+        Ok(req)
+    }
+}
+
+fn marker(h: &HeldRequest) -> String {
+    match h.request.as_ref().and_then(|r| r.action.as_ref()) {
+        Some(Action::Exec(e)) => e.argv.last().cloned().unwrap_or_default(),
+        Some(Action::Connect(c)) => format!("connect-{}", c.port),
+        None => String::new(),
+    }
+}
+
+async fn client(url: &str, token: &str) -> Option<Client> {
+    let ch = tonic::transport::Channel::from_shared(url.to_owned())
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    Some(ApprovalServiceClient::with_interceptor(
+        ch,
+        Bearer(token.to_owned()),
+    ))
+}
+
+type Client = ApprovalServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
+
+fn allow(id: &str, reason: &str, grant_minutes: u32) -> DecideRequest {
+    DecideRequest {
+        request_id: id.into(),
+        verdict: Verdict::Allow as i32,
+        reason: reason.into(),
+        grant_minutes,
+        ..Default::default()
+    }
+}
+
+/// Approves `id` as soon as the server answers (it may be restarting).
+async fn approve_when_up(url: &str, token: &str, id: &str, reason: &str) {
+    for _ in 0..100 {
+        if let Some(mut c) = client(url, token).await {
+            if c.decide(allow(id, reason, 0)).await.is_ok() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("could not approve {id}");
+}
+
+/// The approvers: watch the server and act on each new request by its marker.
+async fn approvers(server: Arc<Mutex<Server>>, alice: String, bob: (String, String)) {
+    let (url, base) = {
+        let s = server.lock().unwrap();
+        (
+            format!("http://127.0.0.1:{}", s.grpc),
+            format!("http://127.0.0.1:{}", s.http),
+        )
+    };
+    let mut handled: HashSet<String> = HashSet::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some(mut c) = client(&url, &alice).await else {
+            continue;
+        };
+        let Ok(stream) = c
+            .watch(WatchRequestsRequest {
+                include_pending: true,
+            })
+            .await
+        else {
+            continue;
+        };
+        let mut stream = stream.into_inner();
+        while let Some(Ok(h)) = stream.next().await {
+            let id = h
+                .request
+                .as_ref()
+                .map(|r| r.request_id.clone())
+                .unwrap_or_default();
+            if h.state() != RequestState::Pending || !handled.insert(id.clone()) {
+                continue;
+            }
+            match marker(&h).as_str() {
+                "approve-me" => {
+                    c.decide(allow(&id, "ticket-7", 10)).await.unwrap();
+                }
+                "connect-5432" => {
+                    c.decide(allow(&id, "db maintenance", 0)).await.unwrap();
+                }
+                "deny-web" => {
+                    let (base, bob) = (base.clone(), bob.clone());
+                    tokio::spawn(async move {
+                        let b = browser::Browser::start().await;
+                        b.login(&base, &bob.0, &bob.1).await;
+                        b.goto(&format!("{base}/requests/{id}")).await;
+                        b.wait_for("#deny", 10).await;
+                        b.fill("#reason", "web says no").await;
+                        b.click("#deny").await;
+                        b.wait_for("p.outcome", 10).await;
+                        b.close().await;
+                    });
+                }
+                "restart-server" => {
+                    // The control plane goes away while the task is held, and comes back; the
+                    // decision then goes through the new process.
+                    let s = server.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let mut s = s.lock().unwrap();
+                        s.stop();
+                        std::thread::sleep(Duration::from_secs(2));
+                        s.start().unwrap();
+                    })
+                    .await
+                    .unwrap();
+                    approve_when_up(&url, &alice, &id, "after restart").await;
+                    break; // the old watch stream died with the old process
+                }
+                "restart-agent" => {
+                    // Decide only after the guest has killed and restarted its agent.
+                    let (url, alice) = (url.clone(), alice.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(12)).await;
+                        approve_when_up(&url, &alice, &id, "after agent restart").await;
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+struct Booted {
+    run: GuestRun,
+    requests: Vec<HeldRequest>,
+    audit: Vec<audit::Record>,
+    verified: Result<i64, String>,
+    _dir: tempfile::TempDir,
+}
+
+fn boot() -> Result<Booted> {
+    let dir = tempfile::tempdir()?;
+    let mut server = Server {
+        bin: workspace_bin("control-plane", "airlock-server")?,
+        data: dir.path().join("data"),
+        grpc: free_port(),
+        http: free_port(),
+        child: None,
+    };
+    std::fs::create_dir_all(&server.data)?;
+    let agent_token = server.cli(&[
+        "tokens",
+        "create",
+        "--name",
+        "e2e-guest",
+        "--scope",
+        "agent",
+    ])?;
+    let alice = server.cli(&["tokens", "create", "--name", "alice", "--scope", "approve"])?;
+    let bob_line = server.cli(&["users", "add", "bob", "--generate-password"])?;
+    let (_, bob_password) = bob_line.split_once(' ').context("users add output")?;
+    std::fs::write(dir.path().join("agent.token"), &agent_token)?;
+    server.start()?;
+    let grpc_port = server.grpc;
+    let db = server.data.join("airlock.db");
+    let server = Arc::new(Mutex::new(server));
+
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.spawn(approvers(
+        server.clone(),
+        alice,
+        ("bob".into(), bob_password.to_owned()),
+    ));
+
+    let workload = env!("CARGO_BIN_EXE_airlock-workload");
+    let mut g = Guest::new();
+    g.file(
+        "/usr/bin/airlock-agent",
+        workspace_bin("agent-user", "airlock-agent")?,
+        0o755,
+    )
+    .file("/usr/bin/airlock-workload", workload, 0o755)
+    .file("/usr/local/bin/kubectl", workload, 0o755)
+    .file(
+        "/etc/airlock/agent.token",
+        dir.path().join("agent.token"),
+        0o600,
+    )
+    .text(
+        "/etc/airlock/agent.toml",
+        AGENT_CONFIG.replace("GRPC_PORT", &grpc_port.to_string()),
+        0o644,
+    )
+    .script(SCRIPT);
+    let run = g.boot(Duration::from_secs(900))?;
+    rt.shutdown_background();
+    let data = {
+        let mut s = server.lock().unwrap_or_else(|p| p.into_inner());
+        s.stop();
+        s.data.clone()
+    };
+    // Kept for a failing run: the guest's console (with the agents' logs) and the server's log.
+    let keep = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::write(keep.join("e2e-console.log"), &run.console)?;
+    std::fs::copy(data.join("server.log"), keep.join("e2e-server.log"))?;
+    anyhow::ensure!(
+        run.finished(),
+        "guest script did not finish:\n{}",
+        run.console
+    );
+
+    let store = Store::open(&db)?;
+    let requests = store
+        .list(&airlock_proto::v1::ListRequestsRequest {
+            limit: 1000,
+            ..Default::default()
+        })?
+        .0;
+    let audit = store.audit_query(&audit::Filter::default())?;
+    let verified = store.verify_audit().map_err(|e| e.to_string());
+    Ok(Booted {
+        run,
+        requests,
+        audit,
+        verified,
+        _dir: dir,
+    })
+}
+
+fn booted() -> &'static Booted {
+    static BOOT: OnceLock<Booted> = OnceLock::new();
+    BOOT.get_or_init(|| boot().unwrap_or_else(|e| panic!("end-to-end run failed: {e:#}")))
+}
+
+fn r(key: &str) -> String {
+    let results: BTreeMap<String, String> = booted().run.results();
+    results
+        .get(key)
+        .cloned()
+        .unwrap_or_else(|| panic!("no result {key}; console:\n{}", booted().run.console))
+}
+
+/// The requests whose marker is `m`, oldest first.
+fn requests(m: &str) -> Vec<&'static HeldRequest> {
+    let mut v: Vec<&HeldRequest> = booted()
+        .requests
+        .iter()
+        .filter(|h| marker(h) == m)
+        .collect();
+    v.sort_by_key(|h| h.received_unix_ms);
+    v
+}
+
+fn one(m: &str) -> &'static HeldRequest {
+    let v = requests(m);
+    assert_eq!(v.len(), 1, "requests for {m}: {v:#?}");
+    v[0]
+}
+
+/// Audit records about request `h`.
+fn audit_of(h: &HeldRequest) -> Vec<&'static audit::Record> {
+    let id = &h.request.as_ref().unwrap().request_id;
+    booted()
+        .audit
+        .iter()
+        .filter(|r| &r.request_id == id)
+        .collect()
+}
+
+fn ran_and_exited(h: &HeldRequest, code: i32) -> bool {
+    h.outcomes
+        .iter()
+        .any(|o| o.kind == OutcomeKind::Exited as i32 && o.exit_code == Some(code))
+}
+
+#[test]
+fn allowed_actions_pass_without_a_hold() {
+    assert_eq!(r("agent_1"), "1", "the agent connected to airlock-server");
+    assert_eq!(r("get_rc"), "0");
+    assert!(r("get_out").starts_with("kubectl get pods: done"));
+    assert!(requests("pods").is_empty(), "kubectl get was not held");
+}
+
+#[test]
+fn approved_through_grpc_runs_and_is_audited() {
+    assert_eq!(r("approve_rc"), "0");
+    assert!(r("approve_out").starts_with("kubectl delete ns approve-me: done"));
+    let all = requests("approve-me");
+    assert_eq!(all.len(), 2, "the first run and its repeat");
+    let h = all[0];
+    assert_eq!(h.state(), RequestState::Approved);
+    assert_eq!(h.decided_by, "alice");
+    assert_eq!(h.reason, "ticket-7");
+    let p = h.request.as_ref().unwrap().process.as_ref().unwrap();
+    assert_eq!(p.user, "agent", "the requester");
+    assert!(h.decided_unix_ms >= h.received_unix_ms && h.received_unix_ms > 0);
+    assert!(
+        ran_and_exited(h, 0),
+        "the agent reported the run: {:?}",
+        h.outcomes
+    );
+    let actions: Vec<(&str, &str)> = audit_of(h)
+        .iter()
+        .map(|r| (r.actor.as_str(), r.action.as_str()))
+        .collect();
+    assert!(
+        actions.contains(&("e2e-guest", "request.received")),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&("alice", "request.vote.approve")),
+        "{actions:?}"
+    );
+    assert!(actions.contains(&("alice", "grant.created")), "{actions:?}");
+    let vote = audit_of(h)
+        .into_iter()
+        .find(|r| r.action == "request.vote.approve")
+        .unwrap();
+    assert!(vote.payload.contains("ticket-7"));
+}
+
+#[test]
+fn a_grant_approves_the_repeat_at_once() {
+    assert_eq!(r("grant_rc"), "0");
+    let repeat = requests("approve-me")[1];
+    assert_eq!(repeat.state(), RequestState::Approved);
+    assert!(
+        !repeat.grant_id.is_empty(),
+        "approved by a grant: {repeat:?}"
+    );
+    assert_eq!(repeat.grant_id, requests("approve-me")[0].grant_id);
+    assert!(repeat.votes.is_empty(), "nobody had to vote");
+}
+
+#[test]
+fn denied_in_the_browser_never_runs() {
+    assert_eq!(r("deny_rc"), "137", "killed before it ran");
+    let h = one("deny-web");
+    assert_eq!(h.state(), RequestState::Denied);
+    assert_eq!(h.decided_by, "bob");
+    assert_eq!(h.reason, "web says no");
+    assert!(h
+        .outcomes
+        .iter()
+        .any(|o| o.kind == OutcomeKind::Killed as i32));
+    assert!(booted()
+        .audit
+        .iter()
+        .any(|r| r.actor == "bob" && r.action == "login"));
+    assert!(audit_of(h).iter().any(|r| r.actor == "bob"
+        && r.action == "request.vote.deny"
+        && r.payload.contains("web says no")));
+}
+
+#[test]
+fn unanswered_request_times_out_denied() {
+    assert_eq!(r("timeout_rc"), "137");
+    let h = one("timeout-me");
+    assert_eq!(h.state(), RequestState::Expired);
+    assert!(audit_of(h).iter().any(|r| r.action == "request.expired"));
+    assert!(h
+        .outcomes
+        .iter()
+        .any(|o| o.cause == "timeout" && o.kind == OutcomeKind::Killed as i32));
+}
+
+#[test]
+fn connect_to_the_database_port_waits_for_approval() {
+    assert!(r("db").starts_with("ok"), "db connect: {}", r("db"));
+    let h = one("connect-5432");
+    assert_eq!(h.state(), RequestState::Approved);
+    assert_eq!(h.reason, "db maintenance");
+}
+
+#[test]
+fn control_plane_restart_during_a_hold_loses_nothing() {
+    assert_eq!(r("restart_server_rc"), "0", "{}", r("restart_server_out"));
+    let h = one("restart-server");
+    assert_eq!(h.state(), RequestState::Approved);
+    assert_eq!(h.reason, "after restart");
+    assert!(ran_and_exited(h, 0), "{:?}", h.outcomes);
+}
+
+#[test]
+fn agent_restart_during_a_hold_loses_nothing() {
+    assert_eq!(r("agent_2"), "1", "the new agent connected");
+    assert_eq!(r("restart_agent_rc"), "0", "{}", r("restart_agent_out"));
+    let h = one("restart-agent");
+    assert_eq!(h.state(), RequestState::Approved);
+    assert_eq!(h.reason, "after agent restart");
+}
+
+#[test]
+fn the_audit_chain_verifies() {
+    let n = booted().verified.clone().expect("audit chain verifies");
+    assert!(n as usize >= booted().audit.len() && n > 10);
+}
