@@ -60,6 +60,7 @@ async fn start_with_oidc(oidc: Option<airlock_control_plane::config::OidcFile>) 
         ("bob", vec!["oncall".to_owned()]),
         ("claude", vec![]),
         ("dave", vec![]),
+        ("ops", vec!["admins".to_owned()]),
     ] {
         accounts::create(&store, name, PASSWORD, &groups).unwrap();
     }
@@ -454,6 +455,18 @@ async fn pages_need_a_session_and_history_exports_the_filter() {
     );
     b.goto(&format!("{}/policy", ui.base)).await;
     assert!(b.text("#rules").await.contains("kubectl-delete"));
+
+    // The delivery log is for admins only: no link for alice, and the server refuses her.
+    assert!(!b.has("a[href='/admin/deliveries']").await);
+    let script = "const done = arguments[0]; \
+        fetch('/admin/deliveries').then(r => done(r.status));";
+    let status = b.client.execute_async(script, vec![]).await.unwrap();
+    assert_eq!(status, serde_json::json!(403));
+    let admin = Browser::start().await;
+    admin.login(&ui.base, "ops", PASSWORD).await;
+    admin.click("a[href='/admin/deliveries']").await;
+    admin.wait_for("#deliveries", 10).await;
+    admin.close().await;
 
     // Logging out ends the session for good.
     b.click("form.who button").await;
