@@ -47,7 +47,6 @@ use airlock_proto::v1::{
     tokens_service_server::TokensServiceServer, PolicyStatus, FILE_DESCRIPTOR_SET,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 /// The approval policy in force, replaced whole on reload.
 pub type SharedPolicy = Arc<RwLock<Arc<policy::Policy>>>;
@@ -296,7 +295,11 @@ impl ControlPlane {
                 },
                 auth::Auth::people(self.store.clone()),
             ))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            // Small messages both ways (requests, decisions): no Nagle delay.
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown,
+            )
             .await;
         expiry.abort();
         Ok(result?)

@@ -534,3 +534,89 @@ async fn oidc_login_in_the_browser_maps_groups_and_refuses_a_bad_token() {
     assert_eq!(logins, ["erin@example.com"]);
     b.close().await;
 }
+
+#[tokio::test]
+async fn the_live_stream_ends_with_the_session() {
+    use tokio_stream::StreamExt;
+    let ui = start().await;
+    let http = reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let page = http
+        .get(format!("{}/login", ui.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let field = |page: &str, name: &str| {
+        page.split(&format!("name=\"{name}\" value=\""))
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .unwrap()
+            .to_owned()
+    };
+    let token = field(&page, "login_csrf");
+    let r = http
+        .post(format!("{}/login", ui.base))
+        .form(&[
+            ("name", "alice"),
+            ("password", PASSWORD),
+            ("login_csrf", &token),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let mut events = http
+        .get(format!("{}/events", ui.base))
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+
+    // While logged in, a new request shows up on the stream.
+    let _first = ui
+        .agent
+        .ask(request("s-1", "claude", &["kubectl", "delete", "a"]));
+    let chunk = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .expect("no event")
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&chunk).contains("s-1"));
+
+    // After logout, the next change ends the stream instead of being sent.
+    let home = http
+        .get(format!("{}/", ui.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = field(&home, "csrf");
+    let r = http
+        .post(format!("{}/logout", ui.base))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let _second = ui
+        .agent
+        .ask(request("s-2", "claude", &["kubectl", "delete", "b"]));
+    let rest = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut seen = String::new();
+        while let Some(Ok(c)) = events.next().await {
+            seen.push_str(&String::from_utf8_lossy(&c));
+        }
+        seen
+    })
+    .await
+    .expect("the stream did not end after logout");
+    assert!(!rest.contains("s-2"), "an event after logout: {rest}");
+}

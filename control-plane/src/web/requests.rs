@@ -83,20 +83,29 @@ pub(super) async fn queue_fragment(
 }
 
 /// GET /events: a server-sent event per change (`request` with the id and state), so pages
-/// update without reload.
+/// update without reload. The stream ends at the first change after the session does (logout
+/// or expiry).
 pub(super) async fn events(
     State(web): State<Web>,
     _s: Session,
+    jar: axum_extra::extract::cookie::CookieJar,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let stream = BroadcastStream::new(web.plane.store.subscribe()).filter_map(|c| {
-        let c = c.ok()?;
-        let data = serde_json::json!({
-            "id": page::id(&c.held),
-            "state": crate::store::state_name(c.held.state()),
-            "action": c.action,
+    let sid = jar
+        .get(super::session::COOKIE)
+        .map(|c| c.value().to_owned())
+        .unwrap_or_default();
+    let store = web.plane.store.clone();
+    let stream = BroadcastStream::new(web.plane.store.subscribe())
+        .take_while(move |_| matches!(super::session::lookup(&store, &sid), Ok(Some(_))))
+        .filter_map(|c| {
+            let c = c.ok()?;
+            let data = serde_json::json!({
+                "id": page::id(&c.held),
+                "state": crate::store::state_name(c.held.state()),
+                "action": c.action,
+            });
+            Some(Ok(Event::default().event("request").data(data.to_string())))
         });
-        Some(Ok(Event::default().event("request").data(data.to_string())))
-    });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
