@@ -122,53 +122,40 @@ pub fn create(
 /// Sets a new password for `name` and ends the account's sessions.
 pub fn set_password(store: &Store, name: &str, password: &str) -> Result<(), AccountError> {
     let hash = hash(password)?;
-    let record = store.with_conn(|conn| {
-        let tx = conn.transaction()?;
-        if tx.execute(
+    change(store, name, "account.password", |tx| {
+        tx.execute(
             "UPDATE accounts SET hash = ?2 WHERE name = ?1",
             params![name, hash],
-        )? == 0
-        {
-            return Ok(None);
-        }
-        // Whoever knew the old password is logged out.
-        tx.execute(
-            "DELETE FROM sessions WHERE name = ?1 AND via = 'local'",
-            [name],
-        )?;
-        let r = Store::audit_in(
-            &tx,
-            "server",
-            "account.password",
-            "",
-            &json!({ "name": name }).to_string(),
-        )?;
-        tx.commit()?;
-        Ok(Some(r))
-    })?;
-    let record = record.ok_or_else(|| AccountError::NotFound(name.into()))?;
-    store.checkpointed(&record);
-    Ok(())
+        )
+    })
 }
 
 /// Deletes account `name` and ends its sessions.
 pub fn remove(store: &Store, name: &str) -> Result<(), AccountError> {
+    change(store, name, "account.removed", |tx| {
+        tx.execute("DELETE FROM accounts WHERE name = ?1", [name])
+    })
+}
+
+/// Runs `edit` on account `name` and, if it touched the account, ends the account's sessions
+/// (whoever logged in before is logged out) and audits `action`, all in one transaction.
+fn change(
+    store: &Store,
+    name: &str,
+    action: &str,
+    edit: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<usize>,
+) -> Result<(), AccountError> {
     let record = store.with_conn(|conn| {
         let tx = conn.transaction()?;
-        if tx.execute("DELETE FROM accounts WHERE name = ?1", [name])? == 0 {
+        if edit(&tx)? == 0 {
             return Ok(None);
         }
         tx.execute(
             "DELETE FROM sessions WHERE name = ?1 AND via = 'local'",
             [name],
         )?;
-        let r = Store::audit_in(
-            &tx,
-            "server",
-            "account.removed",
-            "",
-            &json!({ "name": name }).to_string(),
-        )?;
+        let payload = json!({ "name": name }).to_string();
+        let r = Store::audit_in(&tx, "server", action, "", &payload)?;
         tx.commit()?;
         Ok(Some(r))
     })?;

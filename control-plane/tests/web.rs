@@ -141,6 +141,18 @@ fn request(id: &str, user: &str, argv: &[&str]) -> ActionRequest {
     }
 }
 
+/// The session's CSRF token, from the logout form every page has.
+async fn csrf_of(b: &Browser) -> String {
+    b.client
+        .find(fantoccini::Locator::Css("form.who input[name=csrf]"))
+        .await
+        .unwrap()
+        .attr("value")
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 async fn wait_state(plane: &ControlPlane, id: &str, state: RequestState) {
     for _ in 0..100 {
         if plane.store.get(id).is_ok_and(|h| h.state() == state) {
@@ -283,15 +295,7 @@ async fn own_request_shows_no_buttons_and_the_server_refuses_forged_votes() {
     assert!(!b.has("#approve").await && !b.has("#deny").await);
 
     // A forged form post, with the session's valid CSRF token, is refused by the server.
-    let csrf = b
-        .client
-        .find(fantoccini::Locator::Css("form.who input[name=csrf]"))
-        .await
-        .unwrap()
-        .attr("value")
-        .await
-        .unwrap()
-        .unwrap();
+    let csrf = csrf_of(&b).await;
     let status = b
         .post_from_page(
             "/requests/r-own/decide",
@@ -329,15 +333,7 @@ async fn own_request_shows_no_buttons_and_the_server_refuses_forged_votes() {
         .unwrap()
         .contains("not in the approver groups"));
     assert!(!b2.has("#approve").await);
-    let csrf = b2
-        .client
-        .find(fantoccini::Locator::Css("form.who input[name=csrf]"))
-        .await
-        .unwrap()
-        .attr("value")
-        .await
-        .unwrap()
-        .unwrap();
+    let csrf = csrf_of(&b2).await;
     let status = b2
         .post_from_page(
             "/requests/r-own/decide",

@@ -1,6 +1,7 @@
-//! Test support for Airlock's end-to-end tests: a QEMU guest with Debian's kernel ([`vm`]) and
-//! a recording gRPC decider ([`decider`]).
+//! Test support for Airlock's end-to-end tests: a QEMU guest with Debian's kernel ([`vm`]),
+//! a recording gRPC decider ([`decider`]) and an approvals client ([`approvals`]).
 
+pub mod approvals;
 pub mod decider;
 pub mod vm;
 

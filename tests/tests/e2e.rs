@@ -21,10 +21,11 @@ use std::{
 
 use airlock_control_plane::{audit, store::Store};
 use airlock_proto::v1::{
-    action_request::Action, approval_service_client::ApprovalServiceClient, DecideRequest,
-    HeldRequest, OutcomeKind, RequestState, Verdict, WatchRequestsRequest,
+    action_request::Action, DecideRequest, HeldRequest, OutcomeKind, RequestState, Verdict,
+    WatchRequestsRequest,
 };
 use airlock_tests::{
+    approvals::{self, Client},
     vm::{Guest, GuestRun},
     workspace_bin,
 };
@@ -176,19 +177,6 @@ impl Drop for Server {
     }
 }
 
-#[derive(Clone)]
-struct Bearer(String);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        let v = format!("Bearer {}", self.0)
-            .parse()
-            .map_err(|_| tonic::Status::internal("bad token"))?;
-        req.metadata_mut().insert("authorization", v);
-        Ok(req)
-    }
-}
-
 fn marker(h: &HeldRequest) -> String {
     match h.request.as_ref().and_then(|r| r.action.as_ref()) {
         Some(Action::Exec(e)) => e.argv.last().cloned().unwrap_or_default(),
@@ -198,20 +186,8 @@ fn marker(h: &HeldRequest) -> String {
 }
 
 async fn client(url: &str, token: &str) -> Option<Client> {
-    let ch = tonic::transport::Channel::from_shared(url.to_owned())
-        .ok()?
-        .connect()
-        .await
-        .ok()?;
-    Some(ApprovalServiceClient::with_interceptor(
-        ch,
-        Bearer(token.to_owned()),
-    ))
+    approvals::connect(url, token).await.ok()
 }
-
-type Client = ApprovalServiceClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
->;
 
 fn allow(id: &str, reason: &str, grant_minutes: u32) -> DecideRequest {
     DecideRequest {

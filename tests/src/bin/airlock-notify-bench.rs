@@ -24,8 +24,8 @@ use airlock_control_plane::{
     ControlPlane,
 };
 use airlock_proto::v1::{
-    action_request::Action, approval_service_client::ApprovalServiceClient, ActionRequest,
-    DecideRequest, ExecAction, Hello, ProcessContext, Verdict, WatchRequestsRequest,
+    action_request::Action, ActionRequest, DecideRequest, ExecAction, Hello, ProcessContext,
+    Verdict, WatchRequestsRequest,
 };
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -54,19 +54,6 @@ fn note(arrivals: &Arrivals, id: &str) {
         .unwrap_or_else(|p| p.into_inner())
         .entry(id.to_owned())
         .or_insert_with(Instant::now);
-}
-
-#[derive(Clone)]
-struct Bearer(String);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        let v = format!("Bearer {}", self.0)
-            .parse()
-            .map_err(|_| tonic::Status::internal("token is not a header value"))?;
-        req.metadata_mut().insert("authorization", v);
-        Ok(req)
-    }
 }
 
 fn request(i: usize) -> ActionRequest {
@@ -259,10 +246,7 @@ async fn run(args: &Args, hanging: bool) -> Result<Run> {
     });
 
     // A gRPC watcher, as integrations use.
-    let ch = tonic::transport::Channel::from_shared(grpc_url.clone())?
-        .connect()
-        .await?;
-    let mut approver = ApprovalServiceClient::with_interceptor(ch, Bearer(alice));
+    let mut approver = airlock_tests::approvals::connect(&grpc_url, &alice).await?;
     let watched: Arrivals = Arc::default();
     let mut watch = approver
         .watch(WatchRequestsRequest {
