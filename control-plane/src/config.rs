@@ -271,7 +271,7 @@ impl ServerConfig {
     /// Parses and checks `text`, naming `path` in errors.
     pub fn parse(text: &str, path: &str) -> Result<Self, ConfigError> {
         let cfg: Self = toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            let (line, column) = toml_position(text, &e);
             ConfigError::Parse {
                 path: path.into(),
                 line,
@@ -333,10 +333,14 @@ pub fn read_secret(path: &str) -> Result<Secret, ConfigError> {
     Ok(Secret::new(s))
 }
 
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+/// Where in `text` the TOML error `e` is: 1-based line and column (in characters).
+pub(crate) fn toml_position(text: &str, e: &toml::de::Error) -> (usize, usize) {
+    let Some(pos) = e.span().map(|s| s.start) else {
+        return (1, 1);
+    };
+    let before = &text[..pos.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, column)
 }
 

@@ -169,13 +169,6 @@ pub struct Route {
     pub deny_needs_quorum: bool,
 }
 
-fn line_col(text: &str, pos: usize) -> (usize, usize) {
-    let before = &text[..pos.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, column)
-}
-
 impl Policy {
     /// Reads and checks a policy file.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
@@ -189,7 +182,7 @@ impl Policy {
     /// Parses and checks policy text; `path` names it in errors.
     pub fn parse(text: &str, path: &str) -> Result<Self, PolicyError> {
         let policy: Policy = toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
+            let (line, column) = crate::config::toml_position(text, &e);
             PolicyError::Parse {
                 path: path.to_owned(),
                 line,

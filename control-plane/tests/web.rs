@@ -175,11 +175,8 @@ async fn login_live_queue_approve_with_reason_and_deny() {
     b.fill("#password", "not the password").await;
     b.click("button[type=submit]").await;
     assert!(b
-        .wait_for("p.error", 10)
+        .wait_text("p.error", 10)
         .await
-        .text()
-        .await
-        .unwrap()
         .contains("Wrong name or password"));
     b.login(&ui.base, "alice", PASSWORD).await;
     assert!(b.text("#queue").await.contains("Nothing is waiting"));
@@ -286,11 +283,8 @@ async fn own_request_shows_no_buttons_and_the_server_refuses_forged_votes() {
     b.login(&ui.base, "claude", PASSWORD).await;
     b.goto(&format!("{}/requests/r-own", ui.base)).await;
     assert!(b
-        .wait_for("#no-vote", 10)
+        .wait_text("#no-vote", 10)
         .await
-        .text()
-        .await
-        .unwrap()
         .contains("made this request"));
     assert!(!b.has("#approve").await && !b.has("#deny").await);
 
@@ -321,16 +315,12 @@ async fn own_request_shows_no_buttons_and_the_server_refuses_forged_votes() {
     assert_eq!(status, 403);
 
     // dave is in no approver group: no buttons, and a post is refused.
-    b.goto(&format!("{}/login", ui.base)).await;
     let b2 = Browser::start().await;
     b2.login(&ui.base, "dave", PASSWORD).await;
     b2.goto(&format!("{}/requests/r-own", ui.base)).await;
     assert!(b2
-        .wait_for("#no-vote", 10)
+        .wait_text("#no-vote", 10)
         .await
-        .text()
-        .await
-        .unwrap()
         .contains("not in the approver groups"));
     assert!(!b2.has("#approve").await);
     let csrf = csrf_of(&b2).await;
@@ -505,7 +495,7 @@ async fn oidc_login_in_the_browser_maps_groups_and_refuses_a_bad_token() {
     b.goto(&format!("{}/login", ui.base)).await;
     b.wait_for("a.button", 10).await;
     b.click("a.button").await;
-    let err = b.wait_for("p.error", 10).await.text().await.unwrap();
+    let err = b.wait_text("p.error", 10).await;
     assert!(
         err.contains("Single sign-on failed") && err.contains("audience"),
         "{err}"
@@ -519,7 +509,7 @@ async fn oidc_login_in_the_browser_maps_groups_and_refuses_a_bad_token() {
     b.goto(&format!("{}/login", ui.base)).await;
     b.wait_for("a.button", 10).await;
     b.click("a.button").await;
-    let err = b.wait_for("p.error", 10).await.text().await.unwrap();
+    let err = b.wait_text("p.error", 10).await;
     assert!(err.contains("none of the groups allowed"), "{err}");
     let audit = ui.plane.store.audit_query(&Default::default()).unwrap();
     let logins: Vec<&str> = audit

@@ -29,6 +29,20 @@ const NET_MODULES: [&str; 8] = [
     "kernel/drivers/net/virtio_net.ko",
 ];
 
+/// Shell function for guest scripts: `start_agent` starts `airlock-agent` with
+/// /etc/airlock/agent.toml (log in /tmp/agent-N.log, pid in `$AGENT`), waits until it is
+/// connected to its decider, and reports `@@R agent_N 1` (0 if it never connected).
+pub const START_AGENT: &str = r#"
+n=0
+start_agent() {
+  n=$((n+1))
+  /usr/bin/airlock-agent --config /etc/airlock/agent.toml > /tmp/agent-$n.log 2>&1 &
+  AGENT=$!
+  for i in $(seq 1 150); do grep -q "connected to decider" /tmp/agent-$n.log && break; sleep 0.2; done
+  echo "@@R agent_$n $(grep -c 'connected to decider' /tmp/agent-$n.log)"
+}
+"#;
+
 /// Where the unpacked kernel package lives (scripts/setup.sh puts it there).
 pub fn vm_dir() -> PathBuf {
     std::env::var_os("AIRLOCK_VM_DIR")

@@ -26,7 +26,7 @@ use airlock_proto::v1::{
 };
 use airlock_tests::{
     approvals::{self, Client},
-    vm::{Guest, GuestRun},
+    vm::{Guest, GuestRun, START_AGENT},
     workspace_bin,
 };
 use anyhow::{Context, Result};
@@ -71,14 +71,6 @@ risk = "medium"
 "#;
 
 const SCRIPT: &str = r#"
-n=0
-start_agent() {
-  n=$((n+1))
-  /usr/bin/airlock-agent --config /etc/airlock/agent.toml > /tmp/agent-$n.log 2>&1 &
-  AGENT=$!
-  for i in $(seq 1 150); do grep -q "connected to decider" /tmp/agent-$n.log && break; sleep 0.2; done
-  echo "@@R agent_$n $(grep -c 'connected to decider' /tmp/agent-$n.log)"
-}
 k() { out=$(su agent -c "/usr/local/bin/kubectl $*" 2>&1); rc=$?; }
 /usr/bin/airlock-workload serve 5432 > /dev/null &
 start_agent
@@ -355,7 +347,7 @@ fn boot() -> Result<Booted> {
         AGENT_CONFIG.replace("GRPC_PORT", &grpc_port.to_string()),
         0o644,
     )
-    .script(SCRIPT);
+    .script(format!("{START_AGENT}{SCRIPT}"));
     let run = g.boot(Duration::from_secs(900))?;
     rt.shutdown_background();
     let data = {

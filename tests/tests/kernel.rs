@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, sync::OnceLock, time::Duration};
 use airlock_proto::v1::{action_request::Action, ActionRequest, OutcomeKind};
 use airlock_tests::{
     decider::{Plan, TestDecider},
-    vm::{Guest, GuestRun},
+    vm::{Guest, GuestRun, START_AGENT},
     workspace_bin,
 };
 
@@ -89,14 +89,6 @@ decision = "ask"
 }
 
 const SCRIPT: &str = r#"
-n=0
-start_agent() {
-  n=$((n+1))
-  /usr/bin/airlock-agent --config /etc/airlock/agent.toml > /tmp/agent-$n.log 2>&1 &
-  AGENT=$!
-  for i in $(seq 1 150); do grep -q "connected to decider" /tmp/agent-$n.log && break; sleep 0.2; done
-  echo "@@R agent_$n $(grep -c 'connected to decider' /tmp/agent-$n.log)"
-}
 mark() { test -e "$1" && echo yes || echo no; }
 mkdir -p /tmp/work && chown agent:agent /tmp/work
 mkdir /sys/fs/cgroup/ci-runner
@@ -249,7 +241,7 @@ fn boot() -> anyhow::Result<Booted> {
             0o755,
         )
         .text("/etc/airlock/agent.toml", agent_config(decider.addr.port()), 0o644)
-        .script(SCRIPT);
+        .script(format!("{START_AGENT}{SCRIPT}"));
     let run = g.boot(Duration::from_secs(900))?;
     if !run.finished() {
         anyhow::bail!("guest script did not finish:\n{}", run.console);

@@ -216,22 +216,26 @@ pub(super) async fn login(
         }
     };
     web.login_failures.clear(&name);
-    let (id, _) = session::create(
-        &web.plane.store,
-        &account.name,
-        &account.groups,
-        "local",
-        web.settings.session_ttl_ms,
-    )?;
     tracing::info!(name = %account.name, "logged in");
+    signed_in(&web, jar, &account.name, &account.groups, "local", &next)
+}
+
+/// Starts a session for `name`, swaps the login cookie for the session cookie and sends the
+/// browser on to `next`.
+fn signed_in(
+    web: &Web,
+    jar: CookieJar,
+    name: &str,
+    groups: &[String],
+    via: &str,
+    next: &str,
+) -> Result<Response, WebError> {
+    let ttl = web.settings.session_ttl_ms;
+    let (id, _) = session::create(&web.plane.store, name, groups, via, ttl)?;
     let jar = jar
         .remove(Cookie::build(LOGIN_COOKIE).path("/").build())
-        .add(session::cookie(
-            id,
-            web.settings.secure_cookies,
-            web.settings.session_ttl_ms / 1000,
-        ));
-    Ok((jar, Redirect::to(&next)).into_response())
+        .add(session::cookie(id, web.settings.secure_cookies, ttl / 1000));
+    Ok((jar, Redirect::to(next)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -364,22 +368,8 @@ pub(super) async fn oidc_callback(
             who.name
         )));
     }
-    let (id, _) = session::create(
-        &web.plane.store,
-        &who.name,
-        &who.groups,
-        "oidc",
-        web.settings.session_ttl_ms,
-    )?;
     tracing::info!(name = %who.name, groups = ?who.groups, "logged in through OIDC");
-    let jar = jar
-        .remove(Cookie::build(LOGIN_COOKIE).path("/").build())
-        .add(session::cookie(
-            id,
-            web.settings.secure_cookies,
-            web.settings.session_ttl_ms / 1000,
-        ));
-    Ok((jar, Redirect::to("/")).into_response())
+    signed_in(&web, jar, &who.name, &who.groups, "oidc", "/")
 }
 
 #[cfg(test)]

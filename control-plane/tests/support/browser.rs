@@ -86,6 +86,11 @@ impl Browser {
             .unwrap_or_else(|e| panic!("no {css:?} within {secs} s: {e}"))
     }
 
+    /// Waits (up to `secs`) for an element matching `css` and returns its text.
+    pub async fn wait_text(&self, css: &str, secs: u64) -> String {
+        self.wait_for(css, secs).await.text().await.unwrap()
+    }
+
     /// Whether an element matching `css` is on the page now.
     pub async fn has(&self, css: &str) -> bool {
         self.client.find(Locator::Css(css)).await.is_ok()
