@@ -4,7 +4,8 @@
 #
 # - apt: QEMU (software-emulated guest with a BPF LSM kernel), busybox, cpio, kmod, protoc,
 #   Chromium and its WebDriver (web UI tests)
-# - Debian's 6.1 kernel package, unpacked under $AIRLOCK_VM_DIR (default: target/vm)
+# - Debian's kernels 6.1, 6.12 and unstable's newest, unpacked under $AIRLOCK_VM_DIR
+#   (default: target/vm), for the QEMU guests
 # - rust-src for the nightly toolchain (eBPF side is built with -Z build-std=core)
 # - bpf-linker built against the nightly's own LLVM
 set -euo pipefail
@@ -17,7 +18,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # --- apt packages -------------------------------------------------------------------------
 need_pkgs=()
-for p in qemu-system-x86 busybox-static cpio kmod protobuf-compiler systemd \
+for p in qemu-system-x86 busybox-static cpio kmod xz-utils zstd btrfs-progs protobuf-compiler systemd \
          chromium chromium-driver fonts-liberation; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need_pkgs+=("$p")
 done
@@ -27,22 +28,78 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
 
-# --- guest kernel -------------------------------------------------------------------------
+# --- guest kernels --------------------------------------------------------------------------
+# Three series, each unpacked under $vm_dir/<name>/root with its modules.dep:
+#   6.1   Debian 12's kernel (linux-image-6.1.0-N-amd64)
+#   6.12  bookworm's 6.12 backport (linux-image-6.12.N+deb12-amd64)
+#   sid   the newest amd64 kernel in Debian unstable, fetched through an apt source list of our
+#         own under $vm_dir/apt (the machine's apt sources are never changed)
+# A kernel is fetched once; delete its folder to fetch a newer one.
 mkdir -p "$vm_dir"
-if ! ls "$vm_dir"/kernel/boot/vmlinuz-* >/dev/null 2>&1; then
-  [ -n "$(apt-cache search --names-only '^linux-image-6\.1\.' 2>/dev/null | head -1)" ] || as_root apt-get update -qq
-  # Newest 6.1 ABI of the plain amd64 flavour (virtio and BPF LSM in its config).
-  pkg=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | awk '{print $1}' \
-        | sort -t- -k4,4n | tail -1)
-  [ -n "$pkg" ] || { log "no linux-image-6.1.0-*-amd64 package found in apt"; exit 1; }
-  log "downloading guest kernel $pkg"
-  ( cd "$vm_dir" && rm -f linux-image-*.deb && apt-get download -qq "$pkg" )
-  rm -rf "$vm_dir/kernel"
-  dpkg -x "$vm_dir"/"$pkg"_*.deb "$vm_dir/kernel"
-  rm -f "$vm_dir"/linux-image-*.deb
-  kver=$(basename "$vm_dir"/kernel/lib/modules/*)
-  depmod -b "$vm_dir/kernel" "$kver"
+rm -rf "$vm_dir/kernel"   # the single-kernel layout of earlier versions
+kernel_ready() { [ -e "$vm_dir/$1/ready" ]; }
+
+# unpack_kernel NAME DEB...: unpacks the packages and writes modules.dep for the guest harness.
+unpack_kernel() {
+  local name=$1; shift
+  local dir="$vm_dir/$name"
+  rm -rf "$dir"; mkdir -p "$dir/root"
+  for deb in "$@"; do dpkg -x "$deb" "$dir/root"; done
+  local mods="" m
+  for m in "$dir"/root/lib/modules/* "$dir"/root/usr/lib/modules/*; do
+    [ -d "$m" ] && { mods=$m; break; }
+  done
+  [ -n "$mods" ] || { log "$name: no modules directory in $*"; exit 1; }
+  local kver; kver=$(basename "$mods")
+  # depmod looks under lib/modules; 7.x packages install to usr/lib/modules.
+  if [ ! -d "$dir/root/lib/modules/$kver" ]; then
+    mkdir -p "$dir/root/lib/modules"; ln -s "../../usr/lib/modules/$kver" "$dir/root/lib/modules/$kver"
+  fi
+  depmod -b "$dir/root" "$kver"
+  echo "$kver" > "$dir/ready"
+}
+
+# newest PATTERN: the newest package name matching PATTERN in the apt lists ($apt_opts applies).
+newest() { apt-cache "${apt_opts[@]}" search --names-only "$1" | awk '{print $1}' | sort -V | tail -1; }
+
+fetch_kernel() {
+  local name=$1 pattern=$2; shift 2
+  kernel_ready "$name" && return 0
+  local pkg; pkg=$(newest "$pattern")
+  if [ -z "$pkg" ]; then
+    as_root apt-get "${apt_opts[@]}" update -qq
+    pkg=$(newest "$pattern")
+  fi
+  [ -n "$pkg" ] || { log "no package matching $pattern"; exit 1; }
+  local ver=${pkg#linux-image-}
+  local dl="$vm_dir/download"; rm -rf "$dl"; mkdir -p "$dl"
+  local pkgs=("$pkg")
+  # 7.x image packages are empty shells that depend on the kernel, its modules and base files.
+  for part in binary modules base; do
+    [ -n "$(apt-cache "${apt_opts[@]}" search --names-only "^linux-$part-${ver//+/\\+}\$")" ] \
+      && pkgs+=("linux-$part-$ver")
+  done
+  log "downloading guest kernel $name: ${pkgs[*]}"
+  ( cd "$dl" && apt-get "${apt_opts[@]}" download -qq "${pkgs[@]}" )
+  unpack_kernel "$name" "$dl"/*.deb
+  rm -rf "$dl"
+}
+
+apt_opts=()
+fetch_kernel 6.1 '^linux-image-6\.1\.0-[0-9]+-amd64$'
+fetch_kernel 6.12 '^linux-image-6\.12\.[0-9]+\+deb12-amd64$'
+sid_apt="$vm_dir/apt"
+mkdir -p "$sid_apt/lists/partial" "$sid_apt/cache/archives/partial"
+if ! kernel_ready sid; then
+  uri=$(grep -hE '^(URIs:|deb )' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
+        | grep -v security | head -1 | sed -E 's/^URIs: *//; s/^deb +(\[[^]]*\] +)?//; s/ .*//' || true)
+  uri=${uri:-http://deb.debian.org/debian}
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri sid main" > "$sid_apt/sources.list"
 fi
+apt_opts=(-o "Dir::Etc::sourcelist=$sid_apt/sources.list" -o Dir::Etc::sourceparts=/dev/null
+          -o "Dir::State::Lists=$sid_apt/lists" -o "Dir::Cache=$sid_apt/cache")
+fetch_kernel sid '^linux-image-[0-9]+\.[0-9]+\.[0-9]+\+deb[0-9]+-amd64$'
+apt_opts=()
 
 # --- nightly toolchain pieces for the eBPF side ---------------------------------------------
 if ! rustup toolchain list | grep -q '^nightly'; then
@@ -70,4 +127,4 @@ if ! command -v bpf-linker >/dev/null 2>&1; then
     --no-default-features --features "llvm-$llvm_major"
 fi
 
-log "ready (guest kernel: $(ls "$vm_dir"/kernel/boot/vmlinuz-* | xargs -n1 basename))"
+log "ready (guest kernels: $(cat "$vm_dir"/{6.1,6.12,sid}/ready | xargs))"

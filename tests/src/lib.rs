@@ -37,3 +37,41 @@ pub fn workspace_bin(package: &str, bin: &str) -> Result<PathBuf> {
     }
     Ok(path)
 }
+
+/// Declares one test module per kernel series (`k6_1`, `k6_12`, `sid`), each with one `#[test]`
+/// per check. A module boots its guest once, on first use, with `boot(kernel)`, and every
+/// check of that module asserts on the same run: `check(&booted)`.
+///
+/// A kernel left out of `AIRLOCK_KERNELS` (see [`vm::kernels`]) is reported and not booted;
+/// CI sets no such filter, so it covers every kernel.
+#[macro_export]
+macro_rules! kernel_matrix {
+    (boot = $boot:ident, booted = $ty:ident, checks = [$($check:ident),* $(,)?]) => {
+        $crate::kernel_matrix!(@kernel k6_1, "6.1", $boot, $ty, [$($check),*]);
+        $crate::kernel_matrix!(@kernel k6_12, "6.12", $boot, $ty, [$($check),*]);
+        $crate::kernel_matrix!(@kernel sid, "sid", $boot, $ty, [$($check),*]);
+    };
+    (@kernel $m:ident, $k:literal, $boot:ident, $ty:ident, [$($check:ident),*]) => {
+        mod $m {
+            fn booted() -> Option<&'static super::$ty> {
+                static BOOT: std::sync::OnceLock<Result<super::$ty, String>> = std::sync::OnceLock::new();
+                if !$crate::vm::covers($k) {
+                    eprintln!("kernel {} is not in AIRLOCK_KERNELS: not booted", $k);
+                    return None;
+                }
+                match BOOT.get_or_init(|| super::$boot($k).map_err(|e| format!("{e:#}"))) {
+                    Ok(b) => Some(b),
+                    Err(e) => panic!("guest run on kernel {} failed: {e}", $k),
+                }
+            }
+            $(
+                #[test]
+                fn $check() {
+                    if let Some(b) = booted() {
+                        super::$check(b)
+                    }
+                }
+            )*
+        }
+    };
+}

@@ -1,9 +1,13 @@
-//! A QEMU guest running Debian's kernel (BPF LSM active) with a busybox initramfs.
+//! A QEMU guest running one of Debian's kernels (BPF LSM active) with a busybox initramfs.
 //!
 //! The harness packs busybox, the binaries a test names (with the shared libraries `ldd` lists),
-//! users and a scenario script into an initramfs, boots it under software emulation, and returns
-//! the guest's console. Scenario scripts print result lines `@@R <key> <value...>`, which
+//! the kernel modules it needs (with their dependencies, decompressed), users and a scenario
+//! script into an initramfs, boots it under software emulation, and returns the guest's
+//! console. Scenario scripts print result lines `@@R <key> <value...>`, which
 //! [`GuestRun::results`] collects.
+//!
+//! The kernels live under [`vm_dir`] (scripts/setup.sh puts them there): `6.1`, `6.12` and
+//! `sid` (Debian unstable's newest). [`kernels`] lists the ones a test run covers.
 
 use std::{
     collections::BTreeMap,
@@ -17,17 +21,15 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-/// Virtio network modules, in load order.
-const NET_MODULES: [&str; 8] = [
-    "kernel/drivers/virtio/virtio_ring.ko",
-    "kernel/drivers/virtio/virtio.ko",
-    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
-    "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
-    "kernel/drivers/virtio/virtio_pci.ko",
-    "kernel/net/core/failover.ko",
-    "kernel/drivers/net/net_failover.ko",
-    "kernel/drivers/net/virtio_net.ko",
-];
+/// Modules every guest loads: the PCI transport and the network card. Each is skipped where
+/// the kernel has it built in.
+const BASE_MODULES: [&str; 2] = ["virtio_pci", "virtio_net"];
+
+/// The kernel series a full run covers, in order.
+pub const ALL_KERNELS: [&str; 3] = ["6.1", "6.12", "sid"];
+
+/// Serialises guests: one emulated guest at a time keeps the 2-core machine's timings honest.
+static BOOT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Shell function for guest scripts: `start_agent` starts `airlock-agent` with
 /// /etc/airlock/agent.toml (log in /tmp/agent-N.log, pid in `$AGENT`), waits until it is
@@ -43,7 +45,131 @@ start_agent() {
 }
 "#;
 
-/// Where the unpacked kernel package lives (scripts/setup.sh puts it there).
+/// The kernels this run covers: `AIRLOCK_KERNELS` (comma-separated, e.g. `6.1,sid`), else all
+/// of [`ALL_KERNELS`].
+pub fn kernels() -> Vec<String> {
+    match std::env::var("AIRLOCK_KERNELS") {
+        Ok(list) if !list.trim().is_empty() => list
+            .split(',')
+            .map(|k| k.trim().to_owned())
+            .filter(|k| !k.is_empty())
+            .collect(),
+        _ => ALL_KERNELS.iter().map(|k| (*k).to_owned()).collect(),
+    }
+}
+
+/// Whether `kernel` is one this run covers (see [`kernels`]).
+pub fn covers(kernel: &str) -> bool {
+    kernels().iter().any(|k| k == kernel)
+}
+
+/// An unpacked kernel package: its image and its modules directory.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    /// Series name (`6.1`, `6.12`, `sid`).
+    pub name: String,
+    /// Release (`uname -r`), e.g. `6.12.117+deb12-amd64`.
+    pub release: String,
+    /// The compressed kernel image.
+    pub vmlinuz: PathBuf,
+    /// `lib/modules/<release>` (or `usr/lib/modules/<release>`), with modules.dep.
+    pub modules: PathBuf,
+}
+
+impl Kernel {
+    /// Finds the unpacked kernel `name` under [`vm_dir`].
+    pub fn find(name: &str) -> Result<Self> {
+        let dir = vm_dir().join(name);
+        let release = std::fs::read_to_string(dir.join("ready"))
+            .with_context(|| {
+                format!(
+                    "no guest kernel {name} under {}; run scripts/setup.sh",
+                    vm_dir().display()
+                )
+            })?
+            .trim()
+            .to_owned();
+        let root = dir.join("root");
+        let modules = ["lib/modules", "usr/lib/modules"]
+            .iter()
+            .map(|m| root.join(m).join(&release))
+            .find(|p| p.join("modules.dep").exists())
+            .with_context(|| format!("kernel {name}: no modules.dep; run scripts/setup.sh"))?;
+        // 6.x: boot/vmlinuz-<release>; 7.x: usr/lib/modules/<release>/vmlinuz.
+        let vmlinuz = [
+            root.join("boot").join(format!("vmlinuz-{release}")),
+            root.join("usr/lib/modules").join(&release).join("vmlinuz"),
+        ]
+        .into_iter()
+        .find(|p| p.exists())
+        .with_context(|| format!("kernel {name}: no vmlinuz for {release}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            release,
+            vmlinuz,
+            modules,
+        })
+    }
+
+    /// The module files to load for `names` (dependencies first, each once), skipping the ones
+    /// built into the kernel. Names use `_` or `-` interchangeably, as modprobe does.
+    pub fn module_files(&self, names: &[&str]) -> Result<Vec<PathBuf>> {
+        let dep = std::fs::read_to_string(self.modules.join("modules.dep"))
+            .context("reading modules.dep")?;
+        let builtin =
+            std::fs::read_to_string(self.modules.join("modules.builtin")).unwrap_or_default();
+        let norm = |s: &str| s.replace('-', "_");
+        let stem = |path: &str| {
+            let file = path.rsplit('/').next().unwrap_or(path);
+            norm(file.split(".ko").next().unwrap_or(file))
+        };
+        let deps: BTreeMap<String, (String, Vec<String>)> = dep
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(m, d)| {
+                (
+                    stem(m),
+                    (
+                        m.to_owned(),
+                        d.split_whitespace().map(str::to_owned).collect(),
+                    ),
+                )
+            })
+            .collect();
+        let is_builtin = |name: &str| builtin.lines().any(|l| stem(l) == name);
+        let mut order: Vec<String> = Vec::new();
+        fn visit(
+            name: &str,
+            deps: &BTreeMap<String, (String, Vec<String>)>,
+            stem: &dyn Fn(&str) -> String,
+            order: &mut Vec<String>,
+        ) {
+            let Some((path, ds)) = deps.get(name) else {
+                return;
+            };
+            for d in ds {
+                visit(&stem(d), deps, stem, order);
+            }
+            if !order.contains(path) {
+                order.push(path.clone());
+            }
+        }
+        for n in names {
+            let n = norm(n);
+            if deps.contains_key(&n) {
+                visit(&n, &deps, &stem, &mut order);
+            } else if !is_builtin(&n) {
+                bail!(
+                    "kernel {}: no module {n} (and it is not built in)",
+                    self.name
+                );
+            }
+        }
+        Ok(order.into_iter().map(|p| self.modules.join(p)).collect())
+    }
+}
+
+/// Where the unpacked kernel packages live (scripts/setup.sh puts them there).
 pub fn vm_dir() -> PathBuf {
     std::env::var_os("AIRLOCK_VM_DIR")
         .map(PathBuf::from)
@@ -75,6 +201,12 @@ pub struct Guest {
     pub memory_mb: u32,
     /// Echo console lines to stdout with this prefix as they arrive (for the demo).
     pub echo_prefix: Option<String>,
+    /// Kernel series to boot (see [`kernels`]); default `6.1`.
+    pub kernel: String,
+    /// Extra kernel modules to load at start (with their dependencies).
+    modules: Vec<String>,
+    /// Raw disk images attached as virtio disks (`/dev/vda`, `/dev/vdb`, ...).
+    disks: Vec<PathBuf>,
 }
 
 /// What a guest run printed.
@@ -106,12 +238,33 @@ impl GuestRun {
 }
 
 impl Guest {
-    /// An empty guest with 1 GiB of memory.
+    /// An empty guest with 1 GiB of memory on the 6.1 kernel.
     pub fn new() -> Self {
         Self {
             memory_mb: 1024,
+            kernel: "6.1".into(),
             ..Default::default()
         }
+    }
+
+    /// An empty guest on the kernel series `kernel`.
+    pub fn on(kernel: &str) -> Self {
+        Self {
+            kernel: kernel.to_owned(),
+            ..Self::new()
+        }
+    }
+
+    /// Loads the kernel module `name` (and what it depends on) at start, unless built in.
+    pub fn module(&mut self, name: &str) -> &mut Self {
+        self.modules.push(name.to_owned());
+        self
+    }
+
+    /// Attaches the raw image `path` as the next virtio disk (`/dev/vda` first).
+    pub fn disk(&mut self, path: impl Into<PathBuf>) -> &mut Self {
+        self.disks.push(path.into());
+        self
     }
 
     /// Copies a host file to `guest_path` with `mode` (e.g. 0o755, 0o4755 for setuid root).
@@ -149,32 +302,24 @@ impl Guest {
     /// Builds the initramfs and boots it; returns when the guest powers off or `limit` passes.
     /// With `AIRLOCK_VM_VERBOSE` set, console lines are echoed to stderr as they arrive.
     pub fn boot(&self, limit: Duration) -> Result<GuestRun> {
-        let vm = vm_dir();
-        let kernel_root = vm.join("kernel");
-        let vmlinuz = std::fs::read_dir(kernel_root.join("boot"))
-            .with_context(|| {
-                format!(
-                    "no guest kernel under {}; run scripts/setup.sh",
-                    vm.display()
-                )
-            })?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-            })
-            .context("no vmlinuz-* in the guest kernel package; run scripts/setup.sh")?;
+        let kernel = Kernel::find(&self.kernel)?;
         let work = tempfile::tempdir()?;
         let initrd = work.path().join("initrd.cpio.gz");
-        self.pack(&kernel_root, &work.path().join("root"), &initrd)?;
+        self.pack(&kernel, &work.path().join("root"), &initrd)?;
 
+        let _one_at_a_time = BOOT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         let start = Instant::now();
-        let mut child = Command::new("qemu-system-x86_64")
+        let mut qemu = Command::new("qemu-system-x86_64");
+        for disk in &self.disks {
+            qemu.arg("-drive")
+                .arg(format!("file={},if=virtio,format=raw", disk.display()));
+        }
+        let mut child = qemu
             .args(["-accel", "tcg", "-smp", "2", "-nographic", "-no-reboot"])
             .args(["-name", "airlock-guest"])
             .args(["-m", &self.memory_mb.to_string()])
             .arg("-kernel")
-            .arg(&vmlinuz)
+            .arg(&kernel.vmlinuz)
             .arg("-initrd")
             .arg(&initrd)
             .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
@@ -239,7 +384,7 @@ impl Guest {
         })
     }
 
-    fn pack(&self, kernel_root: &Path, root: &Path, out: &Path) -> Result<()> {
+    fn pack(&self, kernel: &Kernel, root: &Path, out: &Path) -> Result<()> {
         for d in [
             "bin",
             "sbin",
@@ -261,17 +406,10 @@ impl Guest {
         let busybox =
             which("busybox").context("busybox not found (apt-get install busybox-static)")?;
         copy(&busybox, &root.join("bin/busybox"), 0o755)?;
-        for (i, m) in NET_MODULES.iter().enumerate() {
-            let modules = std::fs::read_dir(kernel_root.join("lib/modules"))?
-                .filter_map(|e| e.ok())
-                .next()
-                .context("no lib/modules in the guest kernel package")?
-                .path();
-            copy(
-                &modules.join(m),
-                &root.join(format!("lib/modules/{i:02}.ko")),
-                0o644,
-            )?;
+        let mut wanted: Vec<&str> = BASE_MODULES.to_vec();
+        wanted.extend(self.modules.iter().map(String::as_str));
+        for (i, m) in kernel.module_files(&wanted)?.iter().enumerate() {
+            copy_module(m, &root.join(format!("lib/modules/{i:03}.ko")))?;
         }
         let passwd = "root:x:0:0:root:/root:/bin/sh\nagent:x:1000:1000:AI agent:/home/agent:/bin/sh\nother:x:1001:1001:other:/tmp:/bin/sh\n";
         std::fs::write(root.join("etc/passwd"), passwd)?;
@@ -376,6 +514,39 @@ echo "@@END"
 sync
 poweroff -f
 "#;
+
+/// Copies a kernel module, decompressing `.ko.xz` and `.ko.zst` (busybox insmod takes plain
+/// `.ko` files only).
+fn copy_module(src: &Path, dst: &Path) -> Result<()> {
+    let name = src.to_string_lossy();
+    let tool = if name.ends_with(".xz") {
+        Some("xz")
+    } else if name.ends_with(".zst") {
+        Some("zstd")
+    } else {
+        None
+    };
+    let Some(tool) = tool else {
+        return copy(src, dst, 0o644);
+    };
+    let out = Command::new(tool)
+        .args(["-dc"])
+        .arg(src)
+        .output()
+        .with_context(|| format!("running {tool} (apt-get install xz-utils zstd)"))?;
+    if !out.status.success() {
+        bail!(
+            "{tool} -dc {}: {}",
+            src.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(dst, out.stdout)?;
+    Ok(())
+}
 
 fn copy(src: &Path, dst: &Path, mode: u32) -> Result<()> {
     if let Some(parent) = dst.parent() {

@@ -4,7 +4,7 @@
 //! One boot runs every scenario (boots are slow under emulation); each test below asserts one
 //! scenario's results.
 
-use std::{collections::BTreeMap, sync::OnceLock, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use airlock_proto::v1::{action_request::Action, ActionRequest, OutcomeKind};
 use airlock_tests::{
@@ -217,17 +217,12 @@ struct Booted {
     _rt: tokio::runtime::Runtime,
 }
 
-fn booted() -> &'static Booted {
-    static BOOT: OnceLock<Booted> = OnceLock::new();
-    BOOT.get_or_init(|| boot().unwrap_or_else(|e| panic!("guest run failed: {e:#}")))
-}
-
-fn boot() -> anyhow::Result<Booted> {
+fn boot(kernel: &str) -> anyhow::Result<Booted> {
     let rt = tokio::runtime::Runtime::new()?;
     let decider = rt.block_on(TestDecider::start("127.0.0.1:0", plan))?;
     let agent = workspace_bin("agent-user", "airlock-agent")?;
     let workload = env!("CARGO_BIN_EXE_airlock-workload");
-    let mut g = Guest::new();
+    let mut g = Guest::on(kernel);
     g.file("/usr/bin/airlock-agent", &agent, 0o755)
         .file("/usr/bin/airlock-workload", workload, 0o755)
         .file("/usr/local/bin/kubectl", workload, 0o755)
@@ -253,15 +248,17 @@ fn boot() -> anyhow::Result<Booted> {
     })
 }
 
-fn results() -> BTreeMap<String, String> {
-    booted().run.results()
-}
+impl Booted {
+    fn results(&self) -> BTreeMap<String, String> {
+        self.run.results()
+    }
 
-fn r(key: &str) -> String {
-    results()
-        .get(key)
-        .cloned()
-        .unwrap_or_else(|| panic!("no result {key}; console:\n{}", booted().run.console))
+    fn r(&self, key: &str) -> String {
+        self.results()
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| panic!("no result {key}; console:\n{}", self.run.console))
+    }
 }
 
 fn ms_of(s: &str) -> u64 {
@@ -271,22 +268,24 @@ fn ms_of(s: &str) -> u64 {
         .unwrap_or_else(|| panic!("no ms= in {s:?}"))
 }
 
-#[test]
-fn guest_runs_bpf_lsm() {
-    assert!(r("lsm").split(',').any(|m| m == "bpf"), "lsm: {}", r("lsm"));
-    assert_eq!(r("agent_1"), "1", "agent connected to the decider");
-    assert_eq!(r("stopped_tasks_at_end"), "0", "no task left stopped");
+fn guest_runs_bpf_lsm(b: &Booted) {
+    assert!(
+        b.r("lsm").split(',').any(|m| m == "bpf"),
+        "lsm: {}",
+        b.r("lsm")
+    );
+    assert_eq!(b.r("agent_1"), "1", "agent connected to the decider");
+    assert_eq!(b.r("stopped_tasks_at_end"), "0", "no task left stopped");
 }
 
-#[test]
-fn s1_held_exec_allowed_runs_intact_denied_never_runs() {
-    assert_eq!(r("s1_allow_rc"), "3");
-    assert_eq!(r("s1_allow_out"), "ran: allow-me-1 --namespace two words");
-    assert_eq!(r("s1_allow_marker"), "yes");
-    assert_eq!(r("s1_deny_rc"), "137");
-    assert_eq!(r("s1_deny_marker"), "no");
+fn s1_held_exec_allowed_runs_intact_denied_never_runs(b: &Booted) {
+    assert_eq!(b.r("s1_allow_rc"), "3");
+    assert_eq!(b.r("s1_allow_out"), "ran: allow-me-1 --namespace two words");
+    assert_eq!(b.r("s1_allow_marker"), "yes");
+    assert_eq!(b.r("s1_deny_rc"), "137");
+    assert_eq!(b.r("s1_deny_marker"), "no");
 
-    let d = &booted().decider;
+    let d = &b.decider;
     let seen = d
         .request_with_arg("allow-me-1")
         .expect("decider saw the allowed exec");
@@ -365,18 +364,20 @@ fn s1_held_exec_allowed_runs_intact_denied_never_runs() {
     assert_eq!(hello.labels.get("env").map(String::as_str), Some("test"));
 }
 
-#[test]
-fn agent_metrics_count_holds_and_decisions() {
-    let holds: u64 = r("metrics_hold_exec").parse().expect("hold_exec counter");
+fn agent_metrics_count_holds_and_decisions(b: &Booted) {
+    let holds: u64 = b.r("metrics_hold_exec").parse().expect("hold_exec counter");
     assert!(holds >= 2, "two execs were held before the scrape: {holds}");
-    assert_eq!(r("metrics_denied"), "1", "one exec was denied by decision");
+    assert_eq!(
+        b.r("metrics_denied"),
+        "1",
+        "one exec was denied by decision"
+    );
 }
 
-#[test]
-fn s2_no_hold_for_unprivileged_binary_or_other_account_every_path_and_cgroup_matches() {
-    assert_eq!(r("s2_unpriv_rc"), "0");
-    assert_eq!(r("s2_other_rc"), "0");
-    let d = &booted().decider;
+fn s2_no_hold_for_unprivileged_binary_or_other_account_every_path_and_cgroup_matches(b: &Booted) {
+    assert_eq!(b.r("s2_unpriv_rc"), "0");
+    assert_eq!(b.r("s2_other_rc"), "0");
+    let d = &b.decider;
     assert!(
         d.request_with_arg("unpriv-2").is_none(),
         "unprivileged binary was held"
@@ -391,7 +392,7 @@ fn s2_no_hold_for_unprivileged_binary_or_other_account_every_path_and_cgroup_mat
         ("s2_sym_rc", "allow-me-sym"),
         ("s2_hard_rc", "allow-me-hard"),
     ] {
-        assert_eq!(r(key), "0", "{key}");
+        assert_eq!(b.r(key), "0", "{key}");
         assert!(
             d.request_with_arg(marker).is_some(),
             "{marker} was not held"
@@ -399,11 +400,10 @@ fn s2_no_hold_for_unprivileged_binary_or_other_account_every_path_and_cgroup_mat
     }
 }
 
-#[test]
-fn s3_grandchild_behind_setuid_helper_is_still_held() {
-    assert_eq!(r("s3_rc"), "0");
-    assert_eq!(r("s3_marker"), "yes");
-    let seen = booted()
+fn s3_grandchild_behind_setuid_helper_is_still_held(b: &Booted) {
+    assert_eq!(b.r("s3_rc"), "0");
+    assert_eq!(b.r("s3_marker"), "yes");
+    let seen = b
         .decider
         .request_with_arg("allow-me-3")
         .expect("grandchild held");
@@ -414,24 +414,23 @@ fn s3_grandchild_behind_setuid_helper_is_still_held() {
     );
 }
 
-#[test]
-fn s4_connects_held_v4_v6_mapped_unwatched_passes() {
-    assert_eq!(r("s4_v4_allow"), "ok pong");
+fn s4_connects_held_v4_v6_mapped_unwatched_passes(b: &Booted) {
+    assert_eq!(b.r("s4_v4_allow"), "ok pong");
     assert!(
-        r("s4_v4_deny").starts_with("err 13 "),
+        b.r("s4_v4_deny").starts_with("err 13 "),
         "{}",
-        r("s4_v4_deny")
+        b.r("s4_v4_deny")
     );
-    assert_eq!(r("s4_v6_allow"), "ok pong");
+    assert_eq!(b.r("s4_v6_allow"), "ok pong");
     assert!(
-        r("s4_v6_deny").starts_with("err 13 "),
+        b.r("s4_v6_deny").starts_with("err 13 "),
         "{}",
-        r("s4_v6_deny")
+        b.r("s4_v6_deny")
     );
-    assert_eq!(r("s4_mapped_allow"), "ok pong");
-    assert_eq!(r("s4_unwatched"), "ok pong");
-    assert_eq!(r("s4_udp_allow"), "ok sent");
-    let connects: Vec<(String, u32, i32)> = booted()
+    assert_eq!(b.r("s4_mapped_allow"), "ok pong");
+    assert_eq!(b.r("s4_unwatched"), "ok pong");
+    assert_eq!(b.r("s4_udp_allow"), "ok sent");
+    let connects: Vec<(String, u32, i32)> = b
         .decider
         .seen()
         .into_iter()
@@ -461,36 +460,34 @@ fn s4_connects_held_v4_v6_mapped_unwatched_passes() {
     );
 }
 
-#[test]
-fn s5_deadline_applies_on_timeout_and_unreachable_decider_fails_closed() {
-    let t = r("s5_timeout");
+fn s5_deadline_applies_on_timeout_and_unreachable_decider_fails_closed(b: &Booted) {
+    let t = b.r("s5_timeout");
     assert!(t.contains("signal=9"), "{t}");
     let ms = ms_of(&t);
     assert!(
         (SLOW_TIMEOUT_MS..SLOW_TIMEOUT_MS + MARGIN_MS).contains(&ms),
         "timeout took {ms} ms"
     );
-    assert_eq!(r("s5_timeout_marker"), "no");
+    assert_eq!(b.r("s5_timeout_marker"), "no");
 
-    assert_eq!(r("s5_vanish_rc"), "137");
-    let u = r("s5_unreachable");
+    assert_eq!(b.r("s5_vanish_rc"), "137");
+    let u = b.r("s5_unreachable");
     assert!(u.contains("signal=9"), "{u}");
     let ms = ms_of(&u);
     assert!(ms < GRACE_MS + MARGIN_MS, "fail-closed took {ms} ms");
-    assert_eq!(r("s5_unreachable_marker"), "no");
+    assert_eq!(b.r("s5_unreachable_marker"), "no");
 }
 
-#[test]
-fn s6_agent_killed_mid_hold_restarted_agent_resolves_it() {
+fn s6_agent_killed_mid_hold_restarted_agent_resolves_it(b: &Booted) {
     assert_eq!(
-        r("s6_held_after_kill"),
+        b.r("s6_held_after_kill"),
         "1",
         "task stays held while no agent runs"
     );
-    assert_eq!(r("agent_2"), "1", "restarted agent reconnected");
-    assert_eq!(r("s6_rc"), "0");
-    assert_eq!(r("s6_marker"), "yes");
-    let seen = booted()
+    assert_eq!(b.r("agent_2"), "1", "restarted agent reconnected");
+    assert_eq!(b.r("s6_rc"), "0");
+    assert_eq!(b.r("s6_marker"), "yes");
+    let seen = b
         .decider
         .request_with_arg("delay-me-6")
         .expect("request seen");
@@ -501,7 +498,7 @@ fn s6_agent_killed_mid_hold_restarted_agent_resolves_it() {
     let mut sessions = seen.sessions.clone();
     sessions.dedup();
     assert!(sessions.len() >= 2, "from a new stream, same id: {seen:?}");
-    let same_id = booted()
+    let same_id = b
         .decider
         .seen()
         .iter()
@@ -510,32 +507,34 @@ fn s6_agent_killed_mid_hold_restarted_agent_resolves_it() {
     assert_eq!(same_id, 1, "one request, not two");
 }
 
-#[test]
-fn s7_parent_cannot_sigcont_or_ptrace_a_held_task() {
-    assert_ne!(r("s7_sigcont_rc"), "0", "SIGCONT from the parent must fail");
+fn s7_parent_cannot_sigcont_or_ptrace_a_held_task(b: &Booted) {
+    assert_ne!(
+        b.r("s7_sigcont_rc"),
+        "0",
+        "SIGCONT from the parent must fail"
+    );
     assert_eq!(
-        r("s7_ptrace"),
+        b.r("s7_ptrace"),
         "err 1",
         "ptrace attach must fail with EPERM"
     );
-    assert_eq!(r("s7_state"), "T", "still stopped after the attempts");
+    assert_eq!(b.r("s7_state"), "T", "still stopped after the attempts");
     assert_eq!(
-        r("s7_ptrace_control"),
+        b.r("s7_ptrace_control"),
         "ok",
         "control: same uid may trace a task that is not held"
     );
     assert_eq!(
-        r("s7_sigcont_control_rc"),
+        b.r("s7_sigcont_control_rc"),
         "0",
         "control: same uid may SIGCONT a task that is not held"
     );
-    assert_eq!(r("s7_rc"), "0", "released by the decision");
-    assert_eq!(r("s7_marker"), "yes");
+    assert_eq!(b.r("s7_rc"), "0", "released by the decision");
+    assert_eq!(b.r("s7_marker"), "yes");
 }
 
-#[test]
-fn s8_fifty_concurrent_holds_none_lost_or_swapped() {
-    let res = results();
+fn s8_fifty_concurrent_holds_none_lost_or_swapped(b: &Booted) {
+    let res = b.results();
     for i in 0..50 {
         let status = res
             .get(&format!("s8_i={i}"))
@@ -551,19 +550,18 @@ fn s8_fifty_concurrent_holds_none_lost_or_swapped() {
     }
 }
 
-#[test]
-fn s9_agent_gone_fails_closed_without_stopping_anything() {
-    let t = r("s9_no_agent");
+fn s9_agent_gone_fails_closed_without_stopping_anything(b: &Booted) {
+    let t = b.r("s9_no_agent");
     assert!(t.contains("signal=9"), "killed, not held: {t}");
     assert!(ms_of(&t) < 2000, "no wait for a missing agent: {t}");
-    assert_eq!(r("s9_marker"), "no");
+    assert_eq!(b.r("s9_marker"), "no");
     assert_eq!(
-        r("s9_unwatched"),
+        b.r("s9_unwatched"),
         "ran: unpriv-9",
         "unprivileged binaries still run"
     );
-    assert_eq!(r("agent_4"), "1", "a new agent takes over");
-    let counters = r("counters");
+    assert_eq!(b.r("agent_4"), "1", "a new agent takes over");
+    let counters = b.r("counters");
     let drops = counters
         .split("\"drop_no_agent\": ")
         .nth(1)
@@ -576,14 +574,32 @@ fn s9_agent_gone_fails_closed_without_stopping_anything() {
     );
 }
 
-#[test]
-fn sigterm_resolves_every_hold_and_detaches() {
-    assert_eq!(r("sterm_agent_rc"), "0");
-    assert_eq!(r("sterm_rc"), "137", "held task denied on shutdown");
+fn sigterm_resolves_every_hold_and_detaches(b: &Booted) {
+    assert_eq!(b.r("sterm_agent_rc"), "0");
+    assert_eq!(b.r("sterm_rc"), "137", "held task denied on shutdown");
     assert_eq!(
-        r("sterm_pinned_left"),
+        b.r("sterm_pinned_left"),
         "0",
         "clean shutdown unpins everything"
     );
-    assert_eq!(r("agent_3"), "1");
+    assert_eq!(b.r("agent_3"), "1");
 }
+
+airlock_tests::kernel_matrix!(
+    boot = boot,
+    booted = Booted,
+    checks = [
+        guest_runs_bpf_lsm,
+        s1_held_exec_allowed_runs_intact_denied_never_runs,
+        agent_metrics_count_holds_and_decisions,
+        s2_no_hold_for_unprivileged_binary_or_other_account_every_path_and_cgroup_matches,
+        s3_grandchild_behind_setuid_helper_is_still_held,
+        s4_connects_held_v4_v6_mapped_unwatched_passes,
+        s5_deadline_applies_on_timeout_and_unreachable_decider_fails_closed,
+        s6_agent_killed_mid_hold_restarted_agent_resolves_it,
+        s7_parent_cannot_sigcont_or_ptrace_a_held_task,
+        s8_fifty_concurrent_holds_none_lost_or_swapped,
+        s9_agent_gone_fails_closed_without_stopping_anything,
+        sigterm_resolves_every_hold_and_detaches,
+    ]
+);
