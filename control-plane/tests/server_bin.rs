@@ -1,51 +1,118 @@
 //! The `airlock-server` binary as an operator runs it: first start prints its addresses, data
-//! location and a one-time admin token; a policy file edited in place is reloaded, and a bad
-//! edit is refused while the running policy stays.
+//! location and a one-time admin token, and a second start on the same data makes none; a
+//! policy file edited in place is reloaded, and a bad edit is refused while the running policy
+//! stays.
 
 use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
+    ffi::OsStr,
+    io::{BufRead, BufReader, Read},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
+use airlock_control_plane::{audit::Filter, store::Store};
 use airlock_proto::v1::{policy_service_client::PolicyServiceClient, GetPolicyRequest};
+
+/// A running `airlock-server`, killed when dropped.
+struct Server {
+    child: Child,
+    /// What it printed on standard output, up to and including the web UI's address.
+    printed: String,
+}
+
+impl Server {
+    /// Starts the server on `data` with `args` and ephemeral ports; returns once it says where
+    /// its web UI is, which it does after every first-start step. Panics, with what it printed
+    /// and logged, if it stops before that.
+    fn start(data: &Path, args: &[&OsStr]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_airlock-server"))
+            .args([
+                "--grpc",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(data)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stderr.read(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let mut printed = String::new();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    printed.push_str(&line);
+                    printed.push('\n');
+                    if line.contains("web UI on ") {
+                        break;
+                    }
+                }
+                _ => {
+                    let status = child.wait().unwrap();
+                    std::thread::sleep(Duration::from_millis(200)); // the rest of its log
+                    panic!(
+                        "airlock-server stopped ({status}) before serving; printed:\n{printed}\
+                         log:\n{}",
+                        log.lock().unwrap()
+                    );
+                }
+            }
+        }
+        // Keep reading standard output, so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Server { child, printed }
+    }
+
+    /// The first word of the printed text that starts with `prefix`.
+    fn printed_word(&self, prefix: &str) -> Option<String> {
+        self.printed
+            .split_whitespace()
+            .find(|w| w.starts_with(prefix))
+            .map(str::to_owned)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 #[tokio::test]
 async fn first_start_prints_what_matters_and_policy_file_changes_reload() {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.toml");
     std::fs::write(&policy, "[groups]\noncall = [\"alice\"]\n").unwrap();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_airlock-server"))
-        .args([
-            "--grpc",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .arg("--policy")
-        .arg(&policy)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
-    let mut printed = Vec::new();
-    while printed.len() < 4 {
-        printed.push(lines.next().unwrap().unwrap());
-    }
-    let text = printed.join("\n");
-    let token = text
-        .split_whitespace()
-        .find(|w| w.starts_with("alk_"))
-        .unwrap_or_else(|| panic!("no admin token in {text}"))
-        .to_owned();
-    let url = text
-        .split_whitespace()
-        .find(|w| w.starts_with("http://127.0.0.1:"))
-        .unwrap_or_else(|| panic!("no address in {text}"))
-        .to_owned();
+    let server = Server::start(dir.path(), &["--policy".as_ref(), policy.as_os_str()]);
+    let text = server.printed.clone();
+    let token = server
+        .printed_word("alk_")
+        .unwrap_or_else(|| panic!("no admin token in {text}"));
+    assert!(text.contains("admin token"), "{text}");
+    assert!(
+        text.contains("web UI login (shown once): admin / "),
+        "{text}"
+    );
+    let url = server
+        .printed_word("http://127.0.0.1:")
+        .unwrap_or_else(|| panic!("no address in {text}"));
     assert!(
         text.contains(&dir.path().join("airlock.db").display().to_string()),
         "{text}"
@@ -98,16 +165,47 @@ async fn first_start_prints_what_matters_and_policy_file_changes_reload() {
         }
     }
     assert!(reloaded);
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
+}
 
-    // A second start does not mint another admin token.
-    let second = Command::new(env!("CARGO_BIN_EXE_airlock-server"))
-        .args(["--data-dir"])
-        .arg(dir.path())
-        .args(["tokens", "create", "--name", "alice", "--scope", "approve"])
-        .output()
+#[test]
+fn second_start_mints_no_admin_token_or_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Server::start(dir.path(), &[]);
+    let token = first
+        .printed_word("alk_")
+        .unwrap_or_else(|| panic!("no admin token in {}", first.printed));
+    drop(first);
+
+    // The second start serves (it got past every first-start step), prints no new admin token
+    // or password, and stores none: the first token is the only admin token, created once,
+    // and it still works.
+    let second = Server::start(dir.path(), &[]);
+    let again = second.printed.clone();
+    drop(second);
+    assert!(
+        !again.contains("alk_"),
+        "a second start printed a token:\n{again}"
+    );
+    assert!(!again.contains("admin token"), "{again}");
+    assert!(!again.contains("web UI login"), "{again}");
+    let store = Store::open(&dir.path().join("airlock.db")).unwrap();
+    let admin_tokens: i64 = store
+        .with_conn(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM tokens WHERE scope = 'admin'",
+                [],
+                |r| r.get(0),
+            )
+        })
         .unwrap();
-    assert!(second.status.success());
-    assert!(!String::from_utf8_lossy(&second.stdout).contains("admin token"));
+    assert_eq!(admin_tokens, 1, "one admin token in the database");
+    let created = store
+        .audit_query(&Filter {
+            action: Some("token.created".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(created.len(), 1, "{created:?}");
+    assert!(store.principal(&token).unwrap().is_some());
 }
