@@ -276,8 +276,40 @@ mod tests {
         );
         let audit = store.audit_query(&Default::default()).unwrap();
         let actions: Vec<&str> = audit.iter().map(|r| r.action.as_str()).collect();
-        assert!(actions.contains(&"account.created"));
-        assert!(actions.contains(&"account.removed"));
-        assert!(!serde_json::to_string(&actions).unwrap().contains("horse"));
+        for action in ["account.created", "account.password", "account.removed"] {
+            assert!(actions.contains(&action), "{action} audited: {actions:?}");
+        }
+        // Every column of every audit row, as stored: no password, old or new, in any of them.
+        let rows: Vec<String> = store
+            .with_conn(|c| {
+                let mut stmt = c.prepare("SELECT * FROM audit ORDER BY seq")?;
+                let columns = stmt.column_count();
+                let rows = stmt.query_map([], |r| {
+                    (0..columns)
+                        .map(|i| {
+                            Ok(match r.get_ref(i)? {
+                                rusqlite::types::ValueRef::Text(t)
+                                | rusqlite::types::ValueRef::Blob(t) => {
+                                    String::from_utf8_lossy(t).into_owned()
+                                }
+                                v => format!("{v:?}"),
+                            })
+                        })
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                        .map(|cells| cells.join("\u{1f}"))
+                })?;
+                rows.collect()
+            })
+            .unwrap();
+        assert_eq!(rows.len(), audit.len());
+        assert!(
+            rows.iter().any(|r| r.contains("\"name\":\"alice\"")),
+            "the payloads are read: {rows:?}"
+        );
+        for password in ["correct horse battery", "a brand new passphrase"] {
+            for row in &rows {
+                assert!(!row.contains(password), "audit row leaks a password: {row}");
+            }
+        }
     }
 }
