@@ -251,10 +251,24 @@ async fn unreachable_issuer_is_reported() {
 #[tokio::test]
 async fn rotated_key_is_fetched_once_unknown() {
     let (issuer, oidc) = start().await;
+    assert_eq!(issuer.jwks_served(), 1, "discovery fetches the keys");
     login(&oidc).await.unwrap();
+    assert_eq!(issuer.jwks_served(), 1, "a known key needs no fetch");
     issuer.rotate_key();
     let id = login(&oidc).await.unwrap();
     assert_eq!(id.name, "alice@example.com");
+    assert_eq!(issuer.jwks_served(), 2, "the unknown kid costs one fetch");
+    login(&oidc).await.unwrap();
+    assert_eq!(issuer.jwks_served(), 2, "the new key is kept");
+
+    // A kid that the fresh JWKS does not list either: refused after one fetch, not a loop.
+    issuer.set_fault(Fault::UnpublishedKey);
+    let err = login(&oidc).await.unwrap_err();
+    assert!(
+        matches!(&err, OidcError::UnknownKey(k) if k == "unpublished"),
+        "{err}"
+    );
+    assert_eq!(issuer.jwks_served(), 3);
 }
 
 #[tokio::test]

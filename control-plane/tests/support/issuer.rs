@@ -59,6 +59,8 @@ pub enum Fault {
     None,
     /// ID token signed by another key under the published key's `kid`.
     OtherKey,
+    /// ID token signed by a key the JWKS never lists, under a `kid` of its own.
+    UnpublishedKey,
     /// `aud` is another client.
     WrongAudience,
     /// `aud` has our client and another, and there is no `azp`.
@@ -130,6 +132,7 @@ struct Inner {
     generation: u32,
     codes: HashMap<String, Grant>,
     tokens_issued: u32,
+    jwks_served: u32,
 }
 
 type Shared = Arc<Mutex<Inner>>;
@@ -160,6 +163,7 @@ impl Issuer {
             generation: 1,
             codes: HashMap::new(),
             tokens_issued: 0,
+            jwks_served: 0,
         }));
         let app = Router::new()
             .route("/.well-known/openid-configuration", get(discovery))
@@ -207,6 +211,11 @@ impl Issuer {
     /// How many ID tokens the token endpoint has issued.
     pub fn tokens_issued(&self) -> u32 {
         self.lock().tokens_issued
+    }
+
+    /// How many times the JWKS was fetched.
+    pub fn jwks_served(&self) -> u32 {
+        self.lock().jwks_served
     }
 
     /// An `[oidc]` section for this issuer (the secret goes to `Oidc::discover` directly);
@@ -285,7 +294,9 @@ async fn discovery(State(s): State<Shared>) -> Json<Value> {
 }
 
 async fn jwks(State(s): State<Shared>) -> Json<Value> {
-    Json(json!({ "keys": [s.lock().unwrap().key.jwk.clone()] }))
+    let mut s = s.lock().unwrap();
+    s.jwks_served += 1;
+    Json(json!({ "keys": [s.key.jwk.clone()] }))
 }
 
 async fn authorize(State(s): State<Shared>, Query(q): Query<HashMap<String, String>>) -> Response {
@@ -468,6 +479,11 @@ fn mint(s: &Inner, nonce: Option<String>) -> String {
         }
         Fault::OtherKey => {
             jsonwebtoken::encode(&header, &claims, &SigningKey::generate(&s.key.kid).key).unwrap()
+        }
+        Fault::UnpublishedKey => {
+            header.kid = Some("unpublished".into());
+            jsonwebtoken::encode(&header, &claims, &SigningKey::generate("unpublished").key)
+                .unwrap()
         }
         _ => jsonwebtoken::encode(&header, &claims, &s.key.key).unwrap(),
     }
