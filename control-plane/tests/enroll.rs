@@ -3,6 +3,9 @@
 //! once, expires, is never a bearer token, honours its host binding, and leaves an audit trail
 //! that verifies and never contains it.
 
+#[path = "support/session.rs"]
+mod session;
+
 use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
 
 use airlock_agent::{
@@ -128,8 +131,11 @@ async fn enrolment_writes_a_working_credential_once_and_later_starts_skip_it() {
         session_opens(&s.url, "host-1", &credential, Duration::from_secs(5)).await,
         "the credential opens the agent stream"
     );
-    assert!(
-        !session_opens(&s.url, "host-2", &credential, Duration::from_millis(800)).await,
+    let elsewhere = session::refusal_at(&s.url, Some(&credential), hello("host-2")).await;
+    assert_eq!(elsewhere.code(), Code::PermissionDenied, "{elsewhere:?}");
+    assert_eq!(
+        elsewhere.message(),
+        "this credential belongs to agent \"host-1\", not \"host-2\"",
         "and speaks for its own host only"
     );
 
@@ -211,9 +217,13 @@ async fn enrollment_tokens_are_never_bearer_tokens() {
     let token = enroll::create(&s.store, "x", Some("host-a"), DEFAULT_TTL, "server")
         .unwrap()
         .token;
+    let on_stream = session::refusal_at(&s.url, Some(&token), hello("host-a")).await;
+    assert_eq!(on_stream.code(), Code::Unauthenticated, "{on_stream:?}");
     assert!(
-        !session_opens(&s.url, "host-a", &token, Duration::from_millis(800)).await,
-        "not on the agent stream"
+        on_stream
+            .message()
+            .starts_with("this is an enrollment token"),
+        "not on the agent stream: {on_stream:?}"
     );
     let ch = tonic::transport::Channel::from_shared(s.url.clone())
         .unwrap()
@@ -273,14 +283,11 @@ async fn host_binding_and_re_enrolment() {
     let second = agent_enroll::request(&conn(&s.url), &rebind, &hello("host-a"))
         .await
         .unwrap();
-    assert!(
-        !session_opens(
-            &s.url,
-            "host-a",
-            &first.agent_token,
-            Duration::from_millis(800)
-        )
-        .await,
+    let replaced = session::refusal_at(&s.url, Some(&first.agent_token), hello("host-a")).await;
+    assert_eq!(replaced.code(), Code::Unauthenticated, "{replaced:?}");
+    assert_eq!(
+        replaced.message(),
+        "unknown or revoked token",
         "the replaced credential is revoked"
     );
     assert!(

@@ -1,5 +1,8 @@
 //! The control plane over real sockets, driven by the agent's own client code.
 
+#[path = "support/session.rs"]
+mod session;
+
 use std::time::Duration;
 
 use airlock_agent::decider::Decider;
@@ -302,31 +305,35 @@ async fn refusals_are_precise_and_lose_nothing() {
 #[tokio::test]
 async fn agent_stream_needs_its_own_credential() {
     let (url, t, _stop) = start().await;
-    let anonymous = Decider::spawn(
-        url.clone(),
-        Hello {
-            host_id: "host-a".into(),
-            ..Default::default()
-        },
-        None,
-    );
+    let hello = |host: &str| Hello {
+        host_id: host.into(),
+        hostname: host.into(),
+        ..Default::default()
+    };
+    let anonymous = session::refusal_at(&url, None, hello("host-a")).await;
+    assert_eq!(anonymous.code(), Code::Unauthenticated, "{anonymous:?}");
     assert!(
-        !anonymous.wait_connected(Duration::from_millis(800)).await,
-        "no token, no stream"
+        anonymous.message().starts_with("missing authorization"),
+        "no token, no stream: {anonymous:?}"
     );
-    let with_approver_token = agent(&url, "host-a", &t["alice"]);
+    let approver = session::refusal_at(&url, Some(&t["alice"]), hello("host-a")).await;
+    assert_eq!(approver.code(), Code::PermissionDenied, "{approver:?}");
     assert!(
-        !with_approver_token
-            .wait_connected(Duration::from_millis(800))
-            .await
+        approver
+            .message()
+            .ends_with("approve token cannot use this service"),
+        "{approver:?}"
     );
-    let other_hosts_token = agent(&url, "host-a", &t["host-b"]);
-    assert!(
-        !other_hosts_token
-            .wait_connected(Duration::from_millis(800))
-            .await,
+    let other_host = session::refusal_at(&url, Some(&t["host-b"]), hello("host-a")).await;
+    assert_eq!(other_host.code(), Code::PermissionDenied, "{other_host:?}");
+    assert_eq!(
+        other_host.message(),
+        "this credential belongs to agent \"host-b\", not \"host-a\"",
         "a credential speaks for its own host only"
     );
+    let unknown = session::refusal_at(&url, Some("alk_nope_x"), hello("host-a")).await;
+    assert_eq!(unknown.code(), Code::Unauthenticated, "{unknown:?}");
+    assert_eq!(unknown.message(), "unknown or revoked token");
     let ok = agent(&url, "host-a", &t["host-a"]);
     assert!(ok.wait_connected(Duration::from_secs(5)).await);
 }

@@ -1,5 +1,8 @@
 //! TLS and mTLS over real sockets, with certificates made for the test by rcgen.
 
+#[path = "support/session.rs"]
+mod session;
+
 use std::time::Duration;
 
 use airlock_agent::decider::{Connection, Decider};
@@ -7,7 +10,8 @@ use airlock_control_plane::{auth::Scope, store::Store, ControlPlane, Tls};
 use airlock_proto::v1::{
     approval_service_client::ApprovalServiceClient, ActionRequest, DecideRequest, Hello, Verdict,
 };
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 struct Pki {
@@ -122,16 +126,46 @@ async fn agent_stream_over_tls() {
         .unwrap()
         .unwrap();
     assert_eq!(d.verdict, Verdict::Allow as i32);
+}
 
-    // Plain http to the TLS port, or TLS without trusting the CA, never connects.
-    let plain = Decider::spawn(
-        url.replace("https://", "http://"),
-        hello(),
-        Some(token.clone()),
-    );
-    assert!(!plain.wait_connected(Duration::from_millis(800)).await);
-    let untrusted_ca = CertificateParams::new(Vec::<String>::new())
-        .unwrap()
+#[tokio::test]
+async fn plain_http_and_an_untrusted_ca_are_refused_in_the_handshake() {
+    let pki = pki();
+    let (url, token, _) = serve(&pki, false).await;
+
+    // Plain http to the TLS port: the server's answer to an HTTP/2 preface is a fatal TLS
+    // alert (decode_error), and the agent's client fails in its transport, never reaching gRPC.
+    let addr = url.replace("https://localhost", "127.0.0.1");
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut record = [0u8; 7];
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut record))
+        .await
+        .expect("an answer")
+        .unwrap();
+    // One TLS record: type alert, version 3.3 (as every TLS 1.2 and 1.3 record says), length
+    // 2; level fatal, description decode_error.
+    const ALERT: u8 = 21;
+    const FATAL: u8 = 2;
+    const DECODE_ERROR: u8 = 50;
+    assert_eq!(record, [ALERT, 3, 3, 0, 2, FATAL, DECODE_ERROR]);
+    let plain = Connection {
+        url: url.replace("https://", "http://"),
+        token: Some(token.clone()),
+        tls: None,
+    };
+    let plain = session::refusal(&plain, hello()).await;
+    assert!(plain.message().starts_with("transport error"), "{plain:?}");
+
+    // TLS trusting another CA: the agent refuses the server's certificate in the handshake.
+    let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
+    other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    other
+        .distinguished_name
+        .push(DnType::CommonName, "Someone else's CA");
+    let untrusted_ca = other
         .self_signed(&KeyPair::generate().unwrap())
         .unwrap()
         .pem();
@@ -140,10 +174,13 @@ async fn agent_stream_over_tls() {
         token: Some(token),
         tls: Some(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(untrusted_ca))),
     };
+    let wrong = session::refusal(&wrong, hello()).await;
+    assert_eq!(wrong.code(), tonic::Code::Unavailable, "{wrong:?}");
     assert!(
-        !Decider::spawn_with(wrong, hello())
-            .wait_connected(Duration::from_millis(800))
-            .await
+        wrong
+            .message()
+            .contains("invalid peer certificate: UnknownIssuer"),
+        "{wrong:?}"
     );
 }
 
@@ -156,10 +193,13 @@ async fn mtls_requires_the_agents_client_certificate() {
         token: Some(token.clone()),
         tls: Some(tls(&pki, false)),
     };
-    assert!(
-        !Decider::spawn_with(without, hello())
-            .wait_connected(Duration::from_millis(1000))
-            .await,
+    // The handshake admits a client without a certificate (approvers need none); the agent
+    // stream then refuses it.
+    let without = session::refusal(&without, hello()).await;
+    assert_eq!(without.code(), tonic::Code::Unauthenticated, "{without:?}");
+    assert_eq!(
+        without.message(),
+        "this server requires agents to present a client certificate (mTLS)",
         "token alone is not enough under mTLS"
     );
     let with = Connection {
