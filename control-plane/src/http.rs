@@ -134,11 +134,13 @@ pub fn router(store: Arc<Store>, agents: Arc<Agents>, metrics: Arc<Metrics>) -> 
 
 async fn ready(State(h): State<Http>) -> impl IntoResponse {
     match h.store.count_pending() {
-        Ok(_) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("database not usable: {e}\n"),
-        ),
+        Ok(_) => (StatusCode::OK, "ready\n"),
+        Err(e) => {
+            // The probe answers whoever reaches the port: the detail (file path, database
+            // error) goes to the log only.
+            tracing::error!(error = %e, "readiness check failed: the database is not usable");
+            (StatusCode::SERVICE_UNAVAILABLE, "database not usable\n")
+        }
     }
 }
 

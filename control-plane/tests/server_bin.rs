@@ -20,6 +20,8 @@ struct Server {
     child: Child,
     /// What it printed on standard output, up to and including the web UI's address.
     printed: String,
+    /// Its log (standard error) so far.
+    log: Arc<Mutex<String>>,
 }
 
 impl Server {
@@ -76,7 +78,11 @@ impl Server {
         }
         // Keep reading standard output, so the server never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
-        Server { child, printed }
+        Server {
+            child,
+            printed,
+            log,
+        }
     }
 
     /// The first word of the printed text that starts with `prefix`.
@@ -85,6 +91,15 @@ impl Server {
             .split_whitespace()
             .find(|w| w.starts_with(prefix))
             .map(str::to_owned)
+    }
+
+    /// The web UI's base URL (`http://127.0.0.1:PORT/`).
+    fn http_url(&self) -> String {
+        let text = &self.printed;
+        let (_, rest) = text
+            .split_once("web UI on ")
+            .unwrap_or_else(|| panic!("no web UI address in {text}"));
+        rest.split_whitespace().next().unwrap().to_owned()
     }
 }
 
@@ -208,4 +223,45 @@ fn second_start_mints_no_admin_token_or_password() {
         .unwrap();
     assert_eq!(created.len(), 1, "{created:?}");
     assert!(store.principal(&token).unwrap().is_some());
+}
+
+#[tokio::test]
+async fn readyz_fails_when_the_database_is_unusable_and_does_not_say_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let url = format!("{}readyz", server.http_url());
+    let ready = reqwest::get(&url).await.unwrap();
+    assert_eq!(ready.status(), reqwest::StatusCode::OK);
+    assert_eq!(ready.text().await.unwrap(), "ready\n");
+
+    // The database is damaged under the running server, as a failing disk or a stray write
+    // would: the file, its write-ahead log and its shared-memory index are overwritten.
+    let db = dir.path().join("airlock.db");
+    for suffix in ["", "-wal", "-shm"] {
+        let path = format!("{}{suffix}", db.display());
+        let len = std::fs::metadata(&path).unwrap().len().max(4096);
+        let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut file, &vec![0xff; len as usize]).unwrap();
+    }
+
+    let answer = reqwest::get(&url).await.unwrap();
+    let status = answer.status();
+    let body = answer.text().await.unwrap();
+    assert_eq!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // A probe answer for anyone who can reach the port: no paths, no database errors.
+    assert_eq!(body, "database not usable\n");
+    // The operator finds the detail in the log.
+    let mut logged = String::new();
+    for _ in 0..50 {
+        logged = server.log.lock().unwrap().clone();
+        if logged.contains("readiness") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let line = logged
+        .lines()
+        .find(|l| l.contains("readiness"))
+        .unwrap_or_else(|| panic!("no readiness failure in the log:\n{logged}"));
+    assert!(line.contains(&db.display().to_string()), "{line}");
 }
