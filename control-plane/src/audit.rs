@@ -1,30 +1,17 @@
-//! The tamper-evident audit trail: an append-only, hash-chained table in the same database as
-//! the requests, plus a checkpoint file outside it holding the chain head, so that cutting
-//! records off the end is caught too.
+//! The tamper-evident audit trail, as data: records, their hash chain, its verification and
+//! exports. The table that holds it is in [`crate::store`]; with SQLite, a checkpoint file
+//! beside the database also holds the chain head, so that cutting records off the end is
+//! caught too.
 //!
 //! Each record's hash covers its sequence number, time, actor, action, request id, the digest of
 //! its payload and the previous record's hash.
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use sha2::{Digest, Sha256};
 
 /// Hash of the record before the first one.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-
-/// Schema of the audit table.
-pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS audit (
-    seq INTEGER PRIMARY KEY,
-    at_ms INTEGER NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
-)";
 
 /// One audit record.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -82,7 +69,8 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-fn record_hash(
+/// The hash of a record with these fields.
+pub fn record_hash(
     seq: i64,
     at_ms: i64,
     actor: &str,
@@ -98,6 +86,34 @@ fn record_hash(
     sha256_hex(text.as_bytes())
 }
 
+impl Record {
+    /// The record that follows `prev_seq` / `prev_hash` in the chain.
+    pub fn next(
+        prev_seq: i64,
+        prev_hash: &str,
+        at_ms: i64,
+        actor: &str,
+        action: &str,
+        request_id: &str,
+        payload: &str,
+    ) -> Record {
+        let seq = prev_seq + 1;
+        let digest = sha256_hex(payload.as_bytes());
+        let hash = record_hash(seq, at_ms, actor, action, request_id, &digest, prev_hash);
+        Record {
+            seq,
+            at_ms,
+            actor: actor.into(),
+            action: action.into(),
+            request_id: request_id.into(),
+            payload: payload.into(),
+            digest,
+            prev_hash: prev_hash.into(),
+            hash,
+        }
+    }
+}
+
 /// Path of the checkpoint file that belongs to a database file.
 pub fn checkpoint_path(db: &Path) -> PathBuf {
     let mut p = db.as_os_str().to_owned();
@@ -105,59 +121,97 @@ pub fn checkpoint_path(db: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Appends a record inside `tx`; returns it. The caller commits, then calls
-/// [`write_checkpoint`].
-pub fn append(
-    tx: &Transaction<'_>,
-    at_ms: i64,
-    actor: &str,
-    action: &str,
-    request_id: &str,
-    payload: &str,
-) -> rusqlite::Result<Record> {
-    let last: Option<(i64, String)> = tx
-        .query_row(
-            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    let (prev_seq, prev_hash) = last.unwrap_or((0, GENESIS.to_owned()));
-    let seq = prev_seq + 1;
-    let digest = sha256_hex(payload.as_bytes());
-    let hash = record_hash(seq, at_ms, actor, action, request_id, &digest, &prev_hash);
-    tx.execute(
-        "INSERT INTO audit (seq, at_ms, actor, action, request_id, payload, digest, prev_hash, hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![seq, at_ms, actor, action, request_id, payload, digest, prev_hash, hash],
-    )?;
-    Ok(Record {
-        seq,
-        at_ms,
-        actor: actor.into(),
-        action: action.into(),
-        request_id: request_id.into(),
-        payload: payload.into(),
-        digest,
-        prev_hash,
-        hash,
-    })
-}
-
 /// Writes the chain head (`seq hash`) to the checkpoint file, atomically.
-pub fn write_checkpoint(path: &Path, head: &Record) -> std::io::Result<()> {
+pub fn write_checkpoint(path: &Path, seq: i64, hash: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("audit-head.tmp");
-    std::fs::write(&tmp, format!("{} {}\n", head.seq, head.hash))?;
+    std::fs::write(&tmp, format!("{seq} {hash}\n"))?;
     std::fs::rename(tmp, path)
 }
 
-/// Every record, in order.
-pub fn records(conn: &Connection) -> rusqlite::Result<Vec<Record>> {
-    query(conn, &Filter::default())
+/// The head a checkpoint file records, if it exists and reads.
+pub fn read_checkpoint(path: &Path) -> Option<(i64, String)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut it = text.split_whitespace();
+    let seq = it.next()?.parse().ok()?;
+    Some((seq, it.next().unwrap_or_default().to_owned()))
+}
+
+/// Verifies a chain record by record, in order (so a trail of any length is checked a page at
+/// a time), and its end against a checkpoint.
+#[derive(Debug, Clone)]
+pub struct Chain {
+    last: i64,
+    prev: String,
+    checkpoint: Option<(i64, String)>,
+}
+
+impl Chain {
+    /// A chain from its first record; `checkpoint` is the head a checkpoint file recorded.
+    pub fn new(checkpoint: Option<(i64, String)>) -> Self {
+        Self {
+            last: 0,
+            prev: GENESIS.to_owned(),
+            checkpoint,
+        }
+    }
+
+    /// A chain already verified up to record `seq`, whose hash is `hash`.
+    pub fn resume(seq: i64, hash: String) -> Self {
+        Self {
+            last: seq,
+            prev: hash,
+            checkpoint: None,
+        }
+    }
+
+    /// The last record verified and its hash.
+    pub fn head(&self) -> (i64, &str) {
+        (self.last, &self.prev)
+    }
+
+    /// Checks the next record.
+    pub fn push(&mut self, r: &Record) -> Result<(), Tamper> {
+        let expected = self.last + 1;
+        if r.seq != expected || r.prev_hash != self.prev {
+            return Err(Tamper::Removed { seq: expected });
+        }
+        let digest = sha256_hex(r.payload.as_bytes());
+        let hash = record_hash(
+            r.seq,
+            r.at_ms,
+            &r.actor,
+            &r.action,
+            &r.request_id,
+            &r.digest,
+            &r.prev_hash,
+        );
+        if digest != r.digest || hash != r.hash {
+            return Err(Tamper::Changed { seq: r.seq });
+        }
+        if let Some((seq, head)) = &self.checkpoint {
+            if *seq == r.seq && *head != r.hash {
+                return Err(Tamper::Changed { seq: r.seq });
+            }
+        }
+        self.last = r.seq;
+        self.prev = r.hash.clone();
+        Ok(())
+    }
+
+    /// Ends the check: the number of records, unless the checkpoint says there were more.
+    pub fn finish(&self) -> Result<i64, Tamper> {
+        match &self.checkpoint {
+            Some((seq, _)) if *seq > self.last => Err(Tamper::Truncated {
+                last: self.last,
+                checkpoint: *seq,
+            }),
+            _ => Ok(self.last),
+        }
+    }
 }
 
 /// Which records to read; every set field must match.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
     /// Request id.
     pub request_id: Option<String>,
@@ -171,48 +225,6 @@ pub struct Filter {
     pub until_ms: Option<i64>,
     /// At most this many.
     pub limit: Option<u32>,
-}
-
-/// Records matching `f`, oldest first.
-pub fn query(conn: &Connection, f: &Filter) -> rusqlite::Result<Vec<Record>> {
-    let (action_exact, action_prefix) = match f.action.as_deref() {
-        Some(a) if a.ends_with('*') => (None, Some(format!("{}%", a.trim_end_matches('*')))),
-        Some(a) => (Some(a.to_owned()), None),
-        None => (None, None),
-    };
-    let mut stmt = conn.prepare(
-        "SELECT seq, at_ms, actor, action, request_id, payload, digest, prev_hash, hash FROM audit
-         WHERE (?1 IS NULL OR request_id = ?1) AND (?2 IS NULL OR actor = ?2)
-           AND (?3 IS NULL OR action = ?3) AND (?4 IS NULL OR action LIKE ?4)
-           AND (?5 IS NULL OR at_ms >= ?5) AND (?6 IS NULL OR at_ms < ?6)
-         ORDER BY seq LIMIT ?7",
-    )?;
-    let limit = f.limit.filter(|l| *l > 0).map_or(-1, i64::from);
-    let rows = stmt.query_map(
-        params![
-            f.request_id,
-            f.actor,
-            action_exact,
-            action_prefix,
-            f.since_ms,
-            f.until_ms,
-            limit
-        ],
-        |r| {
-            Ok(Record {
-                seq: r.get(0)?,
-                at_ms: r.get(1)?,
-                actor: r.get(2)?,
-                action: r.get(3)?,
-                request_id: r.get(4)?,
-                payload: r.get(5)?,
-                digest: r.get(6)?,
-                prev_hash: r.get(7)?,
-                hash: r.get(8)?,
-            })
-        },
-    )?;
-    rows.collect()
 }
 
 /// Records as JSON Lines (one object per line).
@@ -234,105 +246,49 @@ pub fn to_csv(records: &[Record]) -> Result<String, csv::Error> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// Checks the whole chain, and its end against the checkpoint file if there is one. Returns the
-/// number of records on success.
-pub fn verify(conn: &Connection, checkpoint: Option<&Path>) -> Result<i64, Tamper> {
-    let all = records(conn).map_err(|e| Tamper::Unreadable(e.to_string()))?;
-    let mut prev = GENESIS.to_owned();
-    for (i, r) in all.iter().enumerate() {
-        let expected_seq = i as i64 + 1;
-        if r.seq != expected_seq || r.prev_hash != prev {
-            return Err(Tamper::Removed { seq: expected_seq });
-        }
-        let digest = sha256_hex(r.payload.as_bytes());
-        let hash = record_hash(
-            r.seq,
-            r.at_ms,
-            &r.actor,
-            &r.action,
-            &r.request_id,
-            &r.digest,
-            &r.prev_hash,
-        );
-        if digest != r.digest || hash != r.hash {
-            return Err(Tamper::Changed { seq: r.seq });
-        }
-        prev = r.hash.clone();
-    }
-    let last = all.last().map_or(0, |r| r.seq);
-    if let Some(path) = checkpoint {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            let mut it = text.split_whitespace();
-            let seq: i64 = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-            let hash = it.next().unwrap_or_default();
-            if seq > last {
-                return Err(Tamper::Truncated {
-                    last,
-                    checkpoint: seq,
-                });
-            }
-            let at = all.iter().find(|r| r.seq == seq);
-            if seq > 0 && at.is_none_or(|r| r.hash != hash) {
-                return Err(Tamper::Changed { seq });
-            }
-        }
-    }
-    Ok(last)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn db() -> Connection {
-        let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch(SCHEMA).unwrap();
-        let mut conn = conn;
-        let tx = conn.transaction().unwrap();
-        append(&tx, 10, "h1", "request.received", "r1", "{\"a\":1}").unwrap();
-        append(
-            &tx,
-            20,
-            "alice",
-            "request.vote.approve",
-            "r1",
-            "{\"reason\":\"ok, \\\"fine\\\"\"}",
-        )
-        .unwrap();
-        append(&tx, 30, "h1", "request.received", "r2", "{}").unwrap();
-        tx.commit().unwrap();
-        conn
+    fn chain() -> Vec<Record> {
+        let a = Record::next(0, GENESIS, 10, "h1", "request.received", "r1", "{\"a\":1}");
+        let b = Record::next(1, &a.hash, 20, "alice", "request.vote.approve", "r1", "{}");
+        let c = Record::next(2, &b.hash, 30, "h1", "request.received", "r2", "{}");
+        vec![a, b, c]
+    }
+
+    fn verify(records: &[Record], cp: Option<(i64, String)>) -> Result<i64, Tamper> {
+        let mut c = Chain::new(cp);
+        for r in records {
+            c.push(r)?;
+        }
+        c.finish()
     }
 
     #[test]
-    fn query_filters_and_prefixes() {
-        let conn = db();
-        let f = Filter {
-            request_id: Some("r1".into()),
-            ..Default::default()
-        };
-        assert_eq!(query(&conn, &f).unwrap().len(), 2);
-        let f = Filter {
-            action: Some("request.vote.*".into()),
-            ..Default::default()
-        };
-        assert_eq!(query(&conn, &f).unwrap()[0].actor, "alice");
-        let f = Filter {
-            since_ms: Some(15),
-            until_ms: Some(30),
-            ..Default::default()
-        };
-        assert_eq!(query(&conn, &f).unwrap().len(), 1);
-        let f = Filter {
-            limit: Some(1),
-            ..Default::default()
-        };
-        assert_eq!(query(&conn, &f).unwrap().len(), 1);
+    fn chain_verifies_and_catches_changes_gaps_and_cuts() {
+        let good = chain();
+        assert_eq!(verify(&good, Some((3, good[2].hash.clone()))), Ok(3));
+        let mut changed = good.clone();
+        changed[1].actor = "mallory".into();
+        assert_eq!(verify(&changed, None), Err(Tamper::Changed { seq: 2 }));
+        let gap = [good[0].clone(), good[2].clone()];
+        assert_eq!(verify(&gap, None), Err(Tamper::Removed { seq: 2 }));
+        assert_eq!(
+            verify(&good[..2], Some((3, good[2].hash.clone()))),
+            Err(Tamper::Truncated {
+                last: 2,
+                checkpoint: 3
+            })
+        );
+        let mut resumed = Chain::resume(2, good[1].hash.clone());
+        assert_eq!(resumed.push(&good[2]), Ok(()));
     }
 
     #[test]
     fn exports_round_trip() {
-        let records = query(&db(), &Filter::default()).unwrap();
+        let mut records = chain();
+        records[1].payload = "{\"reason\":\"ok, \\\"fine\\\"\"}".into();
         let jsonl = to_json_lines(&records);
         let lines: Vec<serde_json::Value> = jsonl
             .lines()

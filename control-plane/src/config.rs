@@ -104,6 +104,100 @@ pub struct ServerConfig {
     /// Generic webhooks.
     #[serde(default, rename = "webhook")]
     pub webhooks: Vec<WebhookFile>,
+    /// Bounds on what agents and callers may ask.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// `[limits]`: bounds on what agents and callers may ask of the control plane. A request over
+/// them is denied at once (the agent is told why), never stored; an outcome over them is
+/// ignored and logged.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request an agent may send, bytes (as encoded on the wire).
+    pub max_request_bytes: usize,
+    /// Most command-line arguments in a request (the program's, or the connecting process's).
+    pub max_argv: usize,
+    /// Most environment variables in a request.
+    pub max_env: usize,
+    /// Most entries in a request's parent chain.
+    pub max_ancestors: usize,
+    /// Most requests one host may have pending at once.
+    pub max_pending_per_host: u32,
+    /// Most requests one account may have pending at once, over all hosts.
+    pub max_pending_per_account: u32,
+    /// Latest deadline a request may have, seconds from its arrival; later ones are brought
+    /// forward to it.
+    pub max_deadline_secs: u64,
+    /// Most outcomes (resumed, killed, exit status) an agent may report for one request.
+    pub max_outcomes_per_request: u32,
+    /// Most requests, grants or audit records one list call returns.
+    pub max_list: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 64 * 1024,
+            max_argv: 1024,
+            max_env: 256,
+            max_ancestors: 64,
+            max_pending_per_host: 1000,
+            max_pending_per_account: 1000,
+            max_deadline_secs: 24 * 3600,
+            max_outcomes_per_request: 8,
+            max_list: 1000,
+        }
+    }
+}
+
+impl Limits {
+    /// [`Limits::max_deadline_secs`] in milliseconds.
+    pub fn max_deadline_ms(&self) -> i64 {
+        i64::try_from(self.max_deadline_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+
+    /// Why `req` is over a limit, if it is.
+    pub fn check_request(&self, req: &airlock_proto::v1::ActionRequest) -> Result<(), String> {
+        use airlock_proto::v1::action_request::Action;
+        use prost::Message;
+        let size = req.encoded_len();
+        if size > self.max_request_bytes {
+            return Err(format!(
+                "the request is {size} bytes, over limits.max_request_bytes ({})",
+                self.max_request_bytes
+            ));
+        }
+        let p = req.process.clone().unwrap_or_default();
+        let argv = match &req.action {
+            Some(Action::Exec(e)) => e.argv.len().max(p.argv.len()),
+            _ => p.argv.len(),
+        };
+        let counts = [
+            ("arguments", argv, self.max_argv, "max_argv"),
+            (
+                "environment variables",
+                p.env.len(),
+                self.max_env,
+                "max_env",
+            ),
+            (
+                "parent processes",
+                p.ancestors.len(),
+                self.max_ancestors,
+                "max_ancestors",
+            ),
+        ];
+        for (what, n, max, key) in counts {
+            if n > max {
+                return Err(format!(
+                    "the request has {n} {what}, over limits.{key} ({max})"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[web]`.
@@ -311,6 +405,18 @@ impl ServerConfig {
                     "webhook {:?}: max_attempts must be at least 1",
                     w.name
                 )));
+            }
+        }
+        let l = &cfg.limits;
+        for (key, value) in [
+            ("max_request_bytes", l.max_request_bytes as u64),
+            ("max_pending_per_host", l.max_pending_per_host.into()),
+            ("max_pending_per_account", l.max_pending_per_account.into()),
+            ("max_deadline_secs", l.max_deadline_secs),
+            ("max_list", l.max_list.into()),
+        ] {
+            if value == 0 {
+                return Err(invalid(format!("limits.{key} must be at least 1")));
             }
         }
         Ok(cfg)

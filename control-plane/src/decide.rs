@@ -4,17 +4,22 @@
 //!
 //! A vote is refused when the approver has no identity, when a deny (or, where the rule says so,
 //! an approval) has no reason, when the approver made the request, when they are in none of the
-//! request's approver groups, when they already voted, and when the request is no longer pending.
+//! request's approver groups, when they (under any of their names) already voted, when the
+//! request is no longer pending, and when its deadline has passed. The last three are checked
+//! in the same transaction that records the vote, on whichever replica it is cast.
+//!
+//! A decision reaches the agent through the change feed: the replica that holds the agent's
+//! stream sends it once the decision is committed.
 
 use std::sync::Arc;
 
 use airlock_proto::v1::{HeldRequest, RequestState, Verdict};
 
+pub use crate::types::person;
 use crate::{
-    agents::Agents,
-    http::Metrics,
+    metrics::Metrics,
+    policy::SharedPolicy,
     store::{Store, StoreError},
-    SharedPolicy,
 };
 
 /// A person deciding: their identity and the groups their login gave them (OIDC group claims or
@@ -55,25 +60,11 @@ pub enum DecideError {
 #[derive(Clone)]
 pub struct Decisions {
     /// Requests.
-    pub store: Arc<Store>,
-    /// Where decisions go.
-    pub agents: Arc<Agents>,
+    pub store: Store,
     /// Group membership.
     pub policy: SharedPolicy,
     /// Counters.
     pub metrics: Arc<Metrics>,
-}
-
-/// The person behind an identity: its local part, lower-cased, so that `Alice@example.com`
-/// (OIDC), `alice` (a local account or token) and the Unix account `alice` are one person.
-/// Comparisons err on the side of "same person": refusing a vote is safe, a second vote by
-/// one person is not.
-pub fn person(identity: &str) -> String {
-    identity
-        .split('@')
-        .next()
-        .unwrap_or(identity)
-        .to_ascii_lowercase()
 }
 
 /// Whether `approver` is the account that made `held` (its user, or the user who logged in
@@ -104,7 +95,7 @@ impl Decisions {
         if held.state() != RequestState::Pending {
             return Some(format!(
                 "the request is {}",
-                crate::store::state_name(held.state())
+                crate::types::state_name(held.state())
             ));
         }
         if is_requester(held, &approver.name) {
@@ -116,7 +107,7 @@ impl Decisions {
         if has_voted(held, &approver.name) {
             return Some(format!("{} has already voted", approver.name));
         }
-        let policy = crate::current(&self.policy);
+        let policy = crate::policy::current(&self.policy);
         let member = policy.may_vote(&approver.name, &held.approver_groups)
             || held
                 .approver_groups
@@ -132,9 +123,11 @@ impl Decisions {
         None
     }
 
-    /// Records `approver`'s vote on request `id`; when it decides the request, the agent is
-    /// told (after the decision is committed).
-    pub fn decide(
+    /// Records `approver`'s vote on request `id`. Refusals about the person (own request, not
+    /// in the groups, no reason) are checked first; whether the request is still pending,
+    /// before its deadline, and not yet voted on by the same person are checked again by the
+    /// store in the vote's own transaction.
+    pub async fn decide(
         &self,
         approver: &Approver,
         id: &str,
@@ -145,7 +138,7 @@ impl Decisions {
         if verdict == Verdict::Unspecified {
             return Err(DecideError::Invalid("verdict must be allow or deny".into()));
         }
-        let held = self.store.get(id)?;
+        let held = self.store.get(id).await?;
         if verdict == Verdict::Deny && reason.trim().is_empty() {
             return Err(DecideError::Invalid("a deny needs a reason".into()));
         }
@@ -159,7 +152,7 @@ impl Decisions {
         if held.state() != RequestState::Pending {
             return Err(StoreError::NotPending {
                 id: id.to_owned(),
-                state: crate::store::state_name(held.state()),
+                state: crate::types::state_name(held.state()),
             }
             .into());
         }
@@ -173,15 +166,15 @@ impl Decisions {
         if let Some(why) = self.refusal(&held, approver) {
             return Err(DecideError::Forbidden(why));
         }
-        let (held, decided) =
-            self.store
-                .vote(id, &approver.name, verdict, reason.trim(), grant_minutes)?;
+        let (held, decided) = self
+            .store
+            .vote(id, &approver.name, verdict, reason.trim(), grant_minutes)
+            .await?;
         tracing::info!(request = %id, approver = %approver.name, verdict = ?verdict, decided, "vote");
         if decided {
-            self.metrics.decided(crate::store::state_name(held.state()));
+            self.metrics.decided(crate::types::state_name(held.state()));
             let secs = (held.decided_unix_ms - held.received_unix_ms).max(0) as f64 / 1000.0;
             self.metrics.decision_latency.observe(secs);
-            self.agents.deliver(&held);
         }
         Ok(held)
     }

@@ -1,15 +1,10 @@
-//! The HTTP side of `airlock-server`: health, readiness and Prometheus metrics.
+//! The control plane's Prometheus metrics (served on `/metrics` by [`crate::web::health`]).
 
-use std::sync::Arc;
-
-use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-
-use crate::{agents::Agents, store::Store};
 
 /// Label of the decisions counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -27,7 +22,6 @@ pub struct ChannelLabel {
 
 /// The control plane's metrics.
 pub struct Metrics {
-    registry: Registry,
     /// Requests received from agents (new ones, not resends).
     pub requests: Counter,
     /// Requests decided, by result.
@@ -36,8 +30,14 @@ pub struct Metrics {
     pub decision_latency: Histogram,
     /// Notification deliveries that failed (each failed attempt), by channel.
     pub notification_failures: Family<ChannelLabel, Counter>,
-    pending: Gauge,
-    agents: Gauge,
+    /// Requests refused for a limit (`[limits]`), denied at once.
+    pub refused: Counter,
+    /// Pending requests (set when scraped).
+    pub pending: Gauge,
+    /// Agents connected to this replica (set when scraped).
+    pub agents: Gauge,
+    /// The registry, for the text exposition.
+    pub registry: Registry,
 }
 
 impl Default for Metrics {
@@ -50,6 +50,12 @@ impl Default for Metrics {
         let pending = Gauge::default();
         let agents = Gauge::default();
         let notification_failures = Family::<ChannelLabel, Counter>::default();
+        let refused = Counter::default();
+        registry.register(
+            "requests_refused",
+            "Requests refused for a limit and denied at once",
+            refused.clone(),
+        );
         registry.register(
             "notification_failures",
             "Failed notification attempts, by channel",
@@ -81,13 +87,14 @@ impl Default for Metrics {
             agents.clone(),
         );
         Self {
-            registry,
             requests,
             decisions,
             decision_latency,
             notification_failures,
+            refused,
             pending,
             agents,
+            registry,
         }
     }
 }
@@ -109,57 +116,5 @@ impl Metrics {
                 result: result.to_owned(),
             })
             .inc();
-    }
-}
-
-#[derive(Clone)]
-struct Http {
-    store: Arc<Store>,
-    agents: Arc<Agents>,
-    metrics: Arc<Metrics>,
-}
-
-/// The HTTP routes.
-pub fn router(store: Arc<Store>, agents: Arc<Agents>, metrics: Arc<Metrics>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
-        .route("/metrics", get(metrics_text))
-        .with_state(Http {
-            store,
-            agents,
-            metrics,
-        })
-}
-
-async fn ready(State(h): State<Http>) -> impl IntoResponse {
-    match h.store.count_pending() {
-        Ok(_) => (StatusCode::OK, "ready\n"),
-        Err(e) => {
-            // The probe answers whoever reaches the port: the detail (file path, database
-            // error) goes to the log only.
-            tracing::error!(error = %e, "readiness check failed: the database is not usable");
-            (StatusCode::SERVICE_UNAVAILABLE, "database not usable\n")
-        }
-    }
-}
-
-async fn metrics_text(State(h): State<Http>) -> impl IntoResponse {
-    if let Ok(n) = h.store.count_pending() {
-        h.metrics.pending.set(n);
-    }
-    h.metrics.agents.set(h.agents.connected().len() as i64);
-    let mut out = String::new();
-    match prometheus_client::encoding::text::encode(&mut out, &h.metrics.registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                axum::http::header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            out,
-        )
-            .into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }

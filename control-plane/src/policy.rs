@@ -20,6 +20,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::Path,
+    sync::Arc,
 };
 
 use serde::Deserialize;
@@ -154,19 +155,19 @@ fn one() -> u32 {
     1
 }
 
-/// Where a request goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
-    /// The routing rule ("" for the default).
-    pub rule: String,
-    /// Groups whose members may vote; empty: any approver.
-    pub groups: Vec<String>,
-    /// Distinct approvals needed.
-    pub quorum: u32,
-    /// Approvals need a reason.
-    pub require_reason: bool,
-    /// Denials need a quorum too.
-    pub deny_needs_quorum: bool,
+pub use crate::types::Route;
+
+/// The approval policy in force, replaced whole on reload; subscribers hear of each change.
+pub type SharedPolicy = Arc<tokio::sync::watch::Sender<Arc<Policy>>>;
+
+/// A new holder of the policy in force, starting with the default (any one approver).
+pub fn shared(p: Policy) -> SharedPolicy {
+    Arc::new(tokio::sync::watch::channel(Arc::new(p)).0)
+}
+
+/// The policy in force now.
+pub fn current(p: &SharedPolicy) -> Arc<Policy> {
+    p.borrow().clone()
 }
 
 impl Policy {
@@ -262,22 +263,13 @@ impl Policy {
                     && (r.enforce.accounts.is_empty()
                         || r.enforce.accounts.iter().any(|a| a == account))
             })
-            .map_or(
-                Route {
-                    rule: String::new(),
-                    groups: Vec::new(),
-                    quorum: 1,
-                    require_reason: false,
-                    deny_needs_quorum: false,
-                },
-                |r| Route {
-                    rule: r.name.clone(),
-                    groups: r.groups.clone(),
-                    quorum: r.quorum,
-                    require_reason: r.require_reason,
-                    deny_needs_quorum: r.deny_needs_quorum,
-                },
-            )
+            .map_or(Route::default(), |r| Route {
+                rule: r.name.clone(),
+                groups: r.groups.clone(),
+                quorum: r.quorum,
+                require_reason: r.require_reason,
+                deny_needs_quorum: r.deny_needs_quorum,
+            })
     }
 
     /// The rules agents with `labels` must enforce, as TOML in the agent's rule format, and a

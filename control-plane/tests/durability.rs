@@ -1,16 +1,26 @@
-//! Durability on a real SQLite file: a restart keeps pending requests and delivers a later
-//! decision; the audit trail catches a record changed, removed, reordered or cut off the end.
+//! Durability on both backends: a restart keeps pending requests and delivers a later
+//! decision; the audit trail catches a record changed, removed or reordered behind the
+//! server's back (and, with SQLite's checkpoint file, records cut off the end).
 
-use std::{path::Path, time::Duration};
+#[path = "support/db.rs"]
+mod db;
+
+use std::time::Duration;
 
 use airlock_agent::decider::Decider;
 use airlock_control_plane::{
-    audit::Tamper, auth::Scope, policy::Policy, store::Store, ControlPlane,
+    audit::Tamper,
+    auth::Scope,
+    config::Limits,
+    policy::Policy,
+    store::{trail::verify_database, Database, Store},
+    ControlPlane,
 };
 use airlock_proto::v1::{
     approval_service_client::ApprovalServiceClient, ActionRequest, DecideRequest,
     GetRequestRequest, Hello, RequestState, Verdict,
 };
+use db::TestDb;
 
 fn request(id: &str) -> ActionRequest {
     ActionRequest {
@@ -20,17 +30,19 @@ fn request(id: &str) -> ActionRequest {
     }
 }
 
-async fn serve(db: &Path, port: u16) -> tokio::sync::oneshot::Sender<()> {
+/// Serves `db` on `port`; the first time, makes tokens for agent h1 and alice.
+async fn serve(t: &mut TestDb, port: u16) -> (tokio::sync::oneshot::Sender<()>, String, String) {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap();
-    let store = Store::open(db).unwrap();
-    if !store.has_admin_token().unwrap() {
-        let agent = store.create_token("h1", Scope::Agent).unwrap();
-        std::fs::write(db.with_extension("agent"), agent).unwrap();
-        let alice = store.create_token("alice", Scope::Approve).unwrap();
-        std::fs::write(db.with_extension("alice"), alice).unwrap();
-        store.create_token("admin", Scope::Admin).unwrap();
+    let store = t.open().await;
+    let dir = t.dir();
+    if !store.has_admin_token().await.unwrap() {
+        let agent = store.create_token("h1", Scope::Agent).await.unwrap();
+        std::fs::write(dir.join("agent"), agent).unwrap();
+        let alice = store.create_token("alice", Scope::Approve).await.unwrap();
+        std::fs::write(dir.join("alice"), alice).unwrap();
+        store.create_token("admin", Scope::Admin).await.unwrap();
     }
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -41,7 +53,8 @@ async fn serve(db: &Path, port: u16) -> tokio::sync::oneshot::Sender<()> {
             .await
             .unwrap();
     });
-    tx
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    (tx, read("agent"), read("alice"))
 }
 
 async fn client(
@@ -65,18 +78,13 @@ async fn client(
     })
 }
 
-#[tokio::test]
-async fn restart_keeps_pending_and_delivers_later_decision() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("airlock.db");
+async fn restart_keeps_pending_and_delivers_later_decision(mut t: TestDb) {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
     let url = format!("http://127.0.0.1:{port}");
-    let stop = serve(&db, port).await;
-    let agent_token = std::fs::read_to_string(db.with_extension("agent")).unwrap();
-    let alice = std::fs::read_to_string(db.with_extension("alice")).unwrap();
+    let (stop, agent_token, alice) = serve(&mut t, port).await;
     let agent = Decider::spawn(
         url.clone(),
         Hello {
@@ -101,10 +109,10 @@ async fn restart_keeps_pending_and_delivers_later_decision() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // Stop the server with the request pending, then start it again on the same file.
+    // Stop the server with the request pending, then start it again on the same database.
     stop.send(()).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let _stop = serve(&db, port).await;
+    let _stop = serve(&mut t, port).await;
     let mut c = client(&url, &alice).await;
     let held = c
         .get(GetRequestRequest {
@@ -143,78 +151,85 @@ async fn restart_keeps_pending_and_delivers_later_decision() {
     );
 }
 
-/// A database with five audit records (three requests, two decisions).
-fn populated(dir: &Path) -> std::path::PathBuf {
-    let db = dir.join("airlock.db");
-    let s = Store::open(&db).unwrap();
+/// Five audit records (three requests, two decisions).
+async fn populate(t: &TestDb) {
+    let s = t.open().await;
     for id in ["a", "b", "c"] {
         let host = Hello {
             host_id: "h".into(),
             hostname: "host".into(),
             ..Default::default()
         };
-        s.receive(
-            &host,
-            &Policy::default().route("", &Default::default(), ""),
-            request(id),
-        )
-        .unwrap();
+        let route = Policy::default().route("", &Default::default(), "");
+        s.receive(&host, &route, request(id), &Limits::default())
+            .await
+            .unwrap();
     }
-    s.vote("a", "alice", Verdict::Allow, "ok", 0).unwrap();
-    s.vote("b", "bob", Verdict::Deny, "no", 0).unwrap();
-    assert_eq!(s.verify_audit().unwrap(), 5);
-    drop(s);
-    db
+    s.vote("a", "alice", Verdict::Allow, "ok", 0).await.unwrap();
+    s.vote("b", "bob", Verdict::Deny, "no", 0).await.unwrap();
+    assert_eq!(s.verify_audit().await.unwrap(), 5);
 }
 
-fn tamper(db: &Path, sql: &str) -> Result<i64, Tamper> {
-    rusqlite_exec(db, sql);
-    Store::open(db).unwrap().verify_audit()
+/// Runs `sql` on the database behind the server's back, as someone with access to it would.
+async fn behind_the_back(db: &Database, sql: &str) {
+    match db {
+        Database::Sqlite(path) => {
+            let conn = rusqlite::Connection::open(path).unwrap();
+            conn.execute_batch(sql).unwrap();
+        }
+        Database::Postgres(url) => {
+            use sqlx::{Connection, Executor};
+            let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+            conn.execute(sql).await.unwrap();
+        }
+    }
 }
 
-/// Edits the database behind the server's back, as an attacker with file access would.
-fn rusqlite_exec(db: &Path, sql: &str) {
-    let conn = rusqlite::Connection::open(db).unwrap();
-    conn.execute_batch(sql).unwrap();
+async fn tamper(t: &TestDb, sql: &str) -> Result<i64, Tamper> {
+    populate(t).await;
+    behind_the_back(&t.db, sql).await;
+    let through_store = Store::open(&t.db).await.unwrap().verify_audit().await;
+    let offline = verify_database(&t.db).await;
+    assert_eq!(through_store, offline, "both ways of verifying agree");
+    offline
 }
 
-#[test]
-fn audit_catches_changed_record() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = populated(dir.path());
+async fn audit_catches_changed_record(t: TestDb) {
     let err = tamper(
-        &db,
+        &t,
         "UPDATE audit SET payload = '{\"reason\":\"yes\"}' WHERE seq = 5",
     )
+    .await
     .unwrap_err();
     assert_eq!(err, Tamper::Changed { seq: 5 });
 }
 
-#[test]
-fn audit_catches_removed_record() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = populated(dir.path());
-    let err = tamper(&db, "DELETE FROM audit WHERE seq = 3").unwrap_err();
+async fn audit_catches_removed_record(t: TestDb) {
+    let err = tamper(&t, "DELETE FROM audit WHERE seq = 3")
+        .await
+        .unwrap_err();
     assert_eq!(err, Tamper::Removed { seq: 3 });
 }
 
-#[test]
-fn audit_catches_reordered_records() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = populated(dir.path());
+async fn audit_catches_reordered_records(t: TestDb) {
     let err = tamper(
-        &db,
+        &t,
         "UPDATE audit SET seq = 100 WHERE seq = 2; UPDATE audit SET seq = 2 WHERE seq = 3; UPDATE audit SET seq = 3 WHERE seq = 100",
     )
+    .await
     .unwrap_err();
     assert_eq!(err, Tamper::Removed { seq: 2 });
 }
 
-#[test]
-fn audit_catches_records_cut_off_the_end() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = populated(dir.path());
-    let err = tamper(&db, "DELETE FROM audit WHERE seq >= 4").unwrap_err();
+/// SQLite only: the chain head is also kept in a checkpoint file outside the database, which
+/// is what catches a cut. PostgreSQL keeps nothing outside the database; there, its own
+/// backups and WAL archive are the record to compare with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_catches_records_cut_off_the_end_of_a_sqlite_file() {
+    let t = TestDb::sqlite();
+    let err = tamper(&t, "DELETE FROM audit WHERE seq >= 4")
+        .await
+        .unwrap_err();
     assert_eq!(
         err,
         Tamper::Truncated {
@@ -224,29 +239,38 @@ fn audit_catches_records_cut_off_the_end() {
     );
 }
 
-#[test]
-fn airlockctl_audit_verify_reports_first_bad_record_and_exit_code() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = populated(dir.path());
-    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_airlockctl"))
-        .args(["audit", "verify", "--db"])
-        .arg(&db)
-        .output()
-        .unwrap();
-    assert!(ok.status.success());
+async fn airlockctl_audit_verify_reports_first_bad_record_and_exit_code(t: TestDb) {
+    populate(&t).await;
+    let args: Vec<String> = match &t.db {
+        Database::Sqlite(path) => vec!["--db".into(), path.display().to_string()],
+        Database::Postgres(url) => vec!["--database".into(), url.clone()],
+    };
+    let verify = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_airlockctl"))
+            .args(["audit", "verify"])
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let ok = verify();
+    assert!(ok.status.success(), "{ok:?}");
     assert!(
         String::from_utf8_lossy(&ok.stdout).contains("5 records"),
         "{ok:?}"
     );
-    rusqlite_exec(&db, "UPDATE audit SET actor = 'mallory' WHERE seq = 4");
-    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_airlockctl"))
-        .args(["audit", "verify", "--db"])
-        .arg(&db)
-        .output()
-        .unwrap();
+    behind_the_back(&t.db, "UPDATE audit SET actor = 'mallory' WHERE seq = 4").await;
+    let bad = verify();
     assert_eq!(bad.status.code(), Some(5));
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("audit record 4 was changed"),
         "{bad:?}"
     );
 }
+
+both!(
+    restart_keeps_pending_and_delivers_later_decision,
+    audit_catches_changed_record,
+    audit_catches_removed_record,
+    audit_catches_reordered_records,
+    airlockctl_audit_verify_reports_first_bad_record_and_exit_code,
+);

@@ -3,10 +3,13 @@
 //! once, expires, is never a bearer token, honours its host binding, and leaves an audit trail
 //! that verifies and never contains it.
 
+#[path = "support/db.rs"]
+mod db;
+
 #[path = "support/session.rs"]
 mod session;
 
-use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
+use std::{os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
 use airlock_agent::{
     config::AgentSection,
@@ -15,29 +18,33 @@ use airlock_agent::{
 };
 use airlock_control_plane::{
     audit::Filter,
+    auth::enroll::{self, DEFAULT_TTL},
     auth::Scope,
-    enroll::{self, DEFAULT_TTL},
-    store::Store,
+    store::{Database, Store},
     ControlPlane,
 };
 use airlock_proto::v1::{
     approval_service_client::ApprovalServiceClient, Hello, ListRequestsRequest,
 };
+use db::TestDb;
 use tonic::Code;
 
 struct Server {
     url: String,
-    store: Arc<Store>,
+    store: Store,
     admin: String,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-async fn start() -> Server {
+async fn start(t: &TestDb) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let store = Store::in_memory().unwrap();
-    let admin = store.create_token("root-admin", Scope::Admin).unwrap();
+    let store = t.open().await;
+    let admin = store
+        .create_token("root-admin", Scope::Admin)
+        .await
+        .unwrap();
     let plane = ControlPlane::new(store);
     let store = plane.store.clone();
     tokio::spawn(async move {
@@ -87,15 +94,20 @@ async fn session_opens(url: &str, host: &str, token: &str, wait: Duration) -> bo
         .await
 }
 
-fn token_count(store: &Store) -> i64 {
+async fn token_count(store: &Store) -> i64 {
     store
-        .with_conn(|c| c.query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0)))
+        .read(|tx| {
+            Box::pin(async move {
+                let row = tx.row("SELECT COUNT(*) FROM tokens", &[]).await?;
+                row.map_or(Ok(0), |r| r.int(0))
+            })
+        })
+        .await
         .unwrap()
 }
 
-#[tokio::test]
-async fn enrolment_writes_a_working_credential_once_and_later_starts_skip_it() {
-    let s = start().await;
+async fn enrolment_writes_a_working_credential_once_and_later_starts_skip_it(t: TestDb) {
+    let s = start(&t).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = settings(dir.path());
     let (cred_file, enroll_file) = (
@@ -103,6 +115,7 @@ async fn enrolment_writes_a_working_credential_once_and_later_starts_skip_it() {
         cfg.enroll_token_file.clone().unwrap(),
     );
     let token = enroll::create(&s.store, "web-1", None, DEFAULT_TTL, "server")
+        .await
         .unwrap()
         .token;
     std::fs::write(&enroll_file, format!("{token}\n")).unwrap();
@@ -152,13 +165,13 @@ async fn enrolment_writes_a_working_credential_once_and_later_starts_skip_it() {
     );
 
     // The spent token is refused, with a reason, and makes nothing.
-    let before = token_count(&s.store);
+    let before = token_count(&s.store).await;
     let twice = agent_enroll::request(&conn(&s.url), &token, &hello("host-2"))
         .await
         .unwrap_err();
     assert_eq!(twice.code(), Code::Unauthenticated);
     assert!(twice.message().contains("already used"), "{twice:?}");
-    assert_eq!(token_count(&s.store), before, "nothing created");
+    assert_eq!(token_count(&s.store).await, before, "nothing created");
 
     // What the agent reports when the server refuses: the file and the server's reason.
     std::fs::remove_file(&cred_file).unwrap();
@@ -179,10 +192,10 @@ async fn enrolment_writes_a_working_credential_once_and_later_starts_skip_it() {
     );
 }
 
-#[tokio::test]
-async fn expired_and_unknown_tokens_are_refused() {
-    let s = start().await;
+async fn expired_and_unknown_tokens_are_refused(t: TestDb) {
+    let s = start(&t).await;
     let short = enroll::create(&s.store, "short", None, Duration::from_millis(1), "server")
+        .await
         .unwrap()
         .token;
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -193,6 +206,7 @@ async fn expired_and_unknown_tokens_are_refused() {
     assert!(expired.message().contains("expired"), "{expired:?}");
 
     let good = enroll::create(&s.store, "x", None, DEFAULT_TTL, "server")
+        .await
         .unwrap()
         .token;
     let mut forged = good.clone();
@@ -211,10 +225,10 @@ async fn expired_and_unknown_tokens_are_refused() {
         .unwrap();
 }
 
-#[tokio::test]
-async fn enrollment_tokens_are_never_bearer_tokens() {
-    let s = start().await;
+async fn enrollment_tokens_are_never_bearer_tokens(t: TestDb) {
+    let s = start(&t).await;
     let token = enroll::create(&s.store, "x", Some("host-a"), DEFAULT_TTL, "server")
+        .await
         .unwrap()
         .token;
     let on_stream = session::refusal_at(&s.url, Some(&token), hello("host-a")).await;
@@ -251,10 +265,10 @@ async fn enrollment_tokens_are_never_bearer_tokens() {
         .unwrap();
 }
 
-#[tokio::test]
-async fn host_binding_and_re_enrolment() {
-    let s = start().await;
+async fn host_binding_and_re_enrolment(t: TestDb) {
+    let s = start(&t).await;
     let bound = enroll::create(&s.store, "for-a", Some("host-a"), DEFAULT_TTL, "server")
+        .await
         .unwrap()
         .token;
     let other = agent_enroll::request(&conn(&s.url), &bound, &hello("host-b"))
@@ -269,6 +283,7 @@ async fn host_binding_and_re_enrolment() {
 
     // An unbound token cannot take over an enrolled host...
     let unbound = enroll::create(&s.store, "any", None, DEFAULT_TTL, "server")
+        .await
         .unwrap()
         .token;
     let takeover = agent_enroll::request(&conn(&s.url), &unbound, &hello("host-a"))
@@ -278,6 +293,7 @@ async fn host_binding_and_re_enrolment() {
     assert!(takeover.message().contains("--host host-a"), "{takeover:?}");
     // ...a token bound to it replaces the credential, and the old one stops working.
     let rebind = enroll::create(&s.store, "again", Some("host-a"), DEFAULT_TTL, "server")
+        .await
         .unwrap()
         .token;
     let second = agent_enroll::request(&conn(&s.url), &rebind, &hello("host-a"))
@@ -301,13 +317,14 @@ async fn host_binding_and_re_enrolment() {
     );
 
     // The audit trail records it all, verifies, and never holds a token's text.
-    s.store.verify_audit().unwrap();
+    s.store.verify_audit().await.unwrap();
     let enrolled = s
         .store
         .audit_query(&Filter {
             action: Some("agent.enrolled".into()),
             ..Default::default()
         })
+        .await
         .unwrap();
     assert_eq!(enrolled.len(), 2);
     assert!(enrolled.iter().all(|r| r.actor == "host-a"));
@@ -321,9 +338,10 @@ async fn host_binding_and_re_enrolment() {
             action: Some("token.revoked".into()),
             ..Default::default()
         })
+        .await
         .unwrap();
     assert_eq!(revoked.len(), 1, "the replaced credential's revocation");
-    let all = s.store.audit_query(&Filter::default()).unwrap();
+    let all = s.store.audit_query(&Filter::default()).await.unwrap();
     for secret in [
         &bound,
         &unbound,
@@ -344,9 +362,8 @@ async fn host_binding_and_re_enrolment() {
     }
 }
 
-#[tokio::test]
-async fn airlockctl_and_airlock_server_make_enrollment_tokens() {
-    let s = start().await;
+async fn airlockctl_and_airlock_server_make_enrollment_tokens(t: TestDb) {
+    let s = start(&t).await;
     // Async: the server answers on this test's runtime, which a blocking wait would stall.
     let ctl = |args: &[&str]| {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_airlockctl"))
@@ -382,10 +399,15 @@ async fn airlockctl_and_airlock_server_make_enrollment_tokens() {
     assert!(!misuse.status.success(), "ttl is for enroll only");
 
     let dir = tempfile::tempdir().unwrap();
+    let database = match &t.db {
+        Database::Sqlite(_) => format!("sqlite://{}/airlock.db", dir.path().display()),
+        Database::Postgres(url) => url.clone(),
+    };
     let server = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_airlock-server"))
             .arg("--data-dir")
             .arg(dir.path())
+            .args(["--database", &database])
             .args(["tokens", "create"])
             .args(args)
             .output()
@@ -403,3 +425,11 @@ async fn airlockctl_and_airlock_server_make_enrollment_tokens() {
         "{misuse:?}"
     );
 }
+
+both!(
+    enrolment_writes_a_working_credential_once_and_later_starts_skip_it,
+    expired_and_unknown_tokens_are_refused,
+    enrollment_tokens_are_never_bearer_tokens,
+    host_binding_and_re_enrolment,
+    airlockctl_and_airlock_server_make_enrollment_tokens,
+);

@@ -1,5 +1,8 @@
 //! The control plane over real sockets, driven by the agent's own client code.
 
+#[path = "support/db.rs"]
+mod db;
+
 #[path = "support/session.rs"]
 mod session;
 
@@ -8,26 +11,30 @@ use std::time::Duration;
 use airlock_agent::decider::Decider;
 use std::collections::HashMap;
 
-use airlock_control_plane::{auth::Scope, policy::Policy, store::Store, ControlPlane};
+use airlock_control_plane::{auth::Scope, policy::Policy, ControlPlane};
 use airlock_proto::v1::{
     approval_service_client::ApprovalServiceClient, ActionRequest, DecideRequest, ExecAction,
     GetRequestRequest, Hello, ListRequestsRequest, ProcessContext, RequestState, Verdict,
     WatchRequestsRequest,
 };
+use db::TestDb;
 use tonic::Code;
 
 /// A server with tokens: agents `host-a`, `host-b`; approvers alice and bob; `claude` (the
 /// account the agents' requests come from) also holds an approve token; `reader` can only read.
-async fn start() -> (
+async fn start(
+    t: &TestDb,
+) -> (
     String,
     HashMap<&'static str, String>,
     tokio::sync::oneshot::Sender<()>,
 ) {
-    start_with(None).await
+    start_with(t, None).await
 }
 
 /// Like [`start`], with an approval policy; carol holds an approve token too.
 async fn start_with(
+    t: &TestDb,
     policy: Option<&str>,
 ) -> (
     String,
@@ -37,7 +44,7 @@ async fn start_with(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let store = Store::in_memory().unwrap();
+    let store = t.open().await;
     let mut tokens = HashMap::new();
     for (name, scope) in [
         ("host-a", Scope::Agent),
@@ -49,7 +56,7 @@ async fn start_with(
         ("carol", Scope::Approve),
         ("root-admin", Scope::Admin),
     ] {
-        tokens.insert(name, store.create_token(name, scope).unwrap());
+        tokens.insert(name, store.create_token(name, scope).await.unwrap());
     }
     let plane = ControlPlane::new(store);
     if let Some(text) = policy {
@@ -158,9 +165,8 @@ fn vote(id: &str, verdict: Verdict, reason: &str) -> DecideRequest {
     }
 }
 
-#[tokio::test]
-async fn decision_reaches_the_right_agent_and_request() {
-    let (url, t, _stop) = start().await;
+async fn decision_reaches_the_right_agent_and_request(t: TestDb) {
+    let (url, t, _stop) = start(&t).await;
     let (a, b) = (
         agent(&url, "host-a", &t["host-a"]),
         agent(&url, "host-b", &t["host-b"]),
@@ -197,9 +203,8 @@ async fn decision_reaches_the_right_agent_and_request() {
     );
 }
 
-#[tokio::test]
-async fn refusals_are_precise_and_lose_nothing() {
-    let (url, t, _stop) = start().await;
+async fn refusals_are_precise_and_lose_nothing(t: TestDb) {
+    let (url, t, _stop) = start(&t).await;
     let a = agent(&url, "host-a", &t["host-a"]);
     assert!(a.wait_connected(Duration::from_secs(5)).await);
     let _pending = a.ask(request("r-1", "claude"));
@@ -302,9 +307,8 @@ async fn refusals_are_precise_and_lose_nothing() {
     assert_eq!(twice.code(), Code::FailedPrecondition);
 }
 
-#[tokio::test]
-async fn agent_stream_needs_its_own_credential() {
-    let (url, t, _stop) = start().await;
+async fn agent_stream_needs_its_own_credential(t: TestDb) {
+    let (url, t, _stop) = start(&t).await;
     let hello = |host: &str| Hello {
         host_id: host.into(),
         hostname: host.into(),
@@ -338,9 +342,8 @@ async fn agent_stream_needs_its_own_credential() {
     assert!(ok.wait_connected(Duration::from_secs(5)).await);
 }
 
-#[tokio::test]
-async fn resent_request_is_one_request_and_watchers_see_it() {
-    let (url, t, _stop) = start().await;
+async fn resent_request_is_one_request_and_watchers_see_it(t: TestDb) {
+    let (url, t, _stop) = start(&t).await;
     let mut c = approvals(&url, Some(&t["alice"])).await;
     let mut watch = c
         .watch(WatchRequestsRequest {
@@ -374,8 +377,7 @@ async fn resent_request_is_one_request_and_watchers_see_it() {
     assert_eq!(d.verdict, Verdict::Allow as i32);
 }
 
-#[tokio::test]
-async fn quorum_of_two_from_the_rules_group_and_deny_wins() {
+async fn quorum_of_two_from_the_rules_group_and_deny_wins(t: TestDb) {
     let policy = r#"
 [groups]
 oncall = ["alice", "bob"]
@@ -387,7 +389,7 @@ groups = ["oncall"]
 quorum = 2
 require_reason = true
 "#;
-    let (url, t, _stop) = start_with(Some(policy)).await;
+    let (url, t, _stop) = start_with(&t, Some(policy)).await;
     let a = Decider::spawn(
         url.clone(),
         Hello {
@@ -477,9 +479,8 @@ require_reason = true
     assert_eq!(denied.state(), RequestState::Denied, "any deny is final");
 }
 
-#[tokio::test]
-async fn grant_answers_the_same_action_at_once_until_revoked() {
-    let (url, t, _stop) = start().await;
+async fn grant_answers_the_same_action_at_once_until_revoked(t: TestDb) {
+    let (url, t, _stop) = start(&t).await;
     let a = agent(&url, "host-a", &t["host-a"]);
     assert!(a.wait_connected(Duration::from_secs(5)).await);
     let first = a.ask(request("g-1", "ci"));
@@ -533,15 +534,14 @@ async fn grant_answers_the_same_action_at_once_until_revoked() {
     assert_eq!(g3.state(), RequestState::Pending);
 }
 
-#[tokio::test]
-async fn audit_export_agents_and_policy_services() {
+async fn audit_export_agents_and_policy_services(t: TestDb) {
     use airlock_proto::v1::{
         agents_service_client::AgentsServiceClient, audit_service_client::AuditServiceClient,
         policy_service_client::PolicyServiceClient, AuditExportRequest, AuditQuery,
         AuditVerifyRequest, ExportFormat, GetPolicyRequest, ListAgentsRequest,
         ValidatePolicyRequest,
     };
-    let (url, t, _stop) = start().await;
+    let (url, t, _stop) = start(&t).await;
     let a = agent(&url, "host-a", &t["host-a"]);
     assert!(a.wait_connected(Duration::from_secs(5)).await);
     let answer = a.ask(request("x-1", "ci"));
@@ -642,8 +642,7 @@ async fn audit_export_agents_and_policy_services() {
     assert_eq!(denied.code(), Code::Unauthenticated);
 }
 
-#[test]
-fn bad_policy_reload_is_refused_recorded_and_old_one_stays() {
+async fn bad_policy_reload_is_refused_recorded_and_old_one_stays(t: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("policy.toml");
     std::fs::write(
@@ -651,15 +650,15 @@ fn bad_policy_reload_is_refused_recorded_and_old_one_stays() {
         "[groups]\noncall = [\"alice\"]\n[[rule]]\nname = \"*\"\ngroups = [\"oncall\"]\n",
     )
     .unwrap();
-    let plane = ControlPlane::new(Store::in_memory().unwrap());
-    plane.load_policy(&path).unwrap();
+    let plane = ControlPlane::new(t.open().await);
+    plane.load_policy(&path).await.unwrap();
     std::fs::write(&path, "[[rule]]\nname = \"*\"\ngroups = [\"nobody\"]\n").unwrap();
-    let err = plane.load_policy(&path).unwrap_err();
+    let err = plane.load_policy(&path).await.unwrap_err();
     assert!(
         err.to_string().contains("unknown group \"nobody\""),
         "{err}"
     );
-    let policy = airlock_control_plane::current(&plane.policy);
+    let policy = airlock_control_plane::policy::current(&plane.policy);
     assert_eq!(
         policy.groups.get("oncall").map(Vec::len),
         Some(1),
@@ -674,6 +673,7 @@ fn bad_policy_reload_is_refused_recorded_and_old_one_stays() {
     let actions: Vec<String> = plane
         .store
         .audit_query(&Default::default())
+        .await
         .unwrap()
         .into_iter()
         .map(|r| r.action)
@@ -681,9 +681,8 @@ fn bad_policy_reload_is_refused_recorded_and_old_one_stays() {
     assert_eq!(actions, ["policy.loaded", "policy.refused"]);
 }
 
-#[tokio::test]
-async fn cancel_tells_the_agent_to_deny() {
-    let (url, t, _stop) = start().await;
+async fn cancel_tells_the_agent_to_deny(t: TestDb) {
+    let (url, t, _stop) = start(&t).await;
     let a = agent(&url, "host-a", &t["host-a"]);
     assert!(a.wait_connected(Duration::from_secs(5)).await);
     let answer = a.ask(request("c-1", "ci"));
@@ -728,8 +727,7 @@ async fn cancel_tells_the_agent_to_deny() {
     assert_eq!(late.code(), Code::FailedPrecondition);
 }
 
-#[tokio::test]
-async fn agents_receive_their_rules_now_and_on_change() {
+async fn agents_receive_their_rules_now_and_on_change(t: TestDb) {
     let policy = r#"
 [[rule]]
 name = "prod-kubectl"
@@ -746,8 +744,8 @@ decision = "ask"
 "#;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let store = Store::in_memory().unwrap();
-    let token = store.create_token("host-a", Scope::Agent).unwrap();
+    let store = t.open().await;
+    let token = store.create_token("host-a", Scope::Agent).await.unwrap();
     let plane = ControlPlane::new(store);
     plane.set_policy(Policy::parse(policy, "p.toml").unwrap());
     let serving = plane.clone();
@@ -800,9 +798,8 @@ decision = "ask"
     assert_eq!(parsed[0].name, "db");
 }
 
-#[tokio::test]
-async fn airlockctl_json_and_exit_codes() {
-    let (url, t, _stop) = start().await;
+async fn airlockctl_json_and_exit_codes(t: TestDb) {
+    let (url, t, _stop) = start(&t).await;
     let a = agent(&url, "host-a", &t["host-a"]);
     assert!(a.wait_connected(Duration::from_secs(5)).await);
     let _pending = a.ask(request("j-1", "claude"));
@@ -840,12 +837,11 @@ async fn airlockctl_json_and_exit_codes() {
     assert_eq!(decided["decided_by"], "alice");
 }
 
-#[tokio::test]
-async fn only_admins_manage_tokens_and_revoked_tokens_stop_working() {
+async fn only_admins_manage_tokens_and_revoked_tokens_stop_working(t: TestDb) {
     use airlock_proto::v1::{
         tokens_service_client::TokensServiceClient, CreateTokenRequest, RevokeTokenRequest,
     };
-    let (url, t, _stop) = start().await;
+    let (url, t, _stop) = start(&t).await;
     let ch = tonic::transport::Channel::from_shared(url.clone())
         .unwrap()
         .connect()
@@ -889,13 +885,12 @@ async fn only_admins_manage_tokens_and_revoked_tokens_stop_working() {
     assert_eq!(gone.code(), Code::Unauthenticated);
 }
 
-#[tokio::test]
-async fn overdue_requests_expire_and_bad_requests_lose_nothing() {
-    let (url, t, _stop) = start().await;
+async fn overdue_requests_expire_and_bad_requests_lose_nothing(t: TestDb) {
+    let (url, t, _stop) = start(&t).await;
     let a = agent(&url, "host-a", &t["host-a"]);
     assert!(a.wait_connected(Duration::from_secs(5)).await);
     let mut soon = request("e-1", "ci");
-    soon.deadline_unix_ms = airlock_control_plane::store::now_ms() + 300;
+    soon.deadline_unix_ms = airlock_control_plane::types::now_ms() + 300;
     let _expiring = a.ask(soon);
     let _no_id = a.ask(request("", "ci"));
     let _kept = a.ask(request("k-1", "ci"));
@@ -973,15 +968,14 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
     )
 }
 
-#[tokio::test]
-async fn health_readiness_and_metrics_over_http() {
+async fn health_readiness_and_metrics_over_http(t: TestDb) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http_addr = http.local_addr().unwrap();
-    let store = Store::in_memory().unwrap();
-    let agent_token = store.create_token("host-a", Scope::Agent).unwrap();
-    let alice = store.create_token("alice", Scope::Approve).unwrap();
+    let store = t.open().await;
+    let agent_token = store.create_token("host-a", Scope::Agent).await.unwrap();
+    let alice = store.create_token("alice", Scope::Approve).await.unwrap();
     let plane = ControlPlane::new(store);
     let (p1, p2) = (plane.clone(), plane.clone());
     tokio::spawn(async move { p1.serve(listener, std::future::pending()).await.unwrap() });
@@ -1017,3 +1011,20 @@ async fn health_readiness_and_metrics_over_http() {
         assert!(body.contains(expected), "missing {expected:?} in:\n{body}");
     }
 }
+
+both!(
+    decision_reaches_the_right_agent_and_request,
+    refusals_are_precise_and_lose_nothing,
+    agent_stream_needs_its_own_credential,
+    resent_request_is_one_request_and_watchers_see_it,
+    quorum_of_two_from_the_rules_group_and_deny_wins,
+    grant_answers_the_same_action_at_once_until_revoked,
+    audit_export_agents_and_policy_services,
+    cancel_tells_the_agent_to_deny,
+    agents_receive_their_rules_now_and_on_change,
+    airlockctl_json_and_exit_codes,
+    only_admins_manage_tokens_and_revoked_tokens_stop_working,
+    overdue_requests_expire_and_bad_requests_lose_nothing,
+    health_readiness_and_metrics_over_http,
+    bad_policy_reload_is_refused_recorded_and_old_one_stays,
+);

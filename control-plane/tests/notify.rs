@@ -1,4 +1,8 @@
-//! Notifications over real sockets: fake Slack, Teams and webhook receivers on loopback.
+//! Notifications over real sockets, on both backends: fake Slack, Teams and webhook receivers
+//! on loopback, speaking their real wire formats and checking signatures.
+
+#[path = "support/db.rs"]
+mod db;
 
 use std::{
     sync::{
@@ -9,8 +13,8 @@ use std::{
 };
 
 use airlock_control_plane::{
-    config::ServerConfig,
-    http::ChannelLabel,
+    config::{Limits, ServerConfig},
+    metrics::ChannelLabel,
     notify::{self, slack, Hub},
     policy::{Policy, Route},
     store::Store,
@@ -25,6 +29,7 @@ use axum::{
     routing::post,
     Router,
 };
+use db::TestDb;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
@@ -41,6 +46,22 @@ async fn serve(app: Router) -> String {
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     url
+}
+
+/// Polls the async `f` until it gives a value, for at most ten seconds.
+async fn eventually_async<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Polls `f` until it gives a value, for at most ten seconds.
@@ -70,8 +91,8 @@ fn secret(dir: &tempfile::TempDir, name: &str, value: &str) -> String {
     path.display().to_string()
 }
 
-fn plane() -> ControlPlane {
-    let plane = ControlPlane::new(Store::in_memory().unwrap());
+async fn plane(t: &TestDb) -> ControlPlane {
+    let plane = ControlPlane::new(t.open().await);
     plane.set_policy(Policy::parse("[groups]\noncall = [\"alice\", \"bob\"]\n", "p.toml").unwrap());
     plane
 }
@@ -82,7 +103,7 @@ fn channels(toml: &str) -> notify::Channels {
 }
 
 /// Request `id` by account `user`, routed to group oncall.
-fn receive(store: &Store, id: &str, user: &str, require_reason: bool) {
+async fn receive(store: &Store, id: &str, user: &str, require_reason: bool) {
     let host = Hello {
         host_id: "h1".into(),
         hostname: "web-1".into(),
@@ -111,10 +132,13 @@ fn receive(store: &Store, id: &str, user: &str, require_reason: bool) {
                 .to_vec(),
             ..Default::default()
         })),
-        deadline_unix_ms: airlock_control_plane::store::now_ms() + 600_000,
+        deadline_unix_ms: airlock_control_plane::types::now_ms() + 600_000,
         ..Default::default()
     };
-    store.receive(&host, &route, req).unwrap();
+    store
+        .receive(&host, &route, req, &Limits::default())
+        .await
+        .unwrap();
 }
 
 fn failures(plane: &ControlPlane, channel: &str) -> u64 {
@@ -216,7 +240,7 @@ async fn press(
         "actions": [{"action_id": action, "value": id, "type": "button"}],
     });
     let body = serde_urlencoded::to_string([("payload", payload.to_string())]).unwrap();
-    let ts = (airlock_control_plane::store::now_ms() / 1000).to_string();
+    let ts = (airlock_control_plane::types::now_ms() / 1000).to_string();
     let mut req = reqwest::Client::new()
         .post(format!("{url}/slack/interactions"))
         .header("content-type", "application/x-www-form-urlencoded")
@@ -239,8 +263,7 @@ fn replies(log: &Log) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
-async fn slack_buttons_vote_through_the_decision_path() {
+async fn slack_buttons_vote_through_the_decision_path(t: TestDb) {
     let (slack_url, log) = fake_slack().await;
     let dir = tempfile::tempdir().unwrap();
     let channels = channels(&format!(
@@ -249,15 +272,17 @@ async fn slack_buttons_vote_through_the_decision_path() {
         secret(&dir, "bot", BOT),
         secret(&dir, "signing", SIGNING),
     ));
-    let plane = plane();
-    let _hub = Hub::start(plane.store.clone(), &channels, plane.metrics.clone());
+    let plane = plane(&t).await;
+    let _hub = Hub::start(plane.store.clone(), &channels, plane.metrics.clone())
+        .await
+        .unwrap();
     let url = serve(slack::router(
         channels.slack.clone().unwrap(),
         plane.decisions(),
     ))
     .await;
 
-    receive(&plane.store, "r1", "ci", false);
+    receive(&plane.store, "r1", "ci", false).await;
     let posted = eventually("chat.postMessage", || {
         calls(&log, "/chat.postMessage").pop()
     })
@@ -322,7 +347,7 @@ async fn slack_buttons_vote_through_the_decision_path() {
     );
     let told = eventually("refusal", || replies(&log).get(1).cloned()).await;
     assert!(told.contains("ci made this request"), "{told}");
-    let held = plane.store.get("r1").unwrap();
+    let held = plane.store.get("r1").await.unwrap();
     assert_eq!((held.state(), held.votes.len()), (RequestState::Pending, 0));
 
     // Two presses at once by alice: one vote, one "already decided".
@@ -331,7 +356,7 @@ async fn slack_buttons_vote_through_the_decision_path() {
         press(&url, &slack_url, "U1", "approve", "r1", Some(SIGNING)),
     );
     assert_eq!((a, b), (StatusCode::OK, StatusCode::OK));
-    let held = plane.store.get("r1").unwrap();
+    let held = plane.store.get("r1").await.unwrap();
     assert_eq!(held.state(), RequestState::Approved);
     assert_eq!(held.votes.len(), 1);
     assert_eq!(
@@ -357,7 +382,7 @@ async fn slack_buttons_vote_through_the_decision_path() {
         (already(&log) == 2).then_some(())
     })
     .await;
-    assert_eq!(plane.store.get("r1").unwrap().votes.len(), 1);
+    assert_eq!(plane.store.get("r1").await.unwrap().votes.len(), 1);
 
     // The message is updated in place with the outcome, without buttons.
     let updated = eventually("chat.update", || calls(&log, "/chat.update").pop()).await;
@@ -373,7 +398,7 @@ async fn slack_buttons_vote_through_the_decision_path() {
     );
 
     // A deny carries who denied it; a rule needing reasons sends approvers to the web UI.
-    receive(&plane.store, "r2", "ci", true);
+    receive(&plane.store, "r2", "ci", true).await;
     eventually("second post", || {
         (calls(&log, "/chat.postMessage").len() == 2).then_some(())
     })
@@ -390,14 +415,14 @@ async fn slack_buttons_vote_through_the_decision_path() {
     .await;
     assert!(told.contains(&format!("{PUBLIC}/requests/r2")), "{told}");
     assert_eq!(
-        plane.store.get("r2").unwrap().state(),
+        plane.store.get("r2").await.unwrap().state(),
         RequestState::Pending
     );
     assert_eq!(
         press(&url, &slack_url, "U2", "deny", "r2", Some(SIGNING)).await,
         StatusCode::OK
     );
-    let held = plane.store.get("r2").unwrap();
+    let held = plane.store.get("r2").await.unwrap();
     assert_eq!(
         (held.state(), held.reason.as_str()),
         (RequestState::Denied, "denied in Slack by bob")
@@ -441,15 +466,16 @@ fn webhook_toml(dir: &tempfile::TempDir, name: &str, url: &str, extra: &str) -> 
     )
 }
 
-#[tokio::test]
-async fn webhook_retries_signs_and_logs_every_attempt() {
+async fn webhook_retries_signs_and_logs_every_attempt(t: TestDb) {
     let (url, log) = receiver(2, false).await;
     let dir = tempfile::tempdir().unwrap();
     let channels = channels(&webhook_toml(&dir, "siem", &url, "max_attempts = 5"));
-    let plane = plane();
-    let _hub = Hub::start(plane.store.clone(), &channels, plane.metrics.clone());
+    let plane = plane(&t).await;
+    let _hub = Hub::start(plane.store.clone(), &channels, plane.metrics.clone())
+        .await
+        .unwrap();
 
-    receive(&plane.store, "w1", "ci", false);
+    receive(&plane.store, "w1", "ci", false).await;
     eventually("three attempts", || {
         (log.lock().unwrap().len() == 3).then_some(())
     })
@@ -467,7 +493,7 @@ async fn webhook_retries_signs_and_logs_every_attempt() {
         let expected = hmac_hex("key-of-siem", &[ts.as_bytes(), b".", body]);
         assert_eq!(h("x-airlock-signature"), format!("sha256={expected}"));
         let ts: i64 = ts.parse().unwrap();
-        assert!((airlock_control_plane::store::now_ms() / 1000 - ts).abs() < 60);
+        assert!((airlock_control_plane::types::now_ms() / 1000 - ts).abs() < 60);
         let v: Value = serde_json::from_slice(body).unwrap();
         assert_eq!(v["event"], "request.received");
         assert_eq!(v["delivery"], delivery.to_str().unwrap());
@@ -476,9 +502,12 @@ async fn webhook_retries_signs_and_logs_every_attempt() {
         assert_eq!(v["request"]["hostname"], "web-1");
         assert!(v["sent_unix_ms"].as_i64().unwrap() > 0);
     }
-    let rows = eventually("the log", || {
-        let rows = notify::deliveries(&plane.store, 10).unwrap();
-        (rows.len() == 3).then_some(rows)
+    let rows = eventually_async("the log", || {
+        let store = plane.store.clone();
+        async move {
+            let rows = store.deliveries(10).await.unwrap();
+            (rows.len() == 3).then_some(rows)
+        }
     })
     .await;
     let summary: Vec<(u32, bool, Option<u16>)> =
@@ -511,6 +540,7 @@ async fn webhook_retries_signs_and_logs_every_attempt() {
             "no",
             0,
         )
+        .await
         .unwrap();
     let decided = eventually("decided", || {
         let calls = log.lock().unwrap();
@@ -521,8 +551,7 @@ async fn webhook_retries_signs_and_logs_every_attempt() {
     assert_eq!(decided["state"], "denied");
 }
 
-#[tokio::test]
-async fn a_hanging_receiver_does_not_delay_the_others() {
+async fn a_hanging_receiver_does_not_delay_the_others(t: TestDb) {
     let (slow_url, slow) = receiver(0, true).await;
     let (fast_url, fast) = receiver(0, false).await;
     let (late_url, late) = receiver(0, false).await;
@@ -538,13 +567,15 @@ async fn a_hanging_receiver_does_not_delay_the_others() {
             "events = [\"request.decided\"]"
         ),
     ));
-    let plane = plane();
-    let _hub = Hub::start(plane.store.clone(), &channels, plane.metrics.clone());
+    let plane = plane(&t).await;
+    let _hub = Hub::start(plane.store.clone(), &channels, plane.metrics.clone())
+        .await
+        .unwrap();
 
     let started = Instant::now();
-    receive(&plane.store, "h1", "ci", false);
-    receive(&plane.store, "h2", "ci", false);
-    plane.store.cancel("h2", "ci", "not needed").unwrap();
+    receive(&plane.store, "h1", "ci", false).await;
+    receive(&plane.store, "h2", "ci", false).await;
+    plane.store.cancel("h2", "ci", "not needed").await.unwrap();
     eventually("the fast receiver", || {
         (fast.lock().unwrap().len() == 3).then_some(())
     })
@@ -574,8 +605,7 @@ async fn a_hanging_receiver_does_not_delay_the_others() {
     );
 }
 
-#[tokio::test]
-async fn teams_gets_an_adaptive_card_linking_to_the_request() {
+async fn teams_gets_an_adaptive_card_linking_to_the_request(t: TestDb) {
     let log: Log = Arc::default();
     let l = log.clone();
     let app = Router::new().route(
@@ -591,10 +621,12 @@ async fn teams_gets_an_adaptive_card_linking_to_the_request() {
         "[teams]\nwebhook_url_file = {:?}\n",
         secret(&dir, "teams", &format!("{url}/teams?sig=secret"))
     ));
-    let plane = plane();
-    let _hub = Hub::start(plane.store.clone(), &channels, plane.metrics.clone());
+    let plane = plane(&t).await;
+    let _hub = Hub::start(plane.store.clone(), &channels, plane.metrics.clone())
+        .await
+        .unwrap();
 
-    receive(&plane.store, "t1", "ci", false);
+    receive(&plane.store, "t1", "ci", false).await;
     let msg = eventually("a card", || calls(&log, "/teams").pop()).await;
     assert_eq!(msg["type"], "message");
     let att = &msg["attachments"][0];
@@ -616,7 +648,7 @@ async fn teams_gets_an_adaptive_card_linking_to_the_request() {
         "{facts}"
     );
 
-    plane.store.cancel("t1", "ci", "typo").unwrap();
+    plane.store.cancel("t1", "ci", "typo").await.unwrap();
     let done = eventually("the outcome", || {
         let c = calls(&log, "/teams");
         (c.len() == 2).then(|| c[1].clone())
@@ -628,9 +660,12 @@ async fn teams_gets_an_adaptive_card_linking_to_the_request() {
         .to_owned();
     assert!(title.starts_with("Cancelled by ci"), "{title}");
     // One row per card, each a first attempt that succeeded; the URL's key is nowhere.
-    let rows = eventually("both cards in the log", || {
-        let rows = notify::deliveries(&plane.store, 10).unwrap();
-        (rows.len() >= 2).then_some(rows)
+    let rows = eventually_async("both cards in the log", || {
+        let store = plane.store.clone();
+        async move {
+            let rows = store.deliveries(10).await.unwrap();
+            (rows.len() >= 2).then_some(rows)
+        }
     })
     .await;
     let summary: Vec<_> = rows
@@ -669,3 +704,10 @@ fn missing_secret_files_are_named() {
     let e = notify::channels_from_config(&cfg, &url::Url::parse(PUBLIC).unwrap()).unwrap_err();
     assert!(e.to_string().contains("/nonexistent/airlock-key"), "{e}");
 }
+
+both!(
+    slack_buttons_vote_through_the_decision_path,
+    webhook_retries_signs_and_logs_every_attempt,
+    a_hanging_receiver_does_not_delay_the_others,
+    teams_gets_an_adaptive_card_linking_to_the_request,
+);

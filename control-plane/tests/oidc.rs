@@ -7,8 +7,8 @@ mod issuer;
 use std::collections::HashMap;
 
 use airlock_control_plane::{
+    auth::oidc::{pkce_challenge, Identity, Oidc, OidcError},
     config::Secret,
-    oidc::{pkce_challenge, Identity, Oidc, OidcError},
 };
 use issuer::{follow_authorize, ClientAuth, Fault, Issuer, TestUser, CLIENT_ID, CLIENT_SECRET};
 

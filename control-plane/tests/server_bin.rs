@@ -1,7 +1,10 @@
-//! The `airlock-server` binary as an operator runs it: first start prints its addresses, data
-//! location and a one-time admin token, and a second start on the same data makes none; a
-//! policy file edited in place is reloaded, and a bad edit is refused while the running policy
-//! stays.
+//! The `airlock-server` binary as an operator runs it, on both backends: first start prints its
+//! addresses, its database (never a password) and a one-time admin token, and a second start on
+//! the same data makes none; a policy file edited in place is reloaded, and a bad edit is
+//! refused while the running policy stays.
+
+#[path = "support/db.rs"]
+mod db;
 
 use std::{
     ffi::OsStr,
@@ -12,8 +15,31 @@ use std::{
     time::Duration,
 };
 
-use airlock_control_plane::{audit::Filter, store::Store};
+use airlock_control_plane::{
+    audit::Filter,
+    store::{Database, Store},
+};
 use airlock_proto::v1::{policy_service_client::PolicyServiceClient, GetPolicyRequest};
+use db::TestDb;
+
+/// The `--database` value for `t`, with a password when it is PostgreSQL (the test cluster
+/// trusts loopback, so any will do: it must never be printed or logged), and the database as
+/// the server should show it.
+fn database(t: &TestDb, data: &Path) -> (String, String) {
+    match &t.db {
+        Database::Sqlite(_) => {
+            let path = data.join("airlock.db");
+            (
+                format!("sqlite://{}", path.display()),
+                path.display().to_string(),
+            )
+        }
+        Database::Postgres(url) => (
+            url.replacen("postgres@", "postgres:s3cret-pw@", 1),
+            url.replacen("postgres@", "postgres:***@", 1),
+        ),
+    }
+}
 
 /// A running `airlock-server`, killed when dropped.
 struct Server {
@@ -28,8 +54,9 @@ impl Server {
     /// Starts the server on `data` with `args` and ephemeral ports; returns once it says where
     /// its web UI is, which it does after every first-start step. Panics, with what it printed
     /// and logged, if it stops before that.
-    fn start(data: &Path, args: &[&OsStr]) -> Server {
+    fn start(data: &Path, database: &str, args: &[&OsStr]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_airlock-server"))
+            .env("AIRLOCK_DATABASE_URL", database)
             .args([
                 "--grpc",
                 "127.0.0.1:0",
@@ -110,12 +137,12 @@ impl Drop for Server {
     }
 }
 
-#[tokio::test]
-async fn first_start_prints_what_matters_and_policy_file_changes_reload() {
+async fn first_start_prints_what_matters_and_policy_file_changes_reload(t: TestDb) {
     let dir = tempfile::tempdir().unwrap();
+    let (db, shown) = database(&t, dir.path());
     let policy = dir.path().join("policy.toml");
     std::fs::write(&policy, "[groups]\noncall = [\"alice\"]\n").unwrap();
-    let server = Server::start(dir.path(), &["--policy".as_ref(), policy.as_os_str()]);
+    let server = Server::start(dir.path(), &db, &["--policy".as_ref(), policy.as_os_str()]);
     let text = server.printed.clone();
     let token = server
         .printed_word("alk_")
@@ -128,10 +155,8 @@ async fn first_start_prints_what_matters_and_policy_file_changes_reload() {
     let url = server
         .printed_word("http://127.0.0.1:")
         .unwrap_or_else(|| panic!("no address in {text}"));
-    assert!(
-        text.contains(&dir.path().join("airlock.db").display().to_string()),
-        "{text}"
-    );
+    assert!(text.contains(&shown), "{text}");
+    assert!(!text.contains("s3cret-pw"), "{text}");
 
     let ch = tonic::transport::Channel::from_shared(url)
         .unwrap()
@@ -180,13 +205,19 @@ async fn first_start_prints_what_matters_and_policy_file_changes_reload() {
         }
     }
     assert!(reloaded);
+    let log = server.log.lock().unwrap().clone();
+    assert!(log.contains("policy"), "{log}");
+    assert!(
+        !log.contains("s3cret-pw"),
+        "the password was logged:\n{log}"
+    );
     drop(server);
 }
 
-#[test]
-fn second_start_mints_no_admin_token_or_password() {
+async fn second_start_mints_no_admin_token_or_password(t: TestDb) {
     let dir = tempfile::tempdir().unwrap();
-    let first = Server::start(dir.path(), &[]);
+    let (db, _) = database(&t, dir.path());
+    let first = Server::start(dir.path(), &db, &[]);
     let token = first
         .printed_word("alk_")
         .unwrap_or_else(|| panic!("no admin token in {}", first.printed));
@@ -195,7 +226,7 @@ fn second_start_mints_no_admin_token_or_password() {
     // The second start serves (it got past every first-start step), prints no new admin token
     // or password, and stores none: the first token is the only admin token, created once,
     // and it still works.
-    let second = Server::start(dir.path(), &[]);
+    let second = Server::start(dir.path(), &db, &[]);
     let again = second.printed.clone();
     drop(second);
     assert!(
@@ -204,15 +235,17 @@ fn second_start_mints_no_admin_token_or_password() {
     );
     assert!(!again.contains("admin token"), "{again}");
     assert!(!again.contains("web UI login"), "{again}");
-    let store = Store::open(&dir.path().join("airlock.db")).unwrap();
-    let admin_tokens: i64 = store
-        .with_conn(|c| {
-            c.query_row(
-                "SELECT COUNT(*) FROM tokens WHERE scope = 'admin'",
-                [],
-                |r| r.get(0),
-            )
+    let store = Store::open(&db.parse().unwrap()).await.unwrap();
+    let admin_tokens = store
+        .read(|tx| {
+            Box::pin(async move {
+                let row = tx
+                    .row("SELECT COUNT(*) FROM tokens WHERE scope = 'admin'", &[])
+                    .await?;
+                row.map_or(Ok(0), |r| r.int(0))
+            })
         })
+        .await
         .unwrap();
     assert_eq!(admin_tokens, 1, "one admin token in the database");
     let created = store
@@ -220,28 +253,51 @@ fn second_start_mints_no_admin_token_or_password() {
             action: Some("token.created".into()),
             ..Default::default()
         })
+        .await
         .unwrap();
     assert_eq!(created.len(), 1, "{created:?}");
-    assert!(store.principal(&token).unwrap().is_some());
+    assert!(store.principal(&token).await.unwrap().is_some());
 }
 
-#[tokio::test]
-async fn readyz_fails_when_the_database_is_unusable_and_does_not_say_why() {
+async fn readyz_fails_when_the_database_is_unusable_and_does_not_say_why(t: TestDb) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &[]);
+    let (db, shown) = database(&t, dir.path());
+    let server = Server::start(dir.path(), &db, &[]);
     let url = format!("{}readyz", server.http_url());
     let ready = reqwest::get(&url).await.unwrap();
     assert_eq!(ready.status(), reqwest::StatusCode::OK);
     assert_eq!(ready.text().await.unwrap(), "ready\n");
 
-    // The database is damaged under the running server, as a failing disk or a stray write
-    // would: the file, its write-ahead log and its shared-memory index are overwritten.
-    let db = dir.path().join("airlock.db");
-    for suffix in ["", "-wal", "-shm"] {
-        let path = format!("{}{suffix}", db.display());
-        let len = std::fs::metadata(&path).unwrap().len().max(4096);
-        let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        std::io::Write::write_all(&mut file, &vec![0xff; len as usize]).unwrap();
+    match &t.db {
+        // The database is damaged under the running server, as a failing disk or a stray
+        // write would: the file, its write-ahead log and its shared-memory index are
+        // overwritten.
+        Database::Sqlite(_) => {
+            let file = dir.path().join("airlock.db");
+            for suffix in ["", "-wal", "-shm"] {
+                let path = format!("{}{suffix}", file.display());
+                let len = std::fs::metadata(&path).unwrap().len().max(4096);
+                let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                std::io::Write::write_all(&mut file, &vec![0xff; len as usize]).unwrap();
+            }
+        }
+        // The database stops taking connections and its sessions are ended, as when an
+        // administrator shuts it or the server is gone.
+        Database::Postgres(url) => {
+            use sqlx::{Connection, Executor};
+            let name = url.rsplit('/').next().unwrap();
+            let admin = url.replacen(&format!("/{name}"), "/postgres", 1);
+            let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+            conn.execute(
+                format!(
+                    "ALTER DATABASE {name} ALLOW_CONNECTIONS false; \
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+                )
+                .as_str(),
+            )
+            .await
+            .unwrap();
+        }
     }
 
     let answer = reqwest::get(&url).await.unwrap();
@@ -263,5 +319,43 @@ async fn readyz_fails_when_the_database_is_unusable_and_does_not_say_why() {
         .lines()
         .find(|l| l.contains("readiness"))
         .unwrap_or_else(|| panic!("no readiness failure in the log:\n{logged}"));
-    assert!(line.contains(&db.display().to_string()), "{line}");
+    assert!(line.contains(&shown), "{line}");
+    assert!(
+        !logged.contains("s3cret-pw"),
+        "the password was logged:\n{logged}"
+    );
 }
+
+/// A database URL that does not work is refused at start, naming the database without its
+/// password.
+#[test]
+fn a_bad_database_is_refused_without_showing_the_password() {
+    let run = |url: &str| {
+        Command::new(env!("CARGO_BIN_EXE_airlock-server"))
+            .args(["tokens", "revoke", "nobody", "--database", url])
+            .output()
+            .unwrap()
+    };
+    let unreachable = run("postgres://airlock:hunter2-secret@127.0.0.1:9/airlock");
+    assert!(!unreachable.status.success());
+    let err = String::from_utf8_lossy(&unreachable.stderr);
+    assert!(
+        err.contains("postgres://airlock:***@127.0.0.1:9/airlock"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+    let garbage = run("mysql://root:hunter2@db/airlock");
+    assert_eq!(garbage.status.code(), Some(2), "a usage error");
+    let err = String::from_utf8_lossy(&garbage.stderr);
+    assert!(
+        err.contains("use sqlite:///path/airlock.db or postgres://"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+}
+
+both!(
+    first_start_prints_what_matters_and_policy_file_changes_reload,
+    second_start_mints_no_admin_token_or_password,
+    readyz_fails_when_the_database_is_unusable_and_does_not_say_why,
+);

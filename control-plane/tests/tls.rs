@@ -1,15 +1,19 @@
 //! TLS and mTLS over real sockets, with certificates made for the test by rcgen.
 
+#[path = "support/db.rs"]
+mod db;
+
 #[path = "support/session.rs"]
 mod session;
 
 use std::time::Duration;
 
 use airlock_agent::decider::{Connection, Decider};
-use airlock_control_plane::{auth::Scope, store::Store, ControlPlane, Tls};
+use airlock_control_plane::{auth::Scope, ControlPlane, Tls};
 use airlock_proto::v1::{
     approval_service_client::ApprovalServiceClient, ActionRequest, DecideRequest, Hello, Verdict,
 };
+use db::TestDb;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
@@ -39,12 +43,12 @@ fn pki() -> Pki {
     }
 }
 
-async fn serve(pki: &Pki, mtls: bool) -> (String, String, String) {
+async fn serve(t: &TestDb, pki: &Pki, mtls: bool) -> (String, String, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let store = Store::in_memory().unwrap();
-    let token = store.create_token("host-a", Scope::Agent).unwrap();
-    let alice = store.create_token("alice", Scope::Approve).unwrap();
+    let store = t.open().await;
+    let token = store.create_token("host-a", Scope::Agent).await.unwrap();
+    let alice = store.create_token("alice", Scope::Approve).await.unwrap();
     let mut plane = ControlPlane::new(store);
     plane.tls = Some(Tls {
         cert_pem: pki.server.0.clone().into_bytes(),
@@ -74,10 +78,9 @@ fn tls(pki: &Pki, with_client_cert: bool) -> ClientTlsConfig {
     }
 }
 
-#[tokio::test]
-async fn agent_stream_over_tls() {
+async fn agent_stream_over_tls(t: TestDb) {
     let pki = pki();
-    let (url, token, alice) = serve(&pki, false).await;
+    let (url, token, alice) = serve(&t, &pki, false).await;
     let conn = Connection {
         url: url.clone(),
         token: Some(token.clone()),
@@ -128,10 +131,9 @@ async fn agent_stream_over_tls() {
     assert_eq!(d.verdict, Verdict::Allow as i32);
 }
 
-#[tokio::test]
-async fn plain_http_and_an_untrusted_ca_are_refused_in_the_handshake() {
+async fn plain_http_and_an_untrusted_ca_are_refused_in_the_handshake(t: TestDb) {
     let pki = pki();
-    let (url, token, _) = serve(&pki, false).await;
+    let (url, token, _) = serve(&t, &pki, false).await;
 
     // Plain http to the TLS port: the server's answer to an HTTP/2 preface is a fatal TLS
     // alert (decode_error), and the agent's client fails in its transport, never reaching gRPC.
@@ -184,10 +186,9 @@ async fn plain_http_and_an_untrusted_ca_are_refused_in_the_handshake() {
     );
 }
 
-#[tokio::test]
-async fn mtls_requires_the_agents_client_certificate() {
+async fn mtls_requires_the_agents_client_certificate(t: TestDb) {
     let pki = pki();
-    let (url, token, _) = serve(&pki, true).await;
+    let (url, token, _) = serve(&t, &pki, true).await;
     let without = Connection {
         url: url.clone(),
         token: Some(token.clone()),
@@ -213,3 +214,9 @@ async fn mtls_requires_the_agents_client_certificate() {
             .await
     );
 }
+
+both!(
+    agent_stream_over_tls,
+    plain_http_and_an_untrusted_ca_are_refused_in_the_handshake,
+    mtls_requires_the_agents_client_certificate,
+);

@@ -3,6 +3,8 @@
 
 #[path = "support/browser.rs"]
 mod browser;
+#[path = "support/db.rs"]
+mod db;
 #[path = "support/issuer.rs"]
 mod issuer;
 
@@ -10,11 +12,10 @@ use std::time::Duration;
 
 use airlock_agent::decider::Decider;
 use airlock_control_plane::{
-    accounts,
+    auth::accounts,
     auth::Scope,
     config::WebConfig,
     policy::Policy,
-    store::Store,
     web::{Settings, Web},
     ControlPlane,
 };
@@ -23,6 +24,7 @@ use airlock_proto::v1::{
     RequestState, Verdict,
 };
 use browser::Browser;
+use db::TestDb;
 
 const POLICY: &str = r#"
 [groups]
@@ -41,17 +43,15 @@ struct Ui {
     base: String,
     plane: ControlPlane,
     agent: Decider,
-    _dir: tempfile::TempDir,
 }
 
-async fn start() -> Ui {
-    start_with_oidc(None).await
+async fn start(t: &TestDb) -> Ui {
+    start_with_oidc(t, None).await
 }
 
-async fn start_with_oidc(oidc: Option<airlock_control_plane::config::OidcFile>) -> Ui {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("airlock.db")).unwrap();
-    let agent_token = store.create_token("host-a", Scope::Agent).unwrap();
+async fn start_with_oidc(t: &TestDb, oidc: Option<airlock_control_plane::config::OidcFile>) -> Ui {
+    let store = t.open().await;
+    let agent_token = store.create_token("host-a", Scope::Agent).await.unwrap();
     // alice is in oncall through the policy, bob through his account's groups; claude is the
     // agent account itself (in oncall too, so only the self-approval rule stops it); dave is
     // in no group.
@@ -62,7 +62,9 @@ async fn start_with_oidc(oidc: Option<airlock_control_plane::config::OidcFile>) 
         ("dave", vec![]),
         ("ops", vec!["admins".to_owned()]),
     ] {
-        accounts::create(&store, name, PASSWORD, &groups).unwrap();
+        accounts::create(&store, name, PASSWORD, &groups)
+            .await
+            .unwrap();
     }
     let plane = ControlPlane::new(store);
     plane.set_policy(Policy::parse(POLICY, "policy.toml").unwrap());
@@ -97,12 +99,7 @@ async fn start_with_oidc(oidc: Option<airlock_control_plane::config::OidcFile>) 
         Some(agent_token),
     );
     assert!(agent.wait_connected(Duration::from_secs(10)).await);
-    Ui {
-        base,
-        plane,
-        agent,
-        _dir: dir,
-    }
+    Ui { base, plane, agent }
 }
 
 fn request(id: &str, user: &str, argv: &[&str]) -> ActionRequest {
@@ -135,8 +132,8 @@ fn request(id: &str, user: &str, argv: &[&str]) -> ActionRequest {
             argv: argv.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         })),
-        held_at_unix_ms: airlock_control_plane::store::now_ms(),
-        deadline_unix_ms: airlock_control_plane::store::now_ms() + 600_000,
+        held_at_unix_ms: airlock_control_plane::types::now_ms(),
+        deadline_unix_ms: airlock_control_plane::types::now_ms() + 600_000,
         ..Default::default()
     }
 }
@@ -155,7 +152,7 @@ async fn csrf_of(b: &Browser) -> String {
 
 async fn wait_state(plane: &ControlPlane, id: &str, state: RequestState) {
     for _ in 0..100 {
-        if plane.store.get(id).is_ok_and(|h| h.state() == state) {
+        if plane.store.get(id).await.is_ok_and(|h| h.state() == state) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -163,9 +160,8 @@ async fn wait_state(plane: &ControlPlane, id: &str, state: RequestState) {
     panic!("{id} never became {state:?}");
 }
 
-#[tokio::test]
-async fn login_live_queue_approve_with_reason_and_deny() {
-    let ui = start().await;
+async fn login_live_queue_approve_with_reason_and_deny(t: TestDb) {
+    let ui = start(&t).await;
     let b = Browser::start().await;
 
     // A wrong password is refused with a message, and no session starts.
@@ -247,7 +243,7 @@ async fn login_live_queue_approve_with_reason_and_deny() {
     b.click("#deny").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        ui.plane.store.get("r-deny").unwrap().state(),
+        ui.plane.store.get("r-deny").await.unwrap().state(),
         RequestState::Pending
     );
     b.fill("#reason", "not during the freeze").await;
@@ -268,9 +264,8 @@ async fn login_live_queue_approve_with_reason_and_deny() {
     b.close().await;
 }
 
-#[tokio::test]
-async fn own_request_shows_no_buttons_and_the_server_refuses_forged_votes() {
-    let ui = start().await;
+async fn own_request_shows_no_buttons_and_the_server_refuses_forged_votes(t: TestDb) {
+    let ui = start(&t).await;
     let _decision = ui.agent.ask(request(
         "r-own",
         "claude",
@@ -332,10 +327,10 @@ async fn own_request_shows_no_buttons_and_the_server_refuses_forged_votes() {
         .await;
     assert_eq!(status, 403);
     assert_eq!(
-        ui.plane.store.get("r-own").unwrap().state(),
+        ui.plane.store.get("r-own").await.unwrap().state(),
         RequestState::Pending
     );
-    assert!(ui.plane.store.get("r-own").unwrap().votes.is_empty());
+    assert!(ui.plane.store.get("r-own").await.unwrap().votes.is_empty());
 
     // bob is in oncall through his account's groups: he gets the buttons.
     let b3 = Browser::start().await;
@@ -347,9 +342,8 @@ async fn own_request_shows_no_buttons_and_the_server_refuses_forged_votes() {
     b3.close().await;
 }
 
-#[tokio::test]
-async fn pages_need_a_session_and_history_exports_the_filter() {
-    let ui = start().await;
+async fn pages_need_a_session_and_history_exports_the_filter(t: TestDb) {
+    let ui = start(&t).await;
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -381,9 +375,11 @@ async fn pages_need_a_session_and_history_exports_the_filter() {
     let alice = airlock_control_plane::decide::Approver::named("alice");
     decisions
         .decide(&alice, "h-1", Verdict::Allow, "", 0)
+        .await
         .unwrap();
     decisions
         .decide(&alice, "h-2", Verdict::Deny, "no", 0)
+        .await
         .unwrap();
     let _ = approve.await;
 
@@ -462,15 +458,14 @@ async fn pages_need_a_session_and_history_exports_the_filter() {
     b.close().await;
 }
 
-#[tokio::test]
-async fn oidc_login_in_the_browser_maps_groups_and_refuses_a_bad_token() {
+async fn oidc_login_in_the_browser_maps_groups_and_refuses_a_bad_token(t: TestDb) {
     let idp =
         issuer::Issuer::start(issuer::TestUser::new("erin@example.com", &["okta-oncall"])).await;
     let mut cfg = idp.oidc_file();
     cfg.group_map.insert("okta-oncall".into(), "oncall".into());
     cfg.label = "Sign in with Test IdP".into();
     cfg.allowed_groups = vec!["oncall".into()];
-    let ui = start_with_oidc(Some(cfg)).await;
+    let ui = start_with_oidc(&t, Some(cfg)).await;
     let _decision = ui
         .agent
         .ask(request("o-1", "claude", &["kubectl", "delete", "ns", "x"]));
@@ -511,7 +506,12 @@ async fn oidc_login_in_the_browser_maps_groups_and_refuses_a_bad_token() {
     b.click("a.button").await;
     let err = b.wait_text("p.error", 10).await;
     assert!(err.contains("none of the groups allowed"), "{err}");
-    let audit = ui.plane.store.audit_query(&Default::default()).unwrap();
+    let audit = ui
+        .plane
+        .store
+        .audit_query(&Default::default())
+        .await
+        .unwrap();
     let logins: Vec<&str> = audit
         .iter()
         .filter(|r| r.action == "login")
@@ -521,10 +521,9 @@ async fn oidc_login_in_the_browser_maps_groups_and_refuses_a_bad_token() {
     b.close().await;
 }
 
-#[tokio::test]
-async fn the_live_stream_ends_with_the_session() {
+async fn the_live_stream_ends_with_the_session(t: TestDb) {
     use tokio_stream::StreamExt;
-    let ui = start().await;
+    let ui = start(&t).await;
     let http = reqwest::Client::builder()
         .cookie_store(true)
         .redirect(reqwest::redirect::Policy::none())
@@ -606,3 +605,11 @@ async fn the_live_stream_ends_with_the_session() {
     .expect("the stream did not end after logout");
     assert!(!rest.contains("s-2"), "an event after logout: {rest}");
 }
+
+both!(
+    login_live_queue_approve_with_reason_and_deny,
+    own_request_shows_no_buttons_and_the_server_refuses_forged_votes,
+    pages_need_a_session_and_history_exports_the_filter,
+    oidc_login_in_the_browser_maps_groups_and_refuses_a_bad_token,
+    the_live_stream_ends_with_the_session,
+);

@@ -19,7 +19,10 @@ use std::{
     time::Duration,
 };
 
-use airlock_control_plane::{audit, store::Store};
+use airlock_control_plane::{
+    audit,
+    store::{Database, Store},
+};
 use airlock_proto::v1::{
     action_request::Action, DecideRequest, HeldRequest, OutcomeKind, RequestState, Verdict,
     WatchRequestsRequest,
@@ -365,15 +368,24 @@ fn boot() -> Result<Booted> {
         run.console
     );
 
-    let store = Store::open(&db)?;
-    let requests = store
-        .list(&airlock_proto::v1::ListRequestsRequest {
-            limit: 1000,
-            ..Default::default()
-        })?
-        .0;
-    let audit = store.audit_query(&audit::Filter::default())?;
-    let verified = store.verify_audit().map_err(|e| e.to_string());
+    // The server has stopped: read what it kept (on a runtime of its own, for the store).
+    let check = tokio::runtime::Runtime::new()?;
+    let (requests, audit, verified) = check.block_on(async {
+        let store = Store::open(&Database::sqlite(&db)).await?;
+        let requests = store
+            .list(
+                &airlock_proto::v1::ListRequestsRequest {
+                    limit: 1000,
+                    ..Default::default()
+                },
+                1000,
+            )
+            .await?
+            .0;
+        let audit = store.audit_query(&audit::Filter::default()).await?;
+        let verified = store.verify_audit().await.map_err(|e| e.to_string());
+        anyhow::Ok((requests, audit, verified))
+    })?;
     Ok(Booted {
         run,
         requests,

@@ -1,23 +1,43 @@
-//! `AgentService`: the agents' streams. Requests are stored before anyone is told; decisions are
-//! routed back to the stream of the agent that holds the request.
+//! `AgentService`: the agents' streams. Requests are stored before anyone is told; decisions
+//! reach the agent through the change feed, from whichever replica they were made on.
+//!
+//! Nothing is dropped on the way back: a decision that does not fit in an agent's queue ends
+//! that agent's stream, and the agent reconnects and sends its holds again, which answers
+//! every one already decided.
 
 use std::{
     collections::{BTreeMap, HashMap},
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use airlock_proto::v1::{
     agent_message::Msg as In, agent_service_server::AgentService, decider_message::Msg as Out,
-    AgentMessage, DeciderMessage, Decision, HeldRequest, RequestState, RulesUpdate, Verdict,
+    ActionRequest, AgentMessage, DeciderMessage, Decision, HeldRequest, Hello, RequestState,
+    RulesUpdate, Verdict,
 };
-use tokio::sync::mpsc;
-use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
+use futures::{stream::FuturesUnordered, Stream, StreamExt};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{policy::Policy, store::Store};
+use crate::{
+    config::Limits,
+    metrics::Metrics,
+    policy::{self, Policy, SharedPolicy},
+    store::{Store, StoreError, Subscription},
+};
 
 type Tx = mpsc::Sender<Result<DeciderMessage, Status>>;
+
+/// Messages waiting for one agent before its stream is ended (it then reconnects and resends).
+const QUEUE: usize = 4096;
+
+/// Requests of one agent being stored at once.
+const IN_FLIGHT: usize = 256;
 
 /// One connected agent.
 struct Session {
@@ -27,40 +47,73 @@ struct Session {
     tx: Tx,
     /// Its labels (which rules it gets).
     labels: BTreeMap<String, String>,
+    /// Ends the stream (its queue overflowed).
+    end: Arc<Ending>,
 }
 
-/// Connected agents, by host id.
+/// How an agent's stream is ended from outside: a queue that cannot take a decision must not
+/// lose it, so the stream goes and the agent resends.
+struct Ending {
+    now: watch::Sender<bool>,
+    overflowed: AtomicBool,
+}
+
+impl Ending {
+    fn new() -> Self {
+        Self {
+            now: watch::channel(false).0,
+            overflowed: AtomicBool::new(false),
+        }
+    }
+
+    fn end(&self) {
+        self.now.send_replace(true);
+    }
+}
+
+impl Session {
+    /// Queues `msg`; when the queue is full, ends the stream instead of losing it.
+    fn send(&self, host: &str, msg: DeciderMessage) {
+        if self.tx.try_send(Ok(msg)).is_err() {
+            tracing::warn!(host_id = %host, "agent's queue is full; ending its stream so that it resends its holds");
+            self.end.overflowed.store(true, Ordering::SeqCst);
+            self.end.end();
+        }
+    }
+}
+
+/// Agents connected to this replica, by host id.
 #[derive(Default)]
 pub struct Agents {
-    /// By host id.
     streams: Mutex<HashMap<String, Session>>,
-    next: Mutex<u64>,
+    next: AtomicU64,
 }
 
 impl Agents {
-    /// Sends the decision of `held` to its agent, if connected. An agent that is not connected
-    /// gets it when it reconnects and resends the request.
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends the decision of `held` to its agent, if it is connected here. An agent connected
+    /// nowhere gets it when it reconnects and resends the request.
     pub fn deliver(&self, held: &HeldRequest) {
         let Some(decision) = decision_of(held) else {
             return;
         };
-        let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(session) = streams.get(&held.host_id) {
-            let _ = session.tx.try_send(Ok(DeciderMessage {
-                msg: Some(Out::Decision(decision)),
-            }));
+        if let Some(session) = self.streams().get(&held.host_id) {
+            session.send(
+                &held.host_id,
+                DeciderMessage {
+                    msg: Some(Out::Decision(decision)),
+                },
+            );
         }
     }
 
     /// Ends every agent stream (on shutdown), so agents reconnect to whichever replica or
     /// restarted server comes next instead of holding on to a stopping one.
     pub fn close_all(&self) {
-        let streams: Vec<_> = self
-            .streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .collect();
+        let streams: Vec<_> = self.streams().drain().collect();
         for (_, session) in streams {
             let _ = session
                 .tx
@@ -70,30 +123,40 @@ impl Agents {
 
     /// Sends every connected agent the rules `policy` gives it (after a policy change).
     pub fn push_rules(&self, policy: &Policy) {
-        let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-        for (host, session) in streams.iter() {
-            if session
-                .tx
-                .try_send(Ok(rules_message(policy, &session.labels)))
-                .is_err()
-            {
-                tracing::warn!(host_id = %host, "could not queue rules for agent");
+        for (host, session) in self.streams().iter() {
+            session.send(host, rules_message(policy, &session.labels));
+        }
+    }
+
+    /// Host ids of agents connected to this replica.
+    pub fn connected(&self) -> Vec<String> {
+        self.streams().keys().cloned().collect()
+    }
+
+    /// Delivers every decision the change feed reports (made on any replica) to the agents
+    /// connected here, until the feed ends.
+    pub async fn follow(self: Arc<Self>, mut changes: Subscription) {
+        while let Some(c) = changes.next().await {
+            // A grant's approval is answered on the stream that sent the request.
+            if c.decides() && c.action != "request.approved.grant" {
+                if let Some(held) = &c.held {
+                    self.deliver(held);
+                }
             }
         }
     }
 
-    /// Host ids of connected agents.
-    pub fn connected(&self) -> Vec<String> {
-        self.streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect()
+    /// Sends agents their rules again whenever the policy in force changes.
+    pub async fn follow_policy(self: Arc<Self>, policy: SharedPolicy) {
+        let mut rx = policy.subscribe();
+        while rx.changed().await.is_ok() {
+            let p = rx.borrow_and_update().clone();
+            self.push_rules(&p);
+        }
     }
 }
 
-fn labels_of(hello: &airlock_proto::v1::Hello) -> BTreeMap<String, String> {
+fn labels_of(hello: &Hello) -> BTreeMap<String, String> {
     hello.labels.clone().into_iter().collect()
 }
 
@@ -122,21 +185,99 @@ fn decision_of(held: &HeldRequest) -> Option<Decision> {
     })
 }
 
+/// A deny for a request refused before it was stored.
+fn refusal(id: &str, why: &str) -> DeciderMessage {
+    DeciderMessage {
+        msg: Some(Out::Decision(Decision {
+            request_id: id.to_owned(),
+            verdict: Verdict::Deny as i32,
+            reason: format!("refused by the control plane: {why}"),
+            decided_by: "airlock-server".into(),
+        })),
+    }
+}
+
 /// The gRPC service.
 pub struct AgentSvc {
     /// Requests.
-    pub store: Arc<Store>,
+    pub store: Store,
     /// Streams.
     pub agents: Arc<Agents>,
     /// Routing of new requests.
-    pub policy: crate::SharedPolicy,
+    pub policy: SharedPolicy,
     /// mTLS: agents must present a client certificate signed by the configured CA.
     pub require_client_cert: bool,
     /// Counters.
-    pub metrics: Arc<crate::http::Metrics>,
+    pub metrics: Arc<Metrics>,
+    /// Bounds on requests and outcomes.
+    pub limits: Limits,
 }
 
 type OutStream = Pin<Box<dyn Stream<Item = Result<DeciderMessage, Status>> + Send>>;
+
+/// What one agent's stream needs while it runs.
+#[derive(Clone)]
+struct Stream_ {
+    store: Store,
+    policy: SharedPolicy,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    hello: Hello,
+}
+
+/// What storing one request came to: a message for the agent, or the end of its stream.
+enum Answer {
+    Nothing,
+    Send(DeciderMessage),
+    End,
+}
+
+impl Stream_ {
+    async fn request(&self, r: ActionRequest) -> Answer {
+        let hello = &self.hello;
+        if r.request_id.is_empty() {
+            tracing::warn!(host_id = %hello.host_id, "request without id ignored");
+            return Answer::Nothing;
+        }
+        if let Err(why) = self.limits.check_request(&r) {
+            tracing::warn!(host_id = %hello.host_id, request = %r.request_id, reason = %why, "request refused");
+            self.metrics.refused.inc();
+            return Answer::Send(refusal(&r.request_id, &why));
+        }
+        let labels = labels_of(hello);
+        let account = r.process.as_ref().map_or("", |p| p.user.as_str());
+        let route = policy::current(&self.policy).route(&r.rule, &labels, account);
+        let id = r.request_id.clone();
+        let (held, new) = match self.store.receive(hello, &route, r, &self.limits).await {
+            Ok(v) => v,
+            Err(e @ (StoreError::Limit(_) | StoreError::IdConflict { .. })) => {
+                tracing::warn!(host_id = %hello.host_id, request = %id, reason = %e, "request refused");
+                self.metrics.refused.inc();
+                return Answer::Send(refusal(&id, &e.to_string()));
+            }
+            Err(e) => {
+                // Not stored: end the stream, so that the agent reconnects (here or to another
+                // replica) and sends it again. Its own deadline still holds.
+                tracing::error!(host_id = %hello.host_id, request = %id, error = %e, "storing a request failed; ending the agent's stream");
+                return Answer::End;
+            }
+        };
+        if new {
+            self.metrics.requests.inc();
+            if !held.grant_id.is_empty() {
+                self.metrics.decided("approved_by_grant");
+            }
+            tracing::info!(request = %id, host = %hello.hostname, grant = %held.grant_id, "request received");
+        }
+        // Decided already: by a grant, or meanwhile for a resent request.
+        match decision_of(&held) {
+            Some(d) => Answer::Send(DeciderMessage {
+                msg: Some(Out::Decision(d)),
+            }),
+            None => Answer::Nothing,
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl AgentService for AgentSvc {
@@ -175,95 +316,106 @@ impl AgentService for AgentSvc {
                 who.name, hello.host_id
             )));
         }
-        let (tx, rx) = mpsc::channel(1024);
-        let session = {
-            let mut n = self.agents.next.lock().unwrap_or_else(|p| p.into_inner());
-            *n += 1;
-            *n
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let number = self.agents.next.fetch_add(1, Ordering::Relaxed);
+        let end = Arc::new(Ending::new());
+        let session = Session {
+            number,
+            tx,
+            labels: labels_of(&hello),
+            end: end.clone(),
         };
-        self.agents
-            .streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                hello.host_id.clone(),
-                Session {
-                    number: session,
-                    tx: tx.clone(),
-                    labels: labels_of(&hello),
-                },
-            );
-        let _ = tx.try_send(Ok(rules_message(
-            &crate::current(&self.policy),
-            &labels_of(&hello),
-        )));
+        session.send(
+            &hello.host_id,
+            rules_message(&policy::current(&self.policy), &session.labels),
+        );
+        let me = self.agents.clone();
+        me.streams().insert(hello.host_id.clone(), session);
         tracing::info!(host = %hello.hostname, host_id = %hello.host_id, version = %hello.version, "agent connected");
-        if let Err(e) = self.store.agent_seen(&hello) {
+        if let Err(e) = self.store.agent_seen(&hello, true).await {
             tracing::error!(error = %e, "recording the agent failed");
         }
-        let (store, agents, policy) =
-            (self.store.clone(), self.agents.clone(), self.policy.clone());
-        let metrics = self.metrics.clone();
+        let s = Stream_ {
+            store: self.store.clone(),
+            policy: self.policy.clone(),
+            metrics: self.metrics.clone(),
+            limits: self.limits.clone(),
+            hello: hello.clone(),
+        };
+        let (agents, host) = (self.agents.clone(), hello.host_id.clone());
+        let mut ended = end.now.subscribe();
         tokio::spawn(async move {
-            while let Some(msg) = inbound.next().await {
-                let msg = match msg {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::warn!(host_id = %hello.host_id, error = %e, "agent stream error");
-                        break;
-                    }
+            let mut storing = FuturesUnordered::new();
+            let answer = |a: Answer| {
+                let streams = agents.streams();
+                let Some(session) = streams.get(&host).filter(|x| x.number == number) else {
+                    return;
                 };
-                match msg.msg {
-                    Some(In::Request(r)) => {
-                        if r.request_id.is_empty() {
-                            tracing::warn!(host_id = %hello.host_id, "request without id ignored");
-                            continue;
-                        }
-                        let labels = hello.labels.clone().into_iter().collect();
-                        let account = r.process.as_ref().map_or("", |p| p.user.as_str());
-                        let route = crate::current(&policy).route(&r.rule, &labels, account);
-                        let (held, new) = match store.receive(&hello, &route, r) {
-                            Ok(v) => v,
-                            Err(e) => {
-                                // Not stored means not asked: the agent's deadline applies.
-                                tracing::error!(host_id = %hello.host_id, error = %e, "storing a request failed");
-                                continue;
+                match a {
+                    Answer::Nothing => {}
+                    Answer::Send(m) => session.send(&host, m),
+                    Answer::End => session.end.end(),
+                }
+            };
+            loop {
+                tokio::select! {
+                    Some(a) = storing.next(), if !storing.is_empty() => answer(a),
+                    msg = inbound.next(), if storing.len() < IN_FLIGHT => {
+                        let msg = match msg {
+                            Some(Ok(m)) => m,
+                            Some(Err(e)) => {
+                                tracing::warn!(host_id = %host, error = %e, "agent stream error");
+                                break;
                             }
+                            None => break,
                         };
-                        if new {
-                            metrics.requests.inc();
-                            if !held.grant_id.is_empty() {
-                                metrics.decided("approved_by_grant");
+                        match msg.msg {
+                            Some(In::Request(r)) => {
+                                let s = s.clone();
+                                storing.push(async move { s.request(r).await });
                             }
-                            tracing::info!(request = %held.request.as_ref().map(|r| r.request_id.as_str()).unwrap_or(""), host = %hello.hostname, grant = %held.grant_id, "request received");
-                        }
-                        // Decided already (by a grant, or meanwhile for a resent request).
-                        if let Some(d) = decision_of(&held) {
-                            let _ = tx.try_send(Ok(DeciderMessage {
-                                msg: Some(Out::Decision(d)),
-                            }));
-                        }
-                    }
-                    Some(In::Outcome(o)) => {
-                        if let Err(e) = store.record_outcome(&hello.host_id, o) {
-                            tracing::warn!(host_id = %hello.host_id, error = %e, "outcome not recorded");
+                            Some(In::Outcome(o)) => {
+                                let max = s.limits.max_outcomes_per_request;
+                                if let Err(e) = s.store.record_outcome(&host, o, max).await {
+                                    tracing::warn!(host_id = %host, error = %e, "outcome not recorded");
+                                }
+                            }
+                            Some(In::Hello(_)) | Some(In::Pong(_)) | None => {}
                         }
                     }
-                    Some(In::Hello(_)) | Some(In::Pong(_)) | None => {}
+                    _ = async { ended.wait_for(|e| *e).await.map(|_| ()) } => break,
                 }
             }
-            let mut streams = agents.streams.lock().unwrap_or_else(|p| p.into_inner());
-            if streams
-                .get(&hello.host_id)
-                .is_some_and(|s| s.number == session)
-            {
-                streams.remove(&hello.host_id);
+            // Requests already on their way to the database are still stored.
+            while let Some(a) = storing.next().await {
+                answer(a);
             }
-            if let Err(e) = store.agent_seen(&hello) {
+            {
+                let mut streams = agents.streams();
+                if streams.get(&host).is_some_and(|x| x.number == number) {
+                    streams.remove(&host);
+                }
+            }
+            if let Err(e) = s.store.agent_seen(&s.hello, false).await {
                 tracing::error!(error = %e, "recording the agent failed");
             }
-            tracing::info!(host_id = %hello.host_id, "agent disconnected");
+            tracing::info!(host_id = %host, "agent disconnected");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as OutStream))
+        let mut until = end.now.subscribe();
+        let out = ReceiverStream::new(rx)
+            .take_until(async move {
+                let _ = until.wait_for(|e| *e).await;
+            })
+            .chain(
+                futures::stream::once(async move {
+                    end.overflowed.load(Ordering::SeqCst).then(|| {
+                        Err(Status::unavailable(
+                            "this agent's stream fell behind; reconnect and send your holds again",
+                        ))
+                    })
+                })
+                .filter_map(|x| async move { x }),
+            );
+        Ok(Response::new(Box::pin(out) as OutStream))
     }
 }

@@ -2,60 +2,45 @@
 //!
 //! Who may decide: a caller whose token has the approve or admin scope, as the token's identity
 //! (agent credentials never vote); the rest of the rules are in [`crate::decide`].
+//!
+//! A watcher hears of every change to every request, from any replica, in order; one that
+//! reads slowly catches up from the table instead of losing events.
 
-use std::{pin::Pin, sync::Arc};
+use std::pin::Pin;
 
 use airlock_proto::v1::{
     approval_service_server::ApprovalService, CancelRequest, DecideRequest, GetRequestRequest,
     Grant, HeldRequest, ListGrantsRequest, ListGrantsResponse, ListRequestsRequest,
     ListRequestsResponse, RequestState, RevokeGrantRequest, Verdict, WatchRequestsRequest,
 };
-use tokio_stream::{wrappers::BroadcastStream, Stream, StreamExt};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::status_of;
 use crate::{
-    agents::Agents,
     auth,
-    decide::{Approver, Decisions},
-    store::{Store, StoreError},
+    config::Limits,
+    decide::{Approver, DecideError, Decisions},
+    metrics::Metrics,
+    store::Store,
 };
 
 /// The gRPC service.
 pub struct ApprovalSvc {
     /// Requests.
-    pub store: Arc<Store>,
-    /// Where decisions go.
-    pub agents: Arc<Agents>,
+    pub store: Store,
     /// Counters.
-    pub metrics: Arc<crate::http::Metrics>,
+    pub metrics: std::sync::Arc<Metrics>,
     /// The vote path.
     pub decisions: Decisions,
+    /// Bounds on list calls.
+    pub limits: Limits,
     /// Becomes true when the server stops: watch streams end then.
     pub closing: tokio::sync::watch::Receiver<bool>,
 }
 
-fn status_of(e: StoreError) -> Status {
-    match e {
-        StoreError::NotFound(_) => Status::not_found(e.to_string()),
-        StoreError::NotPending { .. } | StoreError::AlreadyVoted { .. } => {
-            Status::failed_precondition(e.to_string())
-        }
-        StoreError::TokenExists(_) | StoreError::IdConflict { .. } => {
-            Status::already_exists(e.to_string())
-        }
-        StoreError::BadPageToken(_) | StoreError::NotBearerScope => {
-            Status::invalid_argument(e.to_string())
-        }
-        StoreError::Db { .. } | StoreError::Corrupt(_) | StoreError::Random(_) => {
-            tracing::error!(error = %e, "store failure");
-            Status::internal("the control plane could not read or write its database")
-        }
-    }
-}
-
 /// The gRPC status for a refused or failed vote.
-pub fn status_of_decide(e: crate::decide::DecideError) -> Status {
-    use crate::decide::DecideError;
+pub fn status_of_decide(e: DecideError) -> Status {
     match e {
         DecideError::Invalid(m) => Status::invalid_argument(m),
         DecideError::Forbidden(m) => Status::permission_denied(m),
@@ -64,16 +49,48 @@ pub fn status_of_decide(e: crate::decide::DecideError) -> Status {
 }
 
 /// Resolves once `closing` is true (or its sender is gone).
-async fn stopped(closing: &mut tokio::sync::watch::Receiver<bool>) {
-    loop {
-        let now = *closing.borrow_and_update();
-        if now || closing.changed().await.is_err() {
-            return;
-        }
-    }
+pub async fn stopped(closing: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = closing.wait_for(|c| *c).await;
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<HeldRequest, Status>> + Send>>;
+
+fn voter<T>(req: &Request<T>, what: &str) -> Result<auth::Principal, Status> {
+    let who = auth::principal(req)?;
+    if !who.may_vote() {
+        return Err(Status::permission_denied(format!(
+            "{} has a {} token, which cannot {what}",
+            who.name, who.scope
+        )));
+    }
+    Ok(who)
+}
+
+impl ApprovalSvc {
+    /// Every pending request, oldest first, page by page.
+    async fn pending(&self) -> Result<Vec<HeldRequest>, Status> {
+        let mut q = ListRequestsRequest {
+            state: RequestState::Pending as i32,
+            limit: self.limits.max_list,
+            ..Default::default()
+        };
+        let mut all = Vec::new();
+        loop {
+            let (page, next) = self
+                .store
+                .list(&q, self.limits.max_list)
+                .await
+                .map_err(status_of)?;
+            all.extend(page);
+            if next.is_empty() {
+                break;
+            }
+            q.page_token = next;
+        }
+        all.reverse();
+        Ok(all)
+    }
+}
 
 #[tonic::async_trait]
 impl ApprovalService for ApprovalSvc {
@@ -81,7 +98,11 @@ impl ApprovalService for ApprovalSvc {
         &self,
         req: Request<ListRequestsRequest>,
     ) -> Result<Response<ListRequestsResponse>, Status> {
-        let (requests, next_page_token) = self.store.list(req.get_ref()).map_err(status_of)?;
+        let (requests, next_page_token) = self
+            .store
+            .list(req.get_ref(), self.limits.max_list)
+            .await
+            .map_err(status_of)?;
         Ok(Response::new(ListRequestsResponse {
             requests,
             next_page_token,
@@ -91,6 +112,7 @@ impl ApprovalService for ApprovalSvc {
     async fn get(&self, req: Request<GetRequestRequest>) -> Result<Response<HeldRequest>, Status> {
         self.store
             .get(&req.get_ref().request_id)
+            .await
             .map(Response::new)
             .map_err(status_of)
     }
@@ -102,37 +124,32 @@ impl ApprovalService for ApprovalSvc {
         req: Request<WatchRequestsRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         // Subscribe before listing, so nothing falls between the two.
-        let changes =
-            BroadcastStream::new(self.store.subscribe()).filter_map(|r| r.ok().map(|c| Ok(c.held)));
-        let mut first: Vec<Result<HeldRequest, Status>> = Vec::new();
-        if req.get_ref().include_pending {
-            let q = ListRequestsRequest {
-                state: RequestState::Pending as i32,
-                limit: 10_000,
-                ..Default::default()
-            };
-            first = self
-                .store
-                .list(&q)
-                .map_err(status_of)?
-                .0
-                .into_iter()
-                .rev()
-                .map(Ok)
-                .collect();
-        }
+        let mut changes = self.store.subscribe();
+        let first = if req.get_ref().include_pending {
+            self.pending().await?
+        } else {
+            Vec::new()
+        };
         // Forwarded through a channel so the stream ends when the server stops; a graceful
-        // shutdown would otherwise wait for every watcher to hang up.
+        // shutdown would otherwise wait for every watcher to hang up. A full channel makes the
+        // subscription wait, and a waiting subscription reads what it missed from the table.
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let mut closing = self.closing.clone();
         tokio::spawn(async move {
-            let mut items = std::pin::pin!(tokio_stream::iter(first).chain(changes));
+            for h in first {
+                if tx.send(Ok(h)).await.is_err() {
+                    return;
+                }
+            }
             loop {
                 tokio::select! {
                     _ = stopped(&mut closing) => break,
-                    item = items.next() => {
-                        let Some(i) = item else { break };
-                        if tx.send(i).await.is_err() {
+                    c = changes.next() => {
+                        let Some(c) = c else { break };
+                        let Some(held) = c.held.clone().filter(|_| c.action.starts_with("request.")) else {
+                            continue;
+                        };
+                        if tx.send(Ok(held)).await.is_err() {
                             break;
                         }
                     }
@@ -145,13 +162,7 @@ impl ApprovalService for ApprovalSvc {
     }
 
     async fn decide(&self, req: Request<DecideRequest>) -> Result<Response<HeldRequest>, Status> {
-        let who = auth::principal(&req)?;
-        if !who.may_vote() {
-            return Err(Status::permission_denied(format!(
-                "{} has a {} token, which cannot decide requests",
-                who.name, who.scope
-            )));
-        }
+        let who = voter(&req, "decide requests")?;
         let mut d = req.into_inner();
         if d.approver.is_empty() {
             d.approver = who.name.clone();
@@ -171,6 +182,7 @@ impl ApprovalService for ApprovalSvc {
                 &d.reason,
                 d.grant_minutes,
             )
+            .await
             .map_err(status_of_decide)?;
         Ok(Response::new(held))
     }
@@ -179,41 +191,31 @@ impl ApprovalService for ApprovalSvc {
         &self,
         req: Request<ListGrantsRequest>,
     ) -> Result<Response<ListGrantsResponse>, Status> {
-        Ok(Response::new(ListGrantsResponse {
-            grants: self
-                .store
-                .list_grants(req.get_ref().all)
-                .map_err(status_of)?,
-        }))
+        let mut grants = self
+            .store
+            .list_grants(req.get_ref().all)
+            .await
+            .map_err(status_of)?;
+        grants.truncate(self.limits.max_list as usize);
+        Ok(Response::new(ListGrantsResponse { grants }))
     }
 
     async fn revoke_grant(
         &self,
         req: Request<RevokeGrantRequest>,
     ) -> Result<Response<Grant>, Status> {
-        let who = auth::principal(&req)?;
-        if !who.may_vote() {
-            return Err(Status::permission_denied(format!(
-                "{} has a {} token, which cannot revoke grants",
-                who.name, who.scope
-            )));
-        }
+        let who = voter(&req, "revoke grants")?;
         let g = self
             .store
             .revoke_grant(&req.get_ref().grant_id, &who.name)
+            .await
             .map_err(status_of)?;
         tracing::info!(grant = %g.id, by = %who.name, "grant revoked");
         Ok(Response::new(g))
     }
 
     async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<HeldRequest>, Status> {
-        let who = auth::principal(&req)?;
-        if !who.may_vote() {
-            return Err(Status::permission_denied(format!(
-                "{} has a {} token, which cannot cancel requests",
-                who.name, who.scope
-            )));
-        }
+        let who = voter(&req, "cancel requests")?;
         let c = req.into_inner();
         if c.reason.trim().is_empty() {
             return Err(Status::invalid_argument("a cancel needs a reason"));
@@ -221,10 +223,10 @@ impl ApprovalService for ApprovalSvc {
         let held = self
             .store
             .cancel(&c.request_id, &who.name, &c.reason)
+            .await
             .map_err(status_of)?;
         tracing::info!(request = %c.request_id, by = %who.name, "cancelled");
         self.metrics.decided("cancelled");
-        self.agents.deliver(&held);
         Ok(Response::new(held))
     }
 }

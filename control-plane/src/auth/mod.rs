@@ -1,121 +1,97 @@
-//! Who is calling: bearer tokens with a scope, stored hashed.
+//! Who is calling, and as whom they decide:
 //!
-//! - `agent`: an agent's credential; may open the agent stream, never vote.
-//! - `read`: may list and watch requests.
-//! - `approve`: may also decide, as the token's identity.
-//! - `admin`: everything.
-//! - `enroll`: a one-time enrollment token. Not a bearer token at all: it is stored apart (see
-//!   [`crate::store::Store::enroll`]), no interceptor admits it, and its only use is the body of
-//!   `EnrollmentService/Enroll`, which trades it for an `agent` token.
+//! - bearer tokens with a scope (`agent`, `read`, `approve`, `admin`), checked for every gRPC
+//!   call by [`Authed`], through a cache that starts over whenever a token is created, revoked
+//!   or replaced (on this replica at once, on the others when the change feed brings it);
+//! - [`accounts`]: local web UI accounts (Argon2id);
+//! - [`sessions`]: web sessions and their CSRF tokens;
+//! - [`oidc`]: login through an OpenID Connect issuer;
+//! - [`enroll`]: one-time enrollment tokens, traded for an agent's credential.
 //!
-//! A token reads `alk_<id>_<secret>`, an enrollment token `alkenroll_<id>_<secret>`; only the
-//! SHA-256 of the whole token is stored.
+//! An `agent` token opens only the agent stream, for its own host id, and never votes. An
+//! enrollment token is not a bearer token at all: it is stored apart, no service admits it, and
+//! its only use is the body of `EnrollmentService/Enroll`.
 
-use std::{fmt, str::FromStr, sync::Arc};
+pub mod accounts;
+pub mod enroll;
+pub mod oidc;
+pub mod sessions;
 
-use sha2::{Digest, Sha256};
-use tonic::{service::Interceptor, Request, Status};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
 
-use crate::store::Store;
+pub use crate::credential::{
+    constant_time_eq, enrollment_token_id, new_enrollment_token, new_token, random_hex, token_hash,
+    Principal, Scope, ENROLL_PREFIX,
+};
+use tonic::{
+    body::Body,
+    codegen::{http, BoxFuture, Service},
+    server::NamedService,
+    Request, Status,
+};
 
-/// What a token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Scope {
-    /// An agent's credential.
-    Agent,
-    /// Read requests.
-    Read,
-    /// Read and decide.
-    Approve,
-    /// Everything.
-    Admin,
-    /// A one-time enrollment token (never a bearer token; see the module docs).
-    Enroll,
+use crate::store::{Store, StoreError};
+
+/// Most answers the token cache keeps before it starts over.
+const CACHE: usize = 10_000;
+
+/// Checks bearer tokens against the store, remembering recent answers until a token changes.
+pub struct Tokens {
+    store: Store,
+    cache: Mutex<(u64, HashMap<String, Principal>)>,
 }
 
-impl fmt::Display for Scope {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Scope::Agent => "agent",
-            Scope::Read => "read",
-            Scope::Approve => "approve",
-            Scope::Admin => "admin",
-            Scope::Enroll => "enroll",
+impl Tokens {
+    /// Checks tokens against `store`.
+    pub fn new(store: Store) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            cache: Mutex::default(),
         })
     }
-}
 
-impl FromStr for Scope {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "agent" => Ok(Scope::Agent),
-            "read" => Ok(Scope::Read),
-            "approve" => Ok(Scope::Approve),
-            "admin" => Ok(Scope::Admin),
-            "enroll" => Ok(Scope::Enroll),
-            other => Err(format!(
-                "unknown scope {other:?} (agent, read, approve, admin or enroll)"
-            )),
+    /// The cache, emptied first if a credential changed since it was filled.
+    fn cache(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<String, Principal>)> {
+        let generation = self.store.credentials_generation();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.0 != generation {
+            *cache = (generation, HashMap::new());
         }
+        cache
+    }
+
+    /// The principal `token` stands for; `None` if unknown, malformed or revoked.
+    pub async fn principal(&self, token: &str) -> Result<Option<Principal>, StoreError> {
+        let hash = token_hash(token);
+        let generation = {
+            let cache = self.cache();
+            if let Some(p) = cache.1.get(&hash) {
+                return Ok(Some(p.clone()));
+            }
+            cache.0
+        };
+        let found = self.store.principal(token).await?;
+        if let Some(p) = &found {
+            let mut cache = self.cache();
+            // Not if a credential changed while the store was asked: the answer may be old.
+            if cache.0 == generation {
+                if cache.1.len() >= CACHE {
+                    cache.1.clear();
+                }
+                cache.1.insert(hash, p.clone());
+            }
+        }
+        Ok(found)
     }
 }
 
-/// The authenticated caller, put in each request's extensions by the interceptors.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    /// Identity: the approver's name, or the agent's host id.
-    pub name: String,
-    /// What it may do.
-    pub scope: Scope,
-}
-
-impl Principal {
-    /// May this principal decide requests?
-    pub fn may_vote(&self) -> bool {
-        matches!(self.scope, Scope::Approve | Scope::Admin)
-    }
-}
-
-/// SHA-256 (hex) of a whole token.
-pub fn token_hash(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
-}
-
-/// `bytes` random bytes from the kernel, as hex.
-pub fn random_hex(bytes: usize) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut buf = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
-    Ok(hex::encode(buf))
-}
-
-/// A new random token for `id`.
-pub fn new_token(id: &str) -> std::io::Result<String> {
-    Ok(format!("alk_{id}_{}", random_hex(24)?))
-}
-
-/// How enrollment tokens begin. Unlike `alk_`, so that one can never be taken for a bearer
-/// token, and so that the interceptors can tell someone who sends one what it is for.
-pub const ENROLL_PREFIX: &str = "alkenroll_";
-
-/// A new random enrollment token for `id`.
-pub fn new_enrollment_token(id: &str) -> std::io::Result<String> {
-    Ok(format!("{ENROLL_PREFIX}{id}_{}", random_hex(24)?))
-}
-
-/// The id part of an enrollment token; `None` if `token` is not one.
-pub fn enrollment_token_id(token: &str) -> Option<&str> {
-    token
-        .strip_prefix(ENROLL_PREFIX)
-        .and_then(|t| t.split('_').next())
-        .filter(|id| !id.is_empty())
-}
-
-fn bearer<T>(req: &Request<T>) -> Result<&str, Status> {
-    let value = req
-        .metadata()
+fn bearer(headers: &http::HeaderMap) -> Result<&str, Status> {
+    let value = headers
         .get("authorization")
         .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token>"))?;
     let value = value
@@ -127,102 +103,109 @@ fn bearer<T>(req: &Request<T>) -> Result<&str, Status> {
         .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <token>\""))
 }
 
-/// Interceptor that admits only tokens whose scope is in `allowed`.
+/// The principal behind the request's bearer token, if its scope is one of `allowed`.
+pub async fn authenticate(
+    tokens: &Tokens,
+    allowed: &[Scope],
+    headers: &http::HeaderMap,
+) -> Result<Principal, Status> {
+    let token = bearer(headers)?;
+    if token.starts_with(ENROLL_PREFIX) {
+        return Err(Status::unauthenticated(
+            "this is an enrollment token: it is not a bearer token; give it to the agent as \
+             agent.enroll_token_file, which trades it for the agent's own credential",
+        ));
+    }
+    let principal = match tokens.principal(token).await {
+        Ok(Some(p)) => p,
+        Ok(None) => return Err(Status::unauthenticated("unknown or revoked token")),
+        Err(e) => {
+            tracing::error!(error = %e, "token lookup failed");
+            return Err(Status::unavailable(
+                "could not check the token: the database is unavailable",
+            ));
+        }
+    };
+    if !allowed.contains(&principal.scope) {
+        return Err(Status::permission_denied(format!(
+            "a {} token cannot use this service",
+            principal.scope
+        )));
+    }
+    Ok(principal)
+}
+
+/// A gRPC service behind bearer-token authentication: calls whose token is unknown, revoked
+/// or of another scope are refused before they reach it; the others carry their
+/// [`Principal`] in their extensions.
 #[derive(Clone)]
-pub struct Auth {
-    store: Arc<Store>,
+pub struct Authed<S> {
+    inner: S,
+    tokens: Arc<Tokens>,
     allowed: &'static [Scope],
 }
 
-impl Auth {
-    /// For the agent stream.
-    pub fn agents(store: Arc<Store>) -> Self {
+impl<S> Authed<S> {
+    /// For the agent stream: agent tokens only.
+    pub fn agents(inner: S, tokens: Arc<Tokens>) -> Self {
         Self {
-            store,
+            inner,
+            tokens,
             allowed: &[Scope::Agent],
         }
     }
 
     /// For approvers and integrations.
-    pub fn people(store: Arc<Store>) -> Self {
+    pub fn people(inner: S, tokens: Arc<Tokens>) -> Self {
         Self {
-            store,
+            inner,
+            tokens,
             allowed: &[Scope::Read, Scope::Approve, Scope::Admin],
         }
     }
 }
 
-impl Interceptor for Auth {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        let token = bearer(&req)?;
-        if token.starts_with(ENROLL_PREFIX) {
-            return Err(Status::unauthenticated(
-                "this is an enrollment token: it is not a bearer token; give it to the agent as \
-                 agent.enroll_token_file, which trades it for the agent's own credential",
-            ));
-        }
-        let principal = match self.store.principal(token) {
-            Ok(Some(p)) => p,
-            Ok(None) => return Err(Status::unauthenticated("unknown or revoked token")),
-            Err(e) => {
-                tracing::error!(error = %e, "token lookup failed");
-                return Err(Status::internal("could not check the token"));
+impl<S: NamedService> NamedService for Authed<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<http::Request<Body>> for Authed<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        // The clone that was made ready serves this call; a fresh one waits for the next.
+        let ready = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, ready);
+        let (tokens, allowed) = (self.tokens.clone(), self.allowed);
+        Box::pin(async move {
+            match authenticate(&tokens, allowed, req.headers()).await {
+                Ok(p) => {
+                    req.extensions_mut().insert(p);
+                    inner.call(req).await
+                }
+                Err(status) => Ok(status.into_http()),
             }
-        };
-        if !self.allowed.contains(&principal.scope) {
-            return Err(Status::permission_denied(format!(
-                "a {} token cannot use this service",
-                principal.scope
-            )));
-        }
-        req.extensions_mut().insert(principal);
-        Ok(req)
+        })
     }
 }
 
-/// The principal the interceptor admitted.
+/// The principal the authentication layer admitted.
 pub fn principal<T>(req: &Request<T>) -> Result<Principal, Status> {
     req.extensions()
         .get::<Principal>()
         .cloned()
         .ok_or_else(|| Status::unauthenticated("no credentials"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_are_random_and_hash_stably() {
-        let a = new_token("x").unwrap();
-        let b = new_token("x").unwrap();
-        assert_ne!(a, b);
-        assert!(a.starts_with("alk_x_"));
-        assert_eq!(token_hash(&a), token_hash(&a));
-        assert_ne!(token_hash(&a), token_hash(&b));
-    }
-
-    #[test]
-    fn scope_parses_and_agents_never_vote() {
-        assert_eq!("approve".parse::<Scope>().unwrap(), Scope::Approve);
-        assert!("root"
-            .parse::<Scope>()
-            .unwrap_err()
-            .contains("unknown scope"));
-        let agent = Principal {
-            name: "h".into(),
-            scope: Scope::Agent,
-        };
-        assert!(!agent.may_vote());
-        assert_eq!("enroll".parse::<Scope>().unwrap(), Scope::Enroll);
-    }
-
-    #[test]
-    fn enrollment_tokens_are_not_bearer_tokens() {
-        let t = new_enrollment_token("abc").unwrap();
-        assert!(!t.starts_with("alk_"), "{t}");
-        assert_eq!(enrollment_token_id(&t), Some("abc"));
-        assert_eq!(enrollment_token_id(&new_token("abc").unwrap()), None);
-        assert_eq!(enrollment_token_id("alkenroll__x"), None);
-    }
 }

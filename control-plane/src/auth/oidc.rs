@@ -260,13 +260,14 @@ impl Oidc {
     /// Starts a login: the URL to send the person's browser to, and what to keep until the
     /// callback.
     pub fn begin(&self) -> Result<(Url, Pending), OidcError> {
-        let rand = |n| crate::auth::random_hex(n).map_err(|e| OidcError::Random(e.to_string()));
+        let rand =
+            |n| crate::credential::random_hex(n).map_err(|e| OidcError::Random(e.to_string()));
         let pending = Pending {
             state: rand(16)?,
             nonce: rand(16)?,
             // 64 hex characters: within RFC 7636's 43..=128 unreserved characters, 256 bits.
             verifier: rand(32)?,
-            created_ms: crate::store::now_ms(),
+            created_ms: crate::types::now_ms(),
         };
         let mut url = self.authorization_endpoint.clone();
         url.query_pairs_mut()
@@ -292,7 +293,7 @@ impl Oidc {
         if !constant_time_eq(pending.state.as_bytes(), returned_state.as_bytes()) {
             return Err(OidcError::StateMismatch);
         }
-        if crate::store::now_ms() - pending.created_ms > PENDING_TTL_MS {
+        if crate::types::now_ms() - pending.created_ms > PENDING_TTL_MS {
             return Err(OidcError::LoginExpired);
         }
         let id_token = self.redeem(code, &pending.verifier).await?;

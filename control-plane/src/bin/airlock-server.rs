@@ -5,10 +5,10 @@ use std::{net::SocketAddr, path::PathBuf};
 use std::sync::Arc;
 
 use airlock_control_plane::{
-    auth::Scope,
+    auth::{accounts, enroll, random_hex, Scope},
     config::{read_secret, ServerConfig},
-    enroll, notify,
-    store::Store,
+    notify,
+    store::{Database, Store, StoreError},
     web::{OidcLogin, Settings, Web},
     ControlPlane,
 };
@@ -28,10 +28,22 @@ struct Cli {
     /// /slack/interactions.
     #[arg(long, env = "AIRLOCK_HTTP_ADDR", default_value = "127.0.0.1:7080")]
     http: SocketAddr,
-    /// Directory for the database (airlock.db, SQLite in WAL mode) and the audit checkpoint.
-    /// Default: /var/lib/airlock when writable, else ~/.local/share/airlock.
-    #[arg(long, env = "AIRLOCK_DATA_DIR")]
+    /// Directory for the default database (airlock.db, SQLite in WAL mode, and its audit
+    /// checkpoint), policy.toml and server.toml. Default: /var/lib/airlock when writable, else
+    /// ~/.local/share/airlock.
+    #[arg(long, env = "AIRLOCK_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
+    /// The database: sqlite:///path/airlock.db, or postgres://user:password@host:5432/db
+    /// (TLS with ?sslmode=verify-full&sslrootcert=/path/ca.pem) for several replicas sharing
+    /// one database. Default: airlock.db in the data directory. Migrations run at start.
+    #[arg(
+        long,
+        env = "AIRLOCK_DATABASE_URL",
+        global = true,
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    database: Option<String>,
     /// Approval policy (TOML: [groups] and [[rule]] with groups, quorum, require_reason).
     /// Default: policy.toml in the data directory if it exists, else any one approver decides.
     /// Reloaded when the file changes and on SIGHUP; a bad new policy is refused and the
@@ -109,8 +121,7 @@ fn read_password() -> Result<String> {
     Ok(p)
 }
 
-fn users(store: &Store, cmd: Users) -> Result<()> {
-    use airlock_control_plane::accounts;
+async fn users(store: &Store, cmd: Users) -> Result<()> {
     match cmd {
         Users::Add {
             name,
@@ -118,11 +129,11 @@ fn users(store: &Store, cmd: Users) -> Result<()> {
             generate_password,
         } => {
             let password = if generate_password {
-                airlock_control_plane::auth::random_hex(12)?
+                random_hex(12)?
             } else {
                 read_password()?
             };
-            accounts::create(store, &name, &password, &groups)?;
+            accounts::create(store, &name, &password, &groups).await?;
             if generate_password {
                 println!("{name} {password}");
             } else {
@@ -130,15 +141,15 @@ fn users(store: &Store, cmd: Users) -> Result<()> {
             }
         }
         Users::Passwd { name } => {
-            accounts::set_password(store, &name, &read_password()?)?;
+            accounts::set_password(store, &name, &read_password()?).await?;
             println!("password changed for {name}; their sessions ended");
         }
         Users::Remove { name } => {
-            accounts::remove(store, &name)?;
+            accounts::remove(store, &name).await?;
             println!("removed {name}");
         }
         Users::List => {
-            for a in accounts::list(store)? {
+            for a in accounts::list(store).await? {
                 println!("{}\t{}", a.name, a.groups.join(","));
             }
         }
@@ -199,8 +210,20 @@ async fn main() -> Result<()> {
     };
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
-    let db = data_dir.join("airlock.db");
-    let store = Store::open(&db)?;
+    // Parsed here rather than by clap, whose error would repeat the value, password and all.
+    let db = match cli.database.as_deref().map(str::parse::<Database>) {
+        Some(Ok(db)) => db,
+        Some(Err(e)) => {
+            use clap::CommandFactory;
+            Cli::command()
+                .error(clap::error::ErrorKind::InvalidValue, e)
+                .exit()
+        }
+        None => Database::sqlite(data_dir.join("airlock.db")),
+    };
+    let store = Store::open(&db)
+        .await
+        .with_context(|| format!("opening the database {db}"))?;
     match cli.command {
         Some(Cmd::Tokens(Tokens::Create {
             name,
@@ -212,7 +235,7 @@ async fn main() -> Result<()> {
                 let ttl = ttl_hours.map_or(enroll::DEFAULT_TTL, |h| {
                     std::time::Duration::from_secs(h * 3600)
                 });
-                let created = enroll::create(&store, &name, host.as_deref(), ttl, "server")?;
+                let created = enroll::create(&store, &name, host.as_deref(), ttl, "server").await?;
                 // The token alone on stdout, for scripts; what it is for on stderr.
                 eprintln!(
                     "airlock-server: one-time enrollment token {:?} for {}, expires in {} h",
@@ -232,27 +255,40 @@ async fn main() -> Result<()> {
                      revoked (`airlock-server tokens revoke NAME`)"
                 );
             }
-            println!("{}", store.create_token(&name, scope)?);
+            println!("{}", store.create_token(&name, scope).await?);
             return Ok(());
         }
         Some(Cmd::Tokens(Tokens::Revoke { name })) => {
-            if !store.revoke_token(&name)? {
+            if !store.revoke_token(&name).await? {
                 anyhow::bail!("no active token named {name:?}");
             }
             println!("revoked {name}");
             return Ok(());
         }
-        Some(Cmd::Users(cmd)) => return users(&store, cmd),
+        Some(Cmd::Users(cmd)) => return users(&store, cmd).await,
         None => {}
     }
-    if !airlock_control_plane::accounts::any(&store)? {
-        let password = airlock_control_plane::auth::random_hex(12)?;
-        airlock_control_plane::accounts::create(&store, "admin", &password, &["admins".into()])?;
-        println!("airlock-server: first start; web UI login (shown once): admin / {password}");
+    raise_open_files();
+    // Replicas starting together on a new database: one of them makes the first login and
+    // token, the others find them taken.
+    if !accounts::any(&store).await? {
+        let password = random_hex(12)?;
+        match accounts::create(&store, "admin", &password, &["admins".into()]).await {
+            Ok(_) => println!(
+                "airlock-server: first start; web UI login (shown once): admin / {password}"
+            ),
+            Err(accounts::AccountError::Exists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
-    if !store.has_admin_token()? {
-        let token = store.create_token("admin", Scope::Admin)?;
-        println!("airlock-server: first start; admin token (shown once, keep it safe): {token}");
+    if !store.has_admin_token().await? {
+        match store.create_token("admin", Scope::Admin).await {
+            Ok(token) => println!(
+                "airlock-server: first start; admin token (shown once, keep it safe): {token}"
+            ),
+            Err(StoreError::TokenExists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let listener = tokio::net::TcpListener::bind(cli.grpc)
         .await
@@ -266,8 +302,17 @@ async fn main() -> Result<()> {
         "airlock-server: gRPC on {scheme}://{}",
         listener.local_addr()?
     );
-    println!("airlock-server: data in {}", db.display());
+    println!("airlock-server: database {db}");
+    let config_path = cli
+        .config
+        .clone()
+        .or_else(|| Some(data_dir.join("server.toml")).filter(|p| p.exists()));
+    let config = match &config_path {
+        Some(p) => ServerConfig::load(p)?,
+        None => ServerConfig::default(),
+    };
     let mut plane = ControlPlane::new(store);
+    plane.limits = config.limits.clone();
     if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
         let read =
             |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
@@ -281,8 +326,8 @@ async fn main() -> Result<()> {
         .policy
         .clone()
         .or_else(|| Some(data_dir.join("policy.toml")).filter(|p| p.exists()));
+    plane.start_policy(policy_path.as_deref()).await?;
     if let Some(path) = &policy_path {
-        plane.load_policy(path)?;
         println!("airlock-server: policy {}", path.display());
         let (plane, path) = (plane.clone(), path.clone());
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -302,7 +347,7 @@ async fn main() -> Result<()> {
                         seen = now;
                     }
                 }
-                match plane.load_policy(&path) {
+                match plane.load_policy(&path).await {
                     Ok(()) => tracing::info!(policy = %path.display(), "policy reloaded"),
                     Err(e) => {
                         tracing::error!(error = %e, "new policy refused; the running one stays")
@@ -315,14 +360,6 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", cli.http))?;
     let http_addr = http.local_addr()?;
-    let config_path = cli
-        .config
-        .clone()
-        .or_else(|| Some(data_dir.join("server.toml")).filter(|p| p.exists()));
-    let config = match &config_path {
-        Some(p) => ServerConfig::load(p)?,
-        None => ServerConfig::default(),
-    };
     let public_url = match &config.web.public_url {
         Some(u) => url::Url::parse(u).with_context(|| format!("web.public_url {u:?}"))?,
         None => url::Url::parse(&format!("http://{http_addr}"))?,
@@ -351,7 +388,9 @@ async fn main() -> Result<()> {
     let mut routes = web.router();
     let channels = notify::channels_from_config(&config, &public_url)?;
     // Kept alive until the server stops: dropping the hub stops the channel workers.
-    let _hub = notify::Hub::start(plane.store.clone(), &channels, plane.metrics.clone());
+    let _hub = notify::Hub::start(plane.store.clone(), &channels, plane.metrics.clone())
+        .await
+        .context("starting the notification channels")?;
     if let Some(app) = channels.slack.clone() {
         routes = routes.merge(notify::slack::router(app, plane.decisions()));
         println!("airlock-server: Slack buttons on {public_url}slack/interactions");
@@ -391,6 +430,21 @@ async fn main() -> Result<()> {
         tracing::info!("closed the web UI's open event streams");
     }
     result
+}
+
+/// Many agents means many connections: use every file descriptor the hard limit allows.
+fn raise_open_files() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 fn default_data_dir() -> PathBuf {

@@ -133,9 +133,15 @@ enum Audit {
     /// the first bad record. With --db, reads the database file directly (and the checkpoint
     /// beside it), which is what an auditor should do; without, asks the server.
     Verify {
-        /// The control plane's database, e.g. /var/lib/airlock/airlock.db.
-        #[arg(long)]
+        /// Check this SQLite file directly instead of asking the server, e.g.
+        /// /var/lib/airlock/airlock.db (opened read-only; the checkpoint beside it is checked
+        /// too).
+        #[arg(long, conflicts_with = "database")]
         db: Option<std::path::PathBuf>,
+        /// Check this database directly instead of asking the server: sqlite:///path or
+        /// postgres://user:password@host/db (read only; nothing is changed).
+        #[arg(long, value_name = "URL")]
+        database: Option<String>,
     },
     /// Write audit records as JSON Lines or CSV to stdout (or --out).
     Export {
@@ -253,7 +259,7 @@ enum Requests {
 }
 
 fn state_text(h: &HeldRequest) -> &'static str {
-    airlock_control_plane::store::state_name(h.state())
+    airlock_control_plane::types::state_name(h.state())
 }
 
 fn what(h: &HeldRequest) -> String {
@@ -296,7 +302,7 @@ fn details(h: &HeldRequest) -> String {
         if r.risk.is_empty() { "-" } else { &r.risk },
         r.description,
     );
-    let left = (r.deadline_unix_ms - airlock_control_plane::store::now_ms()) / 1000;
+    let left = (r.deadline_unix_ms - airlock_control_plane::types::now_ms()) / 1000;
     if h.state() == RequestState::Pending {
         out.push_str(&format!("deadline  in {left} s\n"));
     }
@@ -416,7 +422,7 @@ async fn agents_list(server: &str, token: Option<&str>) -> ExitCode {
                     a.hostname,
                     a.version,
                     labels.join(","),
-                    (airlock_control_plane::store::now_ms() - a.last_seen_unix_ms) / 1000
+                    (airlock_control_plane::types::now_ms() - a.last_seen_unix_ms) / 1000
                 )
             });
         }
@@ -525,7 +531,7 @@ async fn channel(server: &str, token: Option<&str>) -> Result<(Channel, Bearer),
 }
 
 fn grant_line(g: &airlock_proto::v1::Grant) -> String {
-    let now = airlock_control_plane::store::now_ms();
+    let now = airlock_control_plane::types::now_ms();
     let state = if g.revoked_unix_ms > 0 {
         format!("revoked by {}", g.revoked_by)
     } else if g.expires_unix_ms <= now {
@@ -555,22 +561,22 @@ fn exit_for(status: &tonic::Status) -> ExitCode {
     }
 }
 
-fn audit_verify(db: &std::path::Path) -> ExitCode {
-    if !db.exists() {
-        eprintln!("airlockctl: no database at {}", db.display());
-        return ExitCode::from(3);
-    }
-    let store = match airlock_control_plane::store::Store::open(db) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("airlockctl: {e}");
-            return ExitCode::from(1);
+async fn audit_verify(db: airlock_control_plane::store::Database) -> ExitCode {
+    use airlock_control_plane::store::Database;
+    if let Database::Sqlite(path) = &db {
+        if !path.is_file() {
+            eprintln!("airlockctl: no database at {}", path.display());
+            return ExitCode::from(3);
         }
-    };
-    match store.verify_audit() {
+    }
+    match airlock_control_plane::store::trail::verify_database(&db).await {
         Ok(n) => {
             println!("audit trail intact: {n} records");
             ExitCode::SUCCESS
+        }
+        Err(airlock_control_plane::audit::Tamper::Unreadable(e)) => {
+            eprintln!("airlockctl: {db}: {e}");
+            ExitCode::from(1)
         }
         Err(t) => {
             eprintln!("airlockctl: {t}");
@@ -585,7 +591,21 @@ async fn main() -> ExitCode {
     let _ = CA_FILE.set(cli.ca_file.clone());
     let _ = JSON.set(cli.json);
     let cmd = match cli.command {
-        Command::Audit(Audit::Verify { db: Some(db) }) => return audit_verify(&db),
+        Command::Audit(Audit::Verify { db: Some(db), .. }) => {
+            return audit_verify(airlock_control_plane::store::Database::Sqlite(db)).await
+        }
+        Command::Audit(Audit::Verify {
+            database: Some(db), ..
+        }) => {
+            // Parsed here rather than by clap, whose error would repeat the password.
+            return match db.parse() {
+                Ok(db) => audit_verify(db).await,
+                Err(e) => {
+                    eprintln!("airlockctl: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Policy(PolicyCmd::Validate { file }) => {
             return match airlock_control_plane::policy::Policy::load(&file) {
                 Ok(p) => {

@@ -1,17 +1,22 @@
 //! Fan-out of request events to notification channels (Slack, Teams, generic webhooks).
 //!
-//! One subscription to the store's change feed is split into three events:
+//! Every change to a request in the audit trail becomes one of three events:
 //!
 //! - `request.received`: a new request waits for approvers;
 //! - `request.vote`: someone voted and the request is still pending (quorum not reached);
 //! - `request.decided`: the request left the pending state (approved, denied, approved at once
 //!   by a grant, cancelled or expired).
 //!
-//! Every channel has its own bounded queue and worker task, so a slow or failing channel never
-//! delays the others; when a queue is full the event is dropped for that channel (logged and
-//! counted in `airlock_notification_failures`). A delivery is retried with exponential backoff
-//! on connection errors, timeouts, 5xx and 429; every attempt is written to the `deliveries`
-//! table ([`deliveries`]) and each failed attempt is counted in the metric.
+//! Every channel is delivered by its own worker, in the trail's order, one event at a time (a
+//! Slack update must follow its post), so a slow or failing channel never delays the others.
+//! The trail is the queue: each channel keeps its cursor in it, in the database, and the
+//! replica holding the channel's lease ([`crate::store::deliveries`]) delivers; the others wait.
+//! So each event is sent once per channel, not once per replica, nothing is dropped when a
+//! channel falls behind, and when a replica dies another takes its channels over from their
+//! cursors once its lease runs out (an event it was sending may then be sent again, with the
+//! same delivery id). A delivery is retried with exponential backoff on connection errors,
+//! timeouts, 5xx and 429; every attempt is written to the delivery log and each failed
+//! attempt is counted in `airlock_notification_failures`.
 
 pub mod slack;
 pub mod teams;
@@ -20,46 +25,21 @@ pub mod webhook;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use airlock_proto::v1::{action_request::Action, HeldRequest, RequestState};
-use rusqlite::params;
-use tokio::{
-    sync::{broadcast, mpsc},
-    task::JoinHandle,
-};
+use tokio::task::JoinHandle;
 use url::Url;
 
 use crate::{
     config::{read_secret, ConfigError, ServerConfig},
-    http::Metrics,
-    store::{now_ms, Change, Store, StoreError},
+    metrics::Metrics,
+    store::{deliveries::Delivery, Change, Store},
+    types::now_ms,
 };
 
-/// Tables of the notification channels: the delivery log (one row per attempt) and the Slack
-/// messages posted per request (so that a decision can update them).
-pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS deliveries (
-    id TEXT NOT NULL,
-    channel TEXT NOT NULL,
-    event TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    ok INTEGER NOT NULL,
-    status INTEGER,
-    error TEXT NOT NULL,
-    at_ms INTEGER NOT NULL,
-    PRIMARY KEY (id, attempt)
-);
-CREATE INDEX IF NOT EXISTS deliveries_at ON deliveries (at_ms);
-CREATE TABLE IF NOT EXISTS slack_messages (
-    request_id TEXT PRIMARY KEY,
-    channel TEXT NOT NULL,
-    ts TEXT NOT NULL,
-    posted_ms INTEGER NOT NULL
-);";
+/// How long a replica holds a channel after its last renewal.
+pub const LEASE_MS: i64 = 15_000;
 
-/// How long delivery log rows and Slack message references are kept.
-pub const KEEP_MS: i64 = 30 * 24 * 3600 * 1000;
-
-/// Events per channel that may wait while the channel is busy; beyond that they are dropped.
-const QUEUE: usize = 256;
+/// Changes read from the trail at a time.
+const PAGE: i64 = 200;
 
 /// What happened to a request, as channels are told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,14 +62,20 @@ impl Event {
         }
     }
 
-    /// The event a store change stands for, if any (agent outcomes are not notified).
+    /// The event a change in the trail stands for, if any (agent outcomes are not notified).
+    /// It depends on the change alone (its action, and for a vote whether it decided), not on
+    /// the request's state when the channel gets to it.
     pub fn of(change: &Change) -> Option<Event> {
-        let pending = change.held.state() == RequestState::Pending;
         match change.action.as_str() {
-            "request.outcome" => None,
-            "request.received" if pending => Some(Event::Received),
-            a if a.starts_with("request.vote") && pending => Some(Event::Vote),
-            a if a.starts_with("request.") && !pending => Some(Event::Decided),
+            "request.received" => Some(Event::Received),
+            a if a.starts_with("request.vote.") => {
+                let decided = serde_json::from_str::<serde_json::Value>(&change.payload)
+                    .is_ok_and(|p| p["decided"] == true);
+                Some(if decided { Event::Decided } else { Event::Vote })
+            }
+            "request.approved.grant" | "request.cancelled" | "request.expired" => {
+                Some(Event::Decided)
+            }
             _ => None,
         }
     }
@@ -98,6 +84,8 @@ impl Event {
 /// One event for one request, as handed to every channel.
 #[derive(Debug)]
 pub struct Notice {
+    /// Its place in the audit trail.
+    pub seq: i64,
     /// What happened.
     pub event: Event,
     /// The request after the change.
@@ -253,13 +241,16 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Subscribes to `store`'s changes now and starts one worker per channel of `channels`.
-    /// Must be called within a Tokio runtime.
-    pub fn start(store: Arc<Store>, channels: &Channels, metrics: Arc<Metrics>) -> Hub {
-        let mut changes = store.subscribe();
+    /// Starts one worker per channel of `channels`: every event committed after this returns
+    /// is delivered on each (by whichever replica holds the channel then).
+    pub async fn start(
+        store: Store,
+        channels: &Channels,
+        metrics: Arc<Metrics>,
+    ) -> Result<Hub, crate::store::StoreError> {
         let ctx = Arc::new(Ctx {
             store,
-            metrics: metrics.clone(),
+            metrics,
             http: client(),
         });
         let sinks = channels
@@ -269,66 +260,12 @@ impl Hub {
             .chain(channels.teams.iter().map(|t| Sink::Teams(t.clone())))
             .chain(channels.webhooks.iter().map(|w| Sink::Webhook(w.clone())));
         let mut tasks = Vec::new();
-        let mut queues = Vec::new();
         for sink in sinks {
-            let (tx, mut rx) = mpsc::channel::<Arc<Notice>>(QUEUE);
-            let wanted: Vec<Event> = [Event::Received, Event::Vote, Event::Decided]
-                .into_iter()
-                .filter(|e| sink.wants(*e))
-                .collect();
-            queues.push((sink.name(), wanted, tx));
-            let ctx = ctx.clone();
-            tasks.push(tokio::spawn(async move {
-                // One event at a time, in order: Slack's update must follow its post.
-                while let Some(notice) = rx.recv().await {
-                    sink.deliver(&ctx, &notice).await;
-                }
-            }));
+            ctx.store.register_channel(&sink.name()).await?;
+            let (ctx, url) = (ctx.clone(), channels.public_url.clone());
+            tasks.push(tokio::spawn(async move { work(sink, ctx, url).await }));
         }
-        let public_url = channels.public_url.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let change = match changes.recv().await {
-                    Ok(c) => c,
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::error!(
-                            missed = n,
-                            "notifications fell behind the change feed; events were lost"
-                        );
-                        for (name, _, _) in &queues {
-                            metrics.notification_failed(name);
-                        }
-                        continue;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => break,
-                };
-                let Some(event) = Event::of(&change) else {
-                    continue;
-                };
-                let id = change.held.request.as_ref().map(|r| r.request_id.clone());
-                let notice = Arc::new(Notice {
-                    event,
-                    link: request_link(&public_url, id.as_deref().unwrap_or_default()),
-                    held: change.held,
-                });
-                for (name, wanted, tx) in &queues {
-                    if !wanted.contains(&event) {
-                        continue;
-                    }
-                    // Never wait for a busy channel: the others must not be delayed.
-                    if tx.try_send(notice.clone()).is_err() {
-                        tracing::error!(
-                            channel = %name,
-                            event = event.as_str(),
-                            request = notice.request_id(),
-                            "notification queue full; event dropped"
-                        );
-                        metrics.notification_failed(name);
-                    }
-                }
-            }
-        }));
-        Hub { tasks }
+        Ok(Hub { tasks })
     }
 }
 
@@ -340,9 +277,96 @@ impl Drop for Hub {
     }
 }
 
+/// Runs `fut` while renewing channel `name`'s lease; `None` if the lease was lost meanwhile
+/// (another replica has the channel now, and `fut` is dropped).
+async fn leased<F: Future>(store: &Store, name: &str, fut: F) -> Option<F::Output> {
+    tokio::pin!(fut);
+    let mut renew = tokio::time::interval(Duration::from_millis(LEASE_MS as u64 / 3));
+    renew.tick().await;
+    loop {
+        tokio::select! {
+            out = &mut fut => return Some(out),
+            _ = renew.tick() => {
+                if !matches!(store.claim_channel(name, LEASE_MS).await, Ok(Some(_))) {
+                    tracing::warn!(channel = name, "lost the channel's lease; another replica delivers it now");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Delivers every event after the channel's cursor (while this replica holds its lease).
+/// Returns false when the lease was lost.
+async fn catch_up(sink: &Sink, ctx: &Ctx, name: &str, public_url: &Url, mut cursor: i64) -> bool {
+    loop {
+        let page = match ctx.store.changes_after(cursor, PAGE).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(channel = name, error = %e, "reading events for the channel failed");
+                return true;
+            }
+        };
+        let Some(last) = page.last().map(|c| c.seq) else {
+            return true;
+        };
+        for c in page {
+            let wanted = Event::of(&c).filter(|e| sink.wants(*e));
+            let (Some(event), Some(held)) = (wanted, c.held.clone()) else {
+                continue;
+            };
+            let notice = Notice {
+                seq: c.seq,
+                event,
+                link: request_link(public_url, &c.request_id),
+                held,
+            };
+            if leased(&ctx.store, name, sink.deliver(ctx, &notice))
+                .await
+                .is_none()
+            {
+                return false;
+            }
+            if !matches!(ctx.store.advance_channel(name, c.seq).await, Ok(true)) {
+                return false;
+            }
+            cursor = c.seq;
+        }
+        if cursor != last {
+            if !matches!(ctx.store.advance_channel(name, last).await, Ok(true)) {
+                return false;
+            }
+            cursor = last;
+        }
+    }
+}
+
+/// One channel's worker: takes the channel's lease when it is free, delivers from its cursor,
+/// then waits for news (or, without the lease, for its turn).
+async fn work(sink: Sink, ctx: Arc<Ctx>, public_url: Url) {
+    let name = sink.name();
+    let mut head = ctx.store.head();
+    loop {
+        match ctx.store.claim_channel(&name, LEASE_MS).await {
+            Ok(Some(cursor)) => {
+                if catch_up(&sink, &ctx, &name, &public_url, cursor).await {
+                    // Wake at the next change, or in time to renew the lease.
+                    let wait = Duration::from_millis(LEASE_MS as u64 / 3);
+                    let _ = tokio::time::timeout(wait, head.changed()).await;
+                    continue;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(channel = %name, error = %e, "claiming the channel failed"),
+        }
+        // Another replica delivers (or the database is away): look again a little later.
+        tokio::time::sleep(Duration::from_millis(LEASE_MS as u64 / 3)).await;
+    }
+}
+
 /// What every delivery needs.
 pub(crate) struct Ctx {
-    pub(crate) store: Arc<Store>,
+    pub(crate) store: Store,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) http: reqwest::Client,
 }
@@ -443,13 +467,13 @@ impl Ctx {
                 });
             let (status, error, last) = match outcome {
                 Attempt::Done(v) => {
-                    self.log(id, channel, notice, n, None, "");
+                    self.log(id, channel, notice, n, None, "").await;
                     return Some(v);
                 }
                 Attempt::Retry(s, e) => (s, e, n == max),
                 Attempt::Fail(s, e) => (s, e, true),
             };
-            self.log(id, channel, notice, n, Some(status), &error);
+            self.log(id, channel, notice, n, Some(status), &error).await;
             self.metrics.notification_failed(channel);
             if last {
                 tracing::error!(
@@ -479,7 +503,7 @@ impl Ctx {
 
     /// Writes one attempt to the delivery log: `failed` holds the failure's HTTP status, if
     /// any; `None` means it succeeded.
-    fn log(
+    async fn log(
         &self,
         id: &str,
         channel: &str,
@@ -488,82 +512,27 @@ impl Ctx {
         failed: Option<Option<u16>>,
         error: &str,
     ) {
-        let now = now_ms();
-        let result = self.store.with_conn(|c| {
-            c.execute(
-                "INSERT OR REPLACE INTO deliveries
-                 (id, channel, event, request_id, attempt, ok, status, error, at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![
-                    id,
-                    channel,
-                    notice.event.as_str(),
-                    notice.request_id(),
-                    attempt,
-                    failed.is_none(),
-                    failed.flatten(),
-                    error,
-                    now
-                ],
-            )?;
-            c.execute("DELETE FROM deliveries WHERE at_ms < ?1", [now - KEEP_MS])
-        });
-        if let Err(e) = result {
+        let d = Delivery {
+            id: id.to_owned(),
+            channel: channel.to_owned(),
+            event: notice.event.as_str().to_owned(),
+            request_id: notice.request_id().to_owned(),
+            attempt,
+            ok: failed.is_none(),
+            status: failed.flatten(),
+            error: error.to_owned(),
+            at_ms: now_ms(),
+        };
+        if let Err(e) = self.store.log_delivery(&d).await {
             tracing::error!(error = %e, "writing the delivery log failed");
         }
     }
 }
 
-/// A new delivery id.
-pub(crate) fn delivery_id() -> String {
-    crate::auth::random_hex(8).unwrap_or_else(|_| format!("{:x}", now_ms()))
-}
-
-/// One attempt to deliver an event, from the delivery log.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Delivery {
-    /// The delivery (the same for every attempt of one event on one channel).
-    pub id: String,
-    /// `slack`, `teams` or `webhook:NAME`.
-    pub channel: String,
-    /// Event name.
-    pub event: String,
-    /// The request.
-    pub request_id: String,
-    /// 1 for the first attempt.
-    pub attempt: u32,
-    /// Whether this attempt delivered it.
-    pub ok: bool,
-    /// HTTP status of the answer, if there was one.
-    pub status: Option<u16>,
-    /// Why it failed ("" when it did not).
-    pub error: String,
-    /// When (Unix ms).
-    pub at_ms: i64,
-}
-
-/// The delivery log, newest attempt first, at most `limit` rows.
-pub fn deliveries(store: &Store, limit: u32) -> Result<Vec<Delivery>, StoreError> {
-    store.with_conn(|c| {
-        let mut stmt = c.prepare(
-            "SELECT id, channel, event, request_id, attempt, ok, status, error, at_ms
-             FROM deliveries ORDER BY at_ms DESC, rowid DESC LIMIT ?1",
-        )?;
-        let rows = stmt.query_map([limit], |r| {
-            Ok(Delivery {
-                id: r.get(0)?,
-                channel: r.get(1)?,
-                event: r.get(2)?,
-                request_id: r.get(3)?,
-                attempt: r.get(4)?,
-                ok: r.get(5)?,
-                status: r.get(6)?,
-                error: r.get(7)?,
-                at_ms: r.get(8)?,
-            })
-        })?;
-        rows.collect()
-    })
+/// The delivery id of event `seq` on `channel`: the same on every attempt and on every replica,
+/// so a receiver can drop an event sent again after a replica took the channel over.
+pub(crate) fn delivery_id(channel: &str, seq: i64) -> String {
+    crate::audit::sha256_hex(format!("{channel}\u{1f}{seq}").as_bytes())[..16].to_owned()
 }
 
 /// The facts about a request that every message shows.
@@ -667,30 +636,33 @@ mod tests {
     use super::*;
     use airlock_proto::v1::ActionRequest;
 
-    fn change(action: &str, state: RequestState) -> Change {
+    fn change(action: &str, decided: bool) -> Change {
         Change {
+            seq: 1,
+            at_ms: 0,
+            actor: "x".into(),
             action: action.into(),
-            held: HeldRequest {
-                state: state as i32,
-                ..Default::default()
-            },
+            request_id: "r".into(),
+            payload: serde_json::json!({ "decided": decided }).to_string(),
+            held: Some(HeldRequest::default()),
         }
     }
 
     #[test]
-    fn store_changes_map_to_three_events() {
-        use RequestState::*;
-        let of = |a, s| Event::of(&change(a, s));
-        assert_eq!(of("request.received", Pending), Some(Event::Received));
-        assert_eq!(of("request.vote.approve", Pending), Some(Event::Vote));
-        assert_eq!(of("request.vote.deny", Pending), Some(Event::Vote));
-        assert_eq!(of("request.vote.approve", Approved), Some(Event::Decided));
-        assert_eq!(of("request.vote.deny", Denied), Some(Event::Decided));
-        assert_eq!(of("request.approved.grant", Approved), Some(Event::Decided));
-        assert_eq!(of("request.cancelled", Cancelled), Some(Event::Decided));
-        assert_eq!(of("request.expired", Expired), Some(Event::Decided));
-        assert_eq!(of("request.outcome", Approved), None);
-        assert_eq!(of("request.outcome", Pending), None);
+    fn changes_map_to_three_events_by_what_happened_not_by_the_state_now() {
+        let of = |a, d| Event::of(&change(a, d));
+        assert_eq!(of("request.received", false), Some(Event::Received));
+        assert_eq!(of("request.vote.approve", false), Some(Event::Vote));
+        assert_eq!(of("request.vote.deny", false), Some(Event::Vote));
+        assert_eq!(of("request.vote.approve", true), Some(Event::Decided));
+        assert_eq!(of("request.vote.deny", true), Some(Event::Decided));
+        assert_eq!(of("request.approved.grant", false), Some(Event::Decided));
+        assert_eq!(of("request.cancelled", false), Some(Event::Decided));
+        assert_eq!(of("request.expired", false), Some(Event::Decided));
+        assert_eq!(of("request.outcome", false), None);
+        assert_eq!(of("token.created", false), None);
+        assert_eq!(delivery_id("slack", 7), delivery_id("slack", 7));
+        assert_ne!(delivery_id("slack", 7), delivery_id("teams", 7));
     }
 
     #[test]

@@ -20,7 +20,6 @@ use axum::{
     Router,
 };
 use hmac::{Hmac, Mac};
-use rusqlite::{params, OptionalExtension};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::Sha256;
@@ -28,12 +27,13 @@ use url::Url;
 
 use super::{
     client, clip, delivery_id, error_text, outcome, request_link, send, Attempt, Ctx, Event, Facts,
-    Notice, Retry, KEEP_MS,
+    Notice, Retry,
 };
 use crate::{
     config::{read_secret, ConfigError, Secret, SlackFile},
     decide::{Approver, DecideError, Decisions},
-    store::{now_ms, StoreError},
+    store::StoreError,
+    types::now_ms,
 };
 
 /// Largest distance between a request's timestamp and now, seconds.
@@ -154,42 +154,23 @@ impl SlackApp {
     pub(super) async fn deliver(&self, ctx: &Ctx, notice: &Notice) {
         let id = notice.request_id().to_owned();
         let (text, blocks) = message(notice);
+        let delivery = delivery_id("slack", notice.seq);
         if notice.event == Event::Received {
             let body = json!({"channel": self.channel, "text": text, "blocks": blocks});
             let posted = ctx
-                .deliver(&delivery_id(), "slack", notice, &self.retry, || {
+                .deliver(&delivery, "slack", notice, &self.retry, || {
                     self.call(&ctx.http, "chat.postMessage", &body)
                 })
                 .await;
             let Some(v) = posted else { return };
             let channel = v["channel"].as_str().unwrap_or(&self.channel).to_owned();
             let ts = v["ts"].as_str().unwrap_or_default().to_owned();
-            let now = now_ms();
-            let saved = ctx.store.with_conn(|c| {
-                c.execute(
-                    "INSERT OR REPLACE INTO slack_messages (request_id, channel, ts, posted_ms)
-                     VALUES (?1, ?2, ?3, ?4)",
-                    params![id, channel, ts, now],
-                )?;
-                c.execute(
-                    "DELETE FROM slack_messages WHERE posted_ms < ?1",
-                    [now - KEEP_MS],
-                )
-            });
-            if let Err(e) = saved {
+            if let Err(e) = ctx.store.save_slack_message(&id, &channel, &ts).await {
                 tracing::error!(error = %e, request = %id, "remembering the Slack message failed");
             }
             return;
         }
-        let found = ctx.store.with_conn(|c| {
-            c.query_row(
-                "SELECT channel, ts FROM slack_messages WHERE request_id = ?1",
-                [&id],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
-            )
-            .optional()
-        });
-        let (channel, ts) = match found {
+        let (channel, ts) = match ctx.store.slack_message(&id).await {
             Ok(Some(m)) => m,
             // Never posted (approved at once by a grant, or the post failed): nothing to update.
             Ok(None) => return,
@@ -199,7 +180,7 @@ impl SlackApp {
             }
         };
         let body = json!({"channel": channel, "ts": ts, "text": text, "blocks": blocks});
-        ctx.deliver(&delivery_id(), "slack", notice, &self.retry, || {
+        ctx.deliver(&delivery, "slack", notice, &self.retry, || {
             self.call(&ctx.http, "chat.update", &body)
         })
         .await;
@@ -389,11 +370,7 @@ async fn interactions(
             // "open" is a link; Slack reports its press too.
             _ => continue,
         };
-        // The vote writes to SQLite (fsync): keep it off the async workers.
-        let (a, d, u) = (app.clone(), decisions.clone(), user.clone());
-        let reply = tokio::task::spawn_blocking(move || press(&a, &d, &u, &action.value, verdict))
-            .await
-            .unwrap_or_else(|e| Some(format!("Airlock failed to record the vote: {e}")));
+        let reply = press(&app, &decisions, &user, &action.value, verdict).await;
         if let (Some(text), false) = (reply, i.response_url.is_empty()) {
             let (a, d, url) = (app.clone(), decisions.clone(), i.response_url.clone());
             // Slack wants its answer within 3 seconds; the reply goes separately.
@@ -405,7 +382,7 @@ async fn interactions(
 
 /// Records Slack user `user`'s press on request `id`; returns what to tell them, if anything
 /// (a decided request needs no reply: the message itself is updated).
-fn press(
+async fn press(
     app: &SlackApp,
     decisions: &Decisions,
     user: &str,
@@ -427,7 +404,7 @@ fn press(
     };
     if verdict == Verdict::Allow {
         // A button cannot carry a reason, and "approved in Slack" must not stand in for one.
-        if let Ok(held) = decisions.store.get(id) {
+        if let Ok(held) = decisions.store.get(id).await {
             if held.reason_required && held.state() == RequestState::Pending {
                 return Some(format!(
                     "Rule {} needs a reason with every approval, which a Slack button \
@@ -441,12 +418,18 @@ fn press(
         Verdict::Allow => "approved in Slack".to_owned(),
         _ => format!("denied in Slack by {name}"),
     };
-    match decisions.decide(&Approver::named(name.clone()), id, verdict, &reason, 0) {
+    match decisions
+        .decide(&Approver::named(name.clone()), id, verdict, &reason, 0)
+        .await
+    {
         Ok(held) if held.state() == RequestState::Pending => Some(progress(&held, verdict)),
         Ok(_) => None,
         Err(DecideError::Store(StoreError::NotPending { state, .. })) => Some(format!(
             "This request is already decided (it is {state}); your vote was not recorded."
         )),
+        Err(DecideError::Store(StoreError::PastDeadline { .. })) => {
+            Some("This request is past its deadline; your vote was not recorded.".into())
+        }
         Err(DecideError::Store(StoreError::AlreadyVoted { .. })) => {
             Some("You have already voted on this request; a second vote does not count.".into())
         }

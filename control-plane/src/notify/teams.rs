@@ -23,7 +23,7 @@ impl Teams {
 
     pub(super) async fn deliver(&self, ctx: &Ctx, notice: &Notice) {
         let body = card(notice).to_string();
-        let id = delivery_id();
+        let id = delivery_id("teams", notice.seq);
         ctx.deliver(&id, "teams", notice, &self.retry, || {
             let req = ctx
                 .http

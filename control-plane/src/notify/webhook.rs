@@ -26,7 +26,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::{delivery_id, send, Ctx, Notice, Retry};
-use crate::{config::Secret, store::now_ms};
+use crate::{config::Secret, types::now_ms};
 
 /// One configured webhook.
 #[derive(Debug, Clone)]
@@ -54,17 +54,17 @@ pub fn signature(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
 
 impl Webhook {
     pub(super) async fn deliver(&self, ctx: &Ctx, notice: &Notice) {
-        let id = delivery_id();
+        let channel = format!("webhook:{}", self.name);
+        let id = delivery_id(&channel, notice.seq);
         let body = serde_json::json!({
             "event": notice.event.as_str(),
             "delivery": id,
             "sent_unix_ms": now_ms(),
             "url": notice.link,
-            "state": crate::store::state_name(notice.held.state()),
+            "state": crate::types::state_name(notice.held.state()),
             "request": notice.held,
         })
         .to_string();
-        let channel = format!("webhook:{}", self.name);
         ctx.deliver(&id, &channel, notice, &self.retry, || {
             let timestamp = (now_ms() / 1000).to_string();
             let sig = signature(self.secret.expose().as_bytes(), &timestamp, body.as_bytes());

@@ -7,25 +7,25 @@ use super::{page, requests::admin, session::Session, Web, WebError};
 
 /// GET /agents: every agent that ever connected, live ones first.
 pub(super) async fn agents(State(web): State<Web>, s: Session) -> Result<Markup, WebError> {
-    let connected = web.plane.agents.connected();
-    let mut rows = web.plane.store.agents()?;
-    rows.sort_by_key(|(h, _, last)| (!connected.contains(&h.host_id), -last));
+    let mut rows = web.plane.store.agents().await?;
+    rows.sort_by_key(|a| (!a.connected, -a.last_seen_ms));
+    let connected = rows.iter().filter(|a| a.connected).count();
     Ok(page::layout(
         &s,
         "Agents",
         admin(&web, &s),
         html! {
             h1 { "Agents" }
-            p.hint { (connected.len()) " connected, " (rows.len()) " known" }
+            p.hint { (connected) " connected, " (rows.len()) " known" }
             table.list #agents {
                 thead { tr { th { "Host" } th { "Status" } th { "Last seen" } th { "First seen" } th { "Version" } th { "Labels" } } }
-                tbody { @for (h, first, last) in &rows { tr {
-                    td data-label="Host" { (h.hostname) " " small { (h.host_id) } }
-                    td data-label="Status" { @if connected.contains(&h.host_id) { span.badge.approved { "connected" } } @else { span.badge.expired { "offline" } } }
-                    td data-label="Last seen" { (page::time(*last)) }
-                    td data-label="First seen" { (page::time(*first)) }
-                    td data-label="Version" { (h.version) }
-                    td data-label="Labels" { @for (k, v) in &h.labels { span.label { (k) "=" (v) } " " } }
+                tbody { @for a in &rows { tr {
+                    td data-label="Host" { (a.hello.hostname) " " small { (a.hello.host_id) } }
+                    td data-label="Status" { @if a.connected { span.badge.approved { "connected" } } @else { span.badge.expired { "offline" } } }
+                    td data-label="Last seen" { (page::time(a.last_seen_ms)) }
+                    td data-label="First seen" { (page::time(a.first_seen_ms)) }
+                    td data-label="Version" { (a.hello.version) }
+                    td data-label="Labels" { @for (k, v) in &a.hello.labels { span.label { (k) "=" (v) } " " } }
                 } } }
             }
         },
@@ -40,7 +40,7 @@ pub(super) async fn policy(State(web): State<Web>, s: Session) -> Result<Markup,
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    let policy = crate::current(&web.plane.policy);
+    let policy = crate::policy::current(&web.plane.policy);
     Ok(page::layout(
         &s,
         "Policy",
@@ -87,7 +87,7 @@ pub(super) async fn deliveries(State(web): State<Web>, s: Session) -> Result<Mar
             ),
         ));
     }
-    let rows = crate::notify::deliveries(&web.plane.store, 500)?;
+    let rows = web.plane.store.deliveries(500).await?;
     Ok(page::layout(
         &s,
         "Deliveries",

@@ -1,7 +1,7 @@
 //! History (decided and pending requests) and the audit trail: search, filter, export the
 //! current filter as JSON Lines or CSV, and the audit chain's verification status.
 
-use airlock_proto::v1::{HeldRequest, ListRequestsRequest};
+use airlock_proto::v1::HeldRequest;
 use axum::{
     extract::{Query, State},
     http::{header, StatusCode},
@@ -11,10 +11,16 @@ use maud::{html, Markup};
 use serde::{Deserialize, Serialize};
 
 use super::{page, requests::admin, session::Session, Web, WebError};
-use crate::audit;
+use crate::{
+    audit,
+    store::{requests::History, trail::Page},
+};
 
-/// Most rows a page or an export holds.
-const MAX_ROWS: usize = 5000;
+/// Rows on one page.
+const PAGE: u32 = 100;
+
+/// Most rows an export holds.
+const MAX_EXPORT: usize = 100_000;
 
 /// The history filter, from the query string.
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -40,6 +46,9 @@ pub struct HistoryFilter {
     /// Until this day or minute (UTC), inclusive of that day.
     #[serde(default)]
     pub to: String,
+    /// Where the page starts (the `next` of the page before).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub page: String,
 }
 
 /// `YYYY-MM-DD` or `YYYY-MM-DDTHH:MM` (UTC) as Unix ms; `end` moves a bare day to its end.
@@ -86,43 +95,50 @@ fn state_code(name: &str) -> Result<i32, WebError> {
     })
 }
 
-/// Requests matching `f`, newest first (at most [`MAX_ROWS`]).
-pub fn search(web: &Web, f: &HistoryFilter) -> Result<Vec<HeldRequest>, WebError> {
-    let from = parse_time("from", &f.from, false)?;
-    let to = parse_time("to", &f.to, true)?;
-    let mut q = ListRequestsRequest {
-        state: state_code(&f.decision)?,
-        account: f.account.trim().to_owned(),
-        limit: 500,
-        ..Default::default()
-    };
-    let mut out = Vec::new();
-    loop {
-        let (page, next) = web.plane.store.list(&q)?;
-        let mut older = false;
-        for h in page {
-            if from.is_some_and(|t| h.received_unix_ms < t) {
-                older = true;
-                break;
-            }
-            let host = f.host.trim();
-            let keep = to.is_none_or(|t| h.received_unix_ms < t)
-                && (host.is_empty() || h.hostname == host || h.host_id == host)
-                && (f.rule.trim().is_empty() || page::rule(&h) == f.rule.trim())
-                && (f.approver.trim().is_empty()
-                    || h.votes.iter().any(|v| v.approver == f.approver.trim()));
-            if keep {
-                out.push(h);
-                if out.len() >= MAX_ROWS {
-                    return Ok(out);
-                }
-            }
-        }
-        if older || next.is_empty() {
-            return Ok(out);
-        }
-        q.page_token = next;
+impl HistoryFilter {
+    /// The filter as the store takes it.
+    fn query(&self) -> Result<History, WebError> {
+        Ok(History {
+            host: self.host.trim().to_owned(),
+            account: self.account.trim().to_owned(),
+            rule: self.rule.trim().to_owned(),
+            state: state_code(self.decision.trim())?,
+            approver: self.approver.trim().to_owned(),
+            from_ms: parse_time("from", &self.from, false)?,
+            to_ms: parse_time("to", &self.to, true)?,
+        })
     }
+}
+
+/// One page of requests matching `f`, newest first, and the next page's token.
+pub async fn search(web: &Web, f: &HistoryFilter) -> Result<(Vec<HeldRequest>, String), WebError> {
+    Ok(web.plane.store.history(&f.query()?, &f.page, PAGE).await?)
+}
+
+/// Every request matching `f`, newest first, at most [`MAX_EXPORT`].
+async fn search_all(web: &Web, f: &HistoryFilter) -> Result<Vec<HeldRequest>, WebError> {
+    let q = f.query()?;
+    let mut all = Vec::new();
+    let mut page = String::new();
+    loop {
+        let (rows, next) = web.plane.store.history(&q, &page, 1000).await?;
+        all.extend(rows);
+        if next.is_empty() || all.len() >= MAX_EXPORT {
+            all.truncate(MAX_EXPORT);
+            return Ok(all);
+        }
+        page = next;
+    }
+}
+
+/// A link to the page after this one, keeping the filter.
+fn older<T: Serialize>(path: &str, f: &T, next: &str) -> Markup {
+    if next.is_empty() {
+        return html! {};
+    }
+    let q = serde_urlencoded::to_string(f).unwrap_or_default();
+    let sep = if q.is_empty() { "" } else { "&" };
+    html! { p { a.older href=(format!("{path}?{q}{sep}page={next}")) { "Older" } } }
 }
 
 fn filter_form(action: &str, fields: &[(&str, &str, &str)], export: &str) -> Markup {
@@ -148,7 +164,12 @@ pub(super) async fn history(
     s: Session,
     Query(f): Query<HistoryFilter>,
 ) -> Result<Markup, WebError> {
-    let rows = search(&web, &f)?;
+    let (rows, next) = search(&web, &f).await?;
+    let page_token = f.page.clone();
+    let f = HistoryFilter {
+        page: String::new(),
+        ..f
+    };
     let export = format!("/history/export?{}", query_string(&f));
     Ok(page::layout(
         &s,
@@ -162,7 +183,7 @@ pub(super) async fn history(
                 ("approver", "Approver", &f.approver),
                 ("from", "From (UTC)", &f.from), ("to", "To (UTC)", &f.to),
             ], &export))
-            p.hint { (rows.len()) " request(s)" }
+            p.hint { (rows.len()) " request(s)" @if !page_token.is_empty() { " (older page)" } }
             table.list #history {
                 thead { tr { th { "Received" } th { "Host" } th { "Account" } th { "What" } th { "Rule" } th { "Decision" } th { "By" } th { "Reason" } } }
                 tbody { @for h in &rows { tr {
@@ -176,6 +197,7 @@ pub(super) async fn history(
                     td data-label="Reason" { (h.reason) }
                 } } }
             }
+            (older("/history", &f, &next))
         },
     ))
 }
@@ -241,7 +263,7 @@ pub(super) async fn history_export(
     Query(f): Query<HistoryFilter>,
 ) -> Result<Response, WebError> {
     check_format(&fmt.format)?;
-    let rows = search(&web, &f)?;
+    let rows = search_all(&web, &f).await?;
     let body = if fmt.format == "csv" {
         let mut w = csv::Writer::from_writer(Vec::new());
         for h in &rows {
@@ -264,7 +286,7 @@ pub(super) async fn history_export(
                 what: page::what(h),
                 rule: page::rule(h),
                 risk: page::risk(h),
-                decision: crate::store::state_name(h.state()),
+                decision: crate::types::state_name(h.state()),
                 decided_by: &h.decided_by,
                 reason: &h.reason,
                 decided: page::time(h.decided_unix_ms),
@@ -303,23 +325,51 @@ pub struct AuditFilter {
     /// Until (UTC).
     #[serde(default)]
     pub to: String,
+    /// Where the page starts: records before this sequence number.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub page: String,
 }
 
-fn audit_records(web: &Web, f: &AuditFilter) -> Result<Vec<audit::Record>, WebError> {
+fn audit_filter(f: &AuditFilter) -> Result<audit::Filter, WebError> {
     let some = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
-    let filter = audit::Filter {
+    Ok(audit::Filter {
         request_id: some(&f.request),
         actor: some(&f.actor),
         action: some(&f.action),
         since_ms: parse_time("from", &f.from, false)?,
         until_ms: parse_time("to", &f.to, true)?,
         limit: None,
+    })
+}
+
+/// One page of records matching `f`, newest first, and the next page's token.
+async fn audit_records(
+    web: &Web,
+    f: &AuditFilter,
+) -> Result<(Vec<audit::Record>, String), WebError> {
+    let before = match f.page.as_str() {
+        "" => i64::MAX,
+        p => p.parse().map_err(|_| {
+            WebError(
+                StatusCode::BAD_REQUEST,
+                format!("page {p:?}: use the link under the table"),
+            )
+        })?,
     };
-    let mut records = web.plane.store.audit_query(&filter)?;
-    // Newest first on screen and in exports; keep at most MAX_ROWS of the newest.
-    records.reverse();
-    records.truncate(MAX_ROWS);
-    Ok(records)
+    let mut filter = audit_filter(f)?;
+    filter.limit = Some(PAGE + 1);
+    let mut records = web
+        .plane
+        .store
+        .audit_page(&filter, Page::Before(before))
+        .await?;
+    let more = records.len() > PAGE as usize;
+    records.truncate(PAGE as usize);
+    let next = match records.last() {
+        Some(r) if more => r.seq.to_string(),
+        _ => String::new(),
+    };
+    Ok((records, next))
 }
 
 /// GET /audit.
@@ -328,8 +378,12 @@ pub(super) async fn audit(
     s: Session,
     Query(f): Query<AuditFilter>,
 ) -> Result<Markup, WebError> {
-    let records = audit_records(&web, &f)?;
-    let verified = web.plane.store.verify_audit();
+    let (records, next) = audit_records(&web, &f).await?;
+    let verified = web.plane.verifier.check().await;
+    let f = AuditFilter {
+        page: String::new(),
+        ..f
+    };
     let export = format!("/audit/export?{}", query_string(&f));
     Ok(page::layout(
         &s,
@@ -357,6 +411,7 @@ pub(super) async fn audit(
                     td data-label="Details" { code { (r.payload) } }
                 } } }
             }
+            (older("/audit", &f, &next))
         },
     ))
 }
@@ -369,9 +424,24 @@ pub(super) async fn audit_export(
     Query(f): Query<AuditFilter>,
 ) -> Result<Response, WebError> {
     check_format(&fmt.format)?;
-    let mut records = audit_records(&web, &f)?;
     // Exports keep the chain's order, so a reader can re-verify it.
-    records.reverse();
+    let mut filter = audit_filter(&f)?;
+    filter.limit = Some(5000);
+    let mut records = Vec::new();
+    loop {
+        let after = records.last().map_or(0, |r: &audit::Record| r.seq);
+        let page = web
+            .plane
+            .store
+            .audit_page(&filter, Page::After(after))
+            .await?;
+        let done = page.len() < 5000;
+        records.extend(page);
+        if done || records.len() >= MAX_EXPORT {
+            records.truncate(MAX_EXPORT);
+            break;
+        }
+    }
     let body = if fmt.format == "csv" {
         audit::to_csv(&records)
             .map_err(|e| WebError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?

@@ -12,7 +12,7 @@ use maud::html;
 use serde::Deserialize;
 
 use super::{page, session, session::Session, Web, WebError};
-use crate::{accounts, auth};
+use crate::auth::{self, accounts};
 
 /// Cookie that ties a login form, or an OIDC round trip, to the browser that started it.
 const LOGIN_COOKIE: &str = "airlock_login";
@@ -41,7 +41,7 @@ impl Throttle {
 
     /// Whether `name` has failed too often within the window.
     pub fn locked(&self, name: &str) -> bool {
-        let now = crate::store::now_ms();
+        let now = crate::types::now_ms();
         self.map()
             .get(name)
             .is_some_and(|(n, since)| *n >= MAX_FAILURES && now - since < FAIL_WINDOW_MS)
@@ -49,7 +49,7 @@ impl Throttle {
 
     /// Counts a failure for `name`.
     pub fn failed(&self, name: &str) {
-        let now = crate::store::now_ms();
+        let now = crate::types::now_ms();
         let mut map = self.map();
         // Names are checked (at most 64 characters) before they get here; old entries go.
         map.retain(|_, (_, since)| now - *since < FAIL_WINDOW_MS);
@@ -165,8 +165,7 @@ pub(super) async fn login(
             "Local accounts are turned off here; use single sign-on.",
         ));
     }
-    if !cookie_token
-        .is_some_and(|t| session::constant_time_eq(t.as_bytes(), f.login_csrf.as_bytes()))
+    if !cookie_token.is_some_and(|t| auth::constant_time_eq(t.as_bytes(), f.login_csrf.as_bytes()))
     {
         return Ok(again(
             StatusCode::FORBIDDEN,
@@ -191,18 +190,19 @@ pub(super) async fn login(
             "the server is stopping".into(),
         )
     })?;
-    let store = web.plane.store.clone();
-    let (who, password) = (name.clone(), f.password);
-    let checked = tokio::task::spawn_blocking(move || accounts::verify(&store, &who, &password))
-        .await
-        .map_err(|e| WebError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let checked = accounts::verify(&web.plane.store, &name, &f.password).await;
     let account = match checked {
         Ok(Some(a)) => a,
         Ok(None) => {
             web.login_failures.failed(&name);
             tracing::warn!(name = %name, "login refused: wrong name or password");
             let payload = serde_json::json!({ "via": "local" }).to_string();
-            if let Err(e) = web.plane.store.audit_event(&name, "login.failed", &payload) {
+            if let Err(e) = web
+                .plane
+                .store
+                .audit_event(&name, "login.failed", &payload)
+                .await
+            {
                 tracing::error!(error = %e, "auditing a failed login failed");
             }
             return Ok(again(StatusCode::UNAUTHORIZED, "Wrong name or password."));
@@ -217,12 +217,12 @@ pub(super) async fn login(
     };
     web.login_failures.clear(&name);
     tracing::info!(name = %account.name, "logged in");
-    signed_in(&web, jar, &account.name, &account.groups, "local", &next)
+    signed_in(&web, jar, &account.name, &account.groups, "local", &next).await
 }
 
 /// Starts a session for `name`, swaps the login cookie for the session cookie and sends the
 /// browser on to `next`.
-fn signed_in(
+async fn signed_in(
     web: &Web,
     jar: CookieJar,
     name: &str,
@@ -231,7 +231,7 @@ fn signed_in(
     next: &str,
 ) -> Result<Response, WebError> {
     let ttl = web.settings.session_ttl_ms;
-    let (id, _) = session::create(&web.plane.store, name, groups, via, ttl)?;
+    let (id, _) = session::create(&web.plane.store, name, groups, via, ttl).await?;
     let jar = jar
         .remove(Cookie::build(LOGIN_COOKIE).path("/").build())
         .add(session::cookie(id, web.settings.secure_cookies, ttl / 1000));
@@ -257,7 +257,7 @@ pub(super) async fn logout(
         ));
     }
     if let Some(c) = jar.get(session::COOKIE) {
-        session::end(&web.plane.store, c.value(), &s.name)?;
+        session::end(&web.plane.store, c.value(), &s.name).await?;
     }
     let jar = jar.remove(Cookie::build(session::COOKIE).path("/").build());
     Ok((jar, Redirect::to("/login")).into_response())
@@ -288,7 +288,7 @@ pub(super) async fn oidc_start(
         .map_err(|e| WebError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     {
         let mut map = web.pending_oidc.lock().unwrap_or_else(|p| p.into_inner());
-        let now = crate::store::now_ms();
+        let now = crate::types::now_ms();
         map.retain(|_, p| now - p.created_ms < OIDC_PENDING_MS);
         if map.len() >= OIDC_PENDING_MAX {
             return Err(WebError(
@@ -346,7 +346,7 @@ pub(super) async fn oidc_callback(
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(c.value())
         })
-        .filter(|p| crate::store::now_ms() - p.created_ms < OIDC_PENDING_MS)
+        .filter(|p| crate::types::now_ms() - p.created_ms < OIDC_PENDING_MS)
         .ok_or_else(|| refuse("this login was not started here, or took too long".into()))?;
     let (code, state) = match (cb.code, cb.state) {
         (Some(c), Some(s)) => (c, s),
@@ -369,7 +369,7 @@ pub(super) async fn oidc_callback(
         )));
     }
     tracing::info!(name = %who.name, groups = ?who.groups, "logged in through OIDC");
-    signed_in(&web, jar, &who.name, &who.groups, "oidc", "/")
+    signed_in(&web, jar, &who.name, &who.groups, "oidc", "/").await
 }
 
 #[cfg(test)]

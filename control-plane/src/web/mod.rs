@@ -7,9 +7,11 @@
 //! - [`requests`]: queue, request page, decisions, and the live event stream;
 //! - [`history`]: history and audit search, with JSON Lines and CSV export;
 //! - [`admin`]: agents, policy and notification deliveries;
-//! - [`page`]: the layout and formatting shared by every page.
+//! - [`page`]: the layout and formatting shared by every page;
+//! - [`health`]: `/healthz`, `/readyz` and Prometheus `/metrics`.
 
 pub mod admin;
+pub mod health;
 pub mod history;
 pub mod login;
 pub mod page;
@@ -29,9 +31,9 @@ use axum::{
 };
 
 use crate::{
+    auth::oidc::{Oidc, OidcError},
     config::{OidcFile, Secret},
     decide::Decisions,
-    oidc::{Oidc, OidcError},
     ControlPlane,
 };
 
@@ -128,7 +130,7 @@ pub struct Web {
     /// Login through an OIDC issuer, when configured.
     pub oidc: Option<Arc<OidcLogin>>,
     /// Logins on their way through the issuer, by the login cookie's value.
-    pending_oidc: Arc<Mutex<HashMap<String, crate::oidc::Pending>>>,
+    pending_oidc: Arc<Mutex<HashMap<String, crate::auth::oidc::Pending>>>,
     /// Failed local logins by name.
     login_failures: Arc<login::Throttle>,
 }
@@ -202,6 +204,13 @@ impl From<crate::store::StoreError> for WebError {
         match e {
             StoreError::NotFound(_) => WebError(StatusCode::NOT_FOUND, e.to_string()),
             StoreError::BadPageToken(_) => WebError(StatusCode::BAD_REQUEST, e.to_string()),
+            e if e.is_transient() => {
+                tracing::warn!(error = %e, "database unavailable");
+                WebError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the control plane's database is unavailable; try again in a moment".into(),
+                )
+            }
             _ => {
                 tracing::error!(error = %e, "store failure");
                 WebError(

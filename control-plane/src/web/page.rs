@@ -121,7 +121,7 @@ pub fn deadline(held: &HeldRequest) -> i64 {
 
 /// The state as a badge.
 pub fn state(held: &HeldRequest) -> Markup {
-    let name = crate::store::state_name(held.state());
+    let name = crate::types::state_name(held.state());
     html! { span class={ "badge " (name) } { (name) } }
 }
 
@@ -130,7 +130,7 @@ pub fn countdown(held: &HeldRequest) -> Markup {
     if held.state() != RequestState::Pending {
         return html! { span { "—" } };
     }
-    let left = (deadline(held) - crate::store::now_ms()).max(0) / 1000;
+    let left = (deadline(held) - crate::types::now_ms()).max(0) / 1000;
     html! {
         time.countdown data-deadline=(deadline(held)) { (left / 60) "m " (left % 60) "s" }
     }

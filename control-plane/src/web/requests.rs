@@ -17,18 +17,19 @@ use axum::{
 };
 use maud::{html, Markup};
 use serde::Deserialize;
-use tokio_stream::{wrappers::BroadcastStream, Stream, StreamExt};
+use tokio_stream::Stream;
 
 use super::{page, session::Session, Web, WebError};
 use crate::decide::DecideError;
 
-fn pending(web: &Web) -> Result<Vec<HeldRequest>, WebError> {
+/// Pending requests, newest first (at most one page of [`crate::config::Limits::max_list`]).
+async fn pending(web: &Web) -> Result<Vec<HeldRequest>, WebError> {
     let q = ListRequestsRequest {
         state: RequestState::Pending as i32,
-        limit: 1000,
+        limit: web.plane.limits.max_list,
         ..Default::default()
     };
-    Ok(web.plane.store.list(&q)?.0)
+    Ok(web.plane.store.list(&q, web.plane.limits.max_list).await?.0)
 }
 
 fn queue_rows(requests: &[HeldRequest]) -> Markup {
@@ -53,7 +54,7 @@ fn queue_rows(requests: &[HeldRequest]) -> Markup {
 
 /// GET /: the pending queue.
 pub(super) async fn queue(State(web): State<Web>, s: Session) -> Result<Markup, WebError> {
-    let requests = pending(&web)?;
+    let requests = pending(&web).await?;
     let title = if requests.is_empty() {
         "Queue".to_owned()
     } else {
@@ -79,15 +80,16 @@ pub(super) async fn queue_fragment(
     State(web): State<Web>,
     _s: Session,
 ) -> Result<Markup, WebError> {
-    Ok(queue_rows(&pending(&web)?))
+    Ok(queue_rows(&pending(&web).await?))
 }
 
-/// GET /events: a server-sent event per change (`request` with the id and state), so pages
-/// update without reload. The stream ends at the first change after the session does (logout
-/// or expiry).
+/// GET /events: a server-sent event per change to a request (`request` with the id and state),
+/// so pages update without reload, from every replica and none missed (a stream that reads
+/// slowly catches up from the table). The stream ends when the session does (logout, a
+/// password change, or its expiry).
 pub(super) async fn events(
     State(web): State<Web>,
-    _s: Session,
+    s: Session,
     jar: axum_extra::extract::cookie::CookieJar,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let sid = jar
@@ -95,25 +97,52 @@ pub(super) async fn events(
         .map(|c| c.value().to_owned())
         .unwrap_or_default();
     let store = web.plane.store.clone();
-    let stream = BroadcastStream::new(web.plane.store.subscribe())
-        .take_while(move |_| matches!(super::session::lookup(&store, &sid), Ok(Some(_))))
-        .filter_map(|c| {
-            let c = c.ok()?;
+    let mut changes = store.subscribe();
+    let mut closing = web.plane.closing.subscribe();
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let ends = std::time::Duration::from_millis(
+        u64::try_from(s.expires_ms - crate::types::now_ms()).unwrap_or(0),
+    );
+    tokio::spawn(async move {
+        let expiry = tokio::time::sleep(ends);
+        tokio::pin!(expiry);
+        loop {
+            let c = tokio::select! {
+                c = changes.next() => match c { Some(c) => c, None => break },
+                _ = &mut expiry => break,
+                _ = crate::api::approvals::stopped(&mut closing) => break,
+                _ = tx.closed() => break,
+            };
+            if matches!(
+                c.action.as_str(),
+                "logout" | "account.password" | "account.removed"
+            ) && !matches!(super::session::lookup(&store, &sid).await, Ok(Some(_)))
+            {
+                break;
+            }
+            let Some(held) = c.held.as_ref().filter(|_| c.action.starts_with("request.")) else {
+                continue;
+            };
             let data = serde_json::json!({
-                "id": page::id(&c.held),
-                "state": crate::store::state_name(c.held.state()),
+                "id": page::id(held),
+                "state": crate::types::state_name(held.state()),
                 "action": c.action,
             });
-            Some(Ok(Event::default().event("request").data(data.to_string())))
-        });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+            let event = Event::default().event("request").data(data.to_string());
+            if tx.send(Ok(event)).await.is_err() {
+                break;
+            }
+        }
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
 /// Whether `s` sees admin pages.
 pub(super) fn admin(web: &Web, s: &Session) -> bool {
     let group = &web.settings.admin_group;
     s.groups.contains(group)
-        || crate::current(&web.plane.policy).may_vote(&s.name, std::slice::from_ref(group))
+        || crate::policy::current(&web.plane.policy).may_vote(&s.name, std::slice::from_ref(group))
 }
 
 /// Who may still vote: the policy's members of the request's groups who have not voted and did
@@ -125,7 +154,7 @@ fn still_may_vote(web: &Web, held: &HeldRequest) -> Markup {
     if held.approver_groups.is_empty() {
         return html! { p { "Any approver may vote." } };
     }
-    let policy = crate::current(&web.plane.policy);
+    let policy = crate::policy::current(&web.plane.policy);
     let mut people: Vec<&str> = held
         .approver_groups
         .iter()
@@ -261,7 +290,7 @@ fn request_view(web: &Web, s: &Session, held: &HeldRequest, error: Option<&str>)
         &page::what(held),
         admin(web, s),
         html! {
-            div.request data-request=(page::id(held)) data-state=(crate::store::state_name(held.state())) {
+            div.request data-request=(page::id(held)) data-state=(crate::types::state_name(held.state())) {
                 h1 { code { (page::what(held)) } " " (page::state(held)) }
                 @if let Some(e) = error { p.error role="alert" #decide-error { (e) } }
                 (details(held))
@@ -280,7 +309,7 @@ pub(super) async fn request_page(
     s: Session,
     Path(id): Path<String>,
 ) -> Result<Markup, WebError> {
-    let held = web.plane.store.get(&id)?;
+    let held = web.plane.store.get(&id).await?;
     Ok(request_view(&web, &s, &held, None))
 }
 
@@ -325,7 +354,8 @@ pub(super) async fn decide(
     };
     let result = web
         .decisions
-        .decide(&s.approver(), &id, verdict, &f.reason, grant);
+        .decide(&s.approver(), &id, verdict, &f.reason, grant)
+        .await;
     match result {
         Ok(_) => Ok(Redirect::to(&format!("/requests/{id}")).into_response()),
         Err(e) => {
@@ -335,12 +365,13 @@ pub(super) async fn decide(
                 DecideError::Store(crate::store::StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
                 DecideError::Store(
                     crate::store::StoreError::NotPending { .. }
-                    | crate::store::StoreError::AlreadyVoted { .. },
+                    | crate::store::StoreError::AlreadyVoted { .. }
+                    | crate::store::StoreError::PastDeadline { .. },
                 ) => StatusCode::CONFLICT,
                 DecideError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             };
             tracing::info!(name = %s.name, request = %id, error = %e, "vote refused");
-            let held = web.plane.store.get(&id)?;
+            let held = web.plane.store.get(&id).await?;
             Ok((status, request_view(&web, &s, &held, Some(&e.to_string()))).into_response())
         }
     }

@@ -15,11 +15,10 @@ use std::{
 
 use airlock_agent::decider::Decider;
 use airlock_control_plane::{
-    accounts,
-    auth::Scope,
+    auth::{accounts, Scope},
     config::ServerConfig,
     notify,
-    store::Store,
+    store::{Database, Store},
     web::{Settings, Web},
     ControlPlane,
 };
@@ -117,11 +116,11 @@ struct Run {
 /// One run; with `hanging`, a second webhook whose receiver never answers is configured too.
 async fn run(args: &Args, hanging: bool) -> Result<Run> {
     let dir = tempfile::tempdir()?;
-    let store = Store::open(&dir.path().join("airlock.db"))?;
-    let agent_token = store.create_token("bench-host", Scope::Agent)?;
-    let alice = store.create_token("alice", Scope::Approve)?;
+    let store = Store::open(&Database::sqlite(dir.path().join("airlock.db"))).await?;
+    let agent_token = store.create_token("bench-host", Scope::Agent).await?;
+    let alice = store.create_token("alice", Scope::Approve).await?;
     let password = "bench password, long enough";
-    accounts::create(&store, "bob", password, &[])?;
+    accounts::create(&store, "bob", password, &[]).await?;
     let plane = ControlPlane::new(store);
 
     // A webhook receiver on loopback, and the hub that signs and sends to it.
@@ -175,7 +174,7 @@ async fn run(args: &Args, hanging: bool) -> Result<Run> {
     let base = format!("http://{}", http.local_addr()?);
     let public = url::Url::parse(&base)?;
     let channels = notify::channels_from_config(&cfg, &public)?;
-    let _hub = notify::Hub::start(plane.store.clone(), &channels, plane.metrics.clone());
+    let _hub = notify::Hub::start(plane.store.clone(), &channels, plane.metrics.clone()).await?;
     let web = Web::new(
         plane.clone(),
         Settings::new(public, &Default::default()),

@@ -1,0 +1,729 @@
+//! Held requests and their lifecycle (pending, then approved, denied, cancelled or expired),
+//! votes, grants, outcomes and history.
+//!
+//! Every state change runs in the writer's transaction (one writer in the whole database at a
+//! time), so each check and the write it guards are one step: a second vote by the same person
+//! under another name, a vote after the deadline, two replicas expiring the same request or
+//! two approvals racing for the last vote of a quorum cannot both succeed. That lock is what
+//! `FOR UPDATE SKIP LOCKED` would give, for every claim at once.
+
+use std::sync::Arc;
+
+use airlock_proto::v1::{
+    action_request::Action, ActionRequest, Grant, HeldRequest, Hello, ListRequestsRequest, Outcome,
+    RequestState, Verdict, Vote,
+};
+use prost::Message;
+use serde_json::json;
+
+use super::{
+    sql::{args, Row, Tx},
+    trail::Where,
+    Store, StoreError,
+};
+use crate::{
+    config::Limits,
+    credential::random_hex,
+    types::{now_ms, person, state_name, Route},
+};
+
+/// Longest grant, minutes.
+pub const MAX_GRANT_MINUTES: u32 = 24 * 60;
+
+/// Requests one list call returns when it asks for none in particular.
+pub const DEFAULT_LIST: u32 = 100;
+
+/// Pending requests expired per write.
+const EXPIRE_BATCH: i64 = 500;
+
+/// What a grant matches on: host id, account and the exact action.
+pub fn grant_key(held: &HeldRequest) -> (String, String, String) {
+    let req = held.request.clone().unwrap_or_default();
+    let account = req.process.map(|p| p.user).unwrap_or_default();
+    let action = match req.action {
+        Some(Action::Exec(e)) => format!("exec {} {}", e.path, e.argv.join("\u{1f}")),
+        Some(Action::Connect(c)) => format!("connect {} {} {}", c.address, c.port, c.protocol),
+        None => String::new(),
+    };
+    (held.host_id.clone(), account, action)
+}
+
+fn id_of(held: &HeldRequest) -> &str {
+    held.request.as_ref().map_or("", |r| r.request_id.as_str())
+}
+
+/// The history filter: every field set must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct History {
+    /// Host name or host id.
+    pub host: String,
+    /// The held task's account.
+    pub account: String,
+    /// The agent rule that held it.
+    pub rule: String,
+    /// State (0: any).
+    pub state: i32,
+    /// Someone who voted on it.
+    pub approver: String,
+    /// Received at or after (Unix ms).
+    pub from_ms: Option<i64>,
+    /// Received before (Unix ms).
+    pub to_ms: Option<i64>,
+}
+
+impl Tx {
+    /// The request `id`, if stored.
+    pub async fn load(&mut self, id: &str) -> Result<Option<HeldRequest>, StoreError> {
+        self.row("SELECT body FROM requests WHERE id = $1", args![id])
+            .await?
+            .map(|r| r.message(0))
+            .transpose()
+    }
+
+    /// The request `id`, which must still be pending.
+    async fn load_pending(&mut self, id: &str) -> Result<HeldRequest, StoreError> {
+        let held = self
+            .load(id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        if held.state() != RequestState::Pending {
+            return Err(StoreError::NotPending {
+                id: id.to_owned(),
+                state: state_name(held.state()),
+            });
+        }
+        Ok(held)
+    }
+
+    /// Records `action` on `held` in the audit trail, then writes it (inserting it when it is
+    /// new: its position in the trail becomes its position in lists).
+    async fn save(
+        &mut self,
+        held: &HeldRequest,
+        actor: &str,
+        action: &str,
+        payload: &str,
+        insert: bool,
+    ) -> Result<(), StoreError> {
+        let id = id_of(held).to_owned();
+        let seq = self
+            .audit(actor, action, &id, payload, Some(held.clone()))
+            .await?;
+        if insert {
+            let req = held.request.clone().unwrap_or_default();
+            self.exec(
+                "INSERT INTO requests (id, seq, state, deadline_ms, host_id, hostname, account,
+                 rule, received_ms, decided_ms, body)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                args![
+                    &id,
+                    seq,
+                    held.state,
+                    req.deadline_unix_ms,
+                    &held.host_id,
+                    &held.hostname,
+                    grant_key(held).1,
+                    &req.rule,
+                    held.received_unix_ms,
+                    held.decided_unix_ms,
+                    held.encode_to_vec()
+                ],
+            )
+            .await?;
+        } else {
+            self.exec(
+                "UPDATE requests SET state = $2, decided_ms = $3, body = $4 WHERE id = $1",
+                args![&id, held.state, held.decided_unix_ms, held.encode_to_vec()],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Pending requests where `column` is `value`, counted up to `cap`.
+    async fn pending_at_least(
+        &mut self,
+        column: &str,
+        value: &str,
+        cap: u32,
+    ) -> Result<bool, StoreError> {
+        let sql = format!(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM requests WHERE state = $1 AND {column} = $2
+             LIMIT $3) AS p"
+        );
+        let n = self
+            .row(&sql, args![RequestState::Pending as i32, value, cap])
+            .await?
+            .map_or(Ok(0), |r| r.int(0))?;
+        Ok(n >= i64::from(cap))
+    }
+
+    async fn receive(
+        &mut self,
+        host: &Hello,
+        route: &Route,
+        mut req: ActionRequest,
+        limits: &Limits,
+    ) -> Result<(HeldRequest, bool), StoreError> {
+        let (host_id, hostname) = (host.host_id.as_str(), host.hostname.as_str());
+        if let Some(existing) = self.load(&req.request_id).await? {
+            // A resend is the same action from the same host; anything else reusing the id
+            // must not receive that request's decision.
+            let same = existing.host_id == host_id
+                && existing.request.as_ref().map(|r| &r.action) == Some(&req.action);
+            if !same {
+                return Err(StoreError::IdConflict {
+                    id: req.request_id,
+                    host: host_id.to_owned(),
+                });
+            }
+            return Ok((existing, false));
+        }
+        let user = req
+            .process
+            .as_ref()
+            .map(|p| p.user.clone())
+            .unwrap_or_default();
+        let cap = limits.max_pending_per_host;
+        if self.pending_at_least("host_id", host_id, cap).await? {
+            return Err(StoreError::Limit(format!(
+                "host {host_id} already has {cap} requests pending (limits.max_pending_per_host)"
+            )));
+        }
+        let cap = limits.max_pending_per_account;
+        if self.pending_at_least("account", &user, cap).await? {
+            return Err(StoreError::Limit(format!(
+                "account {user:?} already has {cap} requests pending \
+                 (limits.max_pending_per_account)"
+            )));
+        }
+        let now = now_ms();
+        req.deadline_unix_ms = req
+            .deadline_unix_ms
+            .min(now.saturating_add(limits.max_deadline_ms()));
+        let argv = match &req.action {
+            Some(Action::Exec(e)) => e.argv.join(" "),
+            Some(Action::Connect(c)) => format!("connect {}:{}", c.address, c.port),
+            None => String::new(),
+        };
+        let mut payload = json!({"host": hostname, "user": user, "rule": req.rule, "action": argv});
+        let mut held = HeldRequest {
+            request: Some(req),
+            host_id: host_id.to_owned(),
+            hostname: hostname.to_owned(),
+            state: RequestState::Pending as i32,
+            received_unix_ms: now,
+            quorum: route.quorum,
+            approver_groups: route.groups.clone(),
+            host_labels: host.labels.clone(),
+            reason_required: route.require_reason,
+            deny_needs_quorum: route.deny_needs_quorum,
+            route: route.rule.clone(),
+            ..Default::default()
+        };
+        let (gh, ga, gx) = grant_key(&held);
+        let grant = self
+            .row(
+                "SELECT body FROM grants WHERE host_id = $1 AND account = $2 AND action = $3
+                 AND revoked_ms IS NULL AND expires_ms > $4 ORDER BY expires_ms DESC LIMIT 1",
+                args![gh, ga, gx, now],
+            )
+            .await?
+            .map(|r| r.message::<Grant>(0))
+            .transpose()?;
+        let action = match grant {
+            Some(g) => {
+                held.state = RequestState::Approved as i32;
+                held.decided_by = format!("grant {} ({})", g.id, g.created_by);
+                held.reason = format!("covered by grant {} until {}", g.id, g.expires_unix_ms);
+                held.decided_unix_ms = now;
+                held.grant_id = g.id.clone();
+                payload["grant"] = json!(g.id);
+                "request.approved.grant"
+            }
+            None => "request.received",
+        };
+        self.save(&held, host_id, action, &payload.to_string(), true)
+            .await?;
+        Ok((held, true))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn vote(
+        &mut self,
+        id: &str,
+        approver: &str,
+        verdict: Verdict,
+        reason: &str,
+        grant_minutes: u32,
+    ) -> Result<(HeldRequest, bool), StoreError> {
+        let mut held = self.load_pending(id).await?;
+        let at = now_ms();
+        let deadline = held
+            .request
+            .as_ref()
+            .map_or(i64::MAX, |r| r.deadline_unix_ms);
+        if at >= deadline {
+            return Err(StoreError::PastDeadline { id: id.to_owned() });
+        }
+        // One person, one vote, whatever name they use: checked and written in this one
+        // transaction, and the key of `votes` refuses a second row for the person anyway.
+        let me = person(approver);
+        let voted = self
+            .row(
+                "SELECT approver FROM votes WHERE request_id = $1 AND person = $2",
+                args![id, &me],
+            )
+            .await?;
+        if voted.is_some() || held.votes.iter().any(|v| person(&v.approver) == me) {
+            return Err(StoreError::AlreadyVoted {
+                id: id.to_owned(),
+                approver: approver.to_owned(),
+            });
+        }
+        held.votes.push(Vote {
+            approver: approver.to_owned(),
+            verdict: verdict as i32,
+            reason: reason.to_owned(),
+            at_unix_ms: at,
+            grant_minutes: if verdict == Verdict::Allow {
+                grant_minutes.min(MAX_GRANT_MINUTES)
+            } else {
+                0
+            },
+        });
+        let voters = |allow: bool| -> Vec<&Vote> {
+            held.votes
+                .iter()
+                .filter(|v| (v.verdict == Verdict::Allow as i32) == allow)
+                .collect()
+        };
+        let (approvals, denials) = (voters(true), voters(false));
+        let names = |vs: &[&Vote]| -> String {
+            vs.iter()
+                .map(|v| v.approver.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let reasons = |vs: &[&Vote]| -> String {
+            vs.iter()
+                .map(|v| v.reason.as_str())
+                .filter(|r| !r.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let quorum = held.quorum.max(1) as usize;
+        let outcome = if verdict != Verdict::Allow && !held.deny_needs_quorum {
+            Some((RequestState::Denied, approver.to_owned(), reason.to_owned()))
+        } else if verdict != Verdict::Allow {
+            (denials.len() >= quorum)
+                .then(|| (RequestState::Denied, names(&denials), reasons(&denials)))
+        } else if approvals.len() >= quorum {
+            let all: Vec<&Vote> = held.votes.iter().collect();
+            Some((RequestState::Approved, names(&approvals), reasons(&all)))
+        } else {
+            None
+        };
+        let minutes = approvals.iter().map(|v| v.grant_minutes).min().unwrap_or(0);
+        let decided = outcome.is_some();
+        let mut grant = None;
+        if let Some((state, by, why)) = outcome {
+            held.state = state as i32;
+            held.decided_by = by;
+            held.reason = why;
+            held.decided_unix_ms = at;
+            if state == RequestState::Approved && minutes > 0 {
+                let (host_id, account, action) = grant_key(&held);
+                let g = Grant {
+                    id: format!(
+                        "g-{}",
+                        random_hex(6).map_err(|e| StoreError::Random(e.to_string()))?
+                    ),
+                    host_id,
+                    account,
+                    action,
+                    request_id: id.to_owned(),
+                    created_by: held.decided_by.clone(),
+                    created_unix_ms: at,
+                    expires_unix_ms: at + i64::from(minutes) * 60_000,
+                    ..Default::default()
+                };
+                held.grant_id = g.id.clone();
+                grant = Some(g);
+            }
+        }
+        self.exec(
+            "INSERT INTO votes (request_id, person, approver, verdict, at_ms)
+             VALUES ($1, $2, $3, $4, $5)",
+            args![id, &me, approver, verdict as i32, at],
+        )
+        .await?;
+        let action = match verdict {
+            Verdict::Allow => "request.vote.approve",
+            _ => "request.vote.deny",
+        };
+        let payload =
+            json!({"reason": reason, "decided": decided, "state": state_name(held.state())});
+        self.save(&held, approver, action, &payload.to_string(), false)
+            .await?;
+        if let Some(g) = grant {
+            self.exec(
+                "INSERT INTO grants (id, host_id, account, action, body, expires_ms, created_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                args![
+                    &g.id,
+                    &g.host_id,
+                    &g.account,
+                    &g.action,
+                    g.encode_to_vec(),
+                    g.expires_unix_ms,
+                    at
+                ],
+            )
+            .await?;
+            let payload = json!({
+                "grant": g.id, "action": g.action, "account": g.account,
+                "expires_ms": g.expires_unix_ms,
+            });
+            self.audit(
+                approver,
+                "grant.created",
+                id,
+                &payload.to_string(),
+                Some(held.clone()),
+            )
+            .await?;
+        }
+        Ok((held, decided))
+    }
+}
+
+fn page_of(rows: Vec<Row>, limit: usize) -> Result<(Vec<HeldRequest>, String), StoreError> {
+    let more = rows.len() > limit;
+    let mut out = Vec::with_capacity(rows.len().min(limit));
+    let mut last = 0;
+    for r in rows.iter().take(limit) {
+        last = r.int(0)?;
+        out.push(r.message(1)?);
+    }
+    Ok((
+        out,
+        if more {
+            last.to_string()
+        } else {
+            String::new()
+        },
+    ))
+}
+
+impl Store {
+    /// Records a request from agent `host`. A request with a known id is the same request
+    /// (resent after a reconnect): the stored one is returned and nothing changes. `route`
+    /// (from the approval policy) fixes who may vote and how many must agree; `limits` caps
+    /// the pending requests of the host and of the account, and the deadline. Returns the
+    /// request and whether it is new.
+    pub async fn receive(
+        &self,
+        host: &Hello,
+        route: &Route,
+        req: ActionRequest,
+        limits: &Limits,
+    ) -> Result<(HeldRequest, bool), StoreError> {
+        let args = Arc::new((host.clone(), route.clone(), req, limits.clone()));
+        self.write(move |tx| {
+            let a = args.clone();
+            Box::pin(async move { tx.receive(&a.0, &a.1, a.2.clone(), &a.3).await })
+        })
+        .await
+    }
+
+    /// Records a vote on a pending request, refused when the same person (under any of their
+    /// names) already voted or the deadline has passed. A deny decides at once (unless the rule
+    /// wants a quorum of denials); approvals decide when `quorum` distinct people agree.
+    /// Returns the request and whether it is now decided.
+    ///
+    /// `grant_minutes` with an approval: the approver agrees to approve the same action, host
+    /// and account for that long. When the request is approved and every approver agreed, a
+    /// grant for the shortest window is created in the same transaction.
+    pub async fn vote(
+        &self,
+        id: &str,
+        approver: &str,
+        verdict: Verdict,
+        reason: &str,
+        grant_minutes: u32,
+    ) -> Result<(HeldRequest, bool), StoreError> {
+        let (id, approver, reason) = (id.to_owned(), approver.to_owned(), reason.to_owned());
+        self.write(move |tx| {
+            let (id, approver, reason) = (id.clone(), approver.clone(), reason.clone());
+            Box::pin(async move {
+                tx.vote(&id, &approver, verdict, &reason, grant_minutes)
+                    .await
+            })
+        })
+        .await
+    }
+
+    /// Withdraws a pending request (the agent is told to deny it).
+    pub async fn cancel(
+        &self,
+        id: &str,
+        by: &str,
+        reason: &str,
+    ) -> Result<HeldRequest, StoreError> {
+        let (id, by, reason) = (id.to_owned(), by.to_owned(), reason.to_owned());
+        self.write(move |tx| {
+            let (id, by, reason) = (id.clone(), by.clone(), reason.clone());
+            Box::pin(async move {
+                let mut held = tx.load_pending(&id).await?;
+                held.state = RequestState::Cancelled as i32;
+                held.decided_by = by.clone();
+                held.reason = format!("cancelled: {reason}");
+                held.decided_unix_ms = now_ms();
+                let payload = json!({ "reason": reason }).to_string();
+                tx.save(&held, &by, "request.cancelled", &payload, false)
+                    .await?;
+                Ok(held)
+            })
+        })
+        .await
+    }
+
+    /// Marks pending requests whose deadline is at or before `now` as expired (the agent
+    /// applies the on-timeout action itself), at most a few hundred at a time; returns them.
+    /// Every replica calls this; each request expires once.
+    pub async fn expire_due(&self, now: i64) -> Result<Vec<HeldRequest>, StoreError> {
+        self.write(move |tx| {
+            Box::pin(async move {
+                let due = tx
+                    .rows(
+                        "SELECT body FROM requests WHERE state = $1 AND deadline_ms <= $2
+                         ORDER BY deadline_ms LIMIT $3",
+                        args![RequestState::Pending as i32, now, EXPIRE_BATCH],
+                    )
+                    .await?;
+                let mut expired = Vec::with_capacity(due.len());
+                for r in &due {
+                    let mut held: HeldRequest = r.message(0)?;
+                    held.state = RequestState::Expired as i32;
+                    held.decided_unix_ms = now;
+                    tx.save(&held, "server", "request.expired", "{}", false)
+                        .await?;
+                    expired.push(held);
+                }
+                Ok(expired)
+            })
+        })
+        .await
+    }
+
+    /// Appends an outcome that agent `host_id` reported. Only the host that made the request
+    /// may report on it, and at most `max` times.
+    pub async fn record_outcome(
+        &self,
+        host_id: &str,
+        outcome: Outcome,
+        max: u32,
+    ) -> Result<(), StoreError> {
+        let host_id = host_id.to_owned();
+        self.write(move |tx| {
+            let (host_id, outcome) = (host_id.clone(), outcome.clone());
+            Box::pin(async move {
+                let id = outcome.request_id.clone();
+                let mut held = tx
+                    .load(&id)
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound(id.clone()))?;
+                if held.host_id != host_id {
+                    return Err(StoreError::Limit(format!(
+                        "an outcome for request {id:?} came from host {host_id}, not from the \
+                         request's own host; ignored"
+                    )));
+                }
+                if held.outcomes.len() >= max as usize {
+                    return Err(StoreError::Limit(format!(
+                        "request {id:?} already has {max} outcomes \
+                         (limits.max_outcomes_per_request); ignored"
+                    )));
+                }
+                let payload = json!({
+                    "kind": outcome.kind, "applied": outcome.applied, "cause": outcome.cause,
+                    "exit_code": outcome.exit_code, "signal": outcome.signal,
+                })
+                .to_string();
+                held.outcomes.push(outcome);
+                tx.save(&held, &host_id, "request.outcome", &payload, false)
+                    .await
+            })
+        })
+        .await
+    }
+
+    /// One request.
+    pub async fn get(&self, id: &str) -> Result<HeldRequest, StoreError> {
+        let id = id.to_owned();
+        self.read(move |tx| {
+            let id = id.clone();
+            Box::pin(async move {
+                tx.load(&id)
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound(id.clone()))
+            })
+        })
+        .await
+    }
+
+    /// Requests matching `q` (state, host id, account), newest first, one page of at most
+    /// `max` (and `q.limit`, [`DEFAULT_LIST`] when 0), and the token of the next page ("" when
+    /// this is the last).
+    pub async fn list(
+        &self,
+        q: &ListRequestsRequest,
+        max: u32,
+    ) -> Result<(Vec<HeldRequest>, String), StoreError> {
+        let limit = match q.limit {
+            0 => DEFAULT_LIST,
+            n => n,
+        }
+        .min(max.max(1));
+        let mut w = Where::new();
+        if q.state != 0 {
+            w.and("state = ?", q.state);
+        }
+        if !q.host_id.is_empty() {
+            w.and("host_id = ?", &q.host_id);
+        }
+        if !q.account.is_empty() {
+            w.and("account = ?", &q.account);
+        }
+        if !q.page_token.is_empty() {
+            let before: i64 = q
+                .page_token
+                .parse()
+                .map_err(|_| StoreError::BadPageToken(q.page_token.clone()))?;
+            w.and("seq < ?", before);
+        }
+        self.page(w, limit).await
+    }
+
+    async fn page(&self, w: Where, limit: u32) -> Result<(Vec<HeldRequest>, String), StoreError> {
+        let sql = format!(
+            "SELECT seq, body FROM requests{} ORDER BY seq DESC LIMIT {}",
+            w.sql,
+            limit + 1
+        );
+        let args = w.args;
+        self.read(move |tx| {
+            let (sql, args) = (sql.clone(), args.clone());
+            Box::pin(async move { page_of(tx.rows(&sql, &args).await?, limit as usize) })
+        })
+        .await
+    }
+
+    /// Requests matching the history filter `f`, newest first: one page of at most `limit`
+    /// before the page token `page` ("" for the newest), and the next page's token.
+    pub async fn history(
+        &self,
+        f: &History,
+        page: &str,
+        limit: u32,
+    ) -> Result<(Vec<HeldRequest>, String), StoreError> {
+        let mut w = Where::new();
+        let host = f.host.trim();
+        if !host.is_empty() {
+            w.and("(hostname = ? OR host_id = ?)", host);
+        }
+        if !f.account.trim().is_empty() {
+            w.and("account = ?", f.account.trim());
+        }
+        if !f.rule.trim().is_empty() {
+            w.and("rule = ?", f.rule.trim());
+        }
+        if f.state != 0 {
+            w.and("state = ?", f.state);
+        }
+        if !f.approver.trim().is_empty() {
+            w.and(
+                "EXISTS (SELECT 1 FROM votes v WHERE v.request_id = requests.id AND v.approver = ?)",
+                f.approver.trim(),
+            );
+        }
+        if let Some(t) = f.from_ms {
+            w.and("received_ms >= ?", t);
+        }
+        if let Some(t) = f.to_ms {
+            w.and("received_ms < ?", t);
+        }
+        if !page.is_empty() {
+            let before: i64 = page
+                .parse()
+                .map_err(|_| StoreError::BadPageToken(page.to_owned()))?;
+            w.and("seq < ?", before);
+        }
+        self.page(w, limit.max(1)).await
+    }
+
+    /// How many requests are pending.
+    pub async fn count_pending(&self) -> Result<i64, StoreError> {
+        self.read(|tx| {
+            Box::pin(async move {
+                tx.row(
+                    "SELECT COUNT(*) FROM requests WHERE state = $1",
+                    args![RequestState::Pending as i32],
+                )
+                .await?
+                .map_or(Ok(0), |r| r.int(0))
+            })
+        })
+        .await
+    }
+
+    /// Grants, newest first; only active ones unless `all`.
+    pub async fn list_grants(&self, all: bool) -> Result<Vec<Grant>, StoreError> {
+        self.read(move |tx| {
+            Box::pin(async move {
+                tx.rows(
+                    "SELECT body FROM grants WHERE $1 = 1 OR (revoked_ms IS NULL AND expires_ms > $2)
+                     ORDER BY created_ms DESC, id DESC",
+                    args![all, now_ms()],
+                )
+                .await?
+                .iter()
+                .map(|r| r.message(0))
+                .collect()
+            })
+        })
+        .await
+    }
+
+    /// Ends grant `id` now.
+    pub async fn revoke_grant(&self, id: &str, by: &str) -> Result<Grant, StoreError> {
+        let (id, by) = (id.to_owned(), by.to_owned());
+        self.write(move |tx| {
+            let (id, by) = (id.clone(), by.clone());
+            Box::pin(async move {
+                let mut g: Grant = tx
+                    .row(
+                        "SELECT body FROM grants WHERE id = $1 AND revoked_ms IS NULL",
+                        args![&id],
+                    )
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound(id.clone()))?
+                    .message(0)?;
+                let now = now_ms();
+                g.revoked_unix_ms = now;
+                g.revoked_by = by.clone();
+                tx.exec(
+                    "UPDATE grants SET revoked_ms = $2, body = $3 WHERE id = $1",
+                    args![&id, now, g.encode_to_vec()],
+                )
+                .await?;
+                let payload = json!({ "grant": id }).to_string();
+                tx.audit(&by, "grant.revoked", &g.request_id, &payload, None)
+                    .await?;
+                Ok(g)
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,65 @@
+//! Small shared types and helpers that every layer uses: times, state names, the person behind
+//! an identity, and a request's route.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use airlock_proto::v1::RequestState;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Human name of a state.
+pub fn state_name(s: RequestState) -> &'static str {
+    match s {
+        RequestState::Pending => "pending",
+        RequestState::Approved => "approved",
+        RequestState::Denied => "denied",
+        RequestState::Expired => "expired",
+        RequestState::Cancelled => "cancelled",
+        RequestState::Unspecified => "unknown",
+    }
+}
+
+/// The person behind an identity: its local part, lower-cased, so that `Alice@example.com`
+/// (OIDC), `alice` (a local account or token) and the Unix account `alice` are one person.
+/// Comparisons err on the side of "same person": refusing a vote is safe, a second vote by
+/// one person is not.
+pub fn person(identity: &str) -> String {
+    identity
+        .split('@')
+        .next()
+        .unwrap_or(identity)
+        .to_ascii_lowercase()
+}
+
+/// Where a request goes: who may vote and how many must agree (from the approval policy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The routing rule ("" for the default).
+    pub rule: String,
+    /// Groups whose members may vote; empty: any approver.
+    pub groups: Vec<String>,
+    /// Distinct approvals needed.
+    pub quorum: u32,
+    /// Approvals need a reason.
+    pub require_reason: bool,
+    /// Denials need a quorum too.
+    pub deny_needs_quorum: bool,
+}
+
+impl Default for Route {
+    /// Any one approver decides.
+    fn default() -> Self {
+        Self {
+            rule: String::new(),
+            groups: Vec::new(),
+            quorum: 1,
+            require_reason: false,
+            deny_needs_quorum: false,
+        }
+    }
+}
