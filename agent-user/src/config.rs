@@ -76,7 +76,12 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentSection {
-    /// gRPC address of the decider (the control plane), e.g. `http://127.0.0.1:7443`.
+    /// gRPC address of the decider (the control plane), e.g. `http://127.0.0.1:7443`; or
+    /// several replicas' addresses, as a list (`["https://a:7443", "https://b:7443"]`) or
+    /// separated by commas. The agent uses the first that answers and, when it fails, moves to
+    /// the next and sends its held requests there again (the same requests, by id). Kept as
+    /// one comma-separated string.
+    #[serde(deserialize_with = "one_or_many")]
     pub decider: Option<String>,
     /// Host identity; defaults to /etc/machine-id, then the hostname.
     pub host_id: Option<String>,
@@ -302,15 +307,53 @@ impl Config {
                     .into(),
             ));
         }
-        if let Some(addr) = &self.agent.decider {
-            if !(addr.starts_with("http://") || addr.starts_with("https://")) {
-                return Err(invalid(format!(
-                    "agent.decider {addr:?} must start with http:// or https://"
-                )));
+        if let Some(list) = &self.agent.decider {
+            let addrs: Vec<&str> = list.split(',').map(str::trim).collect();
+            for addr in &addrs {
+                if addr.is_empty() {
+                    return Err(invalid(format!(
+                        "agent.decider {list:?} has an empty address"
+                    )));
+                }
+                if !(addr.starts_with("http://") || addr.starts_with("https://")) {
+                    return Err(invalid(format!(
+                        "agent.decider {addr:?} must start with http:// or https://"
+                    )));
+                }
             }
         }
         Ok(())
     }
+}
+
+/// `agent.decider`: one address, or a list of them, kept as one comma-separated string.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct Addresses;
+    impl<'de> serde::de::Visitor<'de> for Addresses {
+        type Value = String;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an address (\"https://host:7443\") or a list of addresses")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<String, A::Error> {
+            let mut all = Vec::new();
+            while let Some(a) = seq.next_element::<String>()? {
+                if a.contains(',') {
+                    return Err(serde::de::Error::custom(format!(
+                        "decider address {a:?} has a comma; list each address on its own"
+                    )));
+                }
+                all.push(a);
+            }
+            Ok(all.join(","))
+        }
+    }
+    d.deserialize_any(Addresses).map(Some)
 }
 
 /// 1-based line and column of byte offset `pos` in `text`.
@@ -359,6 +402,38 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.agent.enroll_token_file.as_deref(), Some(Path::new("/e")));
+    }
+
+    #[test]
+    fn decider_takes_one_address_or_several() {
+        let one = Config::parse(
+            "[agent]\ndecider = \"http://a:7443\"\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(one.agent.decider.as_deref(), Some("http://a:7443"));
+        let list = Config::parse(
+            "[agent]\ndecider = [\"https://a:7443\", \"https://b:7443\"]\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            list.agent.decider.as_deref(),
+            Some("https://a:7443,https://b:7443")
+        );
+        let err = Config::parse(
+            "[agent]\ndecider = [\"https://a:7443\", \"b:7443\"]\n",
+            Path::new("a.toml"),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("agent.decider \"b:7443\" must start with http:// or https://"),
+            "{err}"
+        );
+        let err = Config::parse("[agent]\ndecider = 7443\n", Path::new("a.toml")).unwrap_err();
+        assert!(err.to_string().starts_with("a.toml:2:"), "{err}");
+        assert!(err.to_string().contains("a list of addresses"), "{err}");
     }
 
     #[test]

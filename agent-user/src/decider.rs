@@ -1,8 +1,11 @@
 //! The agent's one long-lived gRPC stream to its decider (`airlock.v1.AgentService/Session`).
 //!
-//! A background task keeps the stream up, reconnecting with backoff. Requests still waiting for
-//! a decision are sent again on every new stream with the same id, so the decider sees one
-//! request, not two. Outcomes produced while disconnected are queued and flushed on reconnect.
+//! A background task keeps the stream up. The decider may be several replicas of the control
+//! plane: when the stream to one fails (or cannot be opened), the task moves to the next
+//! address at once, and backs off only after every address failed in turn. Requests still
+//! waiting for a decision are sent again on every new stream with the same id, so the decider
+//! sees one request, not two, whichever replica it reaches. Outcomes produced while
+//! disconnected are queued and flushed on reconnect.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -24,7 +27,8 @@ const MAX_QUEUED_OUTCOMES: usize = 4096;
 /// How to reach the decider.
 #[derive(Clone, Debug)]
 pub struct Connection {
-    /// `http://` or `https://` address.
+    /// `http://` or `https://` address, or several separated by commas (replicas of the
+    /// control plane), in order of preference.
     pub url: String,
     /// Bearer token (the agent's credential).
     pub token: Option<String>,
@@ -33,10 +37,35 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects to the decider (address, timeouts, TLS), without sending anything: shared by
-    /// the session and enrolment so that both reach the decider the same way.
+    /// The decider's addresses, in order of preference.
+    pub fn addresses(&self) -> Vec<String> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Connects to the first of the decider's addresses that answers, without sending
+    /// anything: shared by the session and enrolment so that both reach the decider the same
+    /// way.
     pub async fn connect(&self) -> Result<tonic::transport::Channel, tonic::Status> {
-        let url = self.url.as_str();
+        let mut last = tonic::Status::invalid_argument("no decider address");
+        for addr in self.addresses() {
+            match self.connect_to(&addr).await {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::warn!(decider = %addr, error = %e.message(), "decider unreachable");
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Connects to the decider at `url` (timeouts, TLS).
+    pub async fn connect_to(&self, url: &str) -> Result<tonic::transport::Channel, tonic::Status> {
         let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
             .map_err(|e| tonic::Status::invalid_argument(format!("decider address {url:?}: {e}")))?
             .connect_timeout(Duration::from_secs(3))
@@ -183,36 +212,52 @@ async fn run(
     shared: Arc<Mutex<Shared>>,
     connected: watch::Sender<bool>,
 ) {
+    let addresses = conn.addresses();
+    if addresses.is_empty() {
+        tracing::error!("no decider address; held actions get the fail mode");
+        return;
+    }
     let mut backoff = Duration::from_millis(200);
+    let (mut next, mut failed_in_a_row) = (0, 0);
     loop {
-        let url = &conn.url;
-        match session(&conn, &hello, &shared, &connected).await {
+        let url = &addresses[next % addresses.len()];
+        next += 1;
+        match session(&conn, url, &hello, &shared, &connected).await {
             Ok(()) => tracing::warn!(decider = %url, "decider closed the stream; reconnecting"),
-            Err(e) => {
-                tracing::warn!(decider = %url, error = %e, "decider unreachable; retrying in {backoff:?}")
-            }
+            Err(e) => tracing::warn!(decider = %url, error = %e, "decider unreachable"),
         }
-        // A stream that was up resets the backoff: the next attempt is quick.
         let was_up = connected.send_replace(false);
         shared.lock().unwrap_or_else(|p| p.into_inner()).stream = None;
-        backoff = if was_up {
-            Duration::from_millis(200)
+        // Another replica at once; a pause only when every address failed in turn, longer
+        // each round. A stream that was up starts the count again.
+        failed_in_a_row = if was_up { 0 } else { failed_in_a_row + 1 };
+        if was_up {
+            backoff = Duration::from_millis(200);
+        }
+        let pause = if failed_in_a_row > 0 && failed_in_a_row % addresses.len() == 0 {
+            let p = backoff;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            p
         } else {
-            (backoff * 2).min(Duration::from_secs(5))
+            Duration::from_millis(50)
         };
-        tokio::time::sleep(backoff).await;
+        if addresses.len() > 1 {
+            tracing::info!(decider = %addresses[next % addresses.len()], "trying the next decider in {pause:?}");
+        }
+        tokio::time::sleep(pause).await;
     }
 }
 
-/// One stream, from connect to its end.
+/// One stream to the decider at `url`, from connect to its end.
 async fn session(
     conn: &Connection,
+    url: &str,
     hello: &Hello,
     shared: &Arc<Mutex<Shared>>,
     connected: &watch::Sender<bool>,
 ) -> Result<(), tonic::Status> {
-    let (url, token) = (conn.url.as_str(), conn.token.as_deref());
-    let mut client = AgentServiceClient::new(conn.connect().await?);
+    let token = conn.token.as_deref();
+    let mut client = AgentServiceClient::new(conn.connect_to(url).await?);
     let (tx, rx) = mpsc::channel(1024);
     let hello_msg = AgentMessage {
         msg: Some(Out::Hello(hello.clone())),
