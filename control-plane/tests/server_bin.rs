@@ -5,15 +5,10 @@
 
 #[path = "support/db.rs"]
 mod db;
+#[path = "support/server.rs"]
+mod server;
 
-use std::{
-    ffi::OsStr,
-    io::{BufRead, BufReader, Read},
-    path::Path,
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
 use airlock_control_plane::{
     audit::Filter,
@@ -21,6 +16,7 @@ use airlock_control_plane::{
 };
 use airlock_proto::v1::{policy_service_client::PolicyServiceClient, GetPolicyRequest};
 use db::TestDb;
+use server::Server;
 
 /// The `--database` value for `t`, with a password when it is PostgreSQL (the test cluster
 /// trusts loopback, so any will do: it must never be printed or logged), and the database as
@@ -38,102 +34,6 @@ fn database(t: &TestDb, data: &Path) -> (String, String) {
             url.replacen("postgres@", "postgres:s3cret-pw@", 1),
             url.replacen("postgres@", "postgres:***@", 1),
         ),
-    }
-}
-
-/// A running `airlock-server`, killed when dropped.
-struct Server {
-    child: Child,
-    /// What it printed on standard output, up to and including the web UI's address.
-    printed: String,
-    /// Its log (standard error) so far.
-    log: Arc<Mutex<String>>,
-}
-
-impl Server {
-    /// Starts the server on `data` with `args` and ephemeral ports; returns once it says where
-    /// its web UI is, which it does after every first-start step. Panics, with what it printed
-    /// and logged, if it stops before that.
-    fn start(data: &Path, database: &str, args: &[&OsStr]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_airlock-server"))
-            .env("AIRLOCK_DATABASE_URL", database)
-            .args([
-                "--grpc",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
-            .arg(data)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let mut stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = stderr.read(&mut buf) {
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let mut printed = String::new();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    printed.push_str(&line);
-                    printed.push('\n');
-                    if line.contains("web UI on ") {
-                        break;
-                    }
-                }
-                _ => {
-                    let status = child.wait().unwrap();
-                    std::thread::sleep(Duration::from_millis(200)); // the rest of its log
-                    panic!(
-                        "airlock-server stopped ({status}) before serving; printed:\n{printed}\
-                         log:\n{}",
-                        log.lock().unwrap()
-                    );
-                }
-            }
-        }
-        // Keep reading standard output, so the server never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Server {
-            child,
-            printed,
-            log,
-        }
-    }
-
-    /// The first word of the printed text that starts with `prefix`.
-    fn printed_word(&self, prefix: &str) -> Option<String> {
-        self.printed
-            .split_whitespace()
-            .find(|w| w.starts_with(prefix))
-            .map(str::to_owned)
-    }
-
-    /// The web UI's base URL (`http://127.0.0.1:PORT/`).
-    fn http_url(&self) -> String {
-        let text = &self.printed;
-        let (_, rest) = text
-            .split_once("web UI on ")
-            .unwrap_or_else(|| panic!("no web UI address in {text}"));
-        rest.split_whitespace().next().unwrap().to_owned()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

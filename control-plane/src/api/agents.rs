@@ -332,9 +332,13 @@ impl AgentService for AgentSvc {
         let me = self.agents.clone();
         me.streams().insert(hello.host_id.clone(), session);
         tracing::info!(host = %hello.hostname, host_id = %hello.host_id, version = %hello.version, "agent connected");
-        if let Err(e) = self.store.agent_seen(&hello, true).await {
-            tracing::error!(error = %e, "recording the agent failed");
-        }
+        // Bookkeeping: the stream does not wait for it (nor for a database that is away).
+        let (store, h) = (self.store.clone(), hello.clone());
+        let seen = tokio::spawn(async move {
+            if let Err(e) = store.agent_seen(&h, true).await {
+                tracing::error!(error = %e, "recording the agent failed");
+            }
+        });
         let s = Stream_ {
             store: self.store.clone(),
             policy: self.policy.clone(),
@@ -396,6 +400,8 @@ impl AgentService for AgentSvc {
                     streams.remove(&host);
                 }
             }
+            // After the connect was recorded, so the two cannot cross.
+            let _ = seen.await;
             if let Err(e) = s.store.agent_seen(&s.hello, false).await {
                 tracing::error!(error = %e, "recording the agent failed");
             }

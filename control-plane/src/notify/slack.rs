@@ -156,6 +156,11 @@ impl SlackApp {
         let (text, blocks) = message(notice);
         let delivery = delivery_id("slack", notice.seq);
         if notice.event == Event::Received {
+            // Posted already, by a replica that stopped before it could move the channel's
+            // cursor: one message per request, not two.
+            if matches!(ctx.store.slack_message(&id).await, Ok(Some(_))) {
+                return;
+            }
             let body = json!({"channel": self.channel, "text": text, "blocks": blocks});
             let posted = ctx
                 .deliver(&delivery, "slack", notice, &self.retry, || {
