@@ -3,7 +3,8 @@
 # (a few checks, no downloads) when everything is already present. Idempotent.
 #
 # - apt: QEMU (software-emulated guest with a BPF LSM kernel), busybox, cpio, kmod, protoc,
-#   Chromium and its WebDriver (web UI tests)
+#   Chromium and its WebDriver (web UI tests), PostgreSQL (the control plane's tests start
+#   their own clusters with its initdb and pg_ctl; the package's own cluster is not used)
 # - Debian's kernels 6.1, 6.12 and unstable's newest, unpacked under $AIRLOCK_VM_DIR
 #   (default: target/vm), for the QEMU guests
 # - rust-src for the nightly toolchain (eBPF side is built with -Z build-std=core)
@@ -19,7 +20,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 # --- apt packages -------------------------------------------------------------------------
 need_pkgs=()
 for p in qemu-system-x86 busybox-static cpio kmod xz-utils zstd btrfs-progs protobuf-compiler systemd \
-         chromium chromium-driver fonts-liberation; do
+         chromium chromium-driver fonts-liberation postgresql; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

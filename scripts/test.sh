@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up what is missing (scripts/setup.sh), then runs every check and test:
-# formatting, clippy (host crates and the eBPF crate), unit tests, gRPC tests over real sockets,
-# and the kernel tests in a QEMU guest running Debian's kernel.
+# formatting, clippy (host crates and the eBPF crate), unit tests, the control plane's tests over
+# real sockets on SQLite and on PostgreSQL (clusters the tests start themselves), and the kernel
+# tests in QEMU guests running Debian's kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
