@@ -89,44 +89,13 @@ impl Decisions {
     /// Why `approver` may not vote on `held` at all, or `None` if they may. The web UI shows
     /// the buttons only when this is `None`; [`Decisions::decide`] checks it again.
     pub fn refusal(&self, held: &HeldRequest, approver: &Approver) -> Option<String> {
-        if approver.name.trim().is_empty() {
-            return Some("an approver identity is required".into());
-        }
-        if held.state() != RequestState::Pending {
-            return Some(format!(
-                "the request is {}",
-                crate::types::state_name(held.state())
-            ));
-        }
-        if is_requester(held, &approver.name) {
-            return Some(format!(
-                "{} made this request and cannot decide it",
-                approver.name
-            ));
-        }
-        if has_voted(held, &approver.name) {
-            return Some(format!("{} has already voted", approver.name));
-        }
-        let policy = crate::policy::current(&self.policy);
-        let member = policy.may_vote(&approver.name, &held.approver_groups)
-            || held
-                .approver_groups
-                .iter()
-                .any(|g| approver.groups.contains(g));
-        if !member {
-            return Some(format!(
-                "{} is not in the approver groups of this request ({})",
-                approver.name,
-                held.approver_groups.join(", ")
-            ));
-        }
-        None
+        refusal(&crate::policy::current(&self.policy), held, approver)
     }
 
-    /// Records `approver`'s vote on request `id`. Refusals about the person (own request, not
-    /// in the groups, no reason) are checked first; whether the request is still pending,
-    /// before its deadline, and not yet voted on by the same person are checked again by the
-    /// store in the vote's own transaction.
+    /// Records `approver`'s vote on request `id`, in one transaction with every check: that
+    /// the request is still pending and before its deadline, that the same person has not
+    /// voted (under any of their names), that the approver did not make it and is in its
+    /// groups, and that a reason is given where one is needed.
     pub async fn decide(
         &self,
         approver: &Approver,
@@ -138,38 +107,37 @@ impl Decisions {
         if verdict == Verdict::Unspecified {
             return Err(DecideError::Invalid("verdict must be allow or deny".into()));
         }
-        let held = self.store.get(id).await?;
         if verdict == Verdict::Deny && reason.trim().is_empty() {
             return Err(DecideError::Invalid("a deny needs a reason".into()));
         }
-        if verdict == Verdict::Allow && held.reason_required && reason.trim().is_empty() {
-            return Err(DecideError::Invalid(format!(
-                "rule {:?} needs a reason for an approval too",
-                held.route
-            )));
-        }
-        // Refusals that are about the request's state, not the person, keep the store's errors.
-        if held.state() != RequestState::Pending {
-            return Err(StoreError::NotPending {
-                id: id.to_owned(),
-                state: crate::types::state_name(held.state()),
+        let (policy, who, no_reason) = (
+            self.policy.clone(),
+            approver.clone(),
+            reason.trim().is_empty(),
+        );
+        let check = move |held: &HeldRequest| {
+            if verdict == Verdict::Allow && held.reason_required && no_reason {
+                return Err(DecideError::Invalid(format!(
+                    "rule {:?} needs a reason for an approval too",
+                    held.route
+                )));
             }
-            .into());
-        }
-        if has_voted(&held, &approver.name) {
-            return Err(StoreError::AlreadyVoted {
-                id: id.to_owned(),
-                approver: approver.name.clone(),
+            match refusal(&crate::policy::current(&policy), held, &who) {
+                Some(why) => Err(DecideError::Forbidden(why)),
+                None => Ok(()),
             }
-            .into());
-        }
-        if let Some(why) = self.refusal(&held, approver) {
-            return Err(DecideError::Forbidden(why));
-        }
+        };
         let (held, decided) = self
             .store
-            .vote(id, &approver.name, verdict, reason.trim(), grant_minutes)
-            .await?;
+            .vote_checked(
+                id,
+                &approver.name,
+                verdict,
+                reason.trim(),
+                grant_minutes,
+                check,
+            )
+            .await??;
         tracing::info!(request = %id, approver = %approver.name, verdict = ?verdict, decided, "vote");
         if decided {
             self.metrics.decided(crate::types::state_name(held.state()));
@@ -178,6 +146,45 @@ impl Decisions {
         }
         Ok(held)
     }
+}
+
+/// Why `approver` may not vote on `held` under `policy`, or `None` if they may.
+fn refusal(
+    policy: &crate::policy::Policy,
+    held: &HeldRequest,
+    approver: &Approver,
+) -> Option<String> {
+    if approver.name.trim().is_empty() {
+        return Some("an approver identity is required".into());
+    }
+    if held.state() != RequestState::Pending {
+        return Some(format!(
+            "the request is {}",
+            crate::types::state_name(held.state())
+        ));
+    }
+    if is_requester(held, &approver.name) {
+        return Some(format!(
+            "{} made this request and cannot decide it",
+            approver.name
+        ));
+    }
+    if has_voted(held, &approver.name) {
+        return Some(format!("{} has already voted", approver.name));
+    }
+    let member = policy.may_vote(&approver.name, &held.approver_groups)
+        || held
+            .approver_groups
+            .iter()
+            .any(|g| approver.groups.contains(g));
+    if !member {
+        return Some(format!(
+            "{} is not in the approver groups of this request ({})",
+            approver.name,
+            held.approver_groups.join(", ")
+        ));
+    }
+    None
 }
 
 #[cfg(test)]

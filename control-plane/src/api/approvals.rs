@@ -124,41 +124,38 @@ impl ApprovalService for ApprovalSvc {
         req: Request<WatchRequestsRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         // Subscribe before listing, so nothing falls between the two.
-        let mut changes = self.store.subscribe();
+        let changes = self.store.subscribe();
         let first = if req.get_ref().include_pending {
             self.pending().await?
         } else {
             Vec::new()
         };
-        // Forwarded through a channel so the stream ends when the server stops; a graceful
-        // shutdown would otherwise wait for every watcher to hang up. A full channel makes the
-        // subscription wait, and a waiting subscription reads what it missed from the table.
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
-        let mut closing = self.closing.clone();
-        tokio::spawn(async move {
-            for h in first {
-                if tx.send(Ok(h)).await.is_err() {
-                    return;
+        // Polled by the response itself: a watcher that reads slowly stops the polling, its
+        // subscription falls behind and later reads what it missed from the table. The stream
+        // ends when the server stops; a graceful shutdown would otherwise wait for every
+        // watcher to hang up.
+        let state = (first.into_iter(), changes, self.closing.clone());
+        let stream =
+            futures::stream::unfold(state, |(mut first, mut changes, mut closing)| async move {
+                if let Some(h) = first.next() {
+                    return Some((Ok(h), (first, changes, closing)));
                 }
-            }
-            loop {
-                tokio::select! {
-                    _ = stopped(&mut closing) => break,
-                    c = changes.next() => {
-                        let Some(c) = c else { break };
-                        let Some(held) = c.held.clone().filter(|_| c.action.starts_with("request.")) else {
-                            continue;
-                        };
-                        if tx.send(Ok(held)).await.is_err() {
-                            break;
+                loop {
+                    tokio::select! {
+                        _ = stopped(&mut closing) => return None,
+                        c = changes.next() => {
+                            let c = c?;
+                            if !c.action.starts_with("request.") {
+                                continue;
+                            }
+                            if let Some(held) = c.held.clone() {
+                                return Some((Ok(held), (first, changes, closing)));
+                            }
                         }
                     }
                 }
-            }
-        });
-        Ok(Response::new(
-            Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as WatchStream,
-        ))
+            });
+        Ok(Response::new(Box::pin(stream) as WatchStream))
     }
 
     async fn decide(&self, req: Request<DecideRequest>) -> Result<Response<HeldRequest>, Status> {

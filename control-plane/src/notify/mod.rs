@@ -645,6 +645,7 @@ mod tests {
             request_id: "r".into(),
             payload: serde_json::json!({ "decided": decided }).to_string(),
             held: Some(HeldRequest::default()),
+            web: Default::default(),
         }
     }
 

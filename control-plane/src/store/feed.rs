@@ -45,6 +45,8 @@ pub struct Change {
     /// The request: as the change left it when this replica made the change, else as it is
     /// when the feed read it (which may be later).
     pub held: Option<HeldRequest>,
+    /// The web UI's event for it, made once for every open event stream.
+    pub(crate) web: std::sync::OnceLock<Option<String>>,
 }
 
 /// Whether a change can alter who a bearer token stands for (so caches of tokens must go).
@@ -53,6 +55,26 @@ pub fn touches_credentials(action: &str) -> bool {
 }
 
 impl Change {
+    /// The web UI's live event for a change to a request (`{"id", "state", "action"}`), the
+    /// same text for every open event stream; `None` for other changes.
+    pub fn web_event(&self) -> Option<&str> {
+        self.web
+            .get_or_init(|| {
+                let held = self
+                    .held
+                    .as_ref()
+                    .filter(|_| self.action.starts_with("request."))?;
+                let id = held.request.as_ref().map_or("", |r| r.request_id.as_str());
+                let data = serde_json::json!({
+                    "id": id,
+                    "state": crate::types::state_name(held.state()),
+                    "action": self.action,
+                });
+                Some(data.to_string())
+            })
+            .as_deref()
+    }
+
     /// Whether this change decided its request (approved, denied or cancelled it), so that the
     /// agent must be told. Expiry is not: the agent applies its own deadline.
     pub fn decides(&self) -> bool {

@@ -17,7 +17,7 @@ use prost::Message;
 use serde_json::json;
 
 use super::{
-    sql::{args, Row, Tx},
+    sql::{args, Cell, Row, Tx},
     trail::Where,
     Store, StoreError,
 };
@@ -140,24 +140,6 @@ impl Tx {
         Ok(())
     }
 
-    /// Pending requests where `column` is `value`, counted up to `cap`.
-    async fn pending_at_least(
-        &mut self,
-        column: &str,
-        value: &str,
-        cap: u32,
-    ) -> Result<bool, StoreError> {
-        let sql = format!(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM requests WHERE state = $1 AND {column} = $2
-             LIMIT $3) AS p"
-        );
-        let n = self
-            .row(&sql, args![RequestState::Pending as i32, value, cap])
-            .await?
-            .map_or(Ok(0), |r| r.int(0))?;
-        Ok(n >= i64::from(cap))
-    }
-
     async fn receive(
         &mut self,
         host: &Hello,
@@ -166,47 +148,15 @@ impl Tx {
         limits: &Limits,
     ) -> Result<(HeldRequest, bool), StoreError> {
         let (host_id, hostname) = (host.host_id.as_str(), host.hostname.as_str());
-        if let Some(existing) = self.load(&req.request_id).await? {
-            // A resend is the same action from the same host; anything else reusing the id
-            // must not receive that request's decision.
-            let same = existing.host_id == host_id
-                && existing.request.as_ref().map(|r| &r.action) == Some(&req.action);
-            if !same {
-                return Err(StoreError::IdConflict {
-                    id: req.request_id,
-                    host: host_id.to_owned(),
-                });
-            }
-            return Ok((existing, false));
-        }
         let user = req
             .process
             .as_ref()
             .map(|p| p.user.clone())
             .unwrap_or_default();
-        let cap = limits.max_pending_per_host;
-        if self.pending_at_least("host_id", host_id, cap).await? {
-            return Err(StoreError::Limit(format!(
-                "host {host_id} already has {cap} requests pending (limits.max_pending_per_host)"
-            )));
-        }
-        let cap = limits.max_pending_per_account;
-        if self.pending_at_least("account", &user, cap).await? {
-            return Err(StoreError::Limit(format!(
-                "account {user:?} already has {cap} requests pending \
-                 (limits.max_pending_per_account)"
-            )));
-        }
         let now = now_ms();
         req.deadline_unix_ms = req
             .deadline_unix_ms
             .min(now.saturating_add(limits.max_deadline_ms()));
-        let argv = match &req.action {
-            Some(Action::Exec(e)) => e.argv.join(" "),
-            Some(Action::Connect(c)) => format!("connect {}:{}", c.address, c.port),
-            None => String::new(),
-        };
-        let mut payload = json!({"host": hostname, "user": user, "rule": req.rule, "action": argv});
         let mut held = HeldRequest {
             request: Some(req),
             host_id: host_id.to_owned(),
@@ -221,16 +171,71 @@ impl Tx {
             route: route.rule.clone(),
             ..Default::default()
         };
-        let (gh, ga, gx) = grant_key(&held);
-        let grant = self
+        let id = id_of(&held).to_owned();
+        let (host_cap, account_cap) = (limits.max_pending_per_host, limits.max_pending_per_account);
+        let (_, _, action_key) = grant_key(&held);
+        // One round trip: the request if it exists, the pending counts (up to the caps) and a
+        // grant that covers it.
+        let row = self
             .row(
-                "SELECT body FROM grants WHERE host_id = $1 AND account = $2 AND action = $3
-                 AND revoked_ms IS NULL AND expires_ms > $4 ORDER BY expires_ms DESC LIMIT 1",
-                args![gh, ga, gx, now],
+                "SELECT (SELECT body FROM requests WHERE id = $1),
+                   (SELECT COUNT(*) FROM (SELECT 1 FROM requests WHERE state = $2 AND host_id = $3
+                      LIMIT $4) h),
+                   (SELECT COUNT(*) FROM (SELECT 1 FROM requests WHERE state = $2 AND account = $5
+                      LIMIT $6) a),
+                   (SELECT body FROM grants WHERE host_id = $3 AND account = $5 AND action = $7
+                      AND revoked_ms IS NULL AND expires_ms > $8 ORDER BY expires_ms DESC LIMIT 1)",
+                args![
+                    &id,
+                    RequestState::Pending as i32,
+                    host_id,
+                    host_cap,
+                    &user,
+                    account_cap,
+                    action_key,
+                    now
+                ],
             )
             .await?
-            .map(|r| r.message::<Grant>(0))
-            .transpose()?;
+            .ok_or_else(|| StoreError::Corrupt("a query gave no row".into()))?;
+        if let Some(Cell::Blob(_)) = row.0.first() {
+            let existing: HeldRequest = row.message(0)?;
+            // A resend is the same action from the same host; anything else reusing the id
+            // must not receive that request's decision.
+            let req = held.request.as_ref();
+            let same = existing.host_id == host_id
+                && existing.request.as_ref().map(|r| &r.action) == req.map(|r| &r.action);
+            if !same {
+                return Err(StoreError::IdConflict {
+                    id,
+                    host: host_id.to_owned(),
+                });
+            }
+            return Ok((existing, false));
+        }
+        if row.int(1)? >= i64::from(host_cap) {
+            return Err(StoreError::Limit(format!(
+                "host {host_id} already has {host_cap} requests pending \
+                 (limits.max_pending_per_host)"
+            )));
+        }
+        if row.int(2)? >= i64::from(account_cap) {
+            return Err(StoreError::Limit(format!(
+                "account {user:?} already has {account_cap} requests pending \
+                 (limits.max_pending_per_account)"
+            )));
+        }
+        let req = held.request.as_ref().cloned().unwrap_or_default();
+        let argv = match &req.action {
+            Some(Action::Exec(e)) => e.argv.join(" "),
+            Some(Action::Connect(c)) => format!("connect {}:{}", c.address, c.port),
+            None => String::new(),
+        };
+        let mut payload = json!({"host": hostname, "user": user, "rule": req.rule, "action": argv});
+        let grant = match row.0.get(3) {
+            Some(Cell::Blob(_)) => Some(row.message::<Grant>(3)?),
+            _ => None,
+        };
         let action = match grant {
             Some(g) => {
                 held.state = RequestState::Approved as i32;
@@ -249,15 +254,36 @@ impl Tx {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn vote(
+    async fn vote<E>(
         &mut self,
         id: &str,
         approver: &str,
         verdict: Verdict,
         reason: &str,
         grant_minutes: u32,
-    ) -> Result<(HeldRequest, bool), StoreError> {
-        let mut held = self.load_pending(id).await?;
+        check: &(dyn Fn(&HeldRequest) -> Result<(), E> + Send + Sync),
+    ) -> Result<Result<(HeldRequest, bool), E>, StoreError> {
+        // One person, one vote, whatever name they use: checked and written in this one
+        // transaction, and the key of `votes` refuses a second row for the person anyway.
+        let me = person(approver);
+        let row = self
+            .row(
+                "SELECT (SELECT body FROM requests WHERE id = $1),
+                   (SELECT approver FROM votes WHERE request_id = $1 AND person = $2)",
+                args![id, &me],
+            )
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("a query gave no row".into()))?;
+        if !matches!(row.0.first(), Some(Cell::Blob(_))) {
+            return Err(StoreError::NotFound(id.to_owned()));
+        }
+        let mut held: HeldRequest = row.message(0)?;
+        if held.state() != RequestState::Pending {
+            return Err(StoreError::NotPending {
+                id: id.to_owned(),
+                state: state_name(held.state()),
+            });
+        }
         let at = now_ms();
         let deadline = held
             .request
@@ -266,20 +292,15 @@ impl Tx {
         if at >= deadline {
             return Err(StoreError::PastDeadline { id: id.to_owned() });
         }
-        // One person, one vote, whatever name they use: checked and written in this one
-        // transaction, and the key of `votes` refuses a second row for the person anyway.
-        let me = person(approver);
-        let voted = self
-            .row(
-                "SELECT approver FROM votes WHERE request_id = $1 AND person = $2",
-                args![id, &me],
-            )
-            .await?;
-        if voted.is_some() || held.votes.iter().any(|v| person(&v.approver) == me) {
+        let voted = matches!(row.0.get(1), Some(Cell::Text(_)));
+        if voted || held.votes.iter().any(|v| person(&v.approver) == me) {
             return Err(StoreError::AlreadyVoted {
                 id: id.to_owned(),
                 approver: approver.to_owned(),
             });
+        }
+        if let Err(refused) = check(&held) {
+            return Ok(Err(refused));
         }
         held.votes.push(Vote {
             approver: approver.to_owned(),
@@ -394,7 +415,7 @@ impl Tx {
             )
             .await?;
         }
-        Ok((held, decided))
+        Ok(Ok((held, decided)))
     }
 }
 
@@ -453,11 +474,40 @@ impl Store {
         reason: &str,
         grant_minutes: u32,
     ) -> Result<(HeldRequest, bool), StoreError> {
+        let no_check = |_: &HeldRequest| Ok::<(), std::convert::Infallible>(());
+        match self
+            .vote_checked(id, approver, verdict, reason, grant_minutes, no_check)
+            .await?
+        {
+            Ok(v) => Ok(v),
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`Store::vote`], refused also by `check` (which sees the request in the vote's
+    /// transaction, after the store's own checks): its error comes back as the inner `Err`,
+    /// and nothing is written.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn vote_checked<E, F>(
+        &self,
+        id: &str,
+        approver: &str,
+        verdict: Verdict,
+        reason: &str,
+        grant_minutes: u32,
+        check: F,
+    ) -> Result<Result<(HeldRequest, bool), E>, StoreError>
+    where
+        F: Fn(&HeldRequest) -> Result<(), E> + Send + Sync + 'static,
+        E: Send + 'static,
+    {
         let (id, approver, reason) = (id.to_owned(), approver.to_owned(), reason.to_owned());
+        let check = Arc::new(check);
         self.write(move |tx| {
-            let (id, approver, reason) = (id.clone(), approver.clone(), reason.clone());
+            let (id, approver, reason, check) =
+                (id.clone(), approver.clone(), reason.clone(), check.clone());
             Box::pin(async move {
-                tx.vote(&id, &approver, verdict, &reason, grant_minutes)
+                tx.vote(&id, &approver, verdict, &reason, grant_minutes, &*check)
                     .await
             })
         })

@@ -151,6 +151,7 @@ impl Tx {
             request_id: r.request_id,
             payload: r.payload,
             held,
+            web: Default::default(),
         });
         Ok(r.seq)
     }
@@ -319,6 +320,7 @@ impl Store {
                                 Some(super::sql::Cell::Blob(_)) => Some(r.message(6)?),
                                 _ => None,
                             },
+                            web: Default::default(),
                         })
                     })
                     .collect()

@@ -97,45 +97,36 @@ pub(super) async fn events(
         .map(|c| c.value().to_owned())
         .unwrap_or_default();
     let store = web.plane.store.clone();
-    let mut changes = store.subscribe();
-    let mut closing = web.plane.closing.subscribe();
-    let (tx, rx) = tokio::sync::mpsc::channel(256);
-    let ends = std::time::Duration::from_millis(
-        u64::try_from(s.expires_ms - crate::types::now_ms()).unwrap_or(0),
+    let changes = store.subscribe();
+    let closing = web.plane.closing.subscribe();
+    let ends = tokio::time::Instant::now()
+        + Duration::from_millis(u64::try_from(s.expires_ms - crate::types::now_ms()).unwrap_or(0));
+    // Polled by the response itself: a browser that reads slowly stops the polling, and its
+    // subscription later reads what it missed from the table.
+    let state = (changes, closing, store, sid);
+    let stream = futures::stream::unfold(
+        state,
+        move |(mut changes, mut closing, store, sid)| async move {
+            loop {
+                let c = tokio::select! {
+                    c = changes.next() => c?,
+                    _ = tokio::time::sleep_until(ends) => return None,
+                    _ = crate::api::approvals::stopped(&mut closing) => return None,
+                };
+                if matches!(
+                    c.action.as_str(),
+                    "logout" | "account.password" | "account.removed"
+                ) && !matches!(super::session::lookup(&store, &sid).await, Ok(Some(_)))
+                {
+                    return None;
+                }
+                let Some(data) = c.web_event() else { continue };
+                let event = Event::default().event("request").data(data);
+                return Some((Ok(event), (changes, closing, store, sid)));
+            }
+        },
     );
-    tokio::spawn(async move {
-        let expiry = tokio::time::sleep(ends);
-        tokio::pin!(expiry);
-        loop {
-            let c = tokio::select! {
-                c = changes.next() => match c { Some(c) => c, None => break },
-                _ = &mut expiry => break,
-                _ = crate::api::approvals::stopped(&mut closing) => break,
-                _ = tx.closed() => break,
-            };
-            if matches!(
-                c.action.as_str(),
-                "logout" | "account.password" | "account.removed"
-            ) && !matches!(super::session::lookup(&store, &sid).await, Ok(Some(_)))
-            {
-                break;
-            }
-            let Some(held) = c.held.as_ref().filter(|_| c.action.starts_with("request.")) else {
-                continue;
-            };
-            let data = serde_json::json!({
-                "id": page::id(held),
-                "state": crate::types::state_name(held.state()),
-                "action": c.action,
-            });
-            let event = Event::default().event("request").data(data.to_string());
-            if tx.send(Ok(event)).await.is_err() {
-                break;
-            }
-        }
-    });
-    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
 /// Whether `s` sees admin pages.
