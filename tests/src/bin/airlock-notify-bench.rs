@@ -90,21 +90,6 @@ fn summary(mut ms: Vec<f64>) -> String {
     )
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
-}
-
 /// Latencies of one run, in milliseconds: live stream, watcher, webhook, decision.
 struct Run {
     live: Vec<f64>,
@@ -367,7 +352,7 @@ async fn main() -> Result<()> {
          {stuck}",
         n = args.requests,
         gap = args.gap_ms,
-        machine = machine(),
+        machine = airlock_tests::machine(),
     );
     print!("{report}");
     if let Some(out) = args.out {
