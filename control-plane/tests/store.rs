@@ -414,7 +414,7 @@ async fn tokens_authenticate_until_revoked(t: TestDb) {
 async fn expiry_only_touches_pending_past_deadline(t: TestDb) {
     let s = t.open().await;
     let l = Limits::default();
-    let soon = now_ms() + 50;
+    let soon = now_ms() + 5_000;
     s.receive(&host(), &route(1), req("old", soon), &l)
         .await
         .unwrap();
@@ -761,6 +761,42 @@ async fn a_database_from_before_migrations_is_upgraded_in_place() {
     );
 }
 
+/// An operation that fails after it wrote leaves nothing behind, and the operations batched
+/// with it still commit.
+async fn a_failure_after_a_write_undoes_only_that_operation(t: TestDb) {
+    let s = t.open().await;
+    let mut ops = Vec::new();
+    for i in 0..40 {
+        let s = s.clone();
+        ops.push(tokio::spawn(async move {
+            if i % 10 == 3 {
+                s.write(|tx| {
+                    Box::pin(async move {
+                        tx.audit("test", "test.half", "", "{}", None).await?;
+                        tx.exec("INSERT INTO no_such_table VALUES (1)", &[]).await?;
+                        Ok(())
+                    })
+                })
+                .await
+                .is_err()
+            } else {
+                s.audit_event("test", "test.whole", "{}").await.is_ok()
+            }
+        }));
+    }
+    for op in ops {
+        assert!(
+            op.await.unwrap(),
+            "the failing ones fail, the others succeed"
+        );
+    }
+    let records = s.audit_query(&Default::default()).await.unwrap();
+    let actions: Vec<&str> = records.iter().map(|r| r.action.as_str()).collect();
+    assert_eq!(actions.len(), 36, "{actions:?}");
+    assert!(actions.iter().all(|a| *a == "test.whole"), "{actions:?}");
+    assert_eq!(s.verify_audit().await.unwrap(), 36);
+}
+
 /// A database whose schema is newer than this program is refused, not used.
 async fn a_newer_schema_is_refused(t: TestDb) {
     let s = t.open().await;
@@ -803,4 +839,5 @@ both!(
     bad_enrollment_input_is_refused,
     policies_are_versioned_and_audited,
     a_newer_schema_is_refused,
+    a_failure_after_a_write_undoes_only_that_operation,
 );

@@ -15,6 +15,10 @@ use airlock_control_plane::{
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+/// Faster than the system's for the many small allocations of every request and vote.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The Airlock control plane: receives the actions agents hold, lets approvers decide them
 /// (gRPC ApprovalService, `airlockctl`), and sends the decisions back to the agents.
 #[derive(Debug, Parser)]

@@ -275,8 +275,13 @@ impl Store {
                     )
                     .await?;
                 if spent != 1 {
-                    // Cannot happen under the write lock, but a token must never work twice.
-                    return Ok(Err(EnrollRefusal::Used(now)));
+                    // Cannot happen under the write lock, but a token must never work twice:
+                    // a database error, so that what this job wrote is undone.
+                    return Err(StoreError::Db {
+                        db: tx.db.to_string(),
+                        message: format!("enrollment token {id} was spent twice"),
+                        kind: super::sql::DbErrorKind::Other,
+                    });
                 }
                 if active {
                     let payload =

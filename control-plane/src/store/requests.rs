@@ -34,6 +34,7 @@ pub const MAX_GRANT_MINUTES: u32 = 24 * 60;
 pub const DEFAULT_LIST: u32 = 100;
 
 /// Pending requests expired per write.
+// (Pending is state 1; queries write it out for the partial indexes.)
 const EXPIRE_BATCH: i64 = 500;
 
 /// What a grant matches on: host id, account and the exact action.
@@ -71,6 +72,65 @@ pub struct History {
     pub to_ms: Option<i64>,
 }
 
+/// A new request, made ready before it goes to the writer: what needs no database (the held
+/// request, its encoding, the audit payload, the grant key) is done on the caller's thread, so
+/// that the one writer does only what needs the database.
+struct Incoming {
+    held: HeldRequest,
+    body: Vec<u8>,
+    id: String,
+    user: String,
+    action_key: String,
+    payload: serde_json::Value,
+    host_cap: u32,
+    account_cap: u32,
+}
+
+impl Incoming {
+    fn new(host: &Hello, route: &Route, mut req: ActionRequest, limits: &Limits) -> Self {
+        let now = now_ms();
+        req.deadline_unix_ms = req
+            .deadline_unix_ms
+            .min(now.saturating_add(limits.max_deadline_ms()));
+        let user = req
+            .process
+            .as_ref()
+            .map(|p| p.user.clone())
+            .unwrap_or_default();
+        let argv = match &req.action {
+            Some(Action::Exec(e)) => e.argv.join(" "),
+            Some(Action::Connect(c)) => format!("connect {}:{}", c.address, c.port),
+            None => String::new(),
+        };
+        let payload =
+            json!({"host": host.hostname, "user": user, "rule": req.rule, "action": argv});
+        let held = HeldRequest {
+            request: Some(req),
+            host_id: host.host_id.clone(),
+            hostname: host.hostname.clone(),
+            state: RequestState::Pending as i32,
+            received_unix_ms: now,
+            quorum: route.quorum,
+            approver_groups: route.groups.clone(),
+            host_labels: host.labels.clone(),
+            reason_required: route.require_reason,
+            deny_needs_quorum: route.deny_needs_quorum,
+            route: route.rule.clone(),
+            ..Default::default()
+        };
+        Self {
+            body: held.encode_to_vec(),
+            id: id_of(&held).to_owned(),
+            action_key: grant_key(&held).2,
+            held,
+            user,
+            payload,
+            host_cap: limits.max_pending_per_host,
+            account_cap: limits.max_pending_per_account,
+        }
+    }
+}
+
 impl Tx {
     /// The request `id`, if stored.
     pub async fn load(&mut self, id: &str) -> Result<Option<HeldRequest>, StoreError> {
@@ -105,6 +165,20 @@ impl Tx {
         payload: &str,
         insert: bool,
     ) -> Result<(), StoreError> {
+        self.save_encoded(held, &held.encode_to_vec(), actor, action, payload, insert)
+            .await
+    }
+
+    /// [`Tx::save`] with `held` already encoded as `body`.
+    async fn save_encoded(
+        &mut self,
+        held: &HeldRequest,
+        body: &[u8],
+        actor: &str,
+        action: &str,
+        payload: &str,
+        insert: bool,
+    ) -> Result<(), StoreError> {
         let id = id_of(held).to_owned();
         let seq = self
             .audit(actor, action, &id, payload, Some(held.clone()))
@@ -126,74 +200,46 @@ impl Tx {
                     &req.rule,
                     held.received_unix_ms,
                     held.decided_unix_ms,
-                    held.encode_to_vec()
+                    body.to_vec()
                 ],
             )
             .await?;
         } else {
             self.exec(
                 "UPDATE requests SET state = $2, decided_ms = $3, body = $4 WHERE id = $1",
-                args![&id, held.state, held.decided_unix_ms, held.encode_to_vec()],
+                args![&id, held.state, held.decided_unix_ms, body.to_vec()],
             )
             .await?;
         }
         Ok(())
     }
 
-    async fn receive(
-        &mut self,
-        host: &Hello,
-        route: &Route,
-        mut req: ActionRequest,
-        limits: &Limits,
-    ) -> Result<(HeldRequest, bool), StoreError> {
-        let (host_id, hostname) = (host.host_id.as_str(), host.hostname.as_str());
-        let user = req
-            .process
-            .as_ref()
-            .map(|p| p.user.clone())
-            .unwrap_or_default();
-        let now = now_ms();
-        req.deadline_unix_ms = req
-            .deadline_unix_ms
-            .min(now.saturating_add(limits.max_deadline_ms()));
-        let mut held = HeldRequest {
-            request: Some(req),
-            host_id: host_id.to_owned(),
-            hostname: hostname.to_owned(),
-            state: RequestState::Pending as i32,
-            received_unix_ms: now,
-            quorum: route.quorum,
-            approver_groups: route.groups.clone(),
-            host_labels: host.labels.clone(),
-            reason_required: route.require_reason,
-            deny_needs_quorum: route.deny_needs_quorum,
-            route: route.rule.clone(),
-            ..Default::default()
-        };
-        let id = id_of(&held).to_owned();
-        let (host_cap, account_cap) = (limits.max_pending_per_host, limits.max_pending_per_account);
-        let (_, _, action_key) = grant_key(&held);
+    async fn receive(&mut self, new: &Incoming) -> Result<(HeldRequest, bool), StoreError> {
+        let (id, host_id, user) = (&new.id, new.held.host_id.as_str(), new.user.as_str());
+        let (host_cap, account_cap) = (new.host_cap, new.account_cap);
         // One round trip: the request if it exists, the pending counts (up to the caps) and a
-        // grant that covers it.
+        // grant that covers it. (`state = 1`, pending, is written out: the partial indexes of
+        // pending requests serve only a query that names it.)
+        // The caps are written into the statement (they are numbers from the configuration):
+        // SQLite prepares a statement again whenever a bound LIMIT changes its plan's estimates.
+        let sql = format!(
+            "SELECT (SELECT body FROM requests WHERE id = $1),
+               (SELECT COUNT(*) FROM (SELECT 1 FROM requests WHERE state = 1 AND host_id = $2
+                  LIMIT {host_cap}) h),
+               (SELECT COUNT(*) FROM (SELECT 1 FROM requests WHERE state = 1 AND account = $3
+                  LIMIT {account_cap}) a),
+               (SELECT body FROM grants WHERE host_id = $2 AND account = $3 AND action = $4
+                  AND revoked_ms IS NULL AND expires_ms > $5 ORDER BY expires_ms DESC LIMIT 1)"
+        );
         let row = self
             .row(
-                "SELECT (SELECT body FROM requests WHERE id = $1),
-                   (SELECT COUNT(*) FROM (SELECT 1 FROM requests WHERE state = $2 AND host_id = $3
-                      LIMIT $4) h),
-                   (SELECT COUNT(*) FROM (SELECT 1 FROM requests WHERE state = $2 AND account = $5
-                      LIMIT $6) a),
-                   (SELECT body FROM grants WHERE host_id = $3 AND account = $5 AND action = $7
-                      AND revoked_ms IS NULL AND expires_ms > $8 ORDER BY expires_ms DESC LIMIT 1)",
+                &sql,
                 args![
-                    &id,
-                    RequestState::Pending as i32,
+                    id,
                     host_id,
-                    host_cap,
-                    &user,
-                    account_cap,
-                    action_key,
-                    now
+                    user,
+                    &new.action_key,
+                    new.held.received_unix_ms
                 ],
             )
             .await?
@@ -202,12 +248,12 @@ impl Tx {
             let existing: HeldRequest = row.message(0)?;
             // A resend is the same action from the same host; anything else reusing the id
             // must not receive that request's decision.
-            let req = held.request.as_ref();
+            let req = new.held.request.as_ref();
             let same = existing.host_id == host_id
                 && existing.request.as_ref().map(|r| &r.action) == req.map(|r| &r.action);
             if !same {
                 return Err(StoreError::IdConflict {
-                    id,
+                    id: id.clone(),
                     host: host_id.to_owned(),
                 });
             }
@@ -225,31 +271,38 @@ impl Tx {
                  (limits.max_pending_per_account)"
             )));
         }
-        let req = held.request.as_ref().cloned().unwrap_or_default();
-        let argv = match &req.action {
-            Some(Action::Exec(e)) => e.argv.join(" "),
-            Some(Action::Connect(c)) => format!("connect {}:{}", c.address, c.port),
-            None => String::new(),
-        };
-        let mut payload = json!({"host": hostname, "user": user, "rule": req.rule, "action": argv});
         let grant = match row.0.get(3) {
             Some(Cell::Blob(_)) => Some(row.message::<Grant>(3)?),
             _ => None,
         };
-        let action = match grant {
-            Some(g) => {
-                held.state = RequestState::Approved as i32;
-                held.decided_by = format!("grant {} ({})", g.id, g.created_by);
-                held.reason = format!("covered by grant {} until {}", g.id, g.expires_unix_ms);
-                held.decided_unix_ms = now;
-                held.grant_id = g.id.clone();
-                payload["grant"] = json!(g.id);
-                "request.approved.grant"
-            }
-            None => "request.received",
-        };
-        self.save(&held, host_id, action, &payload.to_string(), true)
+        let Some(g) = grant else {
+            self.save_encoded(
+                &new.held,
+                &new.body,
+                host_id,
+                "request.received",
+                &new.payload.to_string(),
+                true,
+            )
             .await?;
+            return Ok((new.held.clone(), true));
+        };
+        let mut held = new.held.clone();
+        held.state = RequestState::Approved as i32;
+        held.decided_by = format!("grant {} ({})", g.id, g.created_by);
+        held.reason = format!("covered by grant {} until {}", g.id, g.expires_unix_ms);
+        held.decided_unix_ms = held.received_unix_ms;
+        held.grant_id = g.id.clone();
+        let mut payload = new.payload.clone();
+        payload["grant"] = json!(g.id);
+        self.save(
+            &held,
+            host_id,
+            "request.approved.grant",
+            &payload.to_string(),
+            true,
+        )
+        .await?;
         Ok((held, true))
     }
 
@@ -450,10 +503,10 @@ impl Store {
         req: ActionRequest,
         limits: &Limits,
     ) -> Result<(HeldRequest, bool), StoreError> {
-        let args = Arc::new((host.clone(), route.clone(), req, limits.clone()));
+        let new = Arc::new(Incoming::new(host, route, req, limits));
         self.write(move |tx| {
-            let a = args.clone();
-            Box::pin(async move { tx.receive(&a.0, &a.1, a.2.clone(), &a.3).await })
+            let new = new.clone();
+            Box::pin(async move { tx.receive(&new).await })
         })
         .await
     }
@@ -547,9 +600,9 @@ impl Store {
             Box::pin(async move {
                 let due = tx
                     .rows(
-                        "SELECT body FROM requests WHERE state = $1 AND deadline_ms <= $2
-                         ORDER BY deadline_ms LIMIT $3",
-                        args![RequestState::Pending as i32, now, EXPIRE_BATCH],
+                        "SELECT body FROM requests WHERE state = 1 AND deadline_ms <= $1
+                         ORDER BY deadline_ms LIMIT $2",
+                        args![now, EXPIRE_BATCH],
                     )
                     .await?;
                 let mut expired = Vec::with_capacity(due.len());
@@ -637,7 +690,10 @@ impl Store {
         }
         .min(max.max(1));
         let mut w = Where::new();
-        if q.state != 0 {
+        if q.state == RequestState::Pending as i32 {
+            // Written out, so that the partial indexes of pending requests serve it.
+            w.sql.push_str(" AND state = 1");
+        } else if q.state != 0 {
             w.and("state = ?", q.state);
         }
         if !q.host_id.is_empty() {
@@ -689,7 +745,9 @@ impl Store {
         if !f.rule.trim().is_empty() {
             w.and("rule = ?", f.rule.trim());
         }
-        if f.state != 0 {
+        if f.state == RequestState::Pending as i32 {
+            w.sql.push_str(" AND state = 1");
+        } else if f.state != 0 {
             w.and("state = ?", f.state);
         }
         if !f.approver.trim().is_empty() {
@@ -717,12 +775,9 @@ impl Store {
     pub async fn count_pending(&self) -> Result<i64, StoreError> {
         self.read(|tx| {
             Box::pin(async move {
-                tx.row(
-                    "SELECT COUNT(*) FROM requests WHERE state = $1",
-                    args![RequestState::Pending as i32],
-                )
-                .await?
-                .map_or(Ok(0), |r| r.int(0))
+                tx.row("SELECT COUNT(*) FROM requests WHERE state = 1", &[])
+                    .await?
+                    .map_or(Ok(0), |r| r.int(0))
             })
         })
         .await

@@ -1,7 +1,8 @@
 //! How store operations run: each is a job (a closure over a [`Tx`]). Writes go to the
-//! backend's one writer, which takes every job waiting, runs them in one transaction (each in
-//! a savepoint of its own, so a refused job changes nothing) and commits once: one disk flush
-//! for many changes. While the writer holds its transaction it is the only writer of the whole
+//! backend's one writer, which takes every job waiting, runs them in one transaction and
+//! commits once: one disk flush for many changes. A job checks before it writes, so a refused
+//! job changes nothing; one that fails after writing sends its batch round again with each job
+//! in a savepoint of its own. While the writer holds its transaction it is the only writer of the whole
 //! database (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: a transaction-scoped advisory lock taken
 //! first), so every job reads and writes as if alone, and the audit trail gets one order.
 //!
@@ -152,25 +153,52 @@ impl Tx {
     }
 }
 
-async fn try_batch(tx: &mut Tx, jobs: &mut [Box<dyn Job>]) -> Result<Vec<Change>, StoreError> {
+/// A job failed in a way that may have left some of its writes behind: the batch is run
+/// again with each job in a savepoint of its own.
+struct Unsafe(StoreError);
+
+/// Runs `jobs` in one transaction. Without `savepoints` (the fast way), a job that is refused
+/// must have written nothing: every job checks before it writes, so its refusals come first and
+/// an error after a write is a database error, which abandons the batch ([`Unsafe`]). With
+/// `savepoints`, each job's writes are undone when it fails, and the others commit.
+async fn try_batch(
+    tx: &mut Tx,
+    jobs: &mut [Box<dyn Job>],
+    savepoints: bool,
+) -> Result<Result<Vec<Change>, Unsafe>, StoreError> {
+    // SQLite keeps these statements prepared; PostgreSQL takes two in one round trip.
+    let sqlite = tx.dialect() == Dialect::Sqlite;
     tx.changes.clear();
     tx.begin_write().await?;
-    tx.script("SAVEPOINT job").await?;
-    for job in jobs.iter_mut() {
+    let last = jobs.len().saturating_sub(1);
+    for (i, job) in jobs.iter_mut().enumerate() {
+        if savepoints && (sqlite || i == 0) {
+            tx.script("SAVEPOINT job").await?;
+        }
         let mark = (tx.head.clone(), tx.changes.len());
         match job.run(tx).await {
-            Ok(()) => tx.script("RELEASE SAVEPOINT job; SAVEPOINT job").await?,
+            Ok(()) => {}
             Err(e) if e.is_transient() => return Err(e),
+            Err(e @ StoreError::Db { .. }) if !savepoints => return Ok(Err(Unsafe(e))),
+            // Refused: what the job wrote goes, the rest of the batch stays.
             Err(_) => {
-                tx.script("ROLLBACK TO SAVEPOINT job").await?;
+                if savepoints {
+                    tx.exec("ROLLBACK TO SAVEPOINT job", &[]).await?;
+                }
                 tx.head = mark.0;
                 tx.changes.truncate(mark.1);
             }
         }
+        if savepoints {
+            if sqlite || i == last {
+                tx.exec("RELEASE SAVEPOINT job", &[]).await?;
+            } else {
+                tx.script("RELEASE SAVEPOINT job; SAVEPOINT job").await?;
+            }
+        }
     }
-    tx.script("RELEASE SAVEPOINT job").await?;
     tx.commit_write().await?;
-    Ok(std::mem::take(&mut tx.changes))
+    Ok(Ok(std::mem::take(&mut tx.changes)))
 }
 
 /// Runs `jobs` in one write transaction, trying again while the failure is a passing one.
@@ -181,9 +209,15 @@ pub(crate) async fn write_batch(
 ) -> Result<Vec<Change>, StoreError> {
     let started = Instant::now();
     let mut delay = Duration::from_millis(50);
+    let mut savepoints = false;
     loop {
-        match try_batch(tx, jobs).await {
-            Ok(changes) => return Ok(changes),
+        match try_batch(tx, jobs, savepoints).await {
+            Ok(Ok(changes)) => return Ok(changes),
+            Ok(Err(Unsafe(e))) => {
+                tracing::warn!(error = %e, "an operation failed after writing; running its batch again, each operation on its own");
+                tx.rollback().await;
+                savepoints = true;
+            }
             Err(e) => {
                 tx.rollback().await;
                 if !e.is_transient() || started.elapsed() >= RETRY_FOR {

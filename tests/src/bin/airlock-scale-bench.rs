@@ -102,7 +102,10 @@ impl Server {
             ])
             .arg(data)
             .args(["--database", database])
-            .env("AIRLOCK_LOG", "warn")
+            .env(
+                "AIRLOCK_LOG",
+                std::env::var("AIRLOCK_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -132,6 +135,11 @@ impl Server {
         Ok(Server { child, grpc, web })
     }
 
+    /// CPU time the process used so far, seconds.
+    fn cpu_secs(&self) -> f64 {
+        cpu_secs(self.child.id())
+    }
+
     /// Resident memory, KiB.
     fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -143,6 +151,24 @@ impl Server {
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
     }
+}
+
+/// CPU time process `pid` used so far (user and system), seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command's closing parenthesis: state is field 3; utime and stime 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Many agents means many connections: use every file descriptor the hard limit allows.
@@ -347,9 +373,19 @@ async fn throughput(args: &Args, servers: &[Server], tokens: &Tokens, label: &st
     tokio::time::sleep(Duration::from_secs(2)).await;
     counting.store(true, Ordering::Relaxed);
     let started = Instant::now();
+    let servers_cpu = || servers.iter().map(Server::cpu_secs).sum::<f64>();
+    let (server_before, me_before) = (servers_cpu(), cpu_secs(std::process::id()));
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     counting.store(false, Ordering::Relaxed);
-    let rate = decided.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    let n = decided.load(Ordering::Relaxed);
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    eprintln!(
+        "{label}: CPU per decision: servers {:.0} us, benchmark {:.0} us (load before: {})",
+        (servers_cpu() - server_before) * 1e6 / n.max(1) as f64,
+        (cpu_secs(std::process::id()) - me_before) * 1e6 / n.max(1) as f64,
+        load.trim()
+    );
     stop.store(true, Ordering::Relaxed);
     let _ = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(loops)).await;
     for a in approvers {

@@ -13,14 +13,14 @@ CREATE TABLE requests (
     received_ms BIGINT NOT NULL DEFAULT 0,
     decided_ms BIGINT NOT NULL DEFAULT 0
 );
-CREATE INDEX requests_state ON requests (state, deadline_ms);
-CREATE INDEX requests_pending_host ON requests (state, host_id);
-CREATE INDEX requests_pending_account ON requests (state, account);
+-- Pending requests (state 1) are few: partial indexes hold only them, for expiry and the caps.
+CREATE INDEX requests_pending ON requests (deadline_ms) WHERE state = 1;
+CREATE INDEX requests_pending_host ON requests (host_id) WHERE state = 1;
+CREATE INDEX requests_pending_account ON requests (account) WHERE state = 1;
+-- History filters, newest first.
 CREATE INDEX requests_host ON requests (host_id, seq);
-CREATE INDEX requests_hostname ON requests (hostname, seq);
 CREATE INDEX requests_account ON requests (account, seq);
 CREATE INDEX requests_rule ON requests (rule, seq);
-CREATE INDEX requests_received ON requests (received_ms);
 CREATE TABLE votes (
     request_id TEXT NOT NULL,
     person TEXT NOT NULL,
@@ -71,7 +71,6 @@ CREATE TABLE audit (
 CREATE INDEX audit_request ON audit (request_id, seq);
 CREATE INDEX audit_actor ON audit (actor, seq);
 CREATE INDEX audit_action ON audit (action, seq);
-CREATE INDEX audit_at ON audit (at_ms);
 CREATE TABLE accounts (
     name TEXT PRIMARY KEY,
     hash TEXT NOT NULL,

@@ -7,13 +7,15 @@ ALTER TABLE requests ADD COLUMN rule TEXT NOT NULL DEFAULT '';
 ALTER TABLE requests ADD COLUMN received_ms INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE requests ADD COLUMN decided_ms INTEGER NOT NULL DEFAULT 0;
 CREATE UNIQUE INDEX requests_seq ON requests (seq);
-CREATE INDEX requests_pending_host ON requests (state, host_id);
-CREATE INDEX requests_pending_account ON requests (state, account);
+-- Pending requests (state 1) are few: partial indexes hold only them, for expiry and the caps.
+DROP INDEX IF EXISTS requests_state;
+CREATE INDEX requests_pending ON requests (deadline_ms) WHERE state = 1;
+CREATE INDEX requests_pending_host ON requests (host_id) WHERE state = 1;
+CREATE INDEX requests_pending_account ON requests (account) WHERE state = 1;
+-- History filters, newest first.
 CREATE INDEX requests_host ON requests (host_id, seq);
-CREATE INDEX requests_hostname ON requests (hostname, seq);
 CREATE INDEX requests_account ON requests (account, seq);
 CREATE INDEX requests_rule ON requests (rule, seq);
-CREATE INDEX requests_received ON requests (received_ms);
 CREATE TABLE votes (
     request_id TEXT NOT NULL,
     person TEXT NOT NULL,
@@ -29,7 +31,6 @@ ALTER TABLE agents ADD COLUMN connected INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX audit_request ON audit (request_id, seq);
 CREATE INDEX audit_actor ON audit (actor, seq);
 CREATE INDEX audit_action ON audit (action, seq);
-CREATE INDEX audit_at ON audit (at_ms);
 CREATE INDEX sessions_name ON sessions (name);
 CREATE TABLE policies (
     version INTEGER PRIMARY KEY,
