@@ -179,17 +179,21 @@ wait $j
 echo "@@R s6_rc $?"
 echo "@@R s6_marker $(mark /tmp/work/m6)"
 
-# SIGTERM with a task held: resolved (denied), nothing left stopped
-su agent -c '/usr/local/bin/kubectl run /tmp/work/mt 0 never-me' > /dev/null 2>&1 &
+# SIGTERM with a task held (a restart, an upgrade): the hold stays with the kernel, and the
+# next agent decides it
+su agent -c '/usr/local/bin/kubectl run /tmp/work/mt 0 delay-me-sterm' > /dev/null 2>&1 &
 j=$!
 sleep 2
 kill -TERM $AGENT
 wait $AGENT
 echo "@@R sterm_agent_rc $?"
-wait $j
-echo "@@R sterm_rc $?"
+sleep 1
+echo "@@R sterm_held_after_stop $(grep -l '(kubectl) T' /proc/[0-9]*/stat 2>/dev/null | wc -l)"
 echo "@@R sterm_pinned_left $(ls /sys/fs/bpf/airlock 2>/dev/null | wc -l)"
 start_agent
+wait $j
+echo "@@R sterm_rc $?"
+echo "@@R sterm_marker $(mark /tmp/work/mt)"
 
 # 9: the agent is gone (killed, heartbeat stale): fail closed at once, nothing left stopped
 kill -9 $AGENT
@@ -574,15 +578,21 @@ fn s9_agent_gone_fails_closed_without_stopping_anything(b: &Booted) {
     );
 }
 
-fn sigterm_resolves_every_hold_and_detaches(b: &Booted) {
+fn sigterm_keeps_holds_for_the_next_agent(b: &Booted) {
     assert_eq!(b.r("sterm_agent_rc"), "0");
-    assert_eq!(b.r("sterm_rc"), "137", "held task denied on shutdown");
     assert_eq!(
+        b.r("sterm_held_after_stop"),
+        "1",
+        "the task stays held while no agent runs"
+    );
+    assert_ne!(
         b.r("sterm_pinned_left"),
         "0",
-        "clean shutdown unpins everything"
+        "programs and maps stay pinned"
     );
     assert_eq!(b.r("agent_3"), "1");
+    assert_eq!(b.r("sterm_rc"), "0", "the next agent asked and released it");
+    assert_eq!(b.r("sterm_marker"), "yes");
 }
 
 airlock_tests::kernel_matrix!(
@@ -600,6 +610,6 @@ airlock_tests::kernel_matrix!(
         s7_parent_cannot_sigcont_or_ptrace_a_held_task,
         s8_fifty_concurrent_holds_none_lost_or_swapped,
         s9_agent_gone_fails_closed_without_stopping_anything,
-        sigterm_resolves_every_hold_and_detaches,
+        sigterm_keeps_holds_for_the_next_agent,
     ]
 );
