@@ -615,8 +615,10 @@ fn map_hold(file: *const u8, prot: u64) -> i32 {
             dev: f.key.dev,
             ..VerdictKey::default()
         };
-        if let Some(answer) = use_verdict(&vkey) {
-            return answer;
+        match use_verdict(&vkey) {
+            Some(true) => return 0,
+            Some(false) => return -EACCES,
+            None => {}
         }
     }
     if unsafe { HELD.get(cur.tid) }.is_some() {
@@ -668,11 +670,13 @@ pub fn mprotect_hold(ctx: LsmContext) -> i32 {
 
 // --- connects and sends -------------------------------------------------------------------
 
-/// The verdict for `key`, if the agent wrote one that still stands: `Some(0)` to let the call
-/// through, `Some(-EACCES)` to refuse it. A one-shot verdict is used up here. (A function of its
-/// own: its frame is not added to the callers'.)
+/// The verdict for `key`, if the agent wrote one that still stands: `Some(true)` to let the
+/// call through, `Some(false)` to refuse it. A one-shot verdict is used up here. (A function of
+/// its own: its frame is not added to the callers'. It returns a choice, not an errno: the
+/// caller returns constants, which stay sign-extended in the 64-bit register newer verifiers
+/// check against [-4095, 0].)
 #[inline(never)]
-fn use_verdict(key: &VerdictKey) -> Option<i32> {
+fn use_verdict(key: &VerdictKey) -> Option<bool> {
     let v = unsafe { VERDICTS.get(key) }.copied()?;
     if v.expires_ns != 0 && now_ns() > v.expires_ns {
         let _ = VERDICTS.remove(key);
@@ -683,10 +687,10 @@ fn use_verdict(key: &VerdictKey) -> Option<i32> {
     }
     if v.verdict == VERDICT_ALLOW {
         count(Counter::VerdictAllow);
-        Some(0)
+        Some(true)
     } else {
         count(Counter::VerdictDeny);
-        Some(-EACCES)
+        Some(false)
     }
 }
 
@@ -796,8 +800,10 @@ fn net_hold(sock: *const u8, addr: *const u8, len: i32, kind: HoldKind, send: bo
             addr: ip,
             ..VerdictKey::default()
         };
-        if let Some(answer) = use_verdict(&vkey) {
-            return answer;
+        match use_verdict(&vkey) {
+            Some(true) => return 0,
+            Some(false) => return -EACCES,
+            None => {}
         }
     }
     if unsafe { HELD.get(cur.tid) }.is_some() {

@@ -45,7 +45,12 @@ start_agent() {
     grep -q "airlock-agent running" /tmp/agent-$n.log && grep -q "connected to decider" /tmp/agent-$n.log && break
     sleep 0.2
   done
-  echo "@@R agent_$n $(grep -q 'airlock-agent running' /tmp/agent-$n.log && grep -q 'connected to decider' /tmp/agent-$n.log && echo 1 || echo 0)"
+  if grep -q 'airlock-agent running' /tmp/agent-$n.log && grep -q 'connected to decider' /tmp/agent-$n.log; then
+    echo "@@R agent_$n 1"
+  else
+    echo "@@R agent_$n 0"
+    tail -n 40 /tmp/agent-$n.log | sed "s|^|@@LOG start-failed |"
+  fi
 }
 "#;
 

@@ -52,6 +52,7 @@ fn agent_config(decider_port: u16) -> String {
 decider = "http://10.0.2.2:{decider_port}"
 hold_timeout_secs = 30
 unreachable_grace_secs = 5
+max_watched_tasks = 256
 
 [watch]
 users = ["agent"]
@@ -137,6 +138,9 @@ as "/usr/local/bin/suid-helper $A leader-exit $K run /tmp/a4 0 deny-me-a4"; echo
 echo "@@R a4_marker $(mark /tmp/a4)"
 as "/usr/local/bin/suid-helper $A thread-exec $K run /tmp/a4t 0 deny-me-a4t"; echo "@@R a4_thread_rc $?"
 echo "@@R a4t_marker $(mark /tmp/a4t)"
+# Fill the mark table (256 here) from a process watched only by its mark: the forks that cannot be
+# marked must fail, not run unwatched.
+echo "@@R f1_forks $(as "/usr/local/bin/suid-helper $A fork-many 400")"
 
 # --- exec identity ---
 as "cp $K /tmp/work/kcopy && /tmp/work/kcopy run /tmp/work/a5 0 deny-me-a5"; echo "@@R a5_copy_rc $?"
@@ -270,6 +274,22 @@ impl Booted {
             "no",
             "{marker_key}: the held program ran without a decision"
         );
+    }
+
+    /// The largest value the agents logged for kernel counter `name` (at their stops).
+    fn counter(&self, name: &str) -> u64 {
+        let key = format!("\"{name}\": ");
+        self.logs()
+            .lines()
+            .filter_map(|l| l.split(&key).nth(1))
+            .filter_map(|rest| {
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     fn logs(&self) -> String {
@@ -415,6 +435,24 @@ fn a4_marks_survive_the_leaders_exit(b: &Booted) {
         let p = seen.request.process.expect("context");
         assert_eq!(p.uid, 0, "{arg} ran as root behind the setuid helper");
     }
+}
+
+fn f1_a_full_mark_table_refuses_forks(b: &Booted) {
+    let out = b.r("f1_forks");
+    let failed: u32 = out
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("failed="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no failed= in {out}"));
+    assert!(
+        failed > 0,
+        "forks past the table's size were let through unmarked: {out}"
+    );
+    assert!(out.ends_with("errno=12"), "refused with ENOMEM: {out}");
+    assert!(
+        b.counter("refused_fork") >= u64::from(failed),
+        "the kernel counted the refused forks"
+    );
 }
 
 fn a5_copies_and_memfd_are_held_as_the_binary(b: &Booted) {
@@ -590,6 +628,7 @@ airlock_tests::kernel_matrix!(
         a2_orphaned_group_sigcont_does_not_release,
         a3_tracer_attached_before_cannot_continue_it,
         a4_marks_survive_the_leaders_exit,
+        f1_a_full_mark_table_refuses_forks,
         a5_copies_and_memfd_are_held_as_the_binary,
         a6_dynamic_loader_is_held_like_the_exec,
         a7_rule_on_a_script_holds,
