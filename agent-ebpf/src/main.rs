@@ -1,91 +1,165 @@
-//! Airlock's kernel side: BPF LSM programs that hold the exec and connect calls of watched tasks
-//! until the agent decides, and keep anyone but the agent from releasing or tampering with them.
+//! Airlock's kernel side: BPF LSM programs that hold the exec, connect, send and executable
+//! mapping calls of watched tasks until the agent decides, and keep anyone but the agent from
+//! releasing or tampering with a held task.
 //!
-//! - `task_fork` / `task_exit` (tp_btf): the watch mark is inherited at fork, so descendants stay
-//!   watched across setuid, sudo and su.
-//! - `exec_hold` (lsm/bprm_committed_creds): the new image is in place and has not run; a matching
-//!   exec is stopped with SIGSTOP. The agent resumes it with SIGCONT or kills it.
-//! - `connect_hold` (lsm/socket_connect): returns -ERESTARTNOINTR with SIGSTOP; after SIGCONT the
-//!   call restarts and consumes the one-shot verdict the agent wrote for this thread and destination.
-//! - `signal_guard` (lsm/task_kill), `ptrace_guard` (lsm/ptrace_access_check): only the agent may
-//!   SIGCONT or attach to a held task.
+//! Watching
+//! - `mark_fork` (lsm/task_alloc): every task a watched task creates, thread or process, is
+//!   marked at creation, so descendants stay watched across setuid, sudo and su, whoever exits
+//!   first. A full mark table refuses the fork (fails closed). `unmark` (lsm/task_free) forgets
+//!   a task when the kernel frees it.
+//! - `cgroup_made` / `cgroup_gone` (tp_btf/cgroup_mkdir, cgroup_rmdir): a cgroup created at a
+//!   watched path (a unit restarted by systemd), or inside a watched cgroup, is watched from its
+//!   creation on.
+//!
+//! Holding
+//! - `exec_named` (lsm/bprm_check_security) notes the file an exec named (a script);
+//!   `exec_hold` (lsm/bprm_committed_creds) holds the exec with SIGSTOP once the new image is in
+//!   place and before it runs. A traced task's exec is refused (killed), since a tracer could
+//!   change what runs.
+//! - `connect_hold` (lsm/socket_connect), `send_hold` (lsm/socket_sendmsg: unconnected UDP, TCP
+//!   Fast Open), `map_hold` / `mprotect_hold` (lsm/mmap_file, file_mprotect: a loader mapping a
+//!   held binary) return -ERESTARTNOINTR with SIGSTOP; after the agent's SIGCONT the call
+//!   restarts and finds the verdict the agent wrote for this socket and destination (or process
+//!   and file). Calls that cannot be restarted (io_uring) are refused with EACCES and reported.
+//!
+//! Keeping the hold
+//! - `restop` (fexit/get_signal): a held task that anyone but the agent wakes (the SIGIO path,
+//!   the kernel's SIGCONT to an orphaned process group, a tracer's PTRACE_CONT) is stopped again
+//!   before it leaves the kernel: it runs nothing until the agent releases it.
+//! - `signal_guard` (lsm/task_kill), `sigio_guard` (lsm/file_send_sigiotask), `ptrace_guard`
+//!   (lsm/ptrace_access_check): SIGCONT and ptrace access to a held task are refused outright.
+//! - `task_exit` (tp_btf/sched_process_exit): a held thread that exits is no longer held; the
+//!   exit status of a released exec is recorded when its whole process is gone.
 #![no_std]
 #![no_main]
 
 use agent_common::{
-    Config, Counter, FileKey, HoldEvent, HoldKind, KernelOffsets, VerdictKey, ERESTARTNOINTR,
-    VERDICT_ALLOW,
+    flags, CgroupPath, Config, Counter, ExecStart, FileKey, FileStamp, HoldEvent, HoldKind,
+    KernelOffsets, Verdict, VerdictKey, CGROUP_PATH_LEN, ERESTARTNOINTR, VERDICT_ALLOW,
 };
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::bpf_send_signal,
+        bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes,
+        generated::{bpf_get_current_task_btf, bpf_send_signal, bpf_task_pt_regs},
     },
-    macros::{btf_tracepoint, lsm, map},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, LsmContext},
+    macros::{btf_tracepoint, fexit, lsm, map},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, FExitContext, LsmContext},
 };
 
 const SIGKILL: u32 = 9;
 const SIGSTOP: u32 = 19;
 const SIGCONT: i32 = 18;
 const EPERM: i32 = 1;
+const ENOMEM: i32 = 12;
 const EACCES: i32 = 13;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
+/// `SS_CONNECTED` of `enum socket_state`.
+const SS_CONNECTED: i32 = 3;
 const PTRACE_MODE_ATTACH: u32 = 0x02;
+const PROT_EXEC: u64 = 0x4;
+/// `PF_IO_WORKER`: an io_uring worker thread.
+const PF_IO_WORKER: u32 = 0x10;
+/// System calls whose -ERESTARTNOINTR restarts after the stop (x86-64, then ia32 compat).
+const RESTARTABLE_NET_CALLS: [u64; 9] = [42, 44, 46, 307, 102, 362, 369, 370, 345];
 
 /// Field offsets of the running kernel, set by the agent at load time from its BTF.
 #[no_mangle]
 static AIRLOCK_OFFSETS: KernelOffsets = KernelOffsets {
     binprm_file: 0,
+    binprm_argc: 0,
     file_inode: 0,
     inode_ino: 0,
     inode_sb: 0,
+    inode_mode: 0,
+    inode_uid: 0,
+    inode_gid: 0,
+    inode_ctime_sec: 0,
+    inode_ctime_nsec: 0,
+    inode_ctime_nsec_size: 0,
     sb_dev: 0,
+    socket_state: 0,
     socket_type: 0,
+    socket_sk: 0,
+    socket_alloc_inode: 0,
+    sock_protocol: 0,
+    msghdr_name: 0,
+    msghdr_namelen: 0,
+    vma_file: 0,
     task_pid: 0,
     task_tgid: 0,
     task_exit_code: 0,
+    task_ptrace: 0,
+    task_flags: 0,
+    task_signal: 0,
+    task_group_leader: 0,
+    task_start_time: 0,
+    task_mm: 0,
+    mm_exe_file: 0,
+    signal_live: 0,
+    regs_orig_ax: 0,
+    cgroup_kn: 0,
+    kernfs_id: 0,
+    kernfs_parent: 0,
+    mmap_prot_arg: 0,
+    mprotect_prot_arg: 0,
 };
+
+/// BPF_F_NO_PREALLOC: entries are allocated when inserted (mandatory for LPM tries).
+const NO_PREALLOC: u32 = 1;
 
 /// Not pinned: each agent reads its own ring. Holds published into an earlier agent's ring are
 /// still in the pinned held map, which the agent sweeps.
 #[map(name = "AIRLOCK_EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 #[map(name = "AIRLOCK_HELD")]
-static HELD: HashMap<u32, HoldEvent> = HashMap::pinned(8192, 0);
+static HELD: HashMap<u32, HoldEvent> = HashMap::pinned(16384, 0);
+/// The agent sets the size from `agent.max_watched_tasks`.
 #[map(name = "AIRLOCK_WATCHED_TASKS")]
-static WATCHED_TASKS: HashMap<u32, u8> = HashMap::pinned(65536, 0);
+static WATCHED_TASKS: HashMap<u64, u8> = HashMap::pinned(131072, NO_PREALLOC);
 #[map(name = "AIRLOCK_WATCH_UIDS")]
 static WATCH_UIDS: HashMap<u32, u8> = HashMap::pinned(1024, 0);
 #[map(name = "AIRLOCK_WATCH_GIDS")]
 static WATCH_GIDS: HashMap<u32, u8> = HashMap::pinned(1024, 0);
 #[map(name = "AIRLOCK_WATCH_CGROUPS")]
-static WATCH_CGROUPS: HashMap<u64, u8> = HashMap::pinned(1024, 0);
+static WATCH_CGROUPS: HashMap<u64, u8> = HashMap::pinned(8192, 0);
+#[map(name = "AIRLOCK_WATCH_CGROUP_PATHS")]
+static WATCH_CGROUP_PATHS: HashMap<CgroupPath, u8> = HashMap::pinned(1024, 0);
+/// Twice the binaries the agent loads: a reload writes the new set before it removes the old.
 #[map(name = "AIRLOCK_EXEC_FILES")]
-static EXEC_FILES: HashMap<FileKey, u64> = HashMap::pinned(4096, 0);
-/// BPF_F_NO_PREALLOC is mandatory for LPM tries.
+static EXEC_FILES: HashMap<FileKey, u64> = HashMap::pinned(8192, 0);
+#[map(name = "AIRLOCK_CLEARED_FILES")]
+static CLEARED_FILES: LruHashMap<FileKey, FileStamp> = LruHashMap::pinned(16384, 0);
+#[map(name = "AIRLOCK_EXEC_STARTS")]
+static EXEC_STARTS: LruHashMap<u64, ExecStart> = LruHashMap::pinned(16384, 0);
 #[map(name = "AIRLOCK_CONNECT_NETS")]
-static CONNECT_NETS: LpmTrie<[u8; 16], u64> = LpmTrie::pinned(4096, 1);
+static CONNECT_NETS: LpmTrie<[u8; 16], u64> = LpmTrie::pinned(8192, NO_PREALLOC);
 #[map(name = "AIRLOCK_CONNECT_PORTS")]
-static CONNECT_PORTS: HashMap<u16, u64> = HashMap::pinned(4096, 0);
+static CONNECT_PORTS: HashMap<u16, u64> = HashMap::pinned(8192, 0);
+/// LRU: writing a verdict never fails; an evicted one means the call is asked again.
 #[map(name = "AIRLOCK_VERDICTS")]
-static VERDICTS: HashMap<VerdictKey, u32> = HashMap::pinned(8192, 0);
+static VERDICTS: LruHashMap<VerdictKey, Verdict> = LruHashMap::pinned(16384, 0);
 #[map(name = "AIRLOCK_CONFIG")]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map(name = "AIRLOCK_EXITS")]
-static EXITS: HashMap<u32, i32> = HashMap::pinned(8192, 0);
+static EXITS: LruHashMap<u32, i32> = LruHashMap::pinned(8192, 0);
 #[map(name = "AIRLOCK_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(agent_common::COUNTER_SLOTS, 0);
 
-#[inline(always)]
-fn offsets() -> KernelOffsets {
-    // Volatile so the compiler keeps the load from .rodata that the loader patches.
-    unsafe { core::ptr::read_volatile(&AIRLOCK_OFFSETS) }
+/// One field of [`AIRLOCK_OFFSETS`]. Volatile, so the compiler keeps the load from .rodata that
+/// the loader patches (one field at a time: each program reads only what it uses).
+macro_rules! off {
+    ($field:ident) => {{
+        #[allow(unused_unsafe)]
+        let value =
+            unsafe { core::ptr::read_volatile(core::ptr::addr_of!(AIRLOCK_OFFSETS.$field)) };
+        value
+    }};
 }
 
 #[inline(always)]
@@ -101,8 +175,8 @@ fn config() -> Option<&'static Config> {
 }
 
 #[inline(always)]
-fn current_tgid() -> u32 {
-    (bpf_get_current_pid_tgid() >> 32) as u32
+fn now_ns() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
 }
 
 /// Reads a kernel value at `base + off`.
@@ -111,10 +185,46 @@ unsafe fn read_at<T>(base: *const u8, off: u64) -> Result<T, i32> {
     bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T)
 }
 
-/// Whether the current task is watched: marked (inherited), or by uid, gid or cgroup.
+/// Sends `sig` to the current process; false if the kernel would not.
 #[inline(always)]
-fn current_is_watched(tgid: u32) -> bool {
-    if unsafe { WATCHED_TASKS.get(tgid) }.is_some() {
+fn signal_self(sig: u32) -> bool {
+    unsafe { bpf_send_signal(sig) == 0 }
+}
+
+/// Kills the current process (an exec that must not run). Counts a failure to send.
+#[inline(always)]
+fn kill_self() {
+    if !signal_self(SIGKILL) {
+        count(Counter::SignalFailed);
+    }
+}
+
+/// The current task, its process and thread ids.
+struct Current {
+    task: u64,
+    tgid: u32,
+    tid: u32,
+}
+
+#[inline(always)]
+fn current() -> Current {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    Current {
+        task: unsafe { bpf_get_current_task() },
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+    }
+}
+
+/// Whether the current task is watched: marked (inherited), or by uid, gid or cgroup. The
+/// agent itself never is. A task watched by uid, gid or cgroup is marked, so the watch survives
+/// a later setuid in this very task.
+#[inline(always)]
+fn watched(cur: &Current, cfg: &Config) -> bool {
+    if cur.tgid == cfg.agent_tgid {
+        return false;
+    }
+    if unsafe { WATCHED_TASKS.get(cur.task) }.is_some() {
         return true;
     }
     let ids = bpf_get_current_uid_gid();
@@ -127,8 +237,7 @@ fn current_is_watched(tgid: u32) -> bool {
             || WATCH_CGROUPS.get(cgroup).is_some()
     };
     if watched {
-        // Mark it, so the watch survives a later setuid in this very process.
-        let _ = WATCHED_TASKS.insert(tgid, 1, 0);
+        let _ = WATCHED_TASKS.insert(cur.task, 1, 0);
     }
     watched
 }
@@ -136,209 +245,383 @@ fn current_is_watched(tgid: u32) -> bool {
 /// Whether the agent is alive (recent heartbeat). When it is not, holds fail closed.
 #[inline(always)]
 fn agent_alive(cfg: &Config) -> bool {
-    let now = unsafe { bpf_ktime_get_ns() };
-    cfg.agent_tgid != 0 && now.saturating_sub(cfg.heartbeat_ns) <= cfg.heartbeat_timeout_ns
+    cfg.agent_tgid != 0 && now_ns().saturating_sub(cfg.heartbeat_ns) <= cfg.heartbeat_timeout_ns
 }
 
-/// Fills the common part of a hold event for the current task.
+/// Start time of the current process (its leader's), which with the tgid names it for good.
 #[inline(always)]
-fn fill_common(ev: &mut HoldEvent, kind: HoldKind, rule_mask: u64) {
-    let pid_tgid = bpf_get_current_pid_tgid();
+fn process_start(task: u64) -> u64 {
+    unsafe {
+        let Ok(leader) = read_at::<*const u8>(task as *const u8, off!(task_group_leader)) else {
+            return 0;
+        };
+        read_at::<u64>(leader, off!(task_start_time)).unwrap_or(0)
+    }
+}
+
+/// Fills the common part of an event for the current task (in place: the stack is small).
+#[inline(always)]
+fn fill_event(ev: &mut HoldEvent, cur: &Current, kind: HoldKind, rule_mask: u64) {
     let ids = bpf_get_current_uid_gid();
     ev.kind = kind as u32;
-    ev.tgid = (pid_tgid >> 32) as u32;
-    ev.tid = pid_tgid as u32;
+    ev.tgid = cur.tgid;
+    ev.tid = cur.tid;
     ev.uid = ids as u32;
     ev.gid = (ids >> 32) as u32;
     ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    ev.hold_ns = unsafe { bpf_ktime_get_ns() };
+    ev.hold_ns = now_ns();
+    ev.start_ns = process_start(cur.task);
     ev.rule_mask = rule_mask;
-    ev.comm = bpf_get_current_comm().unwrap_or_default();
+    if let Ok(comm) = bpf_get_current_comm() {
+        ev.comm = comm;
+    }
 }
 
-/// Publishes `ev` to the agent and records the hold. Returns false when the event could not be
-/// delivered; the caller then fails closed.
+/// Sends `ev` to the agent through the ring. False when the ring is full. (The helper copies
+/// the event: an inline copy into reserved ring memory is refused by older verifiers.)
 #[inline(always)]
-fn publish(ev: &HoldEvent) -> bool {
-    let Some(mut slot) = EVENTS.reserve::<HoldEvent>(0) else {
-        count(Counter::DropRingFull);
-        return false;
-    };
-    if HELD.insert(ev.tgid, ev, 0).is_err() {
-        slot.discard(0);
+fn report(ev: &HoldEvent) -> bool {
+    if EVENTS.output::<HoldEvent>(ev, 0).is_err() {
         count(Counter::DropRingFull);
         return false;
     }
-    slot.write(*ev);
-    slot.submit(0);
     true
 }
 
-#[btf_tracepoint(function = "sched_process_fork")]
-pub fn task_fork(ctx: BtfTracePointContext) -> i32 {
-    let parent = current_tgid();
-    if !current_is_watched(parent) {
+/// Records the hold of the current thread and tells the agent. False when it could not be
+/// delivered (the caller then fails closed).
+#[inline(always)]
+fn publish(ev: &HoldEvent) -> bool {
+    if HELD.insert(ev.tid, ev, 0).is_err() {
+        count(Counter::DropRingFull);
+        return false;
+    }
+    if !report(ev) {
+        let _ = HELD.remove(ev.tid);
+        return false;
+    }
+    true
+}
+
+/// Stops the current process for a published hold. False (and the hold withdrawn) when the
+/// stop could not be sent.
+#[inline(always)]
+fn stop_for(ev: &HoldEvent) -> bool {
+    if signal_self(SIGSTOP) {
+        return true;
+    }
+    let _ = HELD.remove(ev.tid);
+    count(Counter::SignalFailed);
+    false
+}
+
+// --- files --------------------------------------------------------------------------------
+
+/// What the programs need to know of a file.
+struct FileFacts {
+    key: FileKey,
+    stamp: FileStamp,
+    self_made: bool,
+}
+
+/// Device, inode, change time of `file`, and whether the account of uid `uid` and gid `gid`
+/// could have made it: owned by it, or writable by it (world-writable, or group-writable with
+/// its group). Root made everything it runs, so nothing counts as self-made for root.
+#[inline(always)]
+fn file_facts(file: *const u8, uid: u32, gid: u32) -> Option<FileFacts> {
+    unsafe {
+        let inode = read_at::<*const u8>(file, off!(file_inode)).ok()?;
+        let ino = read_at::<u64>(inode, off!(inode_ino)).ok()?;
+        let sb = read_at::<*const u8>(inode, off!(inode_sb)).ok()?;
+        let dev = read_at::<u32>(sb, off!(sb_dev)).ok()?;
+        let mode = read_at::<u16>(inode, off!(inode_mode)).unwrap_or(0);
+        let owner = read_at::<u32>(inode, off!(inode_uid)).unwrap_or(0);
+        let group = read_at::<u32>(inode, off!(inode_gid)).unwrap_or(0);
+        let sec = read_at::<i64>(inode, off!(inode_ctime_sec)).unwrap_or(0);
+        let nsec = if off!(inode_ctime_nsec_size) == 4 {
+            u64::from(read_at::<u32>(inode, off!(inode_ctime_nsec)).unwrap_or(0))
+        } else {
+            read_at::<u64>(inode, off!(inode_ctime_nsec)).unwrap_or(0)
+        };
+        let self_made =
+            uid != 0 && (owner == uid || mode & 0o002 != 0 || (mode & 0o020 != 0 && group == gid));
+        Some(FileFacts {
+            key: FileKey { ino, dev, pad: 0 },
+            stamp: FileStamp { sec, nsec },
+            self_made,
+        })
+    }
+}
+
+/// Whether a self-made file must be held to be hashed: not already cleared by the agent as it
+/// is now.
+#[inline(always)]
+fn needs_hash(cfg: &Config, f: &FileFacts) -> bool {
+    if cfg.hold_self_made == 0 || !f.self_made {
+        return false;
+    }
+    match unsafe { CLEARED_FILES.get(f.key) } {
+        Some(stamp) => *stamp != f.stamp,
+        None => true,
+    }
+}
+
+#[inline(always)]
+fn current_ids() -> (u32, u32) {
+    let ids = bpf_get_current_uid_gid();
+    (ids as u32, (ids >> 32) as u32)
+}
+
+// --- watching -----------------------------------------------------------------------------
+
+#[lsm(hook = "task_alloc")]
+pub fn mark_fork(ctx: LsmContext) -> i32 {
+    let Some(cfg) = config() else { return 0 };
+    let cur = current();
+    if !watched(&cur, cfg) {
         return 0;
     }
-    let child: *const u8 = ctx.arg(1);
-    let off = offsets();
-    // A new thread shares its parent's tgid, which is marked already; a new process gets its own.
-    if let Ok(child_tgid) = unsafe { read_at::<u32>(child, off.task_tgid) } {
-        let _ = WATCHED_TASKS.insert(child_tgid, 1, 0);
+    let child: *const u8 = ctx.arg(0);
+    if WATCHED_TASKS.insert(child as u64, 1, 0).is_err() {
+        // A new task that could not be marked would run unwatched after a setuid: no fork.
+        count(Counter::RefusedFork);
+        return -ENOMEM;
+    }
+    0
+}
+
+#[lsm(hook = "task_free")]
+pub fn unmark(ctx: LsmContext) -> i32 {
+    let task: *const u8 = ctx.arg(0);
+    let _ = WATCHED_TASKS.remove(task as u64);
+    let _ = EXEC_STARTS.remove(task as u64);
+    0
+}
+
+/// The kernfs id of `cgroup` (its cgroup id) and of its parent.
+#[inline(always)]
+fn cgroup_ids(cgroup: *const u8) -> Option<(u64, u64)> {
+    unsafe {
+        let kn = read_at::<*const u8>(cgroup, off!(cgroup_kn)).ok()?;
+        let id = read_at::<u64>(kn, off!(kernfs_id)).ok()?;
+        let parent = read_at::<*const u8>(kn, off!(kernfs_parent)).ok()?;
+        let parent_id = if parent.is_null() {
+            0
+        } else {
+            read_at::<u64>(parent, off!(kernfs_id)).unwrap_or(0)
+        };
+        Some((id, parent_id))
+    }
+}
+
+#[btf_tracepoint(function = "cgroup_mkdir")]
+pub fn cgroup_made(ctx: BtfTracePointContext) -> i32 {
+    let cgroup: *const u8 = ctx.arg(0);
+    let path: *const u8 = ctx.arg(1);
+    let Some((id, parent)) = cgroup_ids(cgroup) else {
+        return 0;
+    };
+    let mut key = CgroupPath {
+        bytes: [0; CGROUP_PATH_LEN],
+    };
+    let by_path = unsafe { bpf_probe_read_kernel_str_bytes(path, &mut key.bytes) }.is_ok()
+        && unsafe { WATCH_CGROUP_PATHS.get(key) }.is_some();
+    if by_path || unsafe { WATCH_CGROUPS.get(parent) }.is_some() {
+        let _ = WATCH_CGROUPS.insert(id, 1, 0);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "cgroup_rmdir")]
+pub fn cgroup_gone(ctx: BtfTracePointContext) -> i32 {
+    let cgroup: *const u8 = ctx.arg(0);
+    if let Some((id, _)) = cgroup_ids(cgroup) {
+        let _ = WATCH_CGROUPS.remove(id);
     }
     0
 }
 
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn task_exit(ctx: BtfTracePointContext) -> i32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    // Only when the whole process goes (its leader thread exits).
-    if tgid != pid_tgid as u32 {
+    let cur = current();
+    // A held thread that exits (killed, or its process ended) holds nothing any more.
+    let _ = HELD.remove(cur.tid);
+    let task: *const u8 = ctx.arg(0);
+    // The process is gone when its last thread goes: signal->live has dropped to zero.
+    let live = unsafe {
+        read_at::<*const u8>(task, off!(task_signal))
+            .and_then(|signal| read_at::<i32>(signal, off!(signal_live)))
+    };
+    if live != Ok(0) {
         return 0;
     }
-    let _ = WATCHED_TASKS.remove(tgid);
-    let _ = HELD.remove(tgid);
-    if let Some(slot) = EXITS.get_ptr_mut(tgid) {
-        let task: *const u8 = ctx.arg(0);
-        if let Ok(code) = unsafe { read_at::<i32>(task, offsets().task_exit_code) } {
+    if let Some(slot) = EXITS.get_ptr_mut(cur.tgid) {
+        if let Ok(code) = unsafe { read_at::<i32>(task, off!(task_exit_code)) } {
             unsafe { *slot = code };
         }
     }
     0
 }
 
-#[lsm(hook = "bprm_committed_creds")]
-pub fn exec_hold(ctx: LsmContext) -> i32 {
-    let tgid = current_tgid();
-    if !current_is_watched(tgid) {
+// --- exec ---------------------------------------------------------------------------------
+
+#[lsm(hook = "bprm_check_security")]
+pub fn exec_named(ctx: LsmContext) -> i32 {
+    let Some(cfg) = config() else { return 0 };
+    let cur = current();
+    if !watched(&cur, cfg) {
         return 0;
     }
-    let Some(cfg) = config() else { return 0 };
-    let off = offsets();
     let bprm: *const u8 = ctx.arg(0);
-    let key = unsafe {
-        let Ok(file) = read_at::<*const u8>(bprm, off.binprm_file) else {
-            return 0;
-        };
-        let Ok(inode) = read_at::<*const u8>(file, off.file_inode) else {
-            return 0;
-        };
-        let Ok(ino) = read_at::<u64>(inode, off.inode_ino) else {
-            return 0;
-        };
-        let Ok(sb) = read_at::<*const u8>(inode, off.inode_sb) else {
-            return 0;
-        };
-        let Ok(dev) = read_at::<u32>(sb, off.sb_dev) else {
-            return 0;
-        };
-        FileKey { ino, dev, pad: 0 }
-    };
-    let rule_mask = match unsafe { EXEC_FILES.get(key) } {
-        Some(mask) => *mask,
-        None if cfg.hold_all_execs != 0 => 0,
-        None => {
-            count(Counter::Pass);
+    // Called once per binary format level: only the first names the file the exec asked for.
+    if let Some(start) = unsafe { EXEC_STARTS.get(cur.task) } {
+        if start.bprm == bprm as u64 {
             return 0;
         }
+    }
+    let Ok(file) = (unsafe { read_at::<*const u8>(bprm, off!(binprm_file)) }) else {
+        return 0;
     };
-    // Another attached copy of this program (during an agent upgrade) already holds it.
-    if unsafe { HELD.get(tgid) }.is_some() {
+    let (uid, gid) = current_ids();
+    let Some(f) = file_facts(file, uid, gid) else {
+        return 0;
+    };
+    let start = ExecStart {
+        bprm: bprm as u64,
+        file: f.key,
+        stamp: f.stamp,
+        rule_mask: unsafe { EXEC_FILES.get(f.key) }.copied().unwrap_or(0),
+        self_made: u32::from(needs_hash(cfg, &f)),
+        argc: unsafe { read_at::<u32>(bprm, off!(binprm_argc)) }.unwrap_or(0),
+    };
+    let _ = EXEC_STARTS.insert(cur.task, start, 0);
+    0
+}
+
+#[lsm(hook = "bprm_committed_creds")]
+pub fn exec_hold(ctx: LsmContext) -> i32 {
+    let Some(cfg) = config() else { return 0 };
+    let cur = current();
+    if !watched(&cur, cfg) {
+        return 0;
+    }
+    let bprm: *const u8 = ctx.arg(0);
+    let Ok(file) = (unsafe { read_at::<*const u8>(bprm, off!(binprm_file)) }) else {
+        return 0;
+    };
+    let (uid, gid) = current_ids();
+    let Some(run) = file_facts(file, uid, gid) else {
+        return 0;
+    };
+    let start = unsafe { EXEC_STARTS.get(cur.task) }
+        .copied()
+        .filter(|s| s.bprm == bprm as u64);
+    let _ = EXEC_STARTS.remove(cur.task);
+    let mut rule_mask = unsafe { EXEC_FILES.get(run.key) }.copied().unwrap_or(0);
+    let mut self_made = needs_hash(cfg, &run);
+    let mut ev = HoldEvent::default();
+    fill_event(&mut ev, &cur, HoldKind::Exec, 0);
+    ev.file = run.key;
+    ev.named = run.key;
+    ev.stamp = run.stamp;
+    if let Some(s) = start {
+        rule_mask |= s.rule_mask;
+        ev.argc = s.argc;
+        if s.file != run.key {
+            ev.flags |= flags::SCRIPT;
+            ev.named = s.file;
+        }
+        if s.self_made != 0 {
+            self_made = true;
+            ev.stamp = s.stamp;
+        }
+    }
+    if self_made {
+        ev.flags |= flags::SELF_MADE;
+    }
+    ev.rule_mask = rule_mask;
+    if rule_mask == 0 && cfg.hold_all_execs == 0 && !self_made {
+        count(Counter::Pass);
+        return 0;
+    }
+    // A second attached copy of this program (while an agent upgrade swaps them) holds it.
+    if unsafe { HELD.get(cur.tid) }.is_some() {
+        return 0;
+    }
+    // exec holds cred_guard_mutex here, so no tracer can attach between this check and the
+    // hold (ptrace_attach takes it too, and is refused for held tasks afterwards).
+    if unsafe { read_at::<u32>(cur.task as *const u8, off!(task_ptrace)) }.unwrap_or(1) != 0 {
+        ev.flags |= flags::TRACED | flags::REFUSED;
+        count(Counter::RefusedTraced);
+        report(&ev);
+        kill_self();
         return 0;
     }
     if !agent_alive(cfg) {
         count(Counter::DropNoAgent);
-        unsafe { bpf_send_signal(SIGKILL) };
+        kill_self();
         return 0;
     }
-    let mut ev = HoldEvent::default();
-    fill_common(&mut ev, HoldKind::Exec, rule_mask);
-    ev.ino = key.ino;
-    ev.dev = key.dev;
     if !publish(&ev) {
-        unsafe { bpf_send_signal(SIGKILL) };
+        kill_self();
+        return 0;
+    }
+    if !stop_for(&ev) {
+        kill_self();
         return 0;
     }
     count(Counter::HoldExec);
-    unsafe { bpf_send_signal(SIGSTOP) };
     0
 }
 
-#[lsm(hook = "socket_connect")]
-pub fn connect_hold(ctx: LsmContext) -> i32 {
-    let sock: *const u8 = ctx.arg(0);
-    let addr: *const u8 = ctx.arg(1);
-    let addrlen: i32 = ctx.arg(2);
-    let Ok(family) = (unsafe { read_at::<u16>(addr, 0) }) else {
+// --- executable mappings (a loader running a held binary) ---------------------------------
+
+/// Holds an executable mapping of `file` by a watched task, unless it is the task's own program
+/// (the kernel maps that during the exec, which was held already).
+#[inline(always)]
+fn map_hold(file: *const u8, prot: u64) -> i32 {
+    if file.is_null() || prot & PROT_EXEC == 0 {
         return 0;
-    };
-    if family != AF_INET && family != AF_INET6 {
-        return 0;
-    }
-    let tgid = current_tgid();
-    if !current_is_watched(tgid) {
-        return 0;
-    }
-    let off = offsets();
-    let sock_type = match unsafe { read_at::<i16>(sock, off.socket_type) } {
-        Ok(t) => t as u32,
-        Err(_) => return 0,
-    };
-    if sock_type != SOCK_STREAM && sock_type != SOCK_DGRAM {
-        return 0;
-    }
-    let mut ip = [0u8; 16];
-    let port = match unsafe { read_at::<u16>(addr, 2) } {
-        Ok(p) => u16::from_be(p),
-        Err(_) => return 0,
-    };
-    if family == AF_INET {
-        if addrlen < 8 {
-            return 0;
-        }
-        let Ok(v4) = (unsafe { read_at::<[u8; 4]>(addr, 4) }) else {
-            return 0;
-        };
-        ip[10] = 0xff;
-        ip[11] = 0xff;
-        ip[12..16].copy_from_slice(&v4);
-    } else {
-        if addrlen < 24 {
-            return 0;
-        }
-        let Ok(v6) = (unsafe { read_at::<[u8; 16]>(addr, 8) }) else {
-            return 0;
-        };
-        ip = v6;
     }
     let Some(cfg) = config() else { return 0 };
-    let Some(net_mask) = CONNECT_NETS.get(Key::new(128, ip)) else {
-        return 0;
-    };
-    let port_mask = unsafe { CONNECT_PORTS.get(port) }.copied().unwrap_or(0) | cfg.any_port_mask;
-    let rule_mask = *net_mask & port_mask;
-    if rule_mask == 0 {
-        count(Counter::Pass);
+    let cur = current();
+    if !watched(&cur, cfg) {
         return 0;
     }
-    let vkey = VerdictKey {
-        tid: bpf_get_current_pid_tgid() as u32,
-        port,
-        family,
-        addr: ip,
+    let (uid, gid) = current_ids();
+    let Some(f) = file_facts(file, uid, gid) else {
+        return 0;
     };
-    if let Some(verdict) = unsafe { VERDICTS.get(vkey) }.copied() {
-        // One shot: the approval covers this call only.
-        let _ = VERDICTS.remove(vkey);
-        if verdict == VERDICT_ALLOW {
-            count(Counter::VerdictAllow);
-            return 0;
+    let rule_mask = unsafe { EXEC_FILES.get(f.key) }.copied().unwrap_or(0);
+    let self_made = needs_hash(cfg, &f);
+    if rule_mask == 0 && !self_made {
+        return 0;
+    }
+    let own = unsafe {
+        read_at::<*const u8>(cur.task as *const u8, off!(task_mm))
+            .and_then(|mm| read_at::<*const u8>(mm, off!(mm_exe_file)))
+            .ok()
+            .and_then(|exe| file_facts(exe, uid, gid))
+    };
+    if own.is_some_and(|o| o.key == f.key) {
+        return 0;
+    }
+    {
+        let vkey = VerdictKey {
+            kind: HoldKind::Map as u32,
+            tgid: cur.tgid,
+            obj: process_start(cur.task),
+            ino: f.key.ino,
+            dev: f.key.dev,
+            ..VerdictKey::default()
+        };
+        match use_verdict(&vkey) {
+            Some(true) => return 0,
+            Some(false) => return -EACCES,
+            None => {}
         }
-        count(Counter::VerdictDeny);
-        return -EACCES;
     }
-    if unsafe { HELD.get(tgid) }.is_some() {
+    if unsafe { HELD.get(cur.tid) }.is_some() {
         return ERESTARTNOINTR;
     }
     if !agent_alive(cfg) {
@@ -346,34 +629,285 @@ pub fn connect_hold(ctx: LsmContext) -> i32 {
         return -EACCES;
     }
     let mut ev = HoldEvent::default();
-    fill_common(&mut ev, HoldKind::Connect, rule_mask);
-    ev.family = family;
-    ev.port = port;
-    ev.addr = ip;
-    ev.sock_type = sock_type;
-    if !publish(&ev) {
+    fill_event(&mut ev, &cur, HoldKind::Map, rule_mask);
+    ev.file = f.key;
+    ev.named = f.key;
+    ev.stamp = f.stamp;
+    if self_made {
+        ev.flags |= flags::SELF_MADE;
+    }
+    if !publish(&ev) || !stop_for(&ev) {
         return -EACCES;
     }
-    count(Counter::HoldConnect);
-    unsafe { bpf_send_signal(SIGSTOP) };
+    count(Counter::HoldMap);
     ERESTARTNOINTR
 }
 
-/// Whether `task` is held and the caller is not the agent.
+#[lsm(hook = "mmap_file")]
+pub fn mmap_hold(ctx: LsmContext) -> i32 {
+    let file: *const u8 = ctx.arg(0);
+    // Both loads at constant offsets, then a choice: the verifier refuses a variable offset
+    // into the context.
+    let (one, two): (u64, u64) = (ctx.arg(1), ctx.arg(2));
+    let prot = if off!(mmap_prot_arg) == 1 { one } else { two };
+    map_hold(file, prot)
+}
+
+#[lsm(hook = "file_mprotect")]
+pub fn mprotect_hold(ctx: LsmContext) -> i32 {
+    let vma: *const u8 = ctx.arg(0);
+    let (one, two): (u64, u64) = (ctx.arg(1), ctx.arg(2));
+    let prot = if off!(mprotect_prot_arg) == 1 {
+        one
+    } else {
+        two
+    };
+    let Ok(file) = (unsafe { read_at::<*const u8>(vma, off!(vma_file)) }) else {
+        return 0;
+    };
+    map_hold(file, prot)
+}
+
+// --- connects and sends -------------------------------------------------------------------
+
+/// The verdict for `key`, if the agent wrote one that still stands: `Some(true)` to let the
+/// call through, `Some(false)` to refuse it. A one-shot verdict is used up here. (A function of
+/// its own: its frame is not added to the callers'. It returns a choice, not an errno: the
+/// caller returns constants, which stay sign-extended in the 64-bit register newer verifiers
+/// check against [-4095, 0].)
+#[inline(never)]
+fn use_verdict(key: &VerdictKey) -> Option<bool> {
+    let v = unsafe { VERDICTS.get(key) }.copied()?;
+    if v.expires_ns != 0 && now_ns() > v.expires_ns {
+        let _ = VERDICTS.remove(key);
+        return None;
+    }
+    if v.standing == 0 {
+        let _ = VERDICTS.remove(key);
+    }
+    if v.verdict == VERDICT_ALLOW {
+        count(Counter::VerdictAllow);
+        Some(true)
+    } else {
+        count(Counter::VerdictDeny);
+        Some(false)
+    }
+}
+
+/// Whether the current call can be restarted after a stop: a connect or send system call made
+/// by the task itself. io_uring (its workers, or its submission from io_uring_enter) cannot:
+/// there -ERESTARTNOINTR turns into EINTR.
+#[inline(always)]
+fn restartable(cur: &Current) -> bool {
+    let flags = unsafe { read_at::<u32>(cur.task as *const u8, off!(task_flags)) }.unwrap_or(0);
+    if flags & PF_IO_WORKER != 0 {
+        return false;
+    }
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) };
+    if regs == 0 {
+        return false;
+    }
+    let Ok(nr) = (unsafe { read_at::<u64>(regs as *const u8, off!(regs_orig_ax)) }) else {
+        return false;
+    };
+    RESTARTABLE_NET_CALLS.contains(&nr)
+}
+
+/// A destination from a `struct sockaddr` in kernel memory: family, address (IPv6, IPv4
+/// mapped) and port. `None` for other families or a short address.
+#[inline(always)]
+fn destination(addr: *const u8, len: i32) -> Option<(u16, [u8; 16], u16)> {
+    let family = unsafe { read_at::<u16>(addr, 0) }.ok()?;
+    let port = u16::from_be(unsafe { read_at::<u16>(addr, 2) }.ok()?);
+    let mut ip = [0u8; 16];
+    match family {
+        AF_INET if len >= 8 => {
+            let v4 = unsafe { read_at::<[u8; 4]>(addr, 4) }.ok()?;
+            ip[10] = 0xff;
+            ip[11] = 0xff;
+            ip[12..16].copy_from_slice(&v4);
+        }
+        AF_INET6 if len >= 24 => ip = unsafe { read_at::<[u8; 16]>(addr, 8) }.ok()?,
+        _ => return None,
+    }
+    Some((family, ip, port))
+}
+
+/// Which rules' prefilter a destination passes (bit per rule; 0: none).
+#[inline(always)]
+fn destination_rules(cfg: &Config, ip: [u8; 16], port: u16) -> u64 {
+    let Some(net_mask) = CONNECT_NETS.get(Key::new(128, ip)) else {
+        return 0;
+    };
+    let port_mask = unsafe { CONNECT_PORTS.get(port) }.copied().unwrap_or(0) | cfg.any_port_mask;
+    *net_mask & port_mask
+}
+
+/// Holds (or lets through, or refuses) a connect or addressed send on `sock` to `addr`.
+#[inline(always)]
+fn net_hold(sock: *const u8, addr: *const u8, len: i32, kind: HoldKind, send: bool) -> i32 {
+    let Some((family, ip, port)) = destination(addr, len) else {
+        return 0;
+    };
+    let Some(cfg) = config() else { return 0 };
+    let cur = current();
+    if !watched(&cur, cfg) {
+        return 0;
+    }
+    let sock_type = match unsafe { read_at::<i16>(sock, off!(socket_type)) } {
+        Ok(t) => t as u32,
+        Err(_) => return 0,
+    };
+    if sock_type != SOCK_STREAM && sock_type != SOCK_DGRAM {
+        return 0;
+    }
+    let mut fastopen = false;
+    if send && sock_type == SOCK_STREAM {
+        // A stream socket's send names a destination only for TCP Fast Open; once connected,
+        // the address is ignored.
+        if unsafe { read_at::<i32>(sock, off!(socket_state)) }.unwrap_or(SS_CONNECTED)
+            == SS_CONNECTED
+        {
+            return 0;
+        }
+        fastopen = true;
+    }
+    let rule_mask = destination_rules(cfg, ip, port);
+    if rule_mask == 0 {
+        count(Counter::Pass);
+        return 0;
+    }
+    let protocol = unsafe {
+        read_at::<*const u8>(sock, off!(socket_sk))
+            .and_then(|sk| read_at::<u16>(sk, off!(sock_protocol)))
+    }
+    .unwrap_or(0);
+    let sock_ino = unsafe {
+        read_at::<u64>(
+            sock.wrapping_add(off!(socket_alloc_inode) as usize),
+            off!(inode_ino),
+        )
+    }
+    .unwrap_or(0);
+    {
+        let vkey = VerdictKey {
+            kind: kind as u32,
+            obj: sock as u64,
+            ino: sock_ino,
+            port,
+            family,
+            protocol,
+            addr: ip,
+            ..VerdictKey::default()
+        };
+        match use_verdict(&vkey) {
+            Some(true) => return 0,
+            Some(false) => return -EACCES,
+            None => {}
+        }
+    }
+    if unsafe { HELD.get(cur.tid) }.is_some() {
+        return ERESTARTNOINTR;
+    }
+    let mut ev = HoldEvent::default();
+    fill_event(&mut ev, &cur, kind, rule_mask);
+    ev.family = family;
+    ev.port = port;
+    ev.addr = ip;
+    ev.sock_type = sock_type as u16;
+    ev.protocol = protocol;
+    ev.sock = sock as u64;
+    ev.sock_ino = sock_ino;
+    if fastopen {
+        ev.flags |= flags::FASTOPEN;
+    }
+    if !restartable(&cur) {
+        ev.flags |= flags::INDIRECT | flags::REFUSED;
+        count(Counter::RefusedIndirect);
+        report(&ev);
+        return -EACCES;
+    }
+    if !agent_alive(cfg) {
+        count(Counter::DropNoAgent);
+        return -EACCES;
+    }
+    if !publish(&ev) || !stop_for(&ev) {
+        return -EACCES;
+    }
+    count(if send {
+        Counter::HoldSend
+    } else {
+        Counter::HoldConnect
+    });
+    ERESTARTNOINTR
+}
+
+#[lsm(hook = "socket_connect")]
+pub fn connect_hold(ctx: LsmContext) -> i32 {
+    let sock: *const u8 = ctx.arg(0);
+    let addr: *const u8 = ctx.arg(1);
+    let len: i32 = ctx.arg(2);
+    net_hold(sock, addr, len, HoldKind::Connect, false)
+}
+
+#[lsm(hook = "socket_sendmsg")]
+pub fn send_hold(ctx: LsmContext) -> i32 {
+    let sock: *const u8 = ctx.arg(0);
+    let msg: *const u8 = ctx.arg(1);
+    // Most sends name no destination: one read and out.
+    let Ok(name) = (unsafe { read_at::<*const u8>(msg, off!(msghdr_name)) }) else {
+        return 0;
+    };
+    if name.is_null() {
+        return 0;
+    }
+    let len = unsafe { read_at::<i32>(msg, off!(msghdr_namelen)) }.unwrap_or(0);
+    net_hold(sock, name, len, HoldKind::Send, true)
+}
+
+// --- keeping the hold ---------------------------------------------------------------------
+
+#[fexit(function = "get_signal")]
+pub fn restop(_ctx: FExitContext) -> i32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if unsafe { HELD.get(tid) }.is_some() {
+        // Woken, but not by the agent (which un-holds before it resumes): stop again before
+        // anything of the held action runs.
+        count(Counter::Restopped);
+        if !signal_self(SIGSTOP) {
+            count(Counter::SignalFailed);
+            kill_self();
+        }
+    }
+    0
+}
+
+/// Whether `task` (a thread) is held and the caller is not the agent.
 #[inline(always)]
 fn held_and_not_agent(task: *const u8) -> bool {
-    let Ok(target) = (unsafe { read_at::<u32>(task, offsets().task_tgid) }) else {
+    let Ok(target) = (unsafe { read_at::<u32>(task, off!(task_pid)) }) else {
         return false;
     };
     if unsafe { HELD.get(target) }.is_none() {
         return false;
     }
     let agent = config().map(|c| c.agent_tgid).unwrap_or(0);
-    current_tgid() != agent
+    current().tgid != agent
 }
 
 #[lsm(hook = "task_kill")]
 pub fn signal_guard(ctx: LsmContext) -> i32 {
+    let task: *const u8 = ctx.arg(0);
+    let sig: i32 = ctx.arg(2);
+    if sig == SIGCONT && held_and_not_agent(task) {
+        count(Counter::BlockedSignal);
+        return -EPERM;
+    }
+    0
+}
+
+#[lsm(hook = "file_send_sigiotask")]
+pub fn sigio_guard(ctx: LsmContext) -> i32 {
     let task: *const u8 = ctx.arg(0);
     let sig: i32 = ctx.arg(2);
     if sig == SIGCONT && held_and_not_agent(task) {

@@ -1,10 +1,11 @@
 //! Start-up and the agent's main loop: resolve the watch list, load the kernel side, recover
 //! holds left by an earlier agent, consume hold events, keep the heartbeat, reload on SIGHUP and
-//! resolve every hold on SIGTERM.
+//! when a rule's binary or a watched cgroup changes, and stop on SIGTERM leaving every hold and
+//! mark with the kernel for the next agent (an upgrade or restart loses nothing). Only
+//! [`uninstall`] denies what is held and unloads the programs.
 
 use std::{
     collections::BTreeMap,
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -13,7 +14,6 @@ use std::{
 use agent_common::HoldEvent;
 use airlock_proto::v1::Hello;
 use anyhow::{bail, Context, Result};
-use nix::unistd::{Group, User};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -21,81 +21,19 @@ use tokio::{
 
 use crate::{
     bpf::{self, Kernel},
-    config::{Config, WatchSection},
+    config::Config,
     decider::Decider,
     holds::Engine,
     policy::Policy,
     server_rules,
+    watch::{self, PathWatch},
 };
 
-/// Resolved watch list.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Watch {
-    /// uids.
-    pub uids: Vec<u32>,
-    /// gids.
-    pub gids: Vec<u32>,
-    /// cgroup ids (inode numbers of cgroup v2 directories).
-    pub cgroups: Vec<u64>,
-}
+/// Where cgroup v2 is mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
-/// Resolves account, group, cgroup and unit names. Unknown accounts are errors; a cgroup or
-/// unit that does not exist (yet) is a warning, since units come and go.
-pub fn resolve_watch(w: &WatchSection, cgroup_root: &Path) -> Result<Watch> {
-    let mut out = Watch::default();
-    for u in &w.users {
-        let uid = match u.parse::<u32>() {
-            Ok(n) => n,
-            Err(_) => User::from_name(u)
-                .with_context(|| format!("looking up account {u:?}"))?
-                .with_context(|| {
-                    format!("watch.users: there is no account named {u:?} on this host")
-                })?
-                .uid
-                .as_raw(),
-        };
-        out.uids.push(uid);
-    }
-    for g in &w.groups {
-        let gid = match g.parse::<u32>() {
-            Ok(n) => n,
-            Err(_) => Group::from_name(g)
-                .with_context(|| format!("looking up group {g:?}"))?
-                .with_context(|| {
-                    format!("watch.groups: there is no group named {g:?} on this host")
-                })?
-                .gid
-                .as_raw(),
-        };
-        out.gids.push(gid);
-    }
-    let dirs = w
-        .cgroups
-        .iter()
-        .map(|c| {
-            let p = Path::new(c.trim_start_matches('/'));
-            if Path::new(c).starts_with(cgroup_root) {
-                PathBuf::from(c)
-            } else {
-                cgroup_root.join(p)
-            }
-        })
-        .chain(
-            w.units
-                .iter()
-                .map(|u| cgroup_root.join("system.slice").join(u)),
-        );
-    for dir in dirs {
-        match std::fs::metadata(&dir) {
-            Ok(m) if m.is_dir() => out.cgroups.push(m.ino()),
-            Ok(_) => bail!("watch: {} is not a cgroup directory", dir.display()),
-            Err(e) => {
-                tracing::warn!(cgroup = %dir.display(), error = %e, "cgroup not found (unit not running?); not watched until reload")
-            }
-        }
-    }
-    Ok(out)
-}
+/// How often the loaded paths are checked even without an inotify event (a backstop).
+const RESCAN_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The host identity: configured, else /etc/machine-id, else the hostname.
 pub fn host_id(configured: Option<&str>) -> String {
@@ -159,6 +97,43 @@ fn agent_token(settings: &crate::config::AgentSection) -> Result<Option<String>>
     }
 }
 
+/// What a loaded configuration depends on in the file system: the identity of every rule
+/// binary and the watched cgroup ids. When it changes, the tables are loaded again.
+#[derive(Debug, PartialEq, Eq)]
+struct Loaded {
+    binaries: Vec<(String, Option<agent_common::FileKey>)>,
+    cgroups: Vec<u64>,
+}
+
+impl Loaded {
+    fn of(config: &Config, server: &[crate::config::RuleConfig]) -> Self {
+        let mut binaries: Vec<_> = config
+            .rules
+            .iter()
+            .chain(server)
+            .flat_map(|r| r.exec.iter())
+            .filter(|e| e.starts_with('/'))
+            .map(|e| (e.clone(), crate::identity::file_key(Path::new(e)).ok()))
+            .collect();
+        binaries.sort_by(|a, b| a.0.cmp(&b.0));
+        binaries.dedup();
+        let cgroups = watch::resolve(&config.watch, Path::new(CGROUP_ROOT))
+            .map(|w| w.cgroups)
+            .unwrap_or_default();
+        Self { binaries, cgroups }
+    }
+
+    /// The paths whose parent directories are watched for changes (a binary renamed over, a
+    /// cgroup made again).
+    fn paths(&self, config: &Config) -> Vec<PathBuf> {
+        self.binaries
+            .iter()
+            .map(|(p, _)| PathBuf::from(p))
+            .chain(watch::cgroup_dirs(&config.watch, Path::new(CGROUP_ROOT)))
+            .collect()
+    }
+}
+
 /// Loads everything `config` names into the kernel and the engine.
 /// `server` are the rules from the control plane, enforced after the local ones.
 fn apply_config(
@@ -167,16 +142,21 @@ fn apply_config(
     server: &[crate::config::RuleConfig],
     path: &Path,
 ) -> Result<()> {
-    let watch = resolve_watch(&config.watch, Path::new("/sys/fs/cgroup"))?;
+    let watch = watch::resolve(&config.watch, Path::new(CGROUP_ROOT))?;
     let rules = server_rules::merge(&config.rules, server).map_err(anyhow::Error::msg)?;
     let policy = Policy::compile(&rules, path)?;
     let tables = policy.kernel_tables();
+    let hold_self_made = config.agent.copy_detection && policy.names_binaries();
+    engine.kernel.set_watch(
+        &watch.uids,
+        &watch.gids,
+        &watch.cgroups,
+        &watch.cgroup_paths,
+    )?;
     engine
         .kernel
-        .set_watch(&watch.uids, &watch.gids, &watch.cgroups)?;
-    engine
-        .kernel
-        .set_tables(&tables, config.agent.hold_all_execs)?;
+        .set_tables(&tables, config.agent.hold_all_execs, hold_self_made)?;
+    engine.kernel.prune_cgroups(&watch.cgroups);
     *engine.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
     *engine.settings.write().unwrap_or_else(|p| p.into_inner()) = config.agent.clone();
     tracing::info!(
@@ -185,6 +165,33 @@ fn apply_config(
         "policy loaded"
     );
     Ok(())
+}
+
+/// Applies a configuration off the async workers (loading large tables takes a while, and holds
+/// and signals must not wait for it), one at a time.
+async fn apply_in_background(
+    engine: Arc<Engine>,
+    config: Config,
+    server: Vec<crate::config::RuleConfig>,
+    path: PathBuf,
+) -> Result<()> {
+    static APPLYING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one_at_a_time = APPLYING.lock().await;
+    tokio::task::spawn_blocking(move || apply_config(&engine, &config, &server, &path))
+        .await
+        .context("the reload task failed")?
+}
+
+/// Loads the kernel side as `config` says (reusing what an earlier agent pinned).
+fn load_kernel(config: &Config) -> Result<Arc<Kernel>> {
+    Ok(Arc::new(
+        Kernel::load(
+            &config.agent.bpffs_dir,
+            Path::new("/sys/kernel/btf/vmlinux"),
+            config.agent.max_watched_tasks,
+        )
+        .context("loading the kernel programs")?,
+    ))
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -210,10 +217,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
         crate::enroll::ensure_credential(&settings, &conn, &hello).await?;
     }
     let token = agent_token(&settings)?;
-    let kernel = Arc::new(
-        Kernel::load(&settings.bpffs_dir, Path::new("/sys/kernel/btf/vmlinux"))
-            .context("loading the kernel programs")?,
-    );
+    let kernel = load_kernel(&config)?;
     let me = std::process::id();
     let hb_timeout = Duration::from_secs(settings.heartbeat_timeout_secs.max(1)).as_nanos() as u64;
     kernel.heartbeat(me, hb_timeout)?;
@@ -238,6 +242,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
         &config.agent.rules_cache,
     )));
     let current = Arc::new(std::sync::Mutex::new(config.clone()));
+    let loaded = Loaded::of(&config, &lock(&server));
     apply_config(&engine, &config, &lock(&server), &config_path)?;
     let rules_task = engine.decider.as_ref().map(|d| {
         tokio::spawn(follow_rules(
@@ -248,14 +253,21 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
             config_path.clone(),
         ))
     });
+    let paths_task = tokio::spawn(follow_paths(
+        engine.clone(),
+        current.clone(),
+        server.clone(),
+        config_path.clone(),
+        loaded,
+    ));
     kernel.heartbeat(me, hb_timeout)?;
 
-    // Holds an earlier agent left behind (it was killed mid-hold): resolve them now.
+    // Holds an earlier agent left behind (stopped, restarted or upgraded mid-hold).
     let leftover = kernel.held();
     if !leftover.is_empty() {
         tracing::warn!(
             count = leftover.len(),
-            "resuming holds left by a previous agent"
+            "taking over holds left by a previous agent"
         );
     }
     for ev in leftover {
@@ -303,35 +315,126 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                match Config::load(&config_path) {
-                    Ok(c) => match apply_config(&engine, &c, &lock(&server), &config_path) {
+                let (engine, current, server, path) = (engine.clone(), current.clone(), server.clone(), config_path.clone());
+                tokio::spawn(async move {
+                    let c = match Config::load(&path) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::error!(error = %e, "reload refused; keeping the running policy");
+                            return;
+                        }
+                    };
+                    let rules = lock(&server).clone();
+                    match apply_in_background(engine, c.clone(), rules, path.clone()).await {
                         Ok(()) => {
                             *lock(&current) = c;
-                            tracing::info!(config = %config_path.display(), "reloaded");
+                            tracing::info!(config = %path.display(), "reloaded");
                         }
                         Err(e) => tracing::error!(error = %format!("{e:#}"), "reload refused; keeping the running policy"),
-                    },
-                    Err(e) => tracing::error!(error = %e, "reload refused; keeping the running policy"),
-                }
+                    }
+                });
             }
         }
     }
-    tracing::info!("shutting down: resolving every hold");
     event_task.abort();
     heartbeat.abort();
     sweeper.abort();
+    paths_task.abort();
     for t in [rules_task, metrics_task].into_iter().flatten() {
         t.abort();
     }
-    engine.resolve_all("shutdown");
+    let held = kernel.held().len();
     let counters: BTreeMap<_, _> = bpf::named_counters(&kernel.counters())
         .into_iter()
         .collect();
     tracing::info!(?counters, "kernel counters");
-    kernel.unpin_all();
+    tracing::info!(
+        held,
+        "stopping; holds and marks stay with the kernel for the next agent (watched actions fail closed until it runs; `airlock-agent --uninstall` releases and unloads)"
+    );
     // Give queued outcomes a moment to reach the decider.
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
+}
+
+/// Denies whatever is held, then detaches the programs and removes every pin: what removing
+/// the agent from a host does. Run it with the agent stopped.
+pub async fn uninstall(config: Config) -> Result<()> {
+    bpf::preflight::check(Path::new("/sys"))?;
+    let kernel = load_kernel(&config)?;
+    kernel.heartbeat(std::process::id(), Duration::from_secs(5).as_nanos() as u64)?;
+    let host = host_id(config.agent.host_id.as_deref());
+    let engine = Engine::new(
+        kernel.clone(),
+        Policy::default(),
+        None,
+        config.agent.clone(),
+        host,
+    );
+    let held = kernel.held().len();
+    engine.deny_all("uninstall");
+    kernel.unload();
+    tracing::info!(
+        denied = held,
+        dir = %config.agent.bpffs_dir.display(),
+        "uninstalled: held tasks denied, programs detached, pins removed"
+    );
+    println!(
+        "airlock-agent: uninstalled ({held} held task(s) denied; nothing left under {})",
+        config.agent.bpffs_dir.display()
+    );
+    Ok(())
+}
+
+/// Reloads the tables when a rule's binary or a watched cgroup changes: a binary replaced by
+/// rename (a package upgrade) has a new inode, a restarted unit a new cgroup.
+async fn follow_paths(
+    engine: Arc<Engine>,
+    current: Arc<std::sync::Mutex<Config>>,
+    server: Arc<std::sync::Mutex<Vec<crate::config::RuleConfig>>>,
+    config_path: PathBuf,
+    mut loaded: Loaded,
+) {
+    let mut watching: Option<PathWatch> = None;
+    let mut watched: Vec<PathBuf> = Vec::new();
+    loop {
+        let config = lock(&current).clone();
+        let now = Loaded::of(&config, &lock(&server));
+        // Watch first, then compare: a change between the two is seen either way.
+        let paths = now.paths(&config);
+        if paths != watched {
+            watching = PathWatch::new(paths.iter().map(PathBuf::as_path))
+                .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "cannot watch paths; checking every few seconds"))
+                .ok();
+            watched = paths;
+            continue;
+        }
+        if now != loaded {
+            let rules = lock(&server).clone();
+            match apply_in_background(engine.clone(), config, rules, config_path.clone()).await {
+                Ok(()) => {
+                    tracing::info!("a rule binary or a watched cgroup changed; tables reloaded");
+                    loaded = now;
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "reload after a change failed; keeping the running tables")
+                }
+            }
+            continue;
+        }
+        let changed = async {
+            match &watching {
+                Some(w) => {
+                    let _ = w.changed().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = changed => {}
+            _ = tokio::time::sleep(RESCAN_INTERVAL) => {}
+        }
+    }
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -359,7 +462,14 @@ async fn follow_rules(
             }
         };
         let config = lock(&current).clone();
-        match apply_config(&engine, &config, &rules, &config_path) {
+        match apply_in_background(
+            engine.clone(),
+            config.clone(),
+            rules.clone(),
+            config_path.clone(),
+        )
+        .await
+        {
             Ok(()) => {
                 *lock(&server) = rules;
                 if let Err(e) =
@@ -416,54 +526,5 @@ async fn consume(mut ring: AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>, engi
             tokio::spawn(engine.clone().handle(ev));
         }
         guard.clear_ready();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resolves_names_and_numbers() {
-        let w = WatchSection {
-            users: vec!["root".into(), "1234".into()],
-            groups: vec!["root".into()],
-            cgroups: vec![],
-            units: vec![],
-        };
-        let r = resolve_watch(&w, Path::new("/sys/fs/cgroup")).unwrap();
-        assert_eq!(r.uids, vec![0, 1234]);
-        assert_eq!(r.gids, vec![0]);
-    }
-
-    #[test]
-    fn unknown_account_is_a_clear_error() {
-        let w = WatchSection {
-            users: vec!["no-such-account-airlock".into()],
-            ..Default::default()
-        };
-        let err = format!(
-            "{:#}",
-            resolve_watch(&w, Path::new("/sys/fs/cgroup")).unwrap_err()
-        );
-        assert!(
-            err.contains("no account named \"no-such-account-airlock\""),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn cgroup_dir_resolves_to_its_inode() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("app.slice")).unwrap();
-        let w = WatchSection {
-            cgroups: vec!["app.slice".into()],
-            ..Default::default()
-        };
-        let r = resolve_watch(&w, dir.path()).unwrap();
-        let ino = std::fs::metadata(dir.path().join("app.slice"))
-            .unwrap()
-            .ino();
-        assert_eq!(r.cgroups, vec![ino]);
     }
 }

@@ -123,6 +123,16 @@ pub struct AgentSection {
     pub hold_all_execs: bool,
     /// If the agent's heartbeat is older than this, the kernel fails closed instead of holding.
     pub heartbeat_timeout_secs: u64,
+    /// Size of the kernel's table of watched tasks (every thread and process a watched task
+    /// starts is marked). When it is full, watched tasks cannot fork (they get ENOMEM): a task
+    /// that could not be marked would run unwatched after a setuid. Applies when the programs
+    /// are first loaded (after `--uninstall`, or a reboot).
+    pub max_watched_tasks: u32,
+    /// Recognise copies of the binaries the rules name: an exec of a file the watched account
+    /// could have made (owned or writable by it: a copy, a download, a memfd) is held until its
+    /// SHA-256 is compared with those binaries'. A copy is held as the binary; anything else
+    /// runs on (and is not held again until it changes). `exec = ["@self-made"]` rules need it.
+    pub copy_detection: bool,
 }
 
 impl Default for AgentSection {
@@ -145,6 +155,8 @@ impl Default for AgentSection {
             env_allow: Vec::new(),
             hold_all_execs: false,
             heartbeat_timeout_secs: 5,
+            max_watched_tasks: 131_072,
+            copy_detection: true,
         }
     }
 }
@@ -203,14 +215,19 @@ pub struct RuleConfig {
     /// Free text shown to approvers.
     #[serde(default)]
     pub description: String,
-    /// Binaries (paths) whose exec this rule covers; `"*"` covers every exec.
+    /// Programs (absolute paths) whose exec this rule covers, including scripts (held whatever
+    /// interpreter runs them), runs through a dynamic loader (`ld.so PROGRAM`) and copies of
+    /// them; `"*"` covers every exec; `"@self-made"` covers files the watched account could
+    /// have made (owned or writable by it).
     #[serde(default)]
     pub exec: Vec<String>,
     /// Accounts (user names) the rule applies to; empty: every watched account.
     #[serde(default)]
     pub accounts: Vec<String>,
-    /// Glob patterns over the arguments (argv[1..] joined by spaces), e.g. `"delete *"`.
-    /// Empty: any arguments.
+    /// Argument patterns, any one of which must match the program's arguments (argv[0] is never
+    /// one), as tokens: each word matches one argument as a glob, and `*` alone matches any
+    /// number of arguments. `"* delete *"` holds `delete` wherever it comes, after any flags;
+    /// `"delete *"` only as the first argument. Empty: any arguments.
     #[serde(default)]
     pub args: Vec<String>,
     /// Destination networks (CIDR, IPv4 or IPv6) whose connects this rule covers.

@@ -100,8 +100,8 @@ struct Shared {
     rules: watch::Sender<Option<RulesUpdate>>,
     /// Requests waiting for a decision, by id.
     pending: HashMap<String, (ActionRequest, oneshot::Sender<Decision>)>,
-    /// Outcomes not yet sent.
-    outcomes: VecDeque<Outcome>,
+    /// Outcomes and records not yet sent.
+    outcomes: VecDeque<AgentMessage>,
     /// Sender of the live stream, if any.
     stream: Option<mpsc::Sender<AgentMessage>>,
 }
@@ -189,19 +189,30 @@ impl Decider {
 
     /// Reports what happened to a request; queued while disconnected.
     pub fn report(&self, outcome: Outcome) {
-        let mut s = self.lock();
-        let sent = s.stream.as_ref().is_some_and(|stream| {
-            stream
-                .try_send(AgentMessage {
-                    msg: Some(Out::Outcome(outcome.clone())),
-                })
-                .is_ok()
+        self.send_or_queue(AgentMessage {
+            msg: Some(Out::Outcome(outcome)),
         });
+    }
+
+    /// Records an action the agent already decided itself (`request.decided` is set): nothing
+    /// waits for an answer. Queued while disconnected, like outcomes.
+    pub fn record(&self, request: ActionRequest) {
+        self.send_or_queue(AgentMessage {
+            msg: Some(Out::Request(request)),
+        });
+    }
+
+    fn send_or_queue(&self, msg: AgentMessage) {
+        let mut s = self.lock();
+        let sent = s
+            .stream
+            .as_ref()
+            .is_some_and(|stream| stream.try_send(msg.clone()).is_ok());
         if !sent {
             if s.outcomes.len() >= MAX_QUEUED_OUTCOMES {
                 s.outcomes.pop_front();
             }
-            s.outcomes.push_back(outcome);
+            s.outcomes.push_back(msg);
         }
     }
 }
@@ -281,12 +292,7 @@ async fn session(
             });
         }
         while let Some(o) = s.outcomes.pop_front() {
-            if tx
-                .try_send(AgentMessage {
-                    msg: Some(Out::Outcome(o.clone())),
-                })
-                .is_err()
-            {
+            if tx.try_send(o.clone()).is_err() {
                 s.outcomes.push_front(o);
                 break;
             }

@@ -2,7 +2,8 @@
 //! through the decider, within the deadline), apply, report the outcome and the exit status.
 //!
 //! Every path ends in a release: a decision, the deadline's on-timeout action, the fail mode
-//! when the decider is unreachable, or the task's own disappearance.
+//! when the decider is unreachable, or the task's own disappearance. Refusals the kernel made
+//! itself (a traced exec, an io_uring connect) are reported for the audit trail.
 
 use std::{
     collections::HashSet,
@@ -11,22 +12,22 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use agent_common::{HoldEvent, HoldKind};
+use agent_common::{flags, HoldEvent, HoldKind};
 use airlock_proto::v1::{
-    action_request::Action, ActionRequest, ConnectAction, ExecAction, Outcome, OutcomeKind,
-    ProcessContext, Protocol, Verdict,
+    action_request::Action, ActionRequest, LocalDecision, Outcome, OutcomeKind, ProcessContext,
+    Verdict,
 };
 
 use crate::{
+    action::{self, Described, Subject},
     bpf::{monotonic_ns, Kernel, Release, Released},
-    config::{AgentSection, ConnectDeny, FailMode},
+    config::{AgentSection, ConnectDeny, FailMode, RuleConfig},
     decider::Decider,
-    policy::{display_addr, Decision, Policy},
+    identity::Hasher,
+    policy::{Decision, Policy},
     procinfo::{self, TaskState},
 };
 
-/// How long to wait for the kernel's SIGSTOP to take effect.
-const STOP_WAIT: Duration = Duration::from_secs(2);
 /// How often a waiting hold checks that its task still exists.
 const LIVENESS_TICK: Duration = Duration::from_millis(250);
 
@@ -46,9 +47,11 @@ pub struct Engine {
     pub boot_id: String,
     /// Root of procfs (normally /proc).
     pub proc_root: PathBuf,
-    /// Holds being handled, by (tgid, hold time): the ring and the recovery scan may both
+    /// Holds being handled, by (thread, hold time): the ring and the recovery scan may both
     /// produce the same hold.
     active: Mutex<HashSet<(u32, u64)>>,
+    /// SHA-256 of programs, for recognising copies of held binaries.
+    pub hasher: Hasher,
     /// Counters.
     pub metrics: Arc<crate::metrics::AgentMetrics>,
 }
@@ -74,6 +77,14 @@ fn mono_to_unix_ms(mono_ns: u64) -> i64 {
     unix_ms_now() - (now_mono - mono_ns as i64) / 1_000_000
 }
 
+/// Whether a hold is of a network call (a connect or an addressed send).
+fn is_net(ev: &HoldEvent) -> bool {
+    matches!(
+        HoldKind::from_raw(ev.kind),
+        Some(HoldKind::Connect | HoldKind::Send)
+    )
+}
+
 impl Engine {
     /// A new engine.
     pub fn new(
@@ -95,6 +106,7 @@ impl Engine {
             boot_id,
             proc_root: PathBuf::from("/proc"),
             active: Mutex::new(HashSet::new()),
+            hasher: Hasher::default(),
             metrics: Arc::default(),
         }
     }
@@ -106,17 +118,29 @@ impl Engine {
             .clone()
     }
 
+    fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The request id of a hold: stable across agent restarts, unique per hold.
     pub fn request_id(&self, ev: &HoldEvent) -> String {
         format!(
             "{}-{}-{}-{}",
-            self.host_id, self.boot_id, ev.tgid, ev.hold_ns
+            self.host_id, self.boot_id, ev.tid, ev.hold_ns
         )
     }
 
-    /// Handles one hold from start to release.
+    /// Handles one event from start to release (or, for a refusal the kernel made, to its
+    /// report).
     pub async fn handle(self: Arc<Self>, ev: HoldEvent) {
-        let key = (ev.tgid, ev.hold_ns);
+        if ev.flags & flags::REFUSED != 0 {
+            self.report_refusal(&ev);
+            return;
+        }
+        let key = (ev.tid, ev.hold_ns);
         if !self
             .active
             .lock()
@@ -134,22 +158,67 @@ impl Engine {
             .remove(&key);
     }
 
+    /// The deadline of a hold under `rule` (or the default), monotonic ns.
+    fn deadline(&self, ev: &HoldEvent, rule: Option<&RuleConfig>, settings: &AgentSection) -> u64 {
+        let secs = rule
+            .and_then(|r| r.timeout_secs)
+            .unwrap_or(settings.hold_timeout_secs);
+        ev.hold_ns + Duration::from_secs(secs).as_nanos() as u64
+    }
+
     async fn hold(self: Arc<Self>, ev: HoldEvent) {
         let settings = self.settings();
         let id = self.request_id(&ev);
-        if procinfo::wait_stopped(&self.proc_root, ev.tgid, STOP_WAIT).await == TaskState::Gone {
-            self.finish(&id, OutcomeKind::Vanished, None, "task-gone");
-            return;
+        let dir = procinfo::thread_dir(&self.proc_root, ev.tgid, ev.tid);
+        // The kernel stops the task at once and stops it again if anyone else wakes it: wait
+        // as long as it takes, never decide on a task that is still running.
+        let limit = Duration::from_nanos(
+            self.deadline(&ev, None, &settings)
+                .saturating_sub(monotonic_ns()),
+        );
+        match procinfo::wait_stopped(&dir, limit).await {
+            TaskState::Gone => {
+                self.finish(&id, OutcomeKind::Vanished, None, "task-gone");
+                return;
+            }
+            TaskState::Other(state) => {
+                tracing::error!(request = %id, pid = ev.tgid, %state, "held task never stopped; killing it");
+                self.apply(
+                    &ev,
+                    &id,
+                    Verdicted {
+                        allow: false,
+                        cause: "never-stopped",
+                        by: String::new(),
+                        reason: String::new(),
+                    },
+                    ConnectDeny::Kill,
+                )
+                .await;
+                return;
+            }
+            TaskState::Stopped => {}
         }
-        let ctx = procinfo::gather(&self.proc_root, ev.tgid, &settings.env_allow);
-        let policy = self
-            .policy
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let Some(rule) = policy.match_event(&ev, &ctx.argv, &ctx.user) else {
-            // Held by the prefilter, but no rule matches in full (e.g. other arguments).
+        let ctx = procinfo::gather(&self.proc_root, ev.tgid, ev.tid, &settings.env_allow);
+        let policy = self.policy();
+        let described = action::describe(&ev, &ctx, &self.proc_root, &policy, &self.hasher);
+        let rule = match &described.subject {
+            Subject::Exec(s) => policy.match_exec(s, &ctx.user),
+            Subject::Connect {
+                addr,
+                port,
+                sock_type,
+            } => policy.match_connect(*addr, *port, *sock_type, &ctx.user),
+        };
+        let Some(rule) = rule else {
+            // Held by the prefilter, but no rule matches in full (other arguments, or a file
+            // the account made that copies no held binary).
             tracing::debug!(pid = ev.tgid, argv = ?ctx.argv, "no rule matches; resuming");
+            for (key, stamp) in &described.clears {
+                if !policy.has_self_made_rule() {
+                    self.kernel.clear_file(*key, *stamp);
+                }
+            }
             self.apply(
                 &ev,
                 &id,
@@ -165,10 +234,8 @@ impl Engine {
             return;
         };
         let rule_cfg = rule.config.clone();
-        let timeout =
-            Duration::from_secs(rule_cfg.timeout_secs.unwrap_or(settings.hold_timeout_secs));
-        let deadline_mono = ev.hold_ns + timeout.as_nanos() as u64;
-        let request = self.request(&ev, &id, &ctx, &rule_cfg, deadline_mono);
+        let deadline_mono = self.deadline(&ev, Some(&rule_cfg), &settings);
+        let request = self.request(&ev, &id, &ctx, described, &rule_cfg, deadline_mono);
         tracing::info!(
             request = %id, pid = ev.tgid, user = %ctx.user, rule = %rule_cfg.name,
             action = %describe(&request), decision = ?rule_cfg.decision, "held"
@@ -205,38 +272,72 @@ impl Engine {
         ev: &HoldEvent,
         id: &str,
         ctx: &ProcessContext,
-        rule: &crate::config::RuleConfig,
+        described: Described,
+        rule: &RuleConfig,
         deadline_mono: u64,
     ) -> ActionRequest {
-        let action = if ev.kind == HoldKind::Connect as u32 {
-            Action::Connect(ConnectAction {
-                address: display_addr(ev.addr).to_string(),
-                port: u32::from(ev.port),
-                protocol: match ev.sock_type {
-                    1 => Protocol::Tcp as i32,
-                    2 => Protocol::Udp as i32,
-                    _ => Protocol::Unspecified as i32,
-                },
-                family: if ev.family == 10 { 6 } else { 4 },
-            })
-        } else {
-            Action::Exec(ExecAction {
-                path: ctx.exe.clone(),
-                argv: ctx.argv.clone(),
-                inode: ev.ino,
-                device: u64::from(ev.dev),
-            })
-        };
         ActionRequest {
             request_id: id.to_owned(),
             rule: rule.name.clone(),
             risk: rule.risk.clone(),
             description: rule.description.clone(),
             process: Some(ctx.clone()),
-            action: Some(action),
+            action: Some(described.action),
             held_at_unix_ms: mono_to_unix_ms(ev.hold_ns),
             deadline_unix_ms: mono_to_unix_ms(deadline_mono),
             on_timeout: verdict_of(rule.on_timeout == Decision::Allow) as i32,
+            ..Default::default()
+        }
+    }
+
+    /// Reports a refusal the kernel made on its own: the task was never held, so only the
+    /// record is left to make.
+    fn report_refusal(&self, ev: &HoldEvent) {
+        let (cause, reason) = if ev.flags & flags::TRACED != 0 {
+            (
+                "traced",
+                "the task was being traced (ptrace): a tracer could change what runs, so the exec was refused",
+            )
+        } else {
+            (
+                "io-uring",
+                "the call came through io_uring, which cannot be held: refused with EACCES",
+            )
+        };
+        let settings = self.settings();
+        let ctx = procinfo::gather(&self.proc_root, ev.tgid, ev.tid, &settings.env_allow);
+        let policy = self.policy();
+        let described = action::describe(ev, &ctx, &self.proc_root, &policy, &self.hasher);
+        let rule = match &described.subject {
+            Subject::Exec(s) => policy.match_exec(s, &ctx.user),
+            Subject::Connect {
+                addr,
+                port,
+                sock_type,
+            } => policy.match_connect(*addr, *port, *sock_type, &ctx.user),
+        }
+        .map(|r| r.config.name.clone())
+        .unwrap_or_default();
+        let id = self.request_id(ev);
+        let request = ActionRequest {
+            request_id: id.clone(),
+            rule,
+            process: Some(ctx),
+            action: Some(described.action),
+            held_at_unix_ms: mono_to_unix_ms(ev.hold_ns),
+            deadline_unix_ms: mono_to_unix_ms(ev.hold_ns),
+            on_timeout: Verdict::Deny as i32,
+            decided: Some(LocalDecision {
+                verdict: Verdict::Deny as i32,
+                cause: cause.into(),
+                reason: reason.into(),
+            }),
+            ..Default::default()
+        };
+        tracing::warn!(request = %id, pid = ev.tgid, cause, action = %describe(&request), "refused without a hold");
+        self.metrics.applied(false, cause, 0.0);
+        if let Some(d) = &self.decider {
+            d.record(request);
         }
     }
 
@@ -290,15 +391,17 @@ impl Engine {
     }
 
     async fn apply(self: &Arc<Self>, ev: &HoldEvent, id: &str, v: Verdicted, on_deny: ConnectDeny) {
-        let is_connect = ev.kind == HoldKind::Connect as u32;
-        let (how, kind) = release_for(v.allow, is_connect, on_deny);
+        let (how, kind) = release_for(v.allow, is_net(ev), on_deny);
         let released = match self.kernel.release(ev, how) {
             Ok(r) => r,
             Err(e) => {
-                // Could not write the verdict: never leave the task stopped; kill it.
-                tracing::error!(request = %id, error = %e, "releasing hold failed; killing the task");
-                let _ = self.kernel.release(ev, Release::Kill);
-                Released::Done
+                // Never leave the task stopped: a denial kills it; an approval that could not
+                // be applied is not turned into a kill, and the hold stays for the next try.
+                tracing::error!(request = %id, error = %e, allow = v.allow, "releasing the hold failed");
+                if !v.allow {
+                    let _ = self.kernel.release(ev, Release::Kill);
+                }
+                return;
             }
         };
         let held_for = monotonic_ns().saturating_sub(ev.hold_ns) as f64 / 1e9;
@@ -310,7 +413,7 @@ impl Engine {
         };
         tracing::info!(request = %id, pid = ev.tgid, allow = v.allow, cause = v.cause, by = %v.by, reason = %v.reason, outcome = ?kind, "released");
         self.finish(id, kind, Some(v.allow), v.cause);
-        if kind == OutcomeKind::Resumed && !is_connect {
+        if kind == OutcomeKind::Resumed && ev.kind == HoldKind::Exec as u32 {
             let engine = self.clone();
             let (tgid, id) = (ev.tgid, id.to_owned());
             tokio::spawn(async move { engine.report_exit(tgid, id).await });
@@ -358,27 +461,25 @@ impl Engine {
         }
     }
 
-    /// Resolves every hold on shutdown with the fail mode (deny unless configured otherwise).
-    pub fn resolve_all(&self, cause: &'static str) {
-        let allow = self.settings().fail_mode == FailMode::Allow;
+    /// Denies every hold: for an uninstall, after which nothing would keep them.
+    pub fn deny_all(&self, cause: &'static str) {
         for ev in self.kernel.held() {
-            let is_connect = ev.kind == HoldKind::Connect as u32;
-            let (how, kind) = release_for(allow, is_connect, ConnectDeny::Refuse);
+            let (how, kind) = release_for(false, is_net(&ev), ConnectDeny::Refuse);
             let id = self.request_id(&ev);
             if let Err(e) = self.kernel.release(&ev, how) {
-                tracing::error!(request = %id, error = %e, "release on shutdown failed; killing");
+                tracing::error!(request = %id, error = %e, "release failed; killing");
                 let _ = self.kernel.release(&ev, Release::Kill);
             }
-            tracing::info!(request = %id, pid = ev.tgid, allow, cause, "released on shutdown");
-            self.finish(&id, kind, Some(allow), cause);
+            tracing::info!(request = %id, pid = ev.tgid, cause, "denied");
+            self.finish(&id, kind, Some(false), cause);
         }
     }
 }
 
-/// How a verdict is applied, and what the outcome is called: a denied connect is refused or
-/// killed as its rule says; a denied exec is killed.
-fn release_for(allow: bool, is_connect: bool, on_deny: ConnectDeny) -> (Release, OutcomeKind) {
-    match (allow, is_connect, on_deny) {
+/// How a verdict is applied, and what the outcome is called: a denied connect or send is
+/// refused or killed as its rule says; a denied exec or mapping is killed.
+fn release_for(allow: bool, net: bool, on_deny: ConnectDeny) -> (Release, OutcomeKind) {
+    match (allow, net, on_deny) {
         (true, _, _) => (Release::Resume, OutcomeKind::Resumed),
         (false, true, ConnectDeny::Refuse) => (Release::Refuse, OutcomeKind::Refused),
         (false, _, _) => (Release::Kill, OutcomeKind::Killed),
@@ -396,8 +497,11 @@ fn verdict_of(allow: bool) -> Verdict {
 /// One line describing the action, for logs.
 fn describe(req: &ActionRequest) -> String {
     match &req.action {
+        Some(Action::Exec(e)) if !e.program.is_empty() => {
+            format!("{} ({} {})", e.argv.join(" "), e.via, e.program)
+        }
         Some(Action::Exec(e)) => e.argv.join(" "),
-        Some(Action::Connect(c)) => format!("connect {}:{}", c.address, c.port),
+        Some(Action::Connect(c)) => format!("{} {}:{}", c.via, c.address, c.port),
         None => String::new(),
     }
 }

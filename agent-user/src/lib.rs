@@ -4,7 +4,11 @@
 //! Where things live:
 //! - [`bpf`]: loading, pinning and driving the kernel programs (crate agent-ebpf);
 //! - [`holds`]: the life of one hold, from the stop to the outcome;
+//! - [`action`]: what a held action is (program, arguments, copies, destination);
 //! - [`policy`]: rule matching and the kernel prefilter tables;
+//! - [`argmatch`]: argument patterns, matched as tokens;
+//! - [`identity`]: files as the kernel names them, and their SHA-256;
+//! - [`watch`]: the watch list, and noticing when what it and the rules name changes;
 //! - [`procinfo`]: the context of a held task from /proc;
 //! - [`decider`]: the gRPC stream to the control plane;
 //! - [`enroll`]: trading a one-time enrollment token for the agent's credential at start;
@@ -13,13 +17,17 @@
 //! - [`metrics`]: Prometheus metrics and health;
 //! - [`agent`]: wiring it together at start-up.
 
+pub mod action;
 pub mod agent;
+pub mod argmatch;
 pub mod bpf;
 pub mod config;
 pub mod decider;
 pub mod enroll;
 pub mod holds;
+pub mod identity;
 pub mod metrics;
 pub mod policy;
 pub mod procinfo;
 pub mod server_rules;
+pub mod watch;

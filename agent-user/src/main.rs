@@ -46,6 +46,11 @@ struct Cli {
     /// Check the configuration (and print the resolved rules) without loading anything.
     #[arg(long)]
     check: bool,
+    /// Remove the agent from this host: deny every held task, detach the kernel programs and
+    /// remove their pins under agent.bpffs_dir. Stop the agent's service first. (A plain stop
+    /// or restart keeps holds and marks for the next agent.)
+    #[arg(long, conflicts_with = "check")]
+    uninstall: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -112,7 +117,7 @@ fn main() -> Result<()> {
     let config = load(&cli)?;
     if cli.check {
         airlock_agent::policy::Policy::compile(&config.rules, &cli.config)?;
-        agent::resolve_watch(&config.watch, std::path::Path::new("/sys/fs/cgroup"))?;
+        airlock_agent::watch::resolve(&config.watch, std::path::Path::new("/sys/fs/cgroup"))?;
         println!(
             "{}: ok ({} rules)",
             cli.config.display(),
@@ -124,5 +129,8 @@ fn main() -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    if cli.uninstall {
+        return runtime.block_on(agent::uninstall(config));
+    }
     runtime.block_on(agent::run(config, cli.config.clone()))
 }

@@ -1,7 +1,12 @@
 //! The agent's Prometheus metrics and health endpoint: kernel counters (holds, passes, drops,
-//! refused signals and ptraces) and the decisions the agent applied.
+//! refused signals and ptraces), each kernel program's runs and run time, and the decisions the
+//! agent applied.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
 use prometheus_client::{
@@ -17,6 +22,13 @@ use crate::bpf::{Kernel, COUNTER_NAMES};
 pub struct Event {
     /// hold_exec, hold_connect, pass, drop_ring_full, drop_no_agent, ...
     pub event: String,
+}
+
+/// Label of a kernel program.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Program {
+    /// exec_hold, connect_hold, send_hold, restop, ...
+    pub program: String,
 }
 
 /// Labels of an applied decision.
@@ -36,6 +48,10 @@ pub struct AgentMetrics {
     last: Mutex<Vec<u64>>,
     applied: Family<Applied, Counter>,
     hold_seconds: Histogram,
+    program_runs: Family<Program, Counter>,
+    program_seconds: Family<Program, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// Program totals at the previous scrape.
+    last_programs: Mutex<HashMap<String, (u64, Duration)>>,
 }
 
 impl Default for AgentMetrics {
@@ -60,12 +76,28 @@ impl Default for AgentMetrics {
             "Time from the kernel's hold to its release",
             hold_seconds.clone(),
         );
+        let program_runs = Family::<Program, Counter>::default();
+        let program_seconds =
+            Family::<Program, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "program_runs",
+            "Times each kernel program ran (kernel.bpf_stats_enabled, kept on by the agent)",
+            program_runs.clone(),
+        );
+        registry.register(
+            "program_run_seconds",
+            "Time spent in each kernel program",
+            program_seconds.clone(),
+        );
         Self {
             registry,
             kernel,
             last: Mutex::new(vec![0; COUNTER_NAMES.len()]),
             applied,
             hold_seconds,
+            program_runs,
+            program_seconds,
+            last_programs: Mutex::default(),
         }
     }
 }
@@ -99,6 +131,24 @@ impl AgentMetrics {
         }
     }
 
+    /// Folds each kernel program's current run count and run time into the counters.
+    pub fn update_programs(&self, stats: &[(String, u64, Duration)]) {
+        let mut last = self.last_programs.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, runs, time) in stats {
+            let (runs_before, time_before) = last.get(name).copied().unwrap_or_default();
+            let label = Program {
+                program: name.clone(),
+            };
+            self.program_runs
+                .get_or_create(&label)
+                .inc_by(runs.saturating_sub(runs_before));
+            self.program_seconds
+                .get_or_create(&label)
+                .inc_by(time.saturating_sub(time_before).as_secs_f64());
+            last.insert(name.clone(), (*runs, *time));
+        }
+    }
+
     /// The text exposition.
     pub fn render(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
@@ -123,6 +173,7 @@ pub fn router(kernel: Arc<Kernel>, metrics: Arc<AgentMetrics>) -> Router {
 
 async fn render(State(h): State<Http>) -> impl IntoResponse {
     h.metrics.update_kernel(&h.kernel.counters());
+    h.metrics.update_programs(&h.kernel.program_stats());
     match h.metrics.render() {
         Ok(text) => (StatusCode::OK, text).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
@@ -160,6 +211,24 @@ mod tests {
         );
         assert!(
             text.contains("airlock_agent_hold_duration_seconds_count 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn program_totals_become_counters() {
+        let m = AgentMetrics::default();
+        m.update_programs(&[("exec_hold".into(), 10, Duration::from_micros(5))]);
+        m.update_programs(&[("exec_hold".into(), 30, Duration::from_micros(9))]);
+        let text = m.render().unwrap();
+        assert!(
+            text.contains("airlock_agent_program_runs_total{program=\"exec_hold\"} 30"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "airlock_agent_program_run_seconds_total{program=\"exec_hold\"} 0.000009"
+            ),
             "{text}"
         );
     }

@@ -2,7 +2,9 @@
 //! environment names, cgroup and unit, user names and the parent chain.
 //!
 //! The kernel stops the task before it runs; reading /proc before the stop is complete may see
-//! an empty command line, so [`wait_stopped`] comes first.
+//! an empty command line, so [`wait_stopped`] comes first. Everything is read through the held
+//! thread's own directory (`/proc/PID/task/TID`), which stays readable when the process's
+//! leader has exited before its other threads.
 
 use std::{
     fs,
@@ -36,9 +38,19 @@ fn proc_dir(root: &Path, pid: u32) -> PathBuf {
     root.join(pid.to_string())
 }
 
-/// The state letter of `pid`.
+/// The directory of thread `tid` of process `tgid`.
+pub fn thread_dir(root: &Path, tgid: u32, tid: u32) -> PathBuf {
+    proc_dir(root, tgid).join("task").join(tid.to_string())
+}
+
+/// The state letter of process `pid`.
 pub fn task_state(root: &Path, pid: u32) -> TaskState {
-    let Ok(stat) = fs::read_to_string(proc_dir(root, pid).join("stat")) else {
+    state_of(&proc_dir(root, pid))
+}
+
+/// The state letter of the task whose /proc directory is `dir`.
+pub fn state_of(dir: &Path) -> TaskState {
+    let Ok(stat) = fs::read_to_string(dir.join("stat")) else {
         return TaskState::Gone;
     };
     // The comm field is in parentheses and may itself contain ") ": split at the last one.
@@ -53,12 +65,12 @@ pub fn task_state(root: &Path, pid: u32) -> TaskState {
     }
 }
 
-/// Waits (polling) until `pid` is stopped or gone, at most `limit`.
-pub async fn wait_stopped(root: &Path, pid: u32, limit: Duration) -> TaskState {
+/// Waits (polling) until the task in `dir` is stopped or gone, at most `limit`.
+pub async fn wait_stopped(dir: &Path, limit: Duration) -> TaskState {
     let start = Instant::now();
     let mut delay = Duration::from_micros(200);
     loop {
-        let state = task_state(root, pid);
+        let state = state_of(dir);
         if matches!(state, TaskState::Stopped | TaskState::Gone) || start.elapsed() >= limit {
             return state;
         }
@@ -68,22 +80,36 @@ pub async fn wait_stopped(root: &Path, pid: u32, limit: Duration) -> TaskState {
     }
 }
 
-/// argv of `pid` (NUL-separated /proc/PID/cmdline).
-pub fn cmdline(root: &Path, pid: u32) -> Vec<String> {
-    fs::read(proc_dir(root, pid).join("cmdline"))
+/// argv of the task in `dir` (NUL-separated cmdline).
+pub fn cmdline(dir: &Path) -> Vec<String> {
+    fs::read(dir.join("cmdline"))
         .map(|raw| split_nul(&raw))
         .unwrap_or_default()
 }
 
-/// Splits NUL-separated text, keeping at most [`MAX_ITEMS`] items and [`MAX_TEXT`] bytes; a
-/// cut is marked with a last item saying how much was left out.
+/// Whether an argv was cut by [`split_nul`] (its last item says so).
+pub fn is_cut(argv: &[String]) -> bool {
+    argv.last()
+        .is_some_and(|a| a.starts_with(CUT_PREFIX) && a.ends_with(" more items cut]"))
+}
+
+const CUT_PREFIX: &str = "[airlock: ";
+
+/// Splits NUL-terminated items, keeping empty ones (an empty argument is an argument), at most
+/// [`MAX_ITEMS`] items and [`MAX_TEXT`] bytes; a cut is marked with a last item saying how much
+/// was left out.
 fn split_nul(raw: &[u8]) -> Vec<String> {
     let mut out = Vec::new();
     let mut bytes = 0;
-    let items: Vec<&[u8]> = raw.split(|b| *b == 0).filter(|s| !s.is_empty()).collect();
+    // Each item ends with a NUL; what follows the last one is not an item.
+    let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
+    if raw.is_empty() {
+        return out;
+    }
+    let items: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
     for (i, item) in items.iter().enumerate() {
         if out.len() == MAX_ITEMS || bytes + item.len() > MAX_TEXT {
-            out.push(format!("[airlock: {} more items cut]", items.len() - i));
+            out.push(format!("{CUT_PREFIX}{} more items cut]", items.len() - i));
             break;
         }
         bytes += item.len();
@@ -92,8 +118,8 @@ fn split_nul(raw: &[u8]) -> Vec<String> {
     out
 }
 
-fn link(root: &Path, pid: u32, name: &str) -> String {
-    fs::read_link(proc_dir(root, pid).join(name))
+fn link(dir: &Path, name: &str) -> String {
+    fs::read_link(dir.join(name))
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default()
 }
@@ -106,8 +132,8 @@ struct Status {
     gid: u32,
 }
 
-fn status(root: &Path, pid: u32) -> Option<Status> {
-    let text = fs::read_to_string(proc_dir(root, pid).join("status")).ok()?;
+fn status(dir: &Path) -> Option<Status> {
+    let text = fs::read_to_string(dir.join("status")).ok()?;
     let mut st = Status::default();
     for line in text.lines() {
         let mut it = line.split_whitespace();
@@ -137,8 +163,8 @@ fn group_name(gid: u32) -> String {
 }
 
 /// The cgroup v2 path of `pid` and the systemd unit it names, if any.
-fn cgroup(root: &Path, pid: u32) -> (String, String) {
-    let text = fs::read_to_string(proc_dir(root, pid).join("cgroup")).unwrap_or_default();
+fn cgroup(dir: &Path) -> (String, String) {
+    let text = fs::read_to_string(dir.join("cgroup")).unwrap_or_default();
     let path = text
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
@@ -157,10 +183,11 @@ fn cgroup(root: &Path, pid: u32) -> (String, String) {
 }
 
 /// Environment names of `pid`; values only for names in `allow`.
-fn environment(root: &Path, pid: u32, allow: &[String]) -> Vec<EnvVar> {
-    let raw = fs::read(proc_dir(root, pid).join("environ")).unwrap_or_default();
+fn environment(dir: &Path, allow: &[String]) -> Vec<EnvVar> {
+    let raw = fs::read(dir.join("environ")).unwrap_or_default();
     split_nul(&raw)
         .into_iter()
+        .filter(|kv| !kv.is_empty())
         .filter_map(|kv| {
             let (name, value) = kv.split_once('=')?;
             let value = allow.iter().any(|a| a == name).then(|| value.to_owned());
@@ -172,31 +199,33 @@ fn environment(root: &Path, pid: u32, allow: &[String]) -> Vec<EnvVar> {
         .collect()
 }
 
-fn login_uid(root: &Path, pid: u32) -> Option<u32> {
-    let text = fs::read_to_string(proc_dir(root, pid).join("loginuid")).ok()?;
+fn login_uid(dir: &Path) -> Option<u32> {
+    let text = fs::read_to_string(dir.join("loginuid")).ok()?;
     // 4294967295 means "not set" (no login session).
     text.trim().parse().ok().filter(|uid| *uid != u32::MAX)
 }
 
-/// Everything the decider is told about the task `pid`.
-pub fn gather(root: &Path, pid: u32, env_allow: &[String]) -> ProcessContext {
-    let st = status(root, pid).unwrap_or_default();
-    let (cgroup, unit) = cgroup(root, pid);
+/// Everything the decider is told about thread `tid` of process `pid`.
+pub fn gather(root: &Path, pid: u32, tid: u32, env_allow: &[String]) -> ProcessContext {
+    let dir = thread_dir(root, pid, tid);
+    let st = status(&dir).unwrap_or_default();
+    let (cgroup, unit) = cgroup(&dir);
     let mut ancestors = Vec::new();
     let mut next = st.ppid;
     while next > 0 && ancestors.len() < MAX_ANCESTORS {
-        let Some(ast) = status(root, next) else { break };
+        let adir = proc_dir(root, next);
+        let Some(ast) = status(&adir) else { break };
         ancestors.push(Ancestor {
             pid: next,
             uid: ast.uid,
             user: user_name(ast.uid),
-            exe: link(root, next, "exe"),
-            argv: cmdline(root, next),
+            exe: link(&adir, "exe"),
+            argv: cmdline(&adir),
         });
         next = ast.ppid;
     }
-    let login = login_uid(root, pid);
-    let comm = fs::read_to_string(proc_dir(root, pid).join("comm"))
+    let login = login_uid(&dir);
+    let comm = fs::read_to_string(dir.join("comm"))
         .map(|c| c.trim_end().to_owned())
         .unwrap_or_default();
     ProcessContext {
@@ -205,10 +234,10 @@ pub fn gather(root: &Path, pid: u32, env_allow: &[String]) -> ProcessContext {
         gid: st.gid,
         user: user_name(st.uid),
         group: group_name(st.gid),
-        exe: link(root, pid, "exe"),
-        argv: cmdline(root, pid),
-        cwd: link(root, pid, "cwd"),
-        env: environment(root, pid, env_allow),
+        exe: link(&dir, "exe"),
+        argv: cmdline(&dir),
+        cwd: link(&dir, "cwd"),
+        env: environment(&dir, env_allow),
         cgroup,
         unit,
         ancestors,
@@ -225,7 +254,7 @@ mod tests {
     #[test]
     fn gathers_own_process() {
         let me = std::process::id();
-        let ctx = gather(Path::new("/proc"), me, &["PATH".to_owned()]);
+        let ctx = gather(Path::new("/proc"), me, me, &["PATH".to_owned()]);
         assert_eq!(ctx.pid, me);
         assert!(!ctx.argv.is_empty());
         assert_eq!(ctx.cwd, std::env::current_dir().unwrap().to_string_lossy());
@@ -253,6 +282,14 @@ mod tests {
         );
         let big = vec![b'x'; MAX_TEXT + 10];
         assert_eq!(split_nul(&big), ["[airlock: 1 more items cut]"]);
+        assert!(is_cut(&split_nul(&big)));
+    }
+
+    #[test]
+    fn empty_arguments_are_kept_in_place() {
+        assert_eq!(split_nul(b"\0delete\0\0ns\0"), ["", "delete", "", "ns"]);
+        assert_eq!(split_nul(b"a\0"), ["a"]);
+        assert!(split_nul(b"").is_empty());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use airlock_agent::{agent::resolve_watch, config::Config, policy::Policy};
+use airlock_agent::{config::Config, policy::Policy, watch};
 
 #[test]
 fn example_agent_config_loads() {
@@ -22,6 +22,6 @@ fn example_agent_config_loads() {
         "the example's binary exists on this host"
     );
     assert!(!tables.nets.is_empty());
-    let watch = resolve_watch(&config.watch, Path::new("/sys/fs/cgroup")).unwrap();
+    let watch = watch::resolve(&config.watch, Path::new("/sys/fs/cgroup")).unwrap();
     assert_eq!(watch.uids, [0]);
 }

@@ -32,16 +32,25 @@ pub const ALL_KERNELS: [&str; 3] = ["6.1", "6.12", "sid"];
 static BOOT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Shell function for guest scripts: `start_agent` starts `airlock-agent` with
-/// /etc/airlock/agent.toml (log in /tmp/agent-N.log, pid in `$AGENT`), waits until it is
-/// connected to its decider, and reports `@@R agent_N 1` (0 if it never connected).
+/// /etc/airlock/agent.toml (log in /tmp/agent-N.log, pid in `$AGENT`), waits until it has
+/// loaded its rules and is connected to its decider, and reports `@@R agent_N 1` (0 if it
+/// never got there).
 pub const START_AGENT: &str = r#"
 n=0
 start_agent() {
   n=$((n+1))
   /usr/bin/airlock-agent --config /etc/airlock/agent.toml > /tmp/agent-$n.log 2>&1 &
   AGENT=$!
-  for i in $(seq 1 150); do grep -q "connected to decider" /tmp/agent-$n.log && break; sleep 0.2; done
-  echo "@@R agent_$n $(grep -c 'connected to decider' /tmp/agent-$n.log)"
+  for i in $(seq 1 300); do
+    grep -q "airlock-agent running" /tmp/agent-$n.log && grep -q "connected to decider" /tmp/agent-$n.log && break
+    sleep 0.2
+  done
+  if grep -q 'airlock-agent running' /tmp/agent-$n.log && grep -q 'connected to decider' /tmp/agent-$n.log; then
+    echo "@@R agent_$n 1"
+  else
+    echo "@@R agent_$n 0"
+    tail -n 40 /tmp/agent-$n.log | sed "s|^|@@LOG start-failed |"
+  fi
 }
 "#;
 
@@ -111,54 +120,27 @@ impl Kernel {
         })
     }
 
-    /// The module files to load for `names` (dependencies first, each once), skipping the ones
-    /// built into the kernel. Names use `_` or `-` interchangeably, as modprobe does.
+    /// The module files to load for `names` (dependencies and `pre:` soft dependencies first,
+    /// each once), skipping the ones built into the kernel. Names use `_` or `-`
+    /// interchangeably, as modprobe does; soft dependencies may be aliases (`crypto-crc32c`),
+    /// resolved through modules.alias, preferring the portable `*_generic` implementation.
     pub fn module_files(&self, names: &[&str]) -> Result<Vec<PathBuf>> {
-        let dep = std::fs::read_to_string(self.modules.join("modules.dep"))
-            .context("reading modules.dep")?;
-        let builtin =
-            std::fs::read_to_string(self.modules.join("modules.builtin")).unwrap_or_default();
-        let norm = |s: &str| s.replace('-', "_");
-        let stem = |path: &str| {
-            let file = path.rsplit('/').next().unwrap_or(path);
-            norm(file.split(".ko").next().unwrap_or(file))
-        };
-        let deps: BTreeMap<String, (String, Vec<String>)> = dep
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .map(|(m, d)| {
-                (
-                    stem(m),
-                    (
-                        m.to_owned(),
-                        d.split_whitespace().map(str::to_owned).collect(),
-                    ),
-                )
-            })
-            .collect();
-        let is_builtin = |name: &str| builtin.lines().any(|l| stem(l) == name);
-        let mut order: Vec<String> = Vec::new();
-        fn visit(
-            name: &str,
-            deps: &BTreeMap<String, (String, Vec<String>)>,
-            stem: &dyn Fn(&str) -> String,
-            order: &mut Vec<String>,
-        ) {
-            let Some((path, ds)) = deps.get(name) else {
-                return;
-            };
-            for d in ds {
-                visit(&stem(d), deps, stem, order);
-            }
-            if !order.contains(path) {
-                order.push(path.clone());
-            }
+        let read = |f: &str| std::fs::read_to_string(self.modules.join(f)).unwrap_or_default();
+        let dep = read("modules.dep");
+        if dep.is_empty() {
+            bail!(
+                "kernel {}: empty modules.dep; run scripts/setup.sh",
+                self.name
+            );
         }
+        let table = ModuleTable::parse(&dep, &read("modules.softdep"), &read("modules.alias"));
+        let builtin = read("modules.builtin");
+        let mut order: Vec<String> = Vec::new();
         for n in names {
-            let n = norm(n);
-            if deps.contains_key(&n) {
-                visit(&n, &deps, &stem, &mut order);
-            } else if !is_builtin(&n) {
+            let n = module_stem(n);
+            if table.deps.contains_key(&n) {
+                table.visit(&n, &mut order);
+            } else if !builtin.lines().any(|l| module_stem(l) == n) {
                 bail!(
                     "kernel {}: no module {n} (and it is not built in)",
                     self.name
@@ -166,6 +148,101 @@ impl Kernel {
             }
         }
         Ok(order.into_iter().map(|p| self.modules.join(p)).collect())
+    }
+}
+
+/// A module's name from its path or name: `kernel/fs/btrfs/btrfs.ko.xz` and `btrfs` are both
+/// `btrfs`; dashes become underscores.
+fn module_stem(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    file.split(".ko").next().unwrap_or(file).replace('-', "_")
+}
+
+/// What modules.dep, modules.softdep and modules.alias say, by module name.
+struct ModuleTable {
+    /// Module name to (path, paths of the modules it needs).
+    deps: BTreeMap<String, (String, Vec<String>)>,
+    /// Module name to the names or aliases it wants loaded before it.
+    pre: BTreeMap<String, Vec<String>>,
+    /// Alias to the module names that provide it.
+    aliases: BTreeMap<String, Vec<String>>,
+}
+
+impl ModuleTable {
+    fn parse(dep: &str, softdep: &str, alias: &str) -> Self {
+        let deps = dep
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(m, d)| {
+                let needs = d.split_whitespace().map(str::to_owned).collect();
+                (module_stem(m), (m.to_owned(), needs))
+            })
+            .collect();
+        let mut pre: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for line in softdep.lines() {
+            let mut words = line.split_whitespace();
+            let (Some("softdep"), Some(module)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let mut in_pre = false;
+            for w in words {
+                match w {
+                    "pre:" => in_pre = true,
+                    "post:" => in_pre = false,
+                    name if in_pre => pre
+                        .entry(module_stem(module))
+                        .or_default()
+                        .push(name.to_owned()),
+                    _ => {}
+                }
+            }
+        }
+        let mut aliases: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for line in alias.lines() {
+            let mut words = line.split_whitespace();
+            if let (Some("alias"), Some(a), Some(m)) = (words.next(), words.next(), words.next()) {
+                aliases
+                    .entry(a.to_owned())
+                    .or_default()
+                    .push(module_stem(m));
+            }
+        }
+        Self { deps, pre, aliases }
+    }
+
+    /// The module a soft dependency names: itself, or the module behind an alias.
+    fn resolve(&self, name: &str) -> Option<String> {
+        let stem = module_stem(name);
+        if self.deps.contains_key(&stem) {
+            return Some(stem);
+        }
+        let candidates = self.aliases.get(name)?;
+        candidates
+            .iter()
+            .find(|m| m.ends_with("_generic"))
+            .or_else(|| candidates.first())
+            .cloned()
+    }
+
+    /// Appends `name` and what it needs to `order`, needs first.
+    fn visit(&self, name: &str, order: &mut Vec<String>) {
+        let Some((path, needs)) = self.deps.get(name) else {
+            return;
+        };
+        if order.contains(path) {
+            return;
+        }
+        for soft in self.pre.get(name).into_iter().flatten() {
+            if let Some(m) = self.resolve(soft) {
+                self.visit(&m, order);
+            }
+        }
+        for d in needs {
+            self.visit(&module_stem(d), order);
+        }
+        if !order.contains(path) {
+            order.push(path.clone());
+        }
     }
 }
 

@@ -26,6 +26,7 @@ fn plan(r: &ActionRequest) -> Plan {
             5432 => Plan::Allow,
             _ => Plan::Deny,
         },
+
         Some(Action::Exec(e)) => {
             let arg = |p: &str| e.argv.iter().find(|a| a.starts_with(p)).cloned();
             if let Some(a) = arg("c8-") {
@@ -80,7 +81,7 @@ on_timeout = "deny"
 [[rule]]
 name = "db"
 connect = ["127.0.0.2/32", "::1/128"]
-ports = [5432, 5433]
+ports = [5432, 5433, 5436]
 decision = "ask"
 "#,
         grace = GRACE_MS / 1000,
@@ -92,7 +93,7 @@ const SCRIPT: &str = r#"
 mark() { test -e "$1" && echo yes || echo no; }
 mkdir -p /tmp/work && chown agent:agent /tmp/work
 mkdir /sys/fs/cgroup/ci-runner
-/usr/bin/airlock-workload serve 5432 5433 > /dev/null &
+/usr/bin/airlock-workload serve 5432 5433 5436 > /dev/null &
 start_agent
 
 # 1: held, decided, ran exactly as asked or never ran
@@ -140,6 +141,8 @@ echo "@@R s4_v4_deny $(c tcp 127.0.0.2 5433)"
 echo "@@R s4_v6_allow $(c tcp ::1 5432)"
 echo "@@R s4_v6_deny $(c tcp ::1 5433)"
 echo "@@R s4_mapped_allow $(c tcp ::ffff:127.0.0.2 5432)"
+# Only the mapped connect uses port 5436 (served, denied): a pass would read "ok pong".
+echo "@@R s4_mapped_deny $(c tcp ::ffff:127.0.0.2 5436)"
 echo "@@R s4_unwatched $(c tcp 127.0.0.1 5433)"
 echo "@@R s4_udp_allow $(c udp 127.0.0.2 5432)"
 
@@ -179,17 +182,21 @@ wait $j
 echo "@@R s6_rc $?"
 echo "@@R s6_marker $(mark /tmp/work/m6)"
 
-# SIGTERM with a task held: resolved (denied), nothing left stopped
-su agent -c '/usr/local/bin/kubectl run /tmp/work/mt 0 never-me' > /dev/null 2>&1 &
+# SIGTERM with a task held (a restart, an upgrade): the hold stays with the kernel, and the
+# next agent decides it
+su agent -c '/usr/local/bin/kubectl run /tmp/work/mt 0 delay-me-sterm' > /dev/null 2>&1 &
 j=$!
 sleep 2
 kill -TERM $AGENT
 wait $AGENT
 echo "@@R sterm_agent_rc $?"
-wait $j
-echo "@@R sterm_rc $?"
+sleep 1
+echo "@@R sterm_held_after_stop $(grep -l '(kubectl) T' /proc/[0-9]*/stat 2>/dev/null | wc -l)"
 echo "@@R sterm_pinned_left $(ls /sys/fs/bpf/airlock 2>/dev/null | wc -l)"
 start_agent
+wait $j
+echo "@@R sterm_rc $?"
+echo "@@R sterm_marker $(mark /tmp/work/mt)"
 
 # 9: the agent is gone (killed, heartbeat stale): fail closed at once, nothing left stopped
 kill -9 $AGENT
@@ -386,6 +393,20 @@ fn s2_no_hold_for_unprivileged_binary_or_other_account_every_path_and_cgroup_mat
         d.request_with_arg("other-2").is_none(),
         "another account was held"
     );
+    assert_eq!(
+        b.r("s2_cgroup_rc"),
+        "0",
+        "the watched cgroup's exec was allowed"
+    );
+    let cgroup = d
+        .request_with_arg("allow-me-cgroup")
+        .expect("root inside the watched cgroup was held");
+    assert_eq!(cgroup.request.process.expect("context").uid, 0);
+    assert_eq!(b.r("s2_root_outside_rc"), "0");
+    assert!(
+        d.request_with_arg("root-outside-2").is_none(),
+        "root outside the watched cgroup was held"
+    );
     for (key, marker) in [
         ("s2_path_rc", "allow-me-path"),
         ("s2_rel_rc", "allow-me-rel"),
@@ -428,6 +449,11 @@ fn s4_connects_held_v4_v6_mapped_unwatched_passes(b: &Booted) {
         b.r("s4_v6_deny")
     );
     assert_eq!(b.r("s4_mapped_allow"), "ok pong");
+    assert!(
+        b.r("s4_mapped_deny").starts_with("err 13 "),
+        "an IPv4-mapped IPv6 connect is held and denied: {}",
+        b.r("s4_mapped_deny")
+    );
     assert_eq!(b.r("s4_unwatched"), "ok pong");
     assert_eq!(b.r("s4_udp_allow"), "ok sent");
     let connects: Vec<(String, u32, i32)> = b
@@ -450,6 +476,20 @@ fn s4_connects_held_v4_v6_mapped_unwatched_passes(b: &Booted) {
             "{addr}:{port} not held: {connects:?}"
         );
     }
+    let mapped: Vec<u32> = b
+        .decider
+        .seen()
+        .into_iter()
+        .filter_map(|s| match s.request.action {
+            Some(Action::Connect(c)) if c.port == 5436 => Some(c.family),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        mapped,
+        [6],
+        "the mapped connect was asked once, as an IPv6 call to 127.0.0.2"
+    );
     assert!(
         connects.iter().any(|(_, _, proto)| *proto == 2),
         "udp connect held"
@@ -475,6 +515,10 @@ fn s5_deadline_applies_on_timeout_and_unreachable_decider_fails_closed(b: &Boote
     assert!(u.contains("signal=9"), "{u}");
     let ms = ms_of(&u);
     assert!(ms < GRACE_MS + MARGIN_MS, "fail-closed took {ms} ms");
+    assert!(
+        ms >= GRACE_MS - 250,
+        "failed closed after {ms} ms: sooner than the {GRACE_MS} ms grace for a decider to come back"
+    );
     assert_eq!(b.r("s5_unreachable_marker"), "no");
 }
 
@@ -574,15 +618,21 @@ fn s9_agent_gone_fails_closed_without_stopping_anything(b: &Booted) {
     );
 }
 
-fn sigterm_resolves_every_hold_and_detaches(b: &Booted) {
+fn sigterm_keeps_holds_for_the_next_agent(b: &Booted) {
     assert_eq!(b.r("sterm_agent_rc"), "0");
-    assert_eq!(b.r("sterm_rc"), "137", "held task denied on shutdown");
     assert_eq!(
+        b.r("sterm_held_after_stop"),
+        "1",
+        "the task stays held while no agent runs"
+    );
+    assert_ne!(
         b.r("sterm_pinned_left"),
         "0",
-        "clean shutdown unpins everything"
+        "programs and maps stay pinned"
     );
     assert_eq!(b.r("agent_3"), "1");
+    assert_eq!(b.r("sterm_rc"), "0", "the next agent asked and released it");
+    assert_eq!(b.r("sterm_marker"), "yes");
 }
 
 airlock_tests::kernel_matrix!(
@@ -600,6 +650,6 @@ airlock_tests::kernel_matrix!(
         s7_parent_cannot_sigcont_or_ptrace_a_held_task,
         s8_fifty_concurrent_holds_none_lost_or_swapped,
         s9_agent_gone_fails_closed_without_stopping_anything,
-        sigterm_resolves_every_hold_and_detaches,
+        sigterm_keeps_holds_for_the_next_agent,
     ]
 );

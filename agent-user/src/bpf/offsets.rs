@@ -35,37 +35,117 @@ pub enum OffsetError {
 
 /// Byte offset of `field` in `struct strukt`, searching anonymous nested structs and unions.
 fn field_offset(btf: &Btf, strukt: &'static str, field: &'static str) -> Result<u64, OffsetError> {
+    Ok(member(btf, strukt, field)?.0)
+}
+
+/// Offset and size in bytes of `field` in `struct strukt`.
+fn member(btf: &Btf, strukt: &'static str, field: &'static str) -> Result<(u64, u64), OffsetError> {
     let missing = OffsetError::Missing { strukt, field };
     let types = btf
         .resolve_types_by_name(strukt)
         .map_err(|_| missing.clone())?;
     for t in types {
         if let Type::Struct(s) = t {
-            if let Some(bits) = find_member(btf, &s, field) {
-                return Ok(u64::from(bits / 8));
+            if let Some((bits, size)) = find_member(btf, &s, field) {
+                return Ok((u64::from(bits / 8), size));
             }
         }
     }
     Err(missing)
 }
 
-/// Bit offset of `field` in `s`.
-fn find_member(btf: &Btf, s: &btf_rs::Struct, field: &str) -> Option<u32> {
+/// The offset of the first of `fields` that `struct strukt` has (fields renamed across kernel
+/// versions). The error names the last one.
+fn first_offset(
+    btf: &Btf,
+    strukt: &'static str,
+    fields: &[&'static str],
+) -> Result<u64, OffsetError> {
+    let mut last = OffsetError::Missing { strukt, field: "" };
+    for f in fields {
+        match field_offset(btf, strukt, f) {
+            Ok(off) => return Ok(off),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Bit offset and byte size of `field` in `s`.
+fn find_member(btf: &Btf, s: &btf_rs::Struct, field: &str) -> Option<(u32, u64)> {
     for m in &s.members {
         let name = btf.resolve_name(m).unwrap_or_default();
         if name == field {
-            return Some(m.bit_offset());
+            return Some((m.bit_offset(), type_size(btf, m)));
         }
         if name.is_empty() {
             // Anonymous struct or union: look inside, adding its own offset.
             if let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(m) {
-                if let Some(bits) = find_member(btf, &inner, field) {
-                    return Some(m.bit_offset() + bits);
+                if let Some((bits, size)) = find_member(btf, &inner, field) {
+                    return Some((m.bit_offset() + bits, size));
                 }
             }
         }
     }
     None
+}
+
+/// Size in bytes of the type of `m` (through typedefs and qualifiers); 0 if unknown.
+fn type_size(btf: &Btf, m: &btf_rs::Member) -> u64 {
+    let mut t = btf.resolve_chained_type(m);
+    for _ in 0..8 {
+        match t {
+            Ok(Type::Int(i)) => return i.size() as u64,
+            Ok(Type::Enum(e)) => return e.size() as u64,
+            Ok(Type::Struct(s) | Type::Union(s)) => return s.size() as u64,
+            Ok(Type::Ptr(_)) => return 8,
+            Ok(Type::Typedef(ref x)) => t = btf.resolve_chained_type(x),
+            Ok(Type::Volatile(ref x)) => t = btf.resolve_chained_type(x),
+            Ok(Type::Const(ref x)) => t = btf.resolve_chained_type(x),
+            _ => return 0,
+        }
+    }
+    0
+}
+
+/// The index of the parameter named `param` of the kernel function `func` (the BPF LSM hook
+/// `bpf_lsm_<hook>`), whose argument list has changed across kernel versions.
+fn param_index(btf: &Btf, func: &'static str, param: &'static str) -> Result<u64, OffsetError> {
+    let missing = OffsetError::Missing {
+        strukt: func,
+        field: param,
+    };
+    for t in btf
+        .resolve_types_by_name(func)
+        .map_err(|_| missing.clone())?
+    {
+        let Type::Func(f) = t else { continue };
+        let Ok(Type::FuncProto(proto)) = btf.resolve_chained_type(&f) else {
+            continue;
+        };
+        if let Some(i) = proto
+            .parameters
+            .iter()
+            .position(|p| btf.resolve_name(p).is_ok_and(|n| n == param))
+        {
+            return Ok(i as u64);
+        }
+    }
+    Err(missing)
+}
+
+/// The inode's change time: (seconds offset, nanoseconds offset, nanoseconds size). 6.11 and
+/// later split it into `i_ctime_sec` and `i_ctime_nsec`; before, it is a `struct timespec64`
+/// named `__i_ctime` (6.6) or `i_ctime`.
+fn ctime(btf: &Btf) -> Result<(u64, u64, u64), OffsetError> {
+    if let (Ok(sec), Ok((nsec, size))) = (
+        field_offset(btf, "inode", "i_ctime_sec"),
+        member(btf, "inode", "i_ctime_nsec"),
+    ) {
+        return Ok((sec, nsec, size));
+    }
+    let ts = first_offset(btf, "inode", &["__i_ctime", "i_ctime"])?;
+    Ok((ts, ts + 8, 8))
 }
 
 /// Resolves every offset the programs use from the BTF file at `path`
@@ -75,16 +155,45 @@ pub fn resolve(path: &Path) -> Result<KernelOffsets, OffsetError> {
         path: path.display().to_string(),
         reason: e.to_string(),
     })?;
+    let (ctime_sec, ctime_nsec, ctime_nsec_size) = ctime(&btf)?;
     Ok(KernelOffsets {
         binprm_file: field_offset(&btf, "linux_binprm", "file")?,
+        binprm_argc: field_offset(&btf, "linux_binprm", "argc")?,
         file_inode: field_offset(&btf, "file", "f_inode")?,
         inode_ino: field_offset(&btf, "inode", "i_ino")?,
         inode_sb: field_offset(&btf, "inode", "i_sb")?,
+        inode_mode: field_offset(&btf, "inode", "i_mode")?,
+        inode_uid: field_offset(&btf, "inode", "i_uid")?,
+        inode_gid: field_offset(&btf, "inode", "i_gid")?,
+        inode_ctime_sec: ctime_sec,
+        inode_ctime_nsec: ctime_nsec,
+        inode_ctime_nsec_size: ctime_nsec_size,
         sb_dev: field_offset(&btf, "super_block", "s_dev")?,
+        socket_state: field_offset(&btf, "socket", "state")?,
         socket_type: field_offset(&btf, "socket", "type")?,
+        socket_sk: field_offset(&btf, "socket", "sk")?,
+        socket_alloc_inode: field_offset(&btf, "socket_alloc", "vfs_inode")?,
+        sock_protocol: field_offset(&btf, "sock", "sk_protocol")?,
+        msghdr_name: field_offset(&btf, "msghdr", "msg_name")?,
+        msghdr_namelen: field_offset(&btf, "msghdr", "msg_namelen")?,
+        vma_file: field_offset(&btf, "vm_area_struct", "vm_file")?,
         task_pid: field_offset(&btf, "task_struct", "pid")?,
         task_tgid: field_offset(&btf, "task_struct", "tgid")?,
         task_exit_code: field_offset(&btf, "task_struct", "exit_code")?,
+        task_ptrace: field_offset(&btf, "task_struct", "ptrace")?,
+        task_flags: field_offset(&btf, "task_struct", "flags")?,
+        task_signal: field_offset(&btf, "task_struct", "signal")?,
+        task_group_leader: field_offset(&btf, "task_struct", "group_leader")?,
+        task_start_time: field_offset(&btf, "task_struct", "start_time")?,
+        task_mm: field_offset(&btf, "task_struct", "mm")?,
+        mm_exe_file: field_offset(&btf, "mm_struct", "exe_file")?,
+        signal_live: field_offset(&btf, "signal_struct", "live")?,
+        regs_orig_ax: field_offset(&btf, "pt_regs", "orig_ax")?,
+        cgroup_kn: field_offset(&btf, "cgroup", "kn")?,
+        kernfs_id: field_offset(&btf, "kernfs_node", "id")?,
+        kernfs_parent: first_offset(&btf, "kernfs_node", &["__parent", "parent"])?,
+        mmap_prot_arg: param_index(&btf, "bpf_lsm_mmap_file", "prot")?,
+        mprotect_prot_arg: param_index(&btf, "bpf_lsm_file_mprotect", "prot")?,
     })
 }
 
@@ -105,6 +214,11 @@ mod tests {
         // pid and tgid are adjacent pid_t fields.
         assert_eq!(off.task_tgid, off.task_pid + 4);
         assert!(off.binprm_file > 0 && off.inode_sb > 0 && off.sb_dev > 0);
+        // The LSM hooks' prot argument: (file, [reqprot,] prot, flags).
+        assert!(matches!(off.mmap_prot_arg, 1 | 2), "{off:?}");
+        assert!(matches!(off.mprotect_prot_arg, 1 | 2), "{off:?}");
+        assert!(matches!(off.inode_ctime_nsec_size, 4 | 8), "{off:?}");
+        assert!(off.inode_ctime_nsec > off.inode_ctime_sec, "{off:?}");
     }
 
     #[test]

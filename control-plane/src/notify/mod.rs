@@ -692,6 +692,7 @@ mod tests {
                     port: 443,
                     protocol: 1,
                     family: 6,
+                    ..Default::default()
                 })),
                 deadline_unix_ms: 1_767_225_600_000,
                 ..Default::default()

@@ -16,7 +16,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: airlock-workload run MARKER CODE [ARGS..] | connect tcp|udp ADDR PORT | serve PORT.. \
          | timed CMD.. | spawn N CMD.. (\"{{i}}\" in CMD is the child index) | ptrace PID \
-         | bench-exec N CMD.. | bench-connect N ADDR PORT"
+         | bench-exec N CMD.. | bench-connect N ADDR PORT | bench-send N ADDR PORT"
     );
     ExitCode::from(2)
 }
@@ -44,6 +44,7 @@ fn main() -> ExitCode {
         "ptrace" => ptrace_probe(rest),
         "bench-exec" => bench_exec(rest),
         "bench-connect" => bench_connect(rest),
+        "bench-send" => bench_send(rest),
         _ if name != "airlock-workload" => fake_tool(&name, &cmd, rest),
         _ => usage(),
     }
@@ -230,6 +231,35 @@ fn bench_connect(args: &[String]) -> ExitCode {
     let start = Instant::now();
     for _ in 0..n {
         fails += u32::from(TcpStream::connect(target).is_err());
+    }
+    let us = start.elapsed().as_micros() / u128::from(n.max(1));
+    println!("us_per_op={us} fails={fails}");
+    ExitCode::SUCCESS
+}
+
+/// Sends N datagrams from one unconnected UDP socket to ADDR:PORT (`sendto` with an address
+/// each time); prints `us_per_op=<mean> fails=<count>`.
+fn bench_send(args: &[String]) -> ExitCode {
+    let [n, addr, port] = args else {
+        return usage();
+    };
+    let (Ok(n), Ok(ip), Ok(port)) = (
+        n.parse::<u32>(),
+        addr.parse::<std::net::IpAddr>(),
+        port.parse::<u16>(),
+    ) else {
+        return usage();
+    };
+    let target = SocketAddr::new(ip, port);
+    let bind = if ip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let Ok(socket) = UdpSocket::bind(bind) else {
+        println!("us_per_op=0 fails={n}");
+        return ExitCode::SUCCESS;
+    };
+    let mut fails = 0;
+    let start = Instant::now();
+    for _ in 0..n {
+        fails += u32::from(socket.send_to(b"ping\n", target).is_err());
     }
     let us = start.elapsed().as_micros() / u128::from(n.max(1));
     println!("us_per_op={us} fails={fails}");

@@ -1,0 +1,648 @@
+//! The no-escape promise, attacked: a watched, unprivileged account in the QEMU guest tries every
+//! way known to get a held action through without a decision, or to break an allowed one. The
+//! attack programs are `airlock-attack` subcommands; the held program is the `kubectl` stand-in,
+//! whose first act is to write a marker file, so "it ran" is a file on disk.
+//!
+//! The decider denies every exec after 2.5 s at the earliest, long enough for an attack to try
+//! to release the task meanwhile. Each check asserts what the workload saw, the marker, and what
+//! the decider was (or was not) asked. One boot per kernel runs every attack.
+
+use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
+
+use airlock_proto::v1::{action_request::Action, ActionRequest, Protocol};
+use airlock_tests::{
+    decider::{Plan, Seen, TestDecider},
+    vm::{Guest, GuestRun, START_AGENT},
+    workspace_bin,
+};
+
+/// When the decider denies the "late" requests (attacks get this long to release the task).
+const LATE: Duration = Duration::from_millis(2500);
+/// When the decider allows the "slow" request (the agent is restarted meanwhile).
+const SLOW: Duration = Duration::from_secs(8);
+
+fn plan(r: &ActionRequest) -> Plan {
+    match &r.action {
+        Some(Action::Connect(c)) => match c.port {
+            5432 | 5434 | 5435 => Plan::Allow,
+            _ => Plan::Deny,
+        },
+        Some(Action::Exec(e)) => {
+            let has = |p: &str| e.argv.iter().any(|a| a.starts_with(p));
+            if has("allow-slow") {
+                Plan::After(SLOW, true)
+            } else if has("allow-late") {
+                Plan::After(LATE, true)
+            } else if has("deny-late") {
+                Plan::After(LATE, false)
+            } else if has("allow-me") {
+                Plan::Allow
+            } else {
+                Plan::Deny
+            }
+        }
+        None => Plan::Deny,
+    }
+}
+
+fn agent_config(decider_port: u16) -> String {
+    format!(
+        r#"
+[agent]
+decider = "http://10.0.2.2:{decider_port}"
+hold_timeout_secs = 30
+unreachable_grace_secs = 5
+max_watched_tasks = 256
+
+[watch]
+users = ["agent"]
+cgroups = ["ci-runner"]
+
+[[rule]]
+name = "kubectl"
+exec = ["/usr/local/bin/kubectl", "/mnt/b/sub/kubectl", "/mnt/o/kubectl"]
+args = ["run *"]
+decision = "ask"
+
+[[rule]]
+name = "deploy-script"
+exec = ["/usr/local/bin/deploy.sh"]
+decision = "ask"
+
+[[rule]]
+name = "db"
+connect = ["127.0.0.2/32"]
+ports = [5432, 5433, 5434, 5435]
+decision = "ask"
+"#
+    )
+}
+
+/// The same configuration with far more destinations than the kernel's table holds: a reload
+/// that cannot be applied whole.
+fn too_big_config(decider_port: u16) -> String {
+    let mut c = agent_config(decider_port);
+    c.push_str("\n[[rule]]\nname = \"many\"\nports = [9]\ndecision = \"ask\"\nconnect = [\n");
+    for i in 0..9000u32 {
+        let _ = writeln!(c, "  \"10.{}.{}.{}/32\",", i >> 16, (i >> 8) & 255, i & 255);
+    }
+    c.push_str("]\n");
+    c
+}
+
+/// The same configuration, also watching root, with a rule that covers the decider's own
+/// address: the agent must never hold itself.
+fn self_hold_config(decider_port: u16) -> String {
+    agent_config(decider_port).replace(
+        "users = [\"agent\"]",
+        "users = [\"agent\", \"root\"]",
+    ) + &format!(
+        "\n[[rule]]\nname = \"decider-address\"\nconnect = [\"10.0.2.2/32\"]\nports = [{decider_port}]\ndecision = \"deny\"\n"
+    )
+}
+
+const SCRIPT: &str = r#"
+mark() { test -e "$1" && echo yes || echo no; }
+as() { su agent -c "$*"; }
+A=/usr/bin/airlock-attack
+K=/usr/local/bin/kubectl
+mkdir -p /tmp/work && chown agent:agent /tmp/work
+mkdir /sys/fs/cgroup/ci-runner
+# A btrfs subvolume and an overlay (lower layer on another file system) each hold a copy of
+# the binary that a rule names by that path.
+mkdir -p /mnt/b /mnt/o /opt/ovl-lower /tmp/ovl/upper /tmp/ovl/work
+mount /dev/vda /mnt/b && btrfs subvolume create /mnt/b/sub > /dev/null && cp $K /mnt/b/sub/kubectl
+cp $K /opt/ovl-lower/kubectl
+mount -t overlay overlay -o lowerdir=/opt/ovl-lower,upperdir=/tmp/ovl/upper,workdir=/tmp/ovl/work /mnt/o
+echo "@@R fs_ready $(test -x /mnt/b/sub/kubectl && test -x /mnt/o/kubectl && echo yes || echo no)"
+/usr/bin/airlock-workload serve 5432 5433 5434 5435 > /dev/null &
+$A udp-listen 5433 /tmp/udp-5433 > /dev/null &
+start_agent
+echo "@@R check $(/usr/bin/airlock-agent --check --config /etc/airlock/agent.toml 2>&1 | tail -1)"
+
+# --- releasing a stopped task without kill(2) ---
+echo "@@R a1_sigio $(as $A sigio 1500 $K run /tmp/work/a1 0 deny-late-a1)"
+echo "@@R a1_marker $(mark /tmp/work/a1)"
+out=$(as $A orphan $K run /tmp/work/a2 0 deny-late-a2)
+echo "@@R a2_orphan $out"
+pid=${out#pid=}; pid=${pid%% *}
+sleep 3
+echo "@@R a2_marker $(mark /tmp/work/a2)"
+echo "@@R a2_gone $(test -e /proc/$pid && echo no || echo yes)"
+echo "@@R a3_traceme $(as $A traceme $K run /tmp/work/a3 0 deny-late-a3)"
+echo "@@R a3_marker $(mark /tmp/work/a3)"
+echo "@@R a3_seize $(as $A seize $K run /tmp/work/a3s 0 deny-late-a3s)"
+echo "@@R a3s_marker $(mark /tmp/work/a3s)"
+# Behind a setuid helper the process is root: watched only through the inherited mark.
+as "/usr/local/bin/suid-helper $A leader-exit $K run /tmp/a4 0 deny-me-a4"; echo "@@R a4_leader_rc $?"
+echo "@@R a4_marker $(mark /tmp/a4)"
+as "/usr/local/bin/suid-helper $A thread-exec $K run /tmp/a4t 0 deny-me-a4t"; echo "@@R a4_thread_rc $?"
+echo "@@R a4t_marker $(mark /tmp/a4t)"
+# Fill the mark table (256 here) from a process watched only by its mark: the forks that cannot be
+# marked must fail, not run unwatched.
+echo "@@R f1_forks $(as "/usr/local/bin/suid-helper $A fork-many 400")"
+
+# --- exec identity ---
+as "cp $K /tmp/work/kcopy && /tmp/work/kcopy run /tmp/work/a5 0 deny-me-a5"; echo "@@R a5_copy_rc $?"
+echo "@@R a5_marker $(mark /tmp/work/a5)"
+as "$A memfd $K run /tmp/work/a5m 0 deny-me-a5m"; echo "@@R a5_memfd_rc $?"
+echo "@@R a5m_marker $(mark /tmp/work/a5m)"
+as "/lib64/ld-linux-x86-64.so.2 $K run /tmp/work/a6 0 deny-me-a6"; echo "@@R a6_rc $?"
+echo "@@R a6_marker $(mark /tmp/work/a6)"
+as "/usr/local/bin/deploy.sh /tmp/work/a7"; echo "@@R a7_rc $?"
+echo "@@R a7_marker $(mark /tmp/work/a7)"
+as "$A argv0 '' $K run /tmp/work/a8 0 deny-me-a8"; echo "@@R a8_rc $?"
+echo "@@R a8_marker $(mark /tmp/work/a8)"
+as "/mnt/b/sub/kubectl run /tmp/work/b1 0 deny-me-b1"; echo "@@R b1_btrfs_rc $?"
+echo "@@R b1_marker $(mark /tmp/work/b1)"
+as "/mnt/o/kubectl run /tmp/work/b2 0 deny-me-b2"; echo "@@R b2_overlay_rc $?"
+echo "@@R b2_marker $(mark /tmp/work/b2)"
+
+# --- the network ---
+echo "@@R n1_tfo $(as $A tfo 127.0.0.2 5433)"
+echo "@@R n2_udp $(as $A udp-sendto 127.0.0.2 5433)"
+echo "@@R n2_mmsg $(as $A udp-sendmmsg 127.0.0.2 5433)"
+sleep 0.5
+echo "@@R n2_received $(cat /tmp/udp-5433 2>/dev/null | wc -l)"
+echo "@@R n3_udp_allowed $(as $A udp-sendto 127.0.0.2 5432 5)"
+echo "@@R n4_uring $(as $A uring-connect 127.0.0.2 5434)"
+echo "@@R n5_zombie $(as timeout -s KILL 30 $A zombie-leader-connect 127.0.0.2 5435)"
+
+# --- state that must survive ---
+rmdir /sys/fs/cgroup/ci-runner && mkdir /sys/fs/cgroup/ci-runner
+sleep 1
+sh -c "echo \$\$ > /sys/fs/cgroup/ci-runner/cgroup.procs; exec $K run /tmp/u1 0 deny-me-u1"; echo "@@R u1_rc $?"
+echo "@@R u1_marker $(mark /tmp/u1)"
+cp $K $K.new && mv $K.new $K
+sleep 1
+as "$K run /tmp/work/u2 0 deny-me-u2"; echo "@@R u2_rc $?"
+echo "@@R u2_marker $(mark /tmp/work/u2)"
+cp /etc/airlock/agent.toml /tmp/agent.toml.good
+cp /etc/airlock/too-big.toml /etc/airlock/agent.toml
+kill -HUP $AGENT
+t=0
+while ! grep -q 'reload refused' /tmp/agent-$n.log && [ $t -lt 600 ]; do sleep 0.5; t=$((t+1)); done
+echo "@@R u3_refused $(grep -c 'reload refused' /tmp/agent-$n.log) after ${t} half-seconds"
+echo "@@R u3_connect $(as /usr/bin/airlock-workload connect tcp 127.0.0.2 5433)"
+cp /tmp/agent.toml.good /etc/airlock/agent.toml
+kill -HUP $AGENT
+sleep 1
+# An agent restart (upgrade) while a task is held and a marked process waits to exec.
+as "/usr/local/bin/suid-helper /bin/sh -c 'sleep 5; exec $K run /tmp/u4m 0 deny-me-u4m'" > /dev/null 2>&1 &
+m=$!
+as "$K run /tmp/work/u4 0 allow-slow-u4" > /dev/null 2>&1 &
+j=$!
+sleep 1.5
+kill -TERM $AGENT
+wait $AGENT
+echo "@@R u4_held_while_down $(grep -l '(kubectl) T' /proc/[0-9]*/stat 2>/dev/null | wc -l)"
+echo "@@R u4_pinned $(ls /sys/fs/bpf/airlock 2>/dev/null | wc -l)"
+start_agent
+wait $j; echo "@@R u4_rc $?"
+echo "@@R u4_marker $(mark /tmp/work/u4)"
+wait $m; echo "@@R u4m_rc $?"
+echo "@@R u4m_marker $(mark /tmp/u4m)"
+
+# --- the agent never holds itself (root watched, a rule covering the decider's address) ---
+cp /etc/airlock/self-hold.toml /etc/airlock/agent.toml
+kill -HUP $AGENT
+sleep 1
+kill -9 $AGENT
+start_agent
+echo "@@R z1_agent_state $(cut -d' ' -f3 /proc/$AGENT/stat 2>/dev/null)"
+echo "@@R z1_decided $(as "$K run /tmp/work/z1 0 allow-me-z1" > /dev/null 2>&1; echo $?)"
+
+# --- an explicit uninstall releases (denies) what is held and unloads everything ---
+as "timeout -s KILL 60 $K run /tmp/work/z2 0 never-z2" > /dev/null 2>&1 &
+j=$!
+sleep 2
+/usr/bin/airlock-agent --config /etc/airlock/agent.toml --uninstall > /tmp/uninstall.log 2>&1; echo "@@R z2_uninstall_rc $?"
+wait $j; echo "@@R z2_rc $?"
+echo "@@R z2_pinned $(ls /sys/fs/bpf/airlock 2>/dev/null | wc -l)"
+kill $AGENT 2>/dev/null
+for f in /tmp/agent-*.log /tmp/uninstall.log; do tail -n 150 $f | sed "s|^|@@LOG $f |"; done
+"#;
+
+struct Booted {
+    run: GuestRun,
+    decider: TestDecider,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Booted {
+    fn results(&self) -> BTreeMap<String, String> {
+        self.run.results()
+    }
+
+    fn r(&self, key: &str) -> String {
+        self.results()
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| panic!("no result {key}; console:\n{}", self.run.console))
+    }
+
+    /// The exec request whose argv carries `marker`.
+    fn exec_request(&self, marker: &str) -> Option<Seen> {
+        self.decider.request_with_arg(marker)
+    }
+
+    /// Connect requests to `port`: (protocol, times asked, decided by the agent itself).
+    fn connects(&self, port: u32) -> Vec<(i32, u32, bool)> {
+        self.decider
+            .seen()
+            .into_iter()
+            .filter_map(|s| match &s.request.action {
+                Some(Action::Connect(c)) if c.port == port => {
+                    Some((c.protocol, s.times, s.request.decided.is_some()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Asserts that the held program never ran and the exec was killed (status 137 or
+    /// `signal=9`), after the decider was asked (or the agent refused it itself).
+    fn never_ran(&self, status_key: &str, marker_key: &str) {
+        let status = self.r(status_key);
+        assert!(
+            status == "137" || status.contains("signal=9"),
+            "{status_key}: the held program was not killed: {status}\n{}",
+            self.logs()
+        );
+        assert_eq!(
+            self.r(marker_key),
+            "no",
+            "{marker_key}: the held program ran without a decision"
+        );
+    }
+
+    /// The largest value the agents logged for kernel counter `name` (at their stops).
+    fn counter(&self, name: &str) -> u64 {
+        let key = format!("\"{name}\": ");
+        self.logs()
+            .lines()
+            .filter_map(|l| l.split(&key).nth(1))
+            .filter_map(|rest| {
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn logs(&self) -> String {
+        self.run
+            .console
+            .lines()
+            .filter(|l| l.starts_with("@@LOG"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn boot(kernel: &str) -> anyhow::Result<Booted> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let decider = rt.block_on(TestDecider::start("127.0.0.1:0", plan))?;
+    let port = decider.addr.port();
+    let agent = workspace_bin("agent-user", "airlock-agent")?;
+    let workload = env!("CARGO_BIN_EXE_airlock-workload");
+    let attack = env!("CARGO_BIN_EXE_airlock-attack");
+    let disk = tempfile::NamedTempFile::new()?;
+    disk.as_file().set_len(128 << 20)?;
+    let mkfs = std::process::Command::new("mkfs.btrfs")
+        .args(["-q", "-f", "-M"])
+        .arg(disk.path())
+        .output()?;
+    anyhow::ensure!(
+        mkfs.status.success(),
+        "mkfs.btrfs (apt-get install btrfs-progs): {}",
+        String::from_utf8_lossy(&mkfs.stderr)
+    );
+    let mut g = Guest::on(kernel);
+    g.module("btrfs")
+        .module("overlay")
+        .module("virtio_blk")
+        .disk(disk.path())
+        .file("/usr/bin/airlock-agent", &agent, 0o755)
+        .file("/usr/bin/airlock-workload", workload, 0o755)
+        .file("/usr/bin/airlock-attack", attack, 0o755)
+        .file("/usr/bin/btrfs", "/usr/bin/btrfs", 0o755)
+        .file("/usr/local/bin/kubectl", workload, 0o755)
+        .file("/usr/local/bin/suid-helper", workload, 0o4755)
+        .text(
+            "/usr/local/bin/deploy.sh",
+            "#!/bin/sh\n/usr/bin/airlock-workload run \"$1\" 0 script-ran\n",
+            0o755,
+        )
+        .text("/etc/airlock/agent.toml", agent_config(port), 0o644)
+        .text("/etc/airlock/too-big.toml", too_big_config(port), 0o644)
+        .text("/etc/airlock/self-hold.toml", self_hold_config(port), 0o644)
+        .script(format!("{START_AGENT}{SCRIPT}"));
+    let run = g.boot(Duration::from_secs(900))?;
+    if !run.finished() {
+        anyhow::bail!("guest script did not finish:\n{}", run.console);
+    }
+    Ok(Booted {
+        run,
+        decider,
+        _rt: rt,
+    })
+}
+
+fn guest_set_up_and_nothing_left_stopped(b: &Booted) {
+    assert_eq!(b.r("agent_1"), "1", "agent connected");
+    assert_eq!(
+        b.r("fs_ready"),
+        "yes",
+        "btrfs subvolume and overlay mounted"
+    );
+    assert!(
+        b.r("check").contains("ok"),
+        "airlock-agent --check: {}",
+        b.r("check")
+    );
+    assert_eq!(b.r("stopped_tasks_at_end"), "0", "no task left stopped");
+}
+
+fn a1_sigcont_through_sigio_does_not_release(b: &Booted) {
+    let out = b.r("a1_sigio");
+    assert!(out.contains("sent=20"), "the attack ran: {out}");
+    assert!(
+        out.contains("after=T"),
+        "still stopped after the SIGIO storm: {out}"
+    );
+    assert!(out.ends_with("signal=9"), "denied and killed: {out}");
+    assert_eq!(b.r("a1_marker"), "no", "ran before the decision");
+}
+
+fn a2_orphaned_group_sigcont_does_not_release(b: &Booted) {
+    let out = b.r("a2_orphan");
+    assert!(
+        out.contains("middle=exit=0"),
+        "the child was held before the parent left: {out}"
+    );
+    assert_eq!(
+        b.r("a2_marker"),
+        "no",
+        "ran after the kernel's SIGCONT: {out}"
+    );
+    assert_eq!(b.r("a2_gone"), "yes", "denied and killed, not left stopped");
+}
+
+fn a3_tracer_attached_before_cannot_continue_it(b: &Booted) {
+    for (key, marker, arg) in [
+        ("a3_traceme", "a3_marker", "deny-late-a3"),
+        ("a3_seize", "a3s_marker", "deny-late-a3s"),
+    ] {
+        let out = b.r(key);
+        assert!(
+            out.ends_with("signal=9"),
+            "{key}: a traced exec is refused: {out}"
+        );
+        assert_eq!(b.r(marker), "no", "{key}: ran under the tracer");
+        assert!(
+            b.exec_request(arg).is_none(),
+            "{key}: never held, so never asked"
+        );
+    }
+    // The task is killed at once, so its command line may be gone: the report names the rule.
+    let refusals: Vec<_> = b
+        .decider
+        .seen()
+        .into_iter()
+        .filter_map(|s| s.request.decided.clone().map(|d| (s.request.rule, d)))
+        .filter(|(_, d)| d.cause == "traced")
+        .collect();
+    assert_eq!(refusals.len(), 2, "both refusals reported: {refusals:?}");
+    assert!(
+        refusals
+            .iter()
+            .all(|(rule, d)| rule == "kubectl"
+                && d.verdict == airlock_proto::v1::Verdict::Deny as i32),
+        "{refusals:?}"
+    );
+}
+
+fn a4_marks_survive_the_leaders_exit(b: &Booted) {
+    b.never_ran("a4_leader_rc", "a4_marker");
+    b.never_ran("a4_thread_rc", "a4t_marker");
+    for arg in ["deny-me-a4", "deny-me-a4t"] {
+        let seen = b
+            .exec_request(arg)
+            .unwrap_or_else(|| panic!("{arg} not held"));
+        let p = seen.request.process.expect("context");
+        assert_eq!(p.uid, 0, "{arg} ran as root behind the setuid helper");
+    }
+}
+
+fn f1_a_full_mark_table_refuses_forks(b: &Booted) {
+    let out = b.r("f1_forks");
+    let failed: u32 = out
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("failed="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no failed= in {out}"));
+    assert!(
+        failed > 0,
+        "forks past the table's size were let through unmarked: {out}"
+    );
+    assert!(out.ends_with("errno=12"), "refused with ENOMEM: {out}");
+    assert!(
+        b.counter("refused_fork") >= u64::from(failed),
+        "the kernel counted the refused forks"
+    );
+}
+
+fn a5_copies_and_memfd_are_held_as_the_binary(b: &Booted) {
+    b.never_ran("a5_copy_rc", "a5_marker");
+    b.never_ran("a5_memfd_rc", "a5m_marker");
+    for arg in ["deny-me-a5", "deny-me-a5m"] {
+        let seen = b
+            .exec_request(arg)
+            .unwrap_or_else(|| panic!("{arg} not held"));
+        let Some(Action::Exec(e)) = &seen.request.action else {
+            panic!("not an exec")
+        };
+        assert_eq!(e.copy_of, "/usr/local/bin/kubectl", "{arg}: {e:?}");
+        assert_eq!(e.sha256.len(), 64, "{arg}: the hash approvers see: {e:?}");
+        assert_eq!(seen.request.rule, "kubectl");
+    }
+}
+
+fn a6_dynamic_loader_is_held_like_the_exec(b: &Booted) {
+    b.never_ran("a6_rc", "a6_marker");
+    let seen = b.exec_request("deny-me-a6").expect("held");
+    let Some(Action::Exec(e)) = &seen.request.action else {
+        panic!("not an exec")
+    };
+    assert_eq!(e.program, "/usr/local/bin/kubectl", "{e:?}");
+    assert_eq!(e.via, "loader", "{e:?}");
+}
+
+fn a7_rule_on_a_script_holds(b: &Booted) {
+    b.never_ran("a7_rc", "a7_marker");
+    let seen = b
+        .decider
+        .seen()
+        .into_iter()
+        .find(|s| s.request.rule == "deploy-script")
+        .expect("the script's exec was held");
+    let Some(Action::Exec(e)) = &seen.request.action else {
+        panic!("not an exec")
+    };
+    assert_eq!(e.program, "/usr/local/bin/deploy.sh", "{e:?}");
+    assert_eq!(e.via, "script", "{e:?}");
+    assert!(
+        e.path.ends_with("/sh") || e.path.ends_with("busybox"),
+        "interpreter: {e:?}"
+    );
+    assert!(
+        e.argv.iter().any(|a| a == "/tmp/work/a7"),
+        "arguments: {e:?}"
+    );
+}
+
+fn a8_empty_argv0_does_not_shift_arguments(b: &Booted) {
+    b.never_ran("a8_rc", "a8_marker");
+    assert!(b.exec_request("deny-me-a8").is_some(), "asked");
+}
+
+fn b1_btrfs_and_overlay_binaries_match(b: &Booted) {
+    b.never_ran("b1_btrfs_rc", "b1_marker");
+    b.never_ran("b2_overlay_rc", "b2_marker");
+    assert!(b.exec_request("deny-me-b1").is_some(), "btrfs exec held");
+    assert!(b.exec_request("deny-me-b2").is_some(), "overlay exec held");
+}
+
+fn n1_tcp_fast_open_is_held_like_connect(b: &Booted) {
+    assert_eq!(
+        b.r("n1_tfo"),
+        "err 13",
+        "denied destination reached by sendto(MSG_FASTOPEN)"
+    );
+    let tcp = b
+        .connects(5433)
+        .into_iter()
+        .filter(|(p, _, _)| *p == Protocol::Tcp as i32)
+        .count();
+    assert!(tcp >= 1, "the decider was asked: {:?}", b.connects(5433));
+}
+
+fn n2_unconnected_udp_is_held_and_allowed_once_per_socket(b: &Booted) {
+    assert!(b.r("n2_udp").starts_with("err 13"), "{}", b.r("n2_udp"));
+    assert!(b.r("n2_mmsg").starts_with("err 13"), "{}", b.r("n2_mmsg"));
+    assert_eq!(
+        b.r("n2_received"),
+        "0",
+        "no datagram reached the denied destination"
+    );
+    assert_eq!(b.r("n3_udp_allowed"), "ok 5", "an allowed socket sends on");
+    let udp: Vec<_> = b
+        .connects(5432)
+        .into_iter()
+        .filter(|(p, _, _)| *p == Protocol::Udp as i32)
+        .collect();
+    assert_eq!(udp.len(), 1, "five datagrams, one question: {udp:?}");
+}
+
+fn n4_io_uring_connect_is_refused_clearly_and_leaves_nothing_behind(b: &Booted) {
+    assert_eq!(
+        b.r("n4_uring"),
+        "uring=err 13 plain=ok",
+        "io_uring: refused with EACCES, not a stray EINTR; the plain connect after it is asked"
+    );
+    let asks = b.connects(5434);
+    assert!(
+        asks.iter().any(|(_, _, decided)| *decided),
+        "the refusal is reported: {asks:?}"
+    );
+    assert!(
+        asks.iter().any(|(_, _, decided)| !decided),
+        "the later plain connect was asked, not passed on a verdict left behind: {asks:?}"
+    );
+}
+
+fn n5_connect_hold_with_a_zombie_leader_is_decided(b: &Booted) {
+    assert_eq!(b.r("n5_zombie"), "ok", "allowed and released");
+    assert_eq!(b.connects(5435).len(), 1, "asked once");
+}
+
+fn u1_restarted_unit_is_still_watched(b: &Booted) {
+    b.never_ran("u1_rc", "u1_marker");
+}
+
+fn u2_binary_replaced_by_rename_is_still_held(b: &Booted) {
+    b.never_ran("u2_rc", "u2_marker");
+}
+
+fn u3_reload_that_cannot_apply_keeps_the_old_tables(b: &Booted) {
+    assert!(
+        b.r("u3_refused").starts_with("1 "),
+        "the too-big reload was refused: {}",
+        b.r("u3_refused")
+    );
+    assert_eq!(
+        b.r("u3_connect").split(' ').next(),
+        Some("err"),
+        "still held and denied: {}",
+        b.r("u3_connect")
+    );
+}
+
+fn u4_restart_keeps_holds_and_marks(b: &Booted) {
+    assert_ne!(b.r("u4_held_while_down"), "0", "held while no agent ran");
+    assert!(
+        b.r("u4_pinned").parse::<u32>().unwrap_or(0) > 0,
+        "pins kept"
+    );
+    assert_eq!(b.r("agent_2"), "1", "restarted agent reconnected");
+    assert_eq!(b.r("u4_rc"), "0", "approved after the restart, ran");
+    assert_eq!(b.r("u4_marker"), "yes");
+    b.never_ran("u4m_rc", "u4m_marker");
+}
+
+fn z1_agent_never_holds_itself(b: &Booted) {
+    assert_eq!(
+        b.r("agent_3"),
+        "1",
+        "the agent reached its decider through a rule covering it"
+    );
+    assert_ne!(b.r("z1_agent_state"), "T", "the agent is not stopped");
+    assert_eq!(b.r("z1_decided"), "0", "and decides holds");
+}
+
+fn z2_uninstall_denies_what_is_held_and_unloads(b: &Booted) {
+    assert_eq!(b.r("z2_uninstall_rc"), "0");
+    assert_eq!(b.r("z2_rc"), "137", "the held task was denied");
+    assert_eq!(b.r("z2_pinned"), "0", "nothing left pinned");
+}
+
+airlock_tests::kernel_matrix!(
+    boot = boot,
+    booted = Booted,
+    checks = [
+        guest_set_up_and_nothing_left_stopped,
+        a1_sigcont_through_sigio_does_not_release,
+        a2_orphaned_group_sigcont_does_not_release,
+        a3_tracer_attached_before_cannot_continue_it,
+        a4_marks_survive_the_leaders_exit,
+        f1_a_full_mark_table_refuses_forks,
+        a5_copies_and_memfd_are_held_as_the_binary,
+        a6_dynamic_loader_is_held_like_the_exec,
+        a7_rule_on_a_script_holds,
+        a8_empty_argv0_does_not_shift_arguments,
+        b1_btrfs_and_overlay_binaries_match,
+        n1_tcp_fast_open_is_held_like_connect,
+        n2_unconnected_udp_is_held_and_allowed_once_per_socket,
+        n4_io_uring_connect_is_refused_clearly_and_leaves_nothing_behind,
+        n5_connect_hold_with_a_zombie_leader_is_decided,
+        u1_restarted_unit_is_still_watched,
+        u2_binary_replaced_by_rename_is_still_held,
+        u3_reload_that_cannot_apply_keeps_the_old_tables,
+        u4_restart_keeps_holds_and_marks,
+        z1_agent_never_holds_itself,
+        z2_uninstall_denies_what_is_held_and_unloads,
+    ]
+);
