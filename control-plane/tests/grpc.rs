@@ -1012,6 +1012,87 @@ async fn health_readiness_and_metrics_over_http(t: TestDb) {
     }
 }
 
+/// A refusal the agent had to make on its own (a traced task) is reported for the record: it is
+/// stored decided with the agent's cause, never pending, cannot be voted on, and is audited.
+async fn an_action_the_agent_decided_is_recorded_not_asked(t: TestDb) {
+    use airlock_proto::v1::{
+        audit_service_client::AuditServiceClient, AuditExportRequest, AuditQuery, ExportFormat,
+        LocalDecision,
+    };
+    let (url, t, _stop) = start(&t).await;
+    let a = agent(&url, "host-a", &t["host-a"]);
+    assert!(a.wait_connected(Duration::from_secs(5)).await);
+    a.record(ActionRequest {
+        decided: Some(LocalDecision {
+            verdict: Verdict::Deny as i32,
+            cause: "traced".into(),
+            reason: "the task was being traced".into(),
+        }),
+        ..request("local-1", "claude")
+    });
+    // A pending request after it: once it is listed, the report was handled before it.
+    let _asked = a.ask(request("asked-1", "claude"));
+    let mut alice = approvals(&url, Some(&t["alice"])).await;
+    wait_pending(&mut alice, 1).await;
+    let pending = alice
+        .list(ListRequestsRequest {
+            state: RequestState::Pending as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<_> = pending
+        .requests
+        .iter()
+        .filter_map(|h| h.request.as_ref().map(|r| r.request_id.as_str()))
+        .collect();
+    assert_eq!(ids, ["asked-1"], "the agent's own refusal is not pending");
+    let got = alice
+        .get(GetRequestRequest {
+            request_id: "local-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state(), RequestState::Denied);
+    assert_eq!(got.decided_by, "agent (traced)");
+    assert_eq!(got.reason, "the task was being traced");
+    let voted = alice.decide(vote("local-1", Verdict::Allow, "")).await;
+    assert_eq!(
+        voted.expect_err("nothing to decide").code(),
+        Code::FailedPrecondition
+    );
+
+    let ch = tonic::transport::Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut audit = AuditServiceClient::with_interceptor(ch, Bearer(Some(t["reader"].clone())));
+    let mut stream = audit
+        .export(AuditExportRequest {
+            query: Some(AuditQuery {
+                request_id: "local-1".into(),
+                ..Default::default()
+            }),
+            format: ExportFormat::JsonLines as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut jsonl = Vec::new();
+    while let Some(c) = stream.message().await.unwrap() {
+        jsonl.extend(c.data);
+    }
+    let text = String::from_utf8(jsonl).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(
+        text.contains("request.refused.agent") && text.contains("cause") && text.contains("traced"),
+        "{text}"
+    );
+}
+
 both!(
     decision_reaches_the_right_agent_and_request,
     refusals_are_precise_and_lose_nothing,
@@ -1027,4 +1108,5 @@ both!(
     overdue_requests_expire_and_bad_requests_lose_nothing,
     health_readiness_and_metrics_over_http,
     bad_policy_reload_is_refused_recorded_and_old_one_stays,
+    an_action_the_agent_decided_is_recorded_not_asked,
 );

@@ -262,12 +262,22 @@ impl Stream_ {
                 return Answer::End;
             }
         };
+        let local = held.request.as_ref().and_then(|r| r.decided.as_ref());
         if new {
             self.metrics.requests.inc();
             if !held.grant_id.is_empty() {
                 self.metrics.decided("approved_by_grant");
             }
-            tracing::info!(request = %id, host = %hello.hostname, grant = %held.grant_id, "request received");
+            if let Some(d) = local {
+                self.metrics.decided("decided_by_agent");
+                tracing::info!(request = %id, host = %hello.hostname, cause = %d.cause, "agent reported an action it decided itself");
+            } else {
+                tracing::info!(request = %id, host = %hello.hostname, grant = %held.grant_id, "request received");
+            }
+        }
+        // The agent applied its own verdict already and expects no answer.
+        if local.is_some() {
+            return Answer::Nothing;
         }
         // Decided already: by a grant, or meanwhile for a resent request.
         match decision_of(&held) {

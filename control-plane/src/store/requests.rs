@@ -10,8 +10,8 @@
 use std::sync::Arc;
 
 use airlock_proto::v1::{
-    action_request::Action, ActionRequest, Grant, HeldRequest, Hello, ListRequestsRequest, Outcome,
-    RequestState, Verdict, Vote,
+    action_request::Action, ActionRequest, Grant, HeldRequest, Hello, ListRequestsRequest,
+    LocalDecision, Outcome, RequestState, Verdict, Vote,
 };
 use prost::Message;
 use serde_json::json;
@@ -259,6 +259,9 @@ impl Tx {
             }
             return Ok((existing, false));
         }
+        if let Some(local) = new.held.request.as_ref().and_then(|r| r.decided.as_ref()) {
+            return self.record_local(new, local).await;
+        }
         if row.int(1)? >= i64::from(host_cap) {
             return Err(StoreError::Limit(format!(
                 "host {host_id} already has {host_cap} requests pending \
@@ -303,6 +306,35 @@ impl Tx {
             true,
         )
         .await?;
+        Ok((held, true))
+    }
+
+    /// Records an action the agent already decided itself (a refusal it had to make, such as
+    /// a traced task): stored decided, never pending, so no cap, grant or vote applies to it.
+    async fn record_local(
+        &mut self,
+        new: &Incoming,
+        local: &LocalDecision,
+    ) -> Result<(HeldRequest, bool), StoreError> {
+        let allowed = local.verdict() == Verdict::Allow;
+        let mut held = new.held.clone();
+        held.state = if allowed {
+            RequestState::Approved
+        } else {
+            RequestState::Denied
+        } as i32;
+        held.decided_by = format!("agent ({})", local.cause);
+        held.reason = local.reason.clone();
+        held.decided_unix_ms = held.received_unix_ms;
+        let mut payload = new.payload.clone();
+        payload["cause"] = json!(local.cause);
+        let action = if allowed {
+            "request.allowed.agent"
+        } else {
+            "request.refused.agent"
+        };
+        self.save(&held, &held.host_id, action, &payload.to_string(), true)
+            .await?;
         Ok((held, true))
     }
 
