@@ -15,7 +15,7 @@ use std::{
     collections::{BTreeMap, HashSet},
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -297,7 +297,7 @@ struct Booted {
     _dir: tempfile::TempDir,
 }
 
-fn boot() -> Result<Booted> {
+fn boot(kernel: &str) -> Result<Booted> {
     let dir = tempfile::tempdir()?;
     let mut server = Server {
         bin: workspace_bin("control-plane", "airlock-server")?,
@@ -332,7 +332,7 @@ fn boot() -> Result<Booted> {
     ));
 
     let workload = env!("CARGO_BIN_EXE_airlock-workload");
-    let mut g = Guest::new();
+    let mut g = Guest::on(kernel);
     g.file(
         "/usr/bin/airlock-agent",
         workspace_bin("agent-user", "airlock-agent")?,
@@ -360,8 +360,11 @@ fn boot() -> Result<Booted> {
     };
     // Kept for a failing run: the guest's console (with the agents' logs) and the server's log.
     let keep = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    std::fs::write(keep.join("e2e-console.log"), &run.console)?;
-    std::fs::copy(data.join("server.log"), keep.join("e2e-server.log"))?;
+    std::fs::write(keep.join(format!("e2e-console-{kernel}.log")), &run.console)?;
+    std::fs::copy(
+        data.join("server.log"),
+        keep.join(format!("e2e-server-{kernel}.log")),
+    )?;
     anyhow::ensure!(
         run.finished(),
         "guest script did not finish:\n{}",
@@ -395,44 +398,33 @@ fn boot() -> Result<Booted> {
     })
 }
 
-fn booted() -> &'static Booted {
-    static BOOT: OnceLock<Booted> = OnceLock::new();
-    BOOT.get_or_init(|| boot().unwrap_or_else(|e| panic!("end-to-end run failed: {e:#}")))
-}
+impl Booted {
+    fn r(&self, key: &str) -> String {
+        let results: BTreeMap<String, String> = self.run.results();
+        results
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| panic!("no result {key}; console:\n{}", self.run.console))
+    }
 
-fn r(key: &str) -> String {
-    let results: BTreeMap<String, String> = booted().run.results();
-    results
-        .get(key)
-        .cloned()
-        .unwrap_or_else(|| panic!("no result {key}; console:\n{}", booted().run.console))
-}
+    /// The requests whose marker is `m`, oldest first.
+    fn requests(&self, m: &str) -> Vec<&HeldRequest> {
+        let mut v: Vec<&HeldRequest> = self.requests.iter().filter(|h| marker(h) == m).collect();
+        v.sort_by_key(|h| h.received_unix_ms);
+        v
+    }
 
-/// The requests whose marker is `m`, oldest first.
-fn requests(m: &str) -> Vec<&'static HeldRequest> {
-    let mut v: Vec<&HeldRequest> = booted()
-        .requests
-        .iter()
-        .filter(|h| marker(h) == m)
-        .collect();
-    v.sort_by_key(|h| h.received_unix_ms);
-    v
-}
+    fn one(&self, m: &str) -> &HeldRequest {
+        let v = self.requests(m);
+        assert_eq!(v.len(), 1, "requests for {m}: {v:#?}");
+        v[0]
+    }
 
-fn one(m: &str) -> &'static HeldRequest {
-    let v = requests(m);
-    assert_eq!(v.len(), 1, "requests for {m}: {v:#?}");
-    v[0]
-}
-
-/// Audit records about request `h`.
-fn audit_of(h: &HeldRequest) -> Vec<&'static audit::Record> {
-    let id = &h.request.as_ref().unwrap().request_id;
-    booted()
-        .audit
-        .iter()
-        .filter(|r| &r.request_id == id)
-        .collect()
+    /// Audit records about request `h`.
+    fn audit_of(&self, h: &HeldRequest) -> Vec<&audit::Record> {
+        let id = &h.request.as_ref().unwrap().request_id;
+        self.audit.iter().filter(|r| &r.request_id == id).collect()
+    }
 }
 
 fn ran_and_exited(h: &HeldRequest, code: i32) -> bool {
@@ -441,19 +433,19 @@ fn ran_and_exited(h: &HeldRequest, code: i32) -> bool {
         .any(|o| o.kind == OutcomeKind::Exited as i32 && o.exit_code == Some(code))
 }
 
-#[test]
-fn allowed_actions_pass_without_a_hold() {
-    assert_eq!(r("agent_1"), "1", "the agent connected to airlock-server");
-    assert_eq!(r("get_rc"), "0");
-    assert!(r("get_out").starts_with("kubectl get pods: done"));
-    assert!(requests("pods").is_empty(), "kubectl get was not held");
+fn allowed_actions_pass_without_a_hold(b: &Booted) {
+    assert_eq!(b.r("agent_1"), "1", "the agent connected to airlock-server");
+    assert_eq!(b.r("get_rc"), "0");
+    assert!(b.r("get_out").starts_with("kubectl get pods: done"));
+    assert!(b.requests("pods").is_empty(), "kubectl get was not held");
 }
 
-#[test]
-fn approved_through_grpc_runs_and_is_audited() {
-    assert_eq!(r("approve_rc"), "0");
-    assert!(r("approve_out").starts_with("kubectl delete ns approve-me: done"));
-    let all = requests("approve-me");
+fn approved_through_grpc_runs_and_is_audited(b: &Booted) {
+    assert_eq!(b.r("approve_rc"), "0");
+    assert!(b
+        .r("approve_out")
+        .starts_with("kubectl delete ns approve-me: done"));
+    let all = b.requests("approve-me");
     assert_eq!(all.len(), 2, "the first run and its repeat");
     let h = all[0];
     assert_eq!(h.state(), RequestState::Approved);
@@ -467,7 +459,8 @@ fn approved_through_grpc_runs_and_is_audited() {
         "the agent reported the run: {:?}",
         h.outcomes
     );
-    let actions: Vec<(&str, &str)> = audit_of(h)
+    let actions: Vec<(&str, &str)> = b
+        .audit_of(h)
         .iter()
         .map(|r| (r.actor.as_str(), r.action.as_str()))
         .collect();
@@ -480,30 +473,29 @@ fn approved_through_grpc_runs_and_is_audited() {
         "{actions:?}"
     );
     assert!(actions.contains(&("alice", "grant.created")), "{actions:?}");
-    let vote = audit_of(h)
+    let vote = b
+        .audit_of(h)
         .into_iter()
         .find(|r| r.action == "request.vote.approve")
         .unwrap();
     assert!(vote.payload.contains("ticket-7"));
 }
 
-#[test]
-fn a_grant_approves_the_repeat_at_once() {
-    assert_eq!(r("grant_rc"), "0");
-    let repeat = requests("approve-me")[1];
+fn a_grant_approves_the_repeat_at_once(b: &Booted) {
+    assert_eq!(b.r("grant_rc"), "0");
+    let repeat = b.requests("approve-me")[1];
     assert_eq!(repeat.state(), RequestState::Approved);
     assert!(
         !repeat.grant_id.is_empty(),
         "approved by a grant: {repeat:?}"
     );
-    assert_eq!(repeat.grant_id, requests("approve-me")[0].grant_id);
+    assert_eq!(repeat.grant_id, b.requests("approve-me")[0].grant_id);
     assert!(repeat.votes.is_empty(), "nobody had to vote");
 }
 
-#[test]
-fn denied_in_the_browser_never_runs() {
-    assert_eq!(r("deny_rc"), "137", "killed before it ran");
-    let h = one("deny-web");
+fn denied_in_the_browser_never_runs(b: &Booted) {
+    assert_eq!(b.r("deny_rc"), "137", "killed before it ran");
+    let h = b.one("deny-web");
     assert_eq!(h.state(), RequestState::Denied);
     assert_eq!(h.decided_by, "bob");
     assert_eq!(h.reason, "web says no");
@@ -511,55 +503,71 @@ fn denied_in_the_browser_never_runs() {
         .outcomes
         .iter()
         .any(|o| o.kind == OutcomeKind::Killed as i32));
-    assert!(booted()
+    assert!(b
         .audit
         .iter()
         .any(|r| r.actor == "bob" && r.action == "login"));
-    assert!(audit_of(h).iter().any(|r| r.actor == "bob"
+    assert!(b.audit_of(h).iter().any(|r| r.actor == "bob"
         && r.action == "request.vote.deny"
         && r.payload.contains("web says no")));
 }
 
-#[test]
-fn unanswered_request_times_out_denied() {
-    assert_eq!(r("timeout_rc"), "137");
-    let h = one("timeout-me");
+fn unanswered_request_times_out_denied(b: &Booted) {
+    assert_eq!(b.r("timeout_rc"), "137");
+    let h = b.one("timeout-me");
     assert_eq!(h.state(), RequestState::Expired);
-    assert!(audit_of(h).iter().any(|r| r.action == "request.expired"));
+    assert!(b.audit_of(h).iter().any(|r| r.action == "request.expired"));
     assert!(h
         .outcomes
         .iter()
         .any(|o| o.cause == "timeout" && o.kind == OutcomeKind::Killed as i32));
 }
 
-#[test]
-fn connect_to_the_database_port_waits_for_approval() {
-    assert!(r("db").starts_with("ok"), "db connect: {}", r("db"));
-    let h = one("connect-5432");
+fn connect_to_the_database_port_waits_for_approval(b: &Booted) {
+    assert!(b.r("db").starts_with("ok"), "db connect: {}", b.r("db"));
+    let h = b.one("connect-5432");
     assert_eq!(h.state(), RequestState::Approved);
     assert_eq!(h.reason, "db maintenance");
 }
 
-#[test]
-fn control_plane_restart_during_a_hold_loses_nothing() {
-    assert_eq!(r("restart_server_rc"), "0", "{}", r("restart_server_out"));
-    let h = one("restart-server");
+fn control_plane_restart_during_a_hold_loses_nothing(b: &Booted) {
+    assert_eq!(
+        b.r("restart_server_rc"),
+        "0",
+        "{}",
+        b.r("restart_server_out")
+    );
+    let h = b.one("restart-server");
     assert_eq!(h.state(), RequestState::Approved);
     assert_eq!(h.reason, "after restart");
     assert!(ran_and_exited(h, 0), "{:?}", h.outcomes);
 }
 
-#[test]
-fn agent_restart_during_a_hold_loses_nothing() {
-    assert_eq!(r("agent_2"), "1", "the new agent connected");
-    assert_eq!(r("restart_agent_rc"), "0", "{}", r("restart_agent_out"));
-    let h = one("restart-agent");
+fn agent_restart_during_a_hold_loses_nothing(b: &Booted) {
+    assert_eq!(b.r("agent_2"), "1", "the new agent connected");
+    assert_eq!(b.r("restart_agent_rc"), "0", "{}", b.r("restart_agent_out"));
+    let h = b.one("restart-agent");
     assert_eq!(h.state(), RequestState::Approved);
     assert_eq!(h.reason, "after agent restart");
 }
 
-#[test]
-fn the_audit_chain_verifies() {
-    let n = booted().verified.clone().expect("audit chain verifies");
-    assert!(n as usize >= booted().audit.len() && n > 10);
+fn the_audit_chain_verifies(b: &Booted) {
+    let n = b.verified.clone().expect("audit chain verifies");
+    assert!(n as usize >= b.audit.len() && n > 10);
 }
+
+airlock_tests::kernel_matrix!(
+    boot = boot,
+    booted = Booted,
+    checks = [
+        allowed_actions_pass_without_a_hold,
+        approved_through_grpc_runs_and_is_audited,
+        a_grant_approves_the_repeat_at_once,
+        denied_in_the_browser_never_runs,
+        unanswered_request_times_out_denied,
+        connect_to_the_database_port_waits_for_approval,
+        control_plane_restart_during_a_hold_loses_nothing,
+        agent_restart_during_a_hold_loses_nothing,
+        the_audit_chain_verifies,
+    ]
+);
