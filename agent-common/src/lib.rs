@@ -6,7 +6,7 @@
 
 /// Version of the pinned state's layout (maps, their keys and values). Pins live under
 /// `<bpffs dir>/v<LAYOUT>`, so that an agent with another layout never reads them wrongly.
-pub const LAYOUT: u32 = 2;
+pub const LAYOUT: u32 = 3;
 
 /// Names of the maps, pinned under the agent's bpffs directory so that holds and marks outlive
 /// an agent restart (or crash) and the next agent finds them.
@@ -15,8 +15,9 @@ pub mod maps {
     pub const EVENTS: &str = "AIRLOCK_EVENTS";
     /// `HashMap<u32 tid, HoldEvent>`: threads held right now.
     pub const HELD: &str = "AIRLOCK_HELD";
-    /// `HashMap<u64 task_struct address, u8>`: tasks marked as watched (inherited at fork by
-    /// every new task, thread or process, of a watched task; removed when the task is freed).
+    /// `HashMap<u64 task_struct address, u32 uid>`: tasks marked as watched, with the uid the
+    /// watch began with (inherited at fork by every new task, thread or process, of a watched
+    /// task; removed when the task is freed).
     pub const WATCHED_TASKS: &str = "AIRLOCK_WATCHED_TASKS";
     /// `HashMap<u32 uid, u8>`.
     pub const WATCH_UIDS: &str = "AIRLOCK_WATCH_UIDS";
@@ -49,6 +50,9 @@ pub mod maps {
     /// `LruHashMap<u32 tgid, i32>`: released execs whose exit status the agent awaits; the
     /// kernel writes the wait status there when the process exits.
     pub const EXITS: &str = "AIRLOCK_EXITS";
+    /// `LruHashMap<u32 tgid, u64 ns>`: when a process's last refusal was reported (refusals
+    /// are reported at most once a second per process, so none can flood the ring).
+    pub const REPORTED: &str = "AIRLOCK_REPORTED";
 }
 
 /// Name of the read-only global holding [`KernelOffsets`], set by the agent at load time.
@@ -101,7 +105,12 @@ pub mod flags {
     pub const SELF_MADE: u32 = 1 << 4;
     /// A send with MSG_FASTOPEN or on an unconnected stream socket (TCP Fast Open).
     pub const FASTOPEN: u32 = 1 << 5;
+    /// The connect came through SCTP's connectx (several addresses), which cannot be held.
+    pub const SCTP_CONNECTX: u32 = 1 << 6;
 }
+
+/// Most intermediate interpreters an exec records (a script run by a script run by ...).
+pub const MIDDLE_LEVELS: usize = 3;
 
 /// Identifies a file by kernel device number and inode, so every path to a binary matches.
 #[repr(C)]
@@ -155,6 +164,9 @@ pub struct HoldEvent {
     /// Change time of the self-made file ([`flags::SELF_MADE`]): the named one if that is
     /// self-made, else the executed one.
     pub stamp: FileStamp,
+    /// Exec of a script run by a chain of interpreters: the files between the named one and
+    /// the one that runs (zero keys where there are fewer).
+    pub middle: [FileKey; MIDDLE_LEVELS],
     /// Exec of a script: the argument count the exec was called with (its arguments are the
     /// last `argc - 1` of the interpreter's command line).
     pub argc: u32,
@@ -170,8 +182,9 @@ pub struct HoldEvent {
     pub family: u16,
     /// Connect and send: destination port, host byte order.
     pub port: u16,
-    /// Always zero.
-    pub pad: u32,
+    /// The uid the watch began with (the account whose task started this chain, before any
+    /// setuid, sudo or su).
+    pub origin_uid: u32,
     /// Connect and send: destination address as IPv6 (IPv4 mapped as `::ffff:a.b.c.d`).
     pub addr: [u8; 16],
     /// Rules (bit per rule) whose kernel prefilter matched.
@@ -220,22 +233,29 @@ pub struct Verdict {
     pub expires_ns: u64,
 }
 
-/// The file an exec in progress named, kept from the first binary-format check to the commit.
+/// The files an exec in progress went through, recorded from its start to its commit: the one
+/// it named (a script), and the interpreters in between.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ExecStart {
-    /// The exec (`struct linux_binprm` address), so a stale record of a failed exec is ignored.
+    /// The exec (`struct linux_binprm` address), so a record of another exec is ignored.
     pub bprm: u64,
     /// The named file.
     pub file: FileKey,
-    /// Its change time.
-    pub stamp: FileStamp,
-    /// Rules naming it.
-    pub rule_mask: u64,
-    /// Whether the account could have made it ([`flags::SELF_MADE`]).
-    pub self_made: u32,
+    /// The interpreters between the named file and the one that runs.
+    pub middle: [FileKey; MIDDLE_LEVELS],
+    /// How many of `middle` are set.
+    pub levels: u32,
     /// The argument count the exec was called with.
     pub argc: u32,
+    /// Change time of the first self-made file among them.
+    pub stamp: FileStamp,
+    /// Rules naming any of them.
+    pub rule_mask: u64,
+    /// Whether the account could have made one of them ([`flags::SELF_MADE`]).
+    pub self_made: u32,
+    /// Always zero.
+    pub pad: u32,
 }
 
 /// A cgroup path relative to the cgroup v2 root (`/system.slice/ci.service`), NUL-padded.
@@ -262,7 +282,8 @@ pub const VERDICT_DENY: u32 = 2;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Config {
     /// tgid of the running agent: never watched, and the only sender allowed to SIGCONT or
-    /// ptrace a held task.
+    /// ptrace a held task, while its heartbeat is fresh and its start time matches (a process
+    /// that reuses the pid of an agent that is gone is nobody). 0 when no agent runs.
     pub agent_tgid: u32,
     /// Non-zero: hold every exec of a watched task, not just the listed binaries.
     pub hold_all_execs: u32,
@@ -275,8 +296,11 @@ pub struct Config {
     /// Non-zero: hold execs of files the account could have made (to find copies of held
     /// binaries, and for `@self-made` rules).
     pub hold_self_made: u32,
-    /// Always zero.
-    pub pad: u32,
+    /// Non-zero: some gid is watched, so supplementary groups are checked too.
+    pub watch_groups: u32,
+    /// Start time of the agent's process (`task_struct::start_boottime`, ns), to within a
+    /// clock tick.
+    pub agent_start_ns: u64,
 }
 
 /// Byte offsets of the kernel struct fields the programs read, resolved by the agent from the
@@ -340,6 +364,24 @@ pub struct KernelOffsets {
     pub task_group_leader: u64,
     /// `struct task_struct::start_time`.
     pub task_start_time: u64,
+    /// `struct task_struct::start_boottime`.
+    pub task_start_boottime: u64,
+    /// `struct task_struct::cred`.
+    pub task_cred: u64,
+    /// `struct cred::group_info`.
+    pub cred_group_info: u64,
+    /// `struct group_info::ngroups`.
+    pub group_info_ngroups: u64,
+    /// `struct group_info::gid`.
+    pub group_info_gid: u64,
+    /// `struct super_block::s_magic`.
+    pub sb_magic: u64,
+    /// `struct super_block::s_user_ns`.
+    pub sb_user_ns: u64,
+    /// `struct user_namespace::level`.
+    pub user_ns_level: u64,
+    /// `struct sock_common::skc_family` (the start of `struct sock`).
+    pub sock_family: u64,
     /// `struct task_struct::mm`.
     pub task_mm: u64,
     /// `struct mm_struct::exe_file`.
@@ -398,10 +440,12 @@ pub enum Counter {
     RefusedFork = 14,
     /// The stop or kill signal could not be sent (the call was refused instead).
     SignalFailed = 15,
+    /// Refusal reports left out because the same process was reported less than a second ago.
+    ReportsSkipped = 16,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_SLOTS: u32 = 16;
+pub const COUNTER_SLOTS: u32 = 17;
 
 /// `-ERESTARTNOINTR`: the syscall is restarted transparently after the stop.
 pub const ERESTARTNOINTR: i32 = -513;

@@ -4,18 +4,20 @@
 //!
 //! Watching
 //! - `mark_fork` (lsm/task_alloc): every task a watched task creates, thread or process, is
-//!   marked at creation, so descendants stay watched across setuid, sudo and su, whoever exits
-//!   first. A full mark table refuses the fork (fails closed). `unmark` (lsm/task_free) forgets
-//!   a task when the kernel frees it.
+//!   marked at creation with the uid the watch began with, so descendants stay watched across
+//!   setuid, sudo and su, whoever exits first. A full mark table refuses the fork (fails
+//!   closed). `unmark` (lsm/task_free) forgets a task when the kernel frees it. The agent is
+//!   recognised by pid, start time and a fresh heartbeat, never by pid alone.
 //! - `cgroup_made` / `cgroup_gone` (tp_btf/cgroup_mkdir, cgroup_rmdir): a cgroup created at a
 //!   watched path (a unit restarted by systemd), or inside a watched cgroup, is watched from its
 //!   creation on.
 //!
 //! Holding
-//! - `exec_named` (lsm/bprm_check_security) notes the file an exec named (a script);
-//!   `exec_hold` (lsm/bprm_committed_creds) holds the exec with SIGSTOP once the new image is in
-//!   place and before it runs. A traced task's exec is refused (killed), since a tracer could
-//!   change what runs.
+//! - `exec_start` (lsm/bprm_creds_for_exec, once per exec) notes the file an exec named (a
+//!   script), `exec_level` (lsm/bprm_check_security, once per binary format level) every
+//!   interpreter after it; `exec_hold` (lsm/bprm_committed_creds) holds the exec with SIGSTOP
+//!   once the new image is in place and before it runs. A traced task's exec is refused
+//!   (killed), since a tracer could change what runs.
 //! - `connect_hold` (lsm/socket_connect), `send_hold` (lsm/socket_sendmsg: unconnected UDP, TCP
 //!   Fast Open), `map_hold` / `mprotect_hold` (lsm/mmap_file, file_mprotect: a loader mapping a
 //!   held binary) return -ERESTARTNOINTR with SIGSTOP; after the agent's SIGCONT the call
@@ -23,6 +25,8 @@
 //!   and file). Calls that cannot be restarted (io_uring) are refused with EACCES and reported.
 //!
 //! Keeping the hold
+//! - `sctp_connect_guard` (lsm/sctp_bind_connect): SCTP's connect to several addresses cannot
+//!   be held; a watched task's to a watched destination is refused.
 //! - `restop` (fexit/get_signal): a held task that anyone but the agent wakes (the SIGIO path,
 //!   the kernel's SIGCONT to an orphaned process group, a tracer's PTRACE_CONT) is stopped again
 //!   before it leaves the kernel: it runs nothing until the agent releases it.
@@ -55,10 +59,23 @@ const SIGCONT: i32 = 18;
 const EPERM: i32 = 1;
 const ENOMEM: i32 = 12;
 const EACCES: i32 = 13;
+const AF_UNSPEC: u16 = 0;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
-const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
+/// Clock ticks are 10 ms (USER_HZ 100): the agent knows its start time to within one.
+const START_SLACK_NS: u64 = 20_000_000;
+/// Superblock magic numbers: files on FUSE are described by their (unprivileged) server, and
+/// files in memory can change through a shared mapping without their change time moving.
+const FUSE_SUPER_MAGIC: u64 = 0x6573_5546;
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+const RAMFS_MAGIC: u64 = 0x8584_58f6;
+const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
+/// Supplementary groups checked per task (more are not looked at).
+const MAX_GROUPS: u32 = 32;
+/// SCTP's connect-by-several-addresses socket options (SCTP_SOCKOPT_CONNECTX_OLD, _CONNECTX,
+/// _CONNECTX3) and sendmsg's implicit connect (SCTP_SENDMSG_CONNECT).
+const SCTP_CONNECT_OPTS: [i32; 4] = [107, 110, 111, 112];
 /// `SS_CONNECTED` of `enum socket_state`.
 const SS_CONNECTED: i32 = 3;
 const PTRACE_MODE_ATTACH: u32 = 0x02;
@@ -70,45 +87,7 @@ const RESTARTABLE_NET_CALLS: [u64; 9] = [42, 44, 46, 307, 102, 362, 369, 370, 34
 
 /// Field offsets of the running kernel, set by the agent at load time from its BTF.
 #[no_mangle]
-static AIRLOCK_OFFSETS: KernelOffsets = KernelOffsets {
-    binprm_file: 0,
-    binprm_argc: 0,
-    file_inode: 0,
-    inode_ino: 0,
-    inode_sb: 0,
-    inode_mode: 0,
-    inode_uid: 0,
-    inode_gid: 0,
-    inode_ctime_sec: 0,
-    inode_ctime_nsec: 0,
-    inode_ctime_nsec_size: 0,
-    sb_dev: 0,
-    socket_state: 0,
-    socket_type: 0,
-    socket_sk: 0,
-    socket_alloc_inode: 0,
-    sock_protocol: 0,
-    msghdr_name: 0,
-    msghdr_namelen: 0,
-    vma_file: 0,
-    task_pid: 0,
-    task_tgid: 0,
-    task_exit_code: 0,
-    task_ptrace: 0,
-    task_flags: 0,
-    task_signal: 0,
-    task_group_leader: 0,
-    task_start_time: 0,
-    task_mm: 0,
-    mm_exe_file: 0,
-    signal_live: 0,
-    regs_orig_ax: 0,
-    cgroup_kn: 0,
-    kernfs_id: 0,
-    kernfs_parent: 0,
-    mmap_prot_arg: 0,
-    mprotect_prot_arg: 0,
-};
+static AIRLOCK_OFFSETS: KernelOffsets = unsafe { core::mem::zeroed() };
 
 /// BPF_F_NO_PREALLOC: entries are allocated when inserted (mandatory for LPM tries).
 const NO_PREALLOC: u32 = 1;
@@ -121,7 +100,7 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 static HELD: HashMap<u32, HoldEvent> = HashMap::pinned(16384, 0);
 /// The agent sets the size from `agent.max_watched_tasks`.
 #[map(name = "AIRLOCK_WATCHED_TASKS")]
-static WATCHED_TASKS: HashMap<u64, u8> = HashMap::pinned(131072, NO_PREALLOC);
+static WATCHED_TASKS: HashMap<u64, u32> = HashMap::pinned(131072, NO_PREALLOC);
 #[map(name = "AIRLOCK_WATCH_UIDS")]
 static WATCH_UIDS: HashMap<u32, u8> = HashMap::pinned(1024, 0);
 #[map(name = "AIRLOCK_WATCH_GIDS")]
@@ -148,6 +127,8 @@ static VERDICTS: LruHashMap<VerdictKey, Verdict> = LruHashMap::pinned(16384, 0);
 static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map(name = "AIRLOCK_EXITS")]
 static EXITS: LruHashMap<u32, i32> = LruHashMap::pinned(8192, 0);
+#[map(name = "AIRLOCK_REPORTED")]
+static REPORTED: LruHashMap<u32, u64> = LruHashMap::pinned(4096, 0);
 #[map(name = "AIRLOCK_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(agent_common::COUNTER_SLOTS, 0);
 
@@ -216,16 +197,78 @@ fn current() -> Current {
     }
 }
 
-/// Whether the current task is watched: marked (inherited), or by uid, gid or cgroup. The
-/// agent itself never is. A task watched by uid, gid or cgroup is marked, so the watch survives
-/// a later setuid in this very task.
+/// Whether a watched task is to be held (and with which origin), and whether its mark could be
+/// kept.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Watch {
+    /// Not watched.
+    No,
+    /// Watched; the uid the watch began with.
+    Yes(u32),
+    /// Watched now (by uid, gid or cgroup), but the mark table is full: after a setuid it
+    /// would not be. Execs fail closed.
+    Unmarked(u32),
+}
+
+impl Watch {
+    fn origin(self) -> Option<u32> {
+        match self {
+            Watch::No => None,
+            Watch::Yes(o) | Watch::Unmarked(o) => Some(o),
+        }
+    }
+}
+
+/// Whether the current task is the running agent: its tgid, its start time (a process that
+/// reuses the pid of an agent that is gone is not it), and a fresh heartbeat.
 #[inline(always)]
-fn watched(cur: &Current, cfg: &Config) -> bool {
-    if cur.tgid == cfg.agent_tgid {
+fn is_agent(cur: &Current, cfg: &Config) -> bool {
+    if cfg.agent_tgid == 0 || cur.tgid != cfg.agent_tgid || !agent_alive(cfg) {
         return false;
     }
-    if unsafe { WATCHED_TASKS.get(cur.task) }.is_some() {
-        return true;
+    let start = unsafe {
+        read_at::<*const u8>(cur.task as *const u8, off!(task_group_leader))
+            .and_then(|leader| read_at::<u64>(leader, off!(task_start_boottime)))
+    };
+    start.is_ok_and(|s| s.abs_diff(cfg.agent_start_ns) <= START_SLACK_NS)
+}
+
+/// Whether one of the current task's supplementary groups is watched.
+#[inline(always)]
+fn watched_group(task: u64) -> bool {
+    unsafe {
+        let Ok(cred) = read_at::<*const u8>(task as *const u8, off!(task_cred)) else {
+            return false;
+        };
+        let Ok(info) = read_at::<*const u8>(cred, off!(cred_group_info)) else {
+            return false;
+        };
+        let n = read_at::<i32>(info, off!(group_info_ngroups)).unwrap_or(0);
+        let base = info.wrapping_add(off!(group_info_gid) as usize);
+        for i in 0..MAX_GROUPS {
+            if i as i32 >= n {
+                break;
+            }
+            if let Ok(gid) = read_at::<u32>(base, u64::from(i) * 4) {
+                if WATCH_GIDS.get(gid).is_some() {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// Whether the current task is watched: marked (inherited), or by uid, gid (primary or
+/// supplementary) or cgroup. The agent itself never is. A task watched by uid, gid or cgroup
+/// is marked with its uid, so the watch survives a later setuid in this very task.
+#[inline(always)]
+fn watched(cur: &Current, cfg: &Config) -> Watch {
+    if is_agent(cur, cfg) {
+        return Watch::No;
+    }
+    if let Some(origin) = unsafe { WATCHED_TASKS.get(cur.task) } {
+        return Watch::Yes(*origin);
     }
     let ids = bpf_get_current_uid_gid();
     let uid = ids as u32;
@@ -235,11 +278,14 @@ fn watched(cur: &Current, cfg: &Config) -> bool {
         WATCH_UIDS.get(uid).is_some()
             || WATCH_GIDS.get(gid).is_some()
             || WATCH_CGROUPS.get(cgroup).is_some()
-    };
-    if watched {
-        let _ = WATCHED_TASKS.insert(cur.task, 1, 0);
+    } || (cfg.watch_groups != 0 && watched_group(cur.task));
+    if !watched {
+        return Watch::No;
     }
-    watched
+    if WATCHED_TASKS.insert(cur.task, uid, 0).is_err() {
+        return Watch::Unmarked(uid);
+    }
+    Watch::Yes(uid)
 }
 
 /// Whether the agent is alive (recent heartbeat). When it is not, holds fail closed.
@@ -261,8 +307,9 @@ fn process_start(task: u64) -> u64 {
 
 /// Fills the common part of an event for the current task (in place: the stack is small).
 #[inline(always)]
-fn fill_event(ev: &mut HoldEvent, cur: &Current, kind: HoldKind, rule_mask: u64) {
+fn fill_event(ev: &mut HoldEvent, cur: &Current, kind: HoldKind, rule_mask: u64, origin: u32) {
     let ids = bpf_get_current_uid_gid();
+    ev.origin_uid = origin;
     ev.kind = kind as u32;
     ev.tgid = cur.tgid;
     ev.tid = cur.tid;
@@ -286,6 +333,28 @@ fn report(ev: &HoldEvent) -> bool {
         return false;
     }
     true
+}
+
+/// Reports a refusal the kernel made on its own (no hold): at most once a second per process,
+/// so a process repeating a refused call cannot fill the ring and starve the holds of others.
+#[inline(always)]
+fn report_refusal(ev: &HoldEvent) {
+    let now = now_ns();
+    if let Some(last) = unsafe { REPORTED.get(ev.tgid) } {
+        if now.saturating_sub(*last) < 1_000_000_000 {
+            count(Counter::ReportsSkipped);
+            return;
+        }
+    }
+    let _ = REPORTED.insert(ev.tgid, now, 0);
+    report(ev);
+}
+
+/// Whether the current task is being traced: a tracer could change what a held call or
+/// program does between the decision and the run (PTRACE_POKEDATA needs no new permission).
+#[inline(always)]
+fn traced(cur: &Current) -> bool {
+    unsafe { read_at::<u32>(cur.task as *const u8, off!(task_ptrace)) }.unwrap_or(1) != 0
 }
 
 /// Records the hold of the current thread and tells the agent. False when it could not be
@@ -322,11 +391,16 @@ struct FileFacts {
     key: FileKey,
     stamp: FileStamp,
     self_made: bool,
+    /// Its contents can change without its change time moving (a file in memory, changed
+    /// through a shared mapping): a hash of it is never remembered.
+    volatile: bool,
 }
 
 /// Device, inode, change time of `file`, and whether the account of uid `uid` and gid `gid`
 /// could have made it: owned by it, or writable by it (world-writable, or group-writable with
-/// its group). Root made everything it runs, so nothing counts as self-made for root.
+/// its group), or on a file system an unprivileged user controls (FUSE, whose server describes
+/// its files, or one mounted in a user namespace, such as an overlay over a held binary's
+/// directory). Root made everything it runs, so nothing counts as self-made for root.
 #[inline(always)]
 fn file_facts(file: *const u8, uid: u32, gid: u32) -> Option<FileFacts> {
     unsafe {
@@ -343,12 +417,24 @@ fn file_facts(file: *const u8, uid: u32, gid: u32) -> Option<FileFacts> {
         } else {
             read_at::<u64>(inode, off!(inode_ctime_nsec)).unwrap_or(0)
         };
-        let self_made =
-            uid != 0 && (owner == uid || mode & 0o002 != 0 || (mode & 0o020 != 0 && group == gid));
+        let magic = read_at::<u64>(sb, off!(sb_magic)).unwrap_or(0);
+        let user_ns_level = read_at::<*const u8>(sb, off!(sb_user_ns))
+            .and_then(|ns| read_at::<u32>(ns, off!(user_ns_level)))
+            .unwrap_or(0);
+        let foreign_fs = magic == FUSE_SUPER_MAGIC || user_ns_level != 0;
+        let self_made = uid != 0
+            && (foreign_fs
+                || owner == uid
+                || mode & 0o002 != 0
+                || (mode & 0o020 != 0 && group == gid));
         Some(FileFacts {
             key: FileKey { ino, dev, pad: 0 },
             stamp: FileStamp { sec, nsec },
             self_made,
+            volatile: foreign_fs
+                || magic == TMPFS_MAGIC
+                || magic == RAMFS_MAGIC
+                || magic == HUGETLBFS_MAGIC,
         })
     }
 }
@@ -359,6 +445,9 @@ fn file_facts(file: *const u8, uid: u32, gid: u32) -> Option<FileFacts> {
 fn needs_hash(cfg: &Config, f: &FileFacts) -> bool {
     if cfg.hold_self_made == 0 || !f.self_made {
         return false;
+    }
+    if f.volatile {
+        return true;
     }
     match unsafe { CLEARED_FILES.get(f.key) } {
         Some(stamp) => *stamp != f.stamp,
@@ -378,11 +467,11 @@ fn current_ids() -> (u32, u32) {
 pub fn mark_fork(ctx: LsmContext) -> i32 {
     let Some(cfg) = config() else { return 0 };
     let cur = current();
-    if !watched(&cur, cfg) {
+    let Some(origin) = watched(&cur, cfg).origin() else {
         return 0;
-    }
+    };
     let child: *const u8 = ctx.arg(0);
-    if WATCHED_TASKS.insert(child as u64, 1, 0).is_err() {
+    if WATCHED_TASKS.insert(child as u64, origin, 0).is_err() {
         // A new task that could not be marked would run unwatched after a setuid: no fork.
         count(Counter::RefusedFork);
         return -ENOMEM;
@@ -465,25 +554,25 @@ pub fn task_exit(ctx: BtfTracePointContext) -> i32 {
 
 // --- exec ---------------------------------------------------------------------------------
 
-#[lsm(hook = "bprm_check_security")]
-pub fn exec_named(ctx: LsmContext) -> i32 {
+/// The file `bprm` is at now (the named file at the start, each interpreter after).
+#[inline(always)]
+fn bprm_file(bprm: *const u8) -> Option<FileFacts> {
+    let file = unsafe { read_at::<*const u8>(bprm, off!(binprm_file)) }.ok()?;
+    let (uid, gid) = current_ids();
+    file_facts(file, uid, gid)
+}
+
+#[lsm(hook = "bprm_creds_for_exec")]
+pub fn exec_start(ctx: LsmContext) -> i32 {
     let Some(cfg) = config() else { return 0 };
     let cur = current();
-    if !watched(&cur, cfg) {
+    if watched(&cur, cfg) == Watch::No {
         return 0;
     }
+    // Once per exec, before any binary format looks at it: a fresh record, so that nothing of
+    // an earlier exec (one that failed after its checks) is taken for this one's.
     let bprm: *const u8 = ctx.arg(0);
-    // Called once per binary format level: only the first names the file the exec asked for.
-    if let Some(start) = unsafe { EXEC_STARTS.get(cur.task) } {
-        if start.bprm == bprm as u64 {
-            return 0;
-        }
-    }
-    let Ok(file) = (unsafe { read_at::<*const u8>(bprm, off!(binprm_file)) }) else {
-        return 0;
-    };
-    let (uid, gid) = current_ids();
-    let Some(f) = file_facts(file, uid, gid) else {
+    let Some(f) = bprm_file(bprm) else {
         return 0;
     };
     let start = ExecStart {
@@ -493,8 +582,48 @@ pub fn exec_named(ctx: LsmContext) -> i32 {
         rule_mask: unsafe { EXEC_FILES.get(f.key) }.copied().unwrap_or(0),
         self_made: u32::from(needs_hash(cfg, &f)),
         argc: unsafe { read_at::<u32>(bprm, off!(binprm_argc)) }.unwrap_or(0),
+        ..ExecStart::default()
     };
     let _ = EXEC_STARTS.insert(cur.task, start, 0);
+    0
+}
+
+#[lsm(hook = "bprm_check_security")]
+pub fn exec_level(ctx: LsmContext) -> i32 {
+    let Some(cfg) = config() else { return 0 };
+    let cur = current();
+    if watched(&cur, cfg) == Watch::No {
+        return 0;
+    }
+    // Once per binary format level: a script's interpreter, and an interpreter's interpreter.
+    let bprm: *const u8 = ctx.arg(0);
+    let Some(start) = EXEC_STARTS.get_ptr_mut(cur.task) else {
+        return 0;
+    };
+    let start = unsafe { &mut *start };
+    if start.bprm != bprm as u64 {
+        return 0;
+    }
+    let Some(f) = bprm_file(bprm) else {
+        return 0;
+    };
+    if f.key == start.file {
+        return 0;
+    }
+    start.rule_mask |= unsafe { EXEC_FILES.get(f.key) }.copied().unwrap_or(0);
+    if start.self_made == 0 && needs_hash(cfg, &f) {
+        start.self_made = 1;
+        start.stamp = f.stamp;
+    }
+    // Every level is recorded (the last one runs; those before it are interpreters between):
+    // past the table's room, a level still adds its rules but not its name.
+    match start.levels {
+        0 => start.middle[0] = f.key,
+        1 => start.middle[1] = f.key,
+        2 => start.middle[2] = f.key,
+        _ => {}
+    }
+    start.levels += 1;
     0
 }
 
@@ -502,15 +631,12 @@ pub fn exec_named(ctx: LsmContext) -> i32 {
 pub fn exec_hold(ctx: LsmContext) -> i32 {
     let Some(cfg) = config() else { return 0 };
     let cur = current();
-    if !watched(&cur, cfg) {
-        return 0;
-    }
-    let bprm: *const u8 = ctx.arg(0);
-    let Ok(file) = (unsafe { read_at::<*const u8>(bprm, off!(binprm_file)) }) else {
+    let watch = watched(&cur, cfg);
+    let Some(origin) = watch.origin() else {
         return 0;
     };
-    let (uid, gid) = current_ids();
-    let Some(run) = file_facts(file, uid, gid) else {
+    let bprm: *const u8 = ctx.arg(0);
+    let Some(run) = bprm_file(bprm) else {
         return 0;
     };
     let start = unsafe { EXEC_STARTS.get(cur.task) }
@@ -520,7 +646,7 @@ pub fn exec_hold(ctx: LsmContext) -> i32 {
     let mut rule_mask = unsafe { EXEC_FILES.get(run.key) }.copied().unwrap_or(0);
     let mut self_made = needs_hash(cfg, &run);
     let mut ev = HoldEvent::default();
-    fill_event(&mut ev, &cur, HoldKind::Exec, 0);
+    fill_event(&mut ev, &cur, HoldKind::Exec, 0, origin);
     ev.file = run.key;
     ev.named = run.key;
     ev.stamp = run.stamp;
@@ -530,6 +656,7 @@ pub fn exec_hold(ctx: LsmContext) -> i32 {
         if s.file != run.key {
             ev.flags |= flags::SCRIPT;
             ev.named = s.file;
+            ev.middle = s.middle;
         }
         if s.self_made != 0 {
             self_made = true;
@@ -550,10 +677,16 @@ pub fn exec_hold(ctx: LsmContext) -> i32 {
     }
     // exec holds cred_guard_mutex here, so no tracer can attach between this check and the
     // hold (ptrace_attach takes it too, and is refused for held tasks afterwards).
-    if unsafe { read_at::<u32>(cur.task as *const u8, off!(task_ptrace)) }.unwrap_or(1) != 0 {
+    if traced(&cur) {
         ev.flags |= flags::TRACED | flags::REFUSED;
         count(Counter::RefusedTraced);
-        report(&ev);
+        report_refusal(&ev);
+        kill_self();
+        return 0;
+    }
+    // A task that could not be marked would be free after a setuid: no exec.
+    if let Watch::Unmarked(_) = watch {
+        count(Counter::RefusedFork);
         kill_self();
         return 0;
     }
@@ -585,9 +718,9 @@ fn map_hold(file: *const u8, prot: u64) -> i32 {
     }
     let Some(cfg) = config() else { return 0 };
     let cur = current();
-    if !watched(&cur, cfg) {
+    let Some(origin) = watched(&cur, cfg).origin() else {
         return 0;
-    }
+    };
     let (uid, gid) = current_ids();
     let Some(f) = file_facts(file, uid, gid) else {
         return 0;
@@ -624,17 +757,23 @@ fn map_hold(file: *const u8, prot: u64) -> i32 {
     if unsafe { HELD.get(cur.tid) }.is_some() {
         return ERESTARTNOINTR;
     }
-    if !agent_alive(cfg) {
-        count(Counter::DropNoAgent);
-        return -EACCES;
-    }
     let mut ev = HoldEvent::default();
-    fill_event(&mut ev, &cur, HoldKind::Map, rule_mask);
+    fill_event(&mut ev, &cur, HoldKind::Map, rule_mask, origin);
     ev.file = f.key;
     ev.named = f.key;
     ev.stamp = f.stamp;
     if self_made {
         ev.flags |= flags::SELF_MADE;
+    }
+    if traced(&cur) {
+        ev.flags |= flags::TRACED | flags::REFUSED;
+        count(Counter::RefusedTraced);
+        report_refusal(&ev);
+        return -EACCES;
+    }
+    if !agent_alive(cfg) {
+        count(Counter::DropNoAgent);
+        return -EACCES;
     }
     if !publish(&ev) || !stop_for(&ev) {
         return -EACCES;
@@ -713,11 +852,16 @@ fn restartable(cur: &Current) -> bool {
     RESTARTABLE_NET_CALLS.contains(&nr)
 }
 
-/// A destination from a `struct sockaddr` in kernel memory: family, address (IPv6, IPv4
-/// mapped) and port. `None` for other families or a short address.
+/// A destination from a `struct sockaddr` in kernel memory, on a socket of family
+/// `sock_family`: family, address (IPv6, IPv4 mapped) and port. `None` for other families or a
+/// short address. An IPv4 datagram socket takes AF_UNSPEC as IPv4 (udp_sendmsg does); the
+/// unspecified address (0.0.0.0, ::) reaches this host, so it is taken as loopback.
 #[inline(always)]
-fn destination(addr: *const u8, len: i32) -> Option<(u16, [u8; 16], u16)> {
-    let family = unsafe { read_at::<u16>(addr, 0) }.ok()?;
+fn destination(addr: *const u8, len: i32, sock_family: u16) -> Option<(u16, [u8; 16], u16)> {
+    let mut family = unsafe { read_at::<u16>(addr, 0) }.ok()?;
+    if family == AF_UNSPEC && sock_family == AF_INET {
+        family = AF_INET;
+    }
     let port = u16::from_be(unsafe { read_at::<u16>(addr, 2) }.ok()?);
     let mut ip = [0u8; 16];
     match family {
@@ -726,8 +870,20 @@ fn destination(addr: *const u8, len: i32) -> Option<(u16, [u8; 16], u16)> {
             ip[10] = 0xff;
             ip[11] = 0xff;
             ip[12..16].copy_from_slice(&v4);
+            if v4 == [0; 4] {
+                ip[12] = 127;
+                ip[15] = 1;
+            }
         }
-        AF_INET6 if len >= 24 => ip = unsafe { read_at::<[u8; 16]>(addr, 8) }.ok()?,
+        AF_INET6 if len >= 24 => {
+            ip = unsafe { read_at::<[u8; 16]>(addr, 8) }.ok()?;
+            if ip == [0; 16] {
+                ip[15] = 1;
+            } else if ip[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] && ip[12..] == [0; 4] {
+                ip[12] = 127;
+                ip[15] = 1;
+            }
+        }
         _ => return None,
     }
     Some((family, ip, port))
@@ -743,26 +899,34 @@ fn destination_rules(cfg: &Config, ip: [u8; 16], port: u16) -> u64 {
     *net_mask & port_mask
 }
 
-/// Holds (or lets through, or refuses) a connect or addressed send on `sock` to `addr`.
+/// The family of `sock`'s `struct sock` (AF_INET, AF_INET6, ...).
+#[inline(always)]
+fn sock_family(sock: *const u8) -> u16 {
+    unsafe {
+        read_at::<*const u8>(sock, off!(socket_sk))
+            .and_then(|sk| read_at::<u16>(sk, off!(sock_family)))
+    }
+    .unwrap_or(0)
+}
+
+/// Holds (or lets through, or refuses) a connect or addressed send on `sock` to `addr`. Every
+/// socket type is held: stream and datagram, and SCTP's, DCCP's and the rest like stream.
 #[inline(always)]
 fn net_hold(sock: *const u8, addr: *const u8, len: i32, kind: HoldKind, send: bool) -> i32 {
-    let Some((family, ip, port)) = destination(addr, len) else {
+    let Some((family, ip, port)) = destination(addr, len, sock_family(sock)) else {
         return 0;
     };
     let Some(cfg) = config() else { return 0 };
     let cur = current();
-    if !watched(&cur, cfg) {
+    let Some(origin) = watched(&cur, cfg).origin() else {
         return 0;
-    }
+    };
     let sock_type = match unsafe { read_at::<i16>(sock, off!(socket_type)) } {
         Ok(t) => t as u32,
         Err(_) => return 0,
     };
-    if sock_type != SOCK_STREAM && sock_type != SOCK_DGRAM {
-        return 0;
-    }
     let mut fastopen = false;
-    if send && sock_type == SOCK_STREAM {
+    if send && sock_type != SOCK_DGRAM {
         // A stream socket's send names a destination only for TCP Fast Open; once connected,
         // the address is ignored.
         if unsafe { read_at::<i32>(sock, off!(socket_state)) }.unwrap_or(SS_CONNECTED)
@@ -810,7 +974,7 @@ fn net_hold(sock: *const u8, addr: *const u8, len: i32, kind: HoldKind, send: bo
         return ERESTARTNOINTR;
     }
     let mut ev = HoldEvent::default();
-    fill_event(&mut ev, &cur, kind, rule_mask);
+    fill_event(&mut ev, &cur, kind, rule_mask, origin);
     ev.family = family;
     ev.port = port;
     ev.addr = ip;
@@ -824,7 +988,13 @@ fn net_hold(sock: *const u8, addr: *const u8, len: i32, kind: HoldKind, send: bo
     if !restartable(&cur) {
         ev.flags |= flags::INDIRECT | flags::REFUSED;
         count(Counter::RefusedIndirect);
-        report(&ev);
+        report_refusal(&ev);
+        return -EACCES;
+    }
+    if traced(&cur) {
+        ev.flags |= flags::TRACED | flags::REFUSED;
+        count(Counter::RefusedTraced);
+        report_refusal(&ev);
         return -EACCES;
     }
     if !agent_alive(cfg) {
@@ -865,6 +1035,52 @@ pub fn send_hold(ctx: LsmContext) -> i32 {
     net_hold(sock, name, len, HoldKind::Send, true)
 }
 
+/// SCTP's connect with several addresses (and sendmsg's implicit connect) bypasses
+/// socket_connect: a watched task's is refused when any of its addresses (the first eight; a
+/// longer list is refused whole) is watched.
+#[lsm(hook = "sctp_bind_connect")]
+pub fn sctp_connect_guard(ctx: LsmContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let optname: i32 = ctx.arg(1);
+    let addrs: *const u8 = ctx.arg(2);
+    let len: i32 = ctx.arg(3);
+    if !SCTP_CONNECT_OPTS.contains(&optname) {
+        return 0;
+    }
+    let Some(cfg) = config() else { return 0 };
+    let cur = current();
+    let Some(origin) = watched(&cur, cfg).origin() else {
+        return 0;
+    };
+    let mut offset: i32 = 0;
+    let mut watched_dest = false;
+    for _ in 0..8 {
+        if offset >= len {
+            break;
+        }
+        let at = addrs.wrapping_add(offset as usize);
+        let family = unsafe { read_at::<u16>(at, 0) }.unwrap_or(0);
+        let size = if family == AF_INET6 { 28 } else { 16 };
+        if let Some((_, ip, port)) = destination(at, size, family) {
+            if destination_rules(cfg, ip, port) != 0 {
+                watched_dest = true;
+                break;
+            }
+        }
+        offset += size;
+    }
+    if !watched_dest && offset >= len {
+        return 0;
+    }
+    let mut ev = HoldEvent::default();
+    fill_event(&mut ev, &cur, HoldKind::Connect, 0, origin);
+    ev.flags |= flags::REFUSED | flags::INDIRECT | flags::SCTP_CONNECTX;
+    ev.protocol = unsafe { read_at::<u16>(sk, off!(sock_protocol)) }.unwrap_or(132);
+    count(Counter::RefusedIndirect);
+    report_refusal(&ev);
+    -EACCES
+}
+
 // --- keeping the hold ---------------------------------------------------------------------
 
 #[fexit(function = "get_signal")]
@@ -891,8 +1107,10 @@ fn held_and_not_agent(task: *const u8) -> bool {
     if unsafe { HELD.get(target) }.is_none() {
         return false;
     }
-    let agent = config().map(|c| c.agent_tgid).unwrap_or(0);
-    current().tgid != agent
+    match config() {
+        Some(cfg) => !is_agent(&current(), cfg),
+        None => true,
+    }
 }
 
 #[lsm(hook = "task_kill")]

@@ -1,11 +1,15 @@
 //! What a held action is: the program (and its arguments) or the destination, as rules match it
 //! and as approvers read it.
 //!
-//! An exec has several identities: the program the kernel runs, the script the exec named (run
-//! by its interpreter), the program a loader maps (`ld.so /usr/bin/kubectl ...`), and, for a
-//! file the account could have made, the rule binary it is a byte-for-byte copy of. argv[0] is
-//! the caller's choice and never names the program; the program's own arguments are those after
-//! its place in the command line.
+//! An exec has several identities, each with the arguments it was given: the program the kernel
+//! runs (an interpreter gets every argument after argv[0], its `#!` line's included), the script
+//! the exec named (its own arguments), the interpreters between them, the program a loader maps
+//! (`ld.so /usr/bin/kubectl ...`: the arguments after it), and, for a file the account could have
+//! made, the rule binary it is a byte-for-byte copy of. argv[0] is the caller's choice and never
+//! names the program.
+//!
+//! Everything here reads what the task can change (its files, its command line) and may block
+//! (a FIFO, a stalled FUSE server): callers run it off the async workers, with a time limit.
 
 use std::{
     net::IpAddr,
@@ -19,7 +23,7 @@ use airlock_proto::v1::{
 
 use crate::{
     identity::{self, Hasher},
-    policy::{display_addr, ExecSubject, Policy},
+    policy::{display_addr, ExecSubject, Identity, Policy},
     procinfo,
 };
 
@@ -79,7 +83,9 @@ fn describe_net(ev: &HoldEvent) -> Described {
         (17, _) | (0, 2) => Protocol::Udp,
         _ => Protocol::Unspecified,
     };
-    let via = if ev.flags & flags::INDIRECT != 0 {
+    let via = if ev.flags & flags::SCTP_CONNECTX != 0 {
+        "sctp-connectx"
+    } else if ev.flags & flags::INDIRECT != 0 {
         "io_uring"
     } else if ev.kind == HoldKind::Send as u32 {
         "sendmsg"
@@ -103,6 +109,17 @@ fn describe_net(ev: &HoldEvent) -> Described {
     }
 }
 
+/// `path` (absolute, or relative to `cwd`) as the task sees it: under its own root.
+fn in_task(proc_root: &Path, tgid: u32, cwd: &Path, path: &str) -> PathBuf {
+    let full = if path.starts_with('/') {
+        PathBuf::from(path)
+    } else {
+        cwd.join(path)
+    };
+    let relative = full.strip_prefix("/").unwrap_or(&full);
+    proc_root.join(tgid.to_string()).join("root").join(relative)
+}
+
 fn describe_exec(
     ev: &HoldEvent,
     mapping: bool,
@@ -112,16 +129,22 @@ fn describe_exec(
     hasher: &Hasher,
 ) -> Described {
     let argv = &ctx.argv;
+    let after = |i: usize| argv.get(i + 1..).unwrap_or_default().to_vec();
     let dir = procinfo::thread_dir(proc_root, ev.tgid, ev.tid);
     let cwd = Path::new(&ctx.cwd);
     let mut subject = ExecSubject {
-        keys: vec![ev.file],
         self_made: ev.flags & flags::SELF_MADE != 0,
-        // No command line (the task is already gone): nothing rules out any pattern.
-        cut: argv.is_empty() || procinfo::is_cut(argv),
+        // No command line (the task is already gone), or too long to read whole: its arguments
+        // are not known.
+        cut: argv.is_empty() || ctx.argv_truncated,
         ..Default::default()
     };
-    // Where the program's own arguments start, what it is called, and how to read its bytes.
+    let known = |key: FileKey, args: Vec<String>| Identity {
+        key,
+        args,
+        args_known: true,
+    };
+    // The program's identities, its name for approvers, and where its bytes can be read.
     let (via, program, contents): (&str, String, Option<PathBuf>) = if mapping {
         let fd = open_fd_of(proc_root, ev.tgid, ev.file);
         let path = fd
@@ -134,45 +157,62 @@ fn describe_exec(
                     .map(|p| p.display().to_string())
             })
             .unwrap_or_default();
-        match argv
-            .iter()
-            .skip(1)
-            .position(|a| resolves_to(a, cwd, ev.file))
-        {
-            Some(i) => subject.args = argv[i + 2..].to_vec(),
-            None => {
-                // The loader's command line does not name the file: its arguments cannot be
-                // told apart, so every argument pattern applies.
-                subject.args = argv.get(1..).unwrap_or_default().to_vec();
-                subject.cut = true;
+        // A loader's options come before the program (`--argv0 NAME`, `--library-path DIR`,
+        // ...): every argument that names the mapped file is a candidate for the program, and
+        // a rule applies if it matches the arguments after any of them.
+        for (i, arg) in argv.iter().enumerate().skip(1) {
+            let resolved = in_task(proc_root, ev.tgid, cwd, arg);
+            if !arg.is_empty() && identity::regular_file_key(&resolved).is_ok_and(|k| k == ev.file)
+            {
+                subject.identities.push(known(ev.file, after(i)));
             }
+        }
+        if subject.identities.is_empty() {
+            subject.identities.push(Identity {
+                key: ev.file,
+                args: after(0),
+                args_known: false,
+            });
         }
         ("loader", path, fd)
     } else if ev.flags & flags::SCRIPT != 0 {
-        subject.keys.push(ev.named);
+        // The interpreter gets every argument after argv[0], its `#!` line's among them.
+        subject.identities.push(known(ev.file, after(0)));
         // binfmt_script runs [interpreter, optional argument, script, script arguments...]: the
         // script's own arguments are the last argc - 1.
         let own = (ev.argc as usize).saturating_sub(1);
         let script_at = argv.len().checked_sub(own + 1).filter(|i| *i >= 1);
         let script = match script_at {
             Some(i) => {
-                subject.args = argv[i + 1..].to_vec();
+                subject.identities.push(known(ev.named, after(i)));
                 argv[i].clone()
             }
             None => {
-                subject.args = argv.get(1..).unwrap_or_default().to_vec();
-                subject.cut = true;
+                subject.identities.push(Identity {
+                    key: ev.named,
+                    args: after(0),
+                    args_known: false,
+                });
                 String::new()
             }
         };
-        let path = policy
+        // Interpreters between the script and the one that runs: their arguments are not told
+        // apart here.
+        for key in ev.middle.iter().filter(|k| **k != FileKey::default()) {
+            subject.identities.push(Identity {
+                key: *key,
+                args: after(0),
+                args_known: false,
+            });
+        }
+        let shown = policy
             .binary_path(&ev.named)
             .map(|p| p.display().to_string())
-            .unwrap_or_else(|| absolute(&script, cwd));
-        let contents = (!path.is_empty()).then(|| PathBuf::from(&path));
-        ("script", path, contents)
+            .unwrap_or_else(|| script.clone());
+        let contents = (!script.is_empty()).then(|| in_task(proc_root, ev.tgid, cwd, &script));
+        ("script", shown, contents)
     } else {
-        subject.args = argv.get(1..).unwrap_or_default().to_vec();
+        subject.identities.push(known(ev.file, after(0)));
         ("exec", String::new(), Some(dir.join("exe")))
     };
     let mut action = ExecAction {
@@ -186,25 +226,43 @@ fn describe_exec(
     };
     let mut clears = Vec::new();
     if subject.self_made {
-        match contents.as_deref().map(|p| hasher.sum(p)) {
-            Some(Ok(sum)) => {
+        let hashed = contents
+            .as_deref()
+            .ok_or_else(|| "no path to read".to_owned())
+            .and_then(|p| {
+                let size = std::fs::metadata(p).map_err(|e| e.to_string())?.len();
+                Ok((hasher.sum(p).map_err(|e| e.to_string())?, size))
+            });
+        match hashed {
+            Ok((sum, size)) => {
                 action.sha256 = identity::hex(&sum);
-                match policy.copy_of(&sum, hasher) {
+                match policy.copy_of(&sum, size, hasher) {
                     Some(binary) => {
-                        subject.keys.push(binary.key);
+                        // The copy is the binary, with the arguments it was given.
+                        let copies: Vec<Identity> = subject
+                            .identities
+                            .iter()
+                            .map(|i| Identity {
+                                key: binary.key,
+                                ..i.clone()
+                            })
+                            .collect();
+                        subject.identities.extend(copies);
                         action.copy_of = binary.path.display().to_string();
                     }
                     None => {
-                        // Which of the files was the account's is not said; only the right
-                        // key and change time together clear anything.
+                        // Which of the files was the account's is not said; only the right key
+                        // and change time together clear anything.
                         clears.push((ev.named, ev.stamp));
                         clears.push((ev.file, ev.stamp));
                     }
                 }
             }
-            // Unreadable: no copy can be ruled out, so nothing is cleared.
-            Some(Err(e)) => tracing::warn!(pid = ev.tgid, error = %e, "cannot hash the program"),
-            None => {}
+            Err(e) => {
+                // No copy can be ruled out: it counts as a copy of every held binary.
+                tracing::warn!(pid = ev.tgid, error = %e, "cannot hash the program; treating it as a copy of every held binary");
+                subject.unchecked = true;
+            }
         }
     }
     Described {
@@ -214,29 +272,13 @@ fn describe_exec(
     }
 }
 
-/// `path` made absolute against `cwd`.
-fn absolute(path: &str, cwd: &Path) -> String {
-    if path.is_empty() || path.starts_with('/') {
-        return path.to_owned();
-    }
-    cwd.join(path).display().to_string()
-}
-
-/// Whether the command-line argument `arg` names the file `key` (relative to `cwd`).
-fn resolves_to(arg: &str, cwd: &Path, key: FileKey) -> bool {
-    if arg.is_empty() || arg.starts_with('-') {
-        return false;
-    }
-    identity::file_key(&cwd.join(arg)).is_ok_and(|k| k == key)
-}
-
 /// The /proc path of an open descriptor of process `tgid` on the file `key` (a loader maps the
 /// program it opened).
 fn open_fd_of(proc_root: &Path, tgid: u32, key: FileKey) -> Option<PathBuf> {
     let fds = proc_root.join(tgid.to_string()).join("fd");
     std::fs::read_dir(&fds).ok()?.flatten().find_map(|e| {
         let path = e.path();
-        identity::file_key(&path)
+        identity::regular_file_key(&path)
             .ok()
             .filter(|k| *k == key)
             .map(|_| path)
@@ -263,6 +305,14 @@ mod tests {
         }
     }
 
+    fn args(s: &ExecSubject, key: FileKey) -> Vec<Vec<String>> {
+        s.identities
+            .iter()
+            .filter(|i| i.key == key && i.args_known)
+            .map(|i| i.args.clone())
+            .collect()
+    }
+
     #[test]
     fn argv0_is_not_an_argument_even_when_empty() {
         let ev = HoldEvent {
@@ -277,19 +327,32 @@ mod tests {
             &Hasher::default(),
         );
         let (s, a) = exec_of(&d);
-        assert_eq!(s.args, ["delete", "ns"]);
+        assert_eq!(args(s, ev.file), [["delete", "ns"]]);
         assert_eq!(a.via, "exec");
     }
 
     #[test]
-    fn script_arguments_are_the_last_argc_minus_one() {
+    fn a_script_and_its_interpreter_each_get_their_own_arguments() {
+        let interpreter = FileKey {
+            ino: 1,
+            dev: 1,
+            pad: 0,
+        };
+        let script = FileKey {
+            ino: 2,
+            dev: 1,
+            pad: 0,
+        };
         let ev = HoldEvent {
             kind: HoldKind::Exec as u32,
             flags: flags::SCRIPT,
             argc: 3,
+            file: interpreter,
+            named: script,
             ..Default::default()
         };
-        // `deploy.sh prod now` run as `/bin/sh -e /opt/deploy.sh prod now`.
+        // `deploy.sh prod now` run as `/bin/sh -e /opt/deploy.sh prod now` (a `#!/bin/sh -e`
+        // line): the interpreter's arguments include the line's own.
         let d = describe(
             &ev,
             &context(&["/bin/sh", "-e", "/opt/deploy.sh", "prod", "now"]),
@@ -298,18 +361,24 @@ mod tests {
             &Hasher::default(),
         );
         let (s, a) = exec_of(&d);
-        assert_eq!(s.args, ["prod", "now"]);
+        assert_eq!(args(s, script), [["prod", "now"]]);
+        assert_eq!(
+            args(s, interpreter),
+            [["-e", "/opt/deploy.sh", "prod", "now"]]
+        );
         assert_eq!(a.program, "/opt/deploy.sh");
         assert_eq!(a.via, "script");
         assert!(!s.cut);
     }
 
     #[test]
-    fn a_loader_runs_the_program_it_was_given() {
+    fn a_loader_runs_the_program_it_was_given_after_its_options() {
         let key = identity::file_key(Path::new("/usr/bin/env")).unwrap();
         let ev = HoldEvent {
             kind: HoldKind::Map as u32,
             file: key,
+            // Paths are resolved under /proc/PID/root: this process's own will do.
+            tgid: std::process::id(),
             ..Default::default()
         };
         let c = Config::parse(
@@ -318,17 +387,24 @@ mod tests {
         )
         .unwrap();
         let policy = Policy::compile(&c.rules, Path::new("t.toml")).unwrap();
+        // `--argv0 /usr/bin/env` names the file too: both places are candidates.
         let d = describe(
             &ev,
-            &context(&["ld.so", "--argv0", "x", "/usr/bin/env", "delete", "ns"]),
+            &context(&[
+                "ld.so",
+                "--argv0",
+                "/usr/bin/env",
+                "/usr/bin/env",
+                "delete",
+                "ns",
+            ]),
             Path::new("/proc"),
             &policy,
             &Hasher::default(),
         );
         let (s, a) = exec_of(&d);
-        assert_eq!(s.args, ["delete", "ns"]);
+        assert!(args(s, key).contains(&vec!["delete".to_owned(), "ns".to_owned()]));
         assert_eq!(a.program, "/usr/bin/env");
         assert_eq!(a.via, "loader");
-        assert!(!s.cut);
     }
 }

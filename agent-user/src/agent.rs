@@ -343,6 +343,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
     for t in [rules_task, metrics_task].into_iter().flatten() {
         t.abort();
     }
+    if let Err(e) = kernel.retire() {
+        tracing::error!(error = %e, "could not retire as the agent; the kernel stops trusting this pid when its heartbeat goes stale");
+    }
     let held = kernel.held().len();
     let counters: BTreeMap<_, _> = bpf::named_counters(&kernel.counters())
         .into_iter()

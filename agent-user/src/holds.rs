@@ -30,6 +30,20 @@ use crate::{
 
 /// How often a waiting hold checks that its task still exists.
 const LIVENESS_TICK: Duration = Duration::from_millis(250);
+/// How long reading a held task's context may take. It reads what the task controls (its
+/// files, its command line; a FIFO or a stalled FUSE server can block forever): past this, the
+/// hold is denied.
+const EXAMINE_LIMIT: Duration = Duration::from_secs(10);
+
+/// What the agent knows of a held action.
+struct Examined {
+    ctx: ProcessContext,
+    described: Described,
+    /// The rule that governs it, if any.
+    rule: Option<RuleConfig>,
+    /// Whether some rule names self-made files (then a checked file is never cleared).
+    self_made_rules: bool,
+}
 
 /// Everything a hold needs, shared by all holds.
 pub struct Engine {
@@ -137,7 +151,7 @@ impl Engine {
     /// report).
     pub async fn handle(self: Arc<Self>, ev: HoldEvent) {
         if ev.flags & flags::REFUSED != 0 {
-            self.report_refusal(&ev);
+            self.report_refusal(&ev).await;
             return;
         }
         let key = (ev.tid, ev.hold_ns);
@@ -199,23 +213,34 @@ impl Engine {
             }
             TaskState::Stopped => {}
         }
-        let ctx = procinfo::gather(&self.proc_root, ev.tgid, ev.tid, &settings.env_allow);
-        let policy = self.policy();
-        let described = action::describe(&ev, &ctx, &self.proc_root, &policy, &self.hasher);
-        let rule = match &described.subject {
-            Subject::Exec(s) => policy.match_exec(s, &ctx.user),
-            Subject::Connect {
-                addr,
-                port,
-                sock_type,
-            } => policy.match_connect(*addr, *port, *sock_type, &ctx.user),
+        let Some(Examined {
+            ctx,
+            described,
+            rule,
+            self_made_rules,
+        }) = self.examine(ev, &settings).await
+        else {
+            tracing::error!(request = %id, pid = ev.tgid, "reading the held task's context took too long; denying");
+            self.apply(
+                &ev,
+                &id,
+                Verdicted {
+                    allow: false,
+                    cause: "unreadable",
+                    by: String::new(),
+                    reason: String::new(),
+                },
+                ConnectDeny::Kill,
+            )
+            .await;
+            return;
         };
-        let Some(rule) = rule else {
+        let Some(rule_cfg) = rule else {
             // Held by the prefilter, but no rule matches in full (other arguments, or a file
             // the account made that copies no held binary).
             tracing::debug!(pid = ev.tgid, argv = ?ctx.argv, "no rule matches; resuming");
-            for (key, stamp) in &described.clears {
-                if !policy.has_self_made_rule() {
+            if !self_made_rules {
+                for (key, stamp) in &described.clears {
                     self.kernel.clear_file(*key, *stamp);
                 }
             }
@@ -233,7 +258,6 @@ impl Engine {
             .await;
             return;
         };
-        let rule_cfg = rule.config.clone();
         let deadline_mono = self.deadline(&ev, Some(&rule_cfg), &settings);
         let request = self.request(&ev, &id, &ctx, described, &rule_cfg, deadline_mono);
         tracing::info!(
@@ -290,13 +314,54 @@ impl Engine {
         }
     }
 
+    /// Reads the task's context, describes the action and finds its rule, off the async
+    /// workers and within [`EXAMINE_LIMIT`]. `None` when that took too long.
+    async fn examine(self: &Arc<Self>, ev: HoldEvent, settings: &AgentSection) -> Option<Examined> {
+        let engine = self.clone();
+        let env_allow = settings.env_allow.clone();
+        let job = tokio::task::spawn_blocking(move || engine.examine_now(&ev, &env_allow));
+        match tokio::time::timeout(EXAMINE_LIMIT, job).await {
+            Ok(Ok(examined)) => Some(examined),
+            _ => None,
+        }
+    }
+
+    fn examine_now(&self, ev: &HoldEvent, env_allow: &[String]) -> Examined {
+        let ctx = procinfo::gather(&self.proc_root, ev.tgid, ev.tid, ev.origin_uid, env_allow);
+        let policy = self.policy();
+        let described = action::describe(ev, &ctx, &self.proc_root, &policy, &self.hasher);
+        // Rules that name accounts apply to the account and to the watched account it descends
+        // from (a task that became root through sudo is still ci's).
+        let accounts = [ctx.user.as_str(), ctx.watched_as.as_str()];
+        let rule = match &described.subject {
+            Subject::Exec(s) => policy.match_exec(s, &accounts),
+            Subject::Connect {
+                addr,
+                port,
+                sock_type,
+            } => policy.match_connect(*addr, *port, *sock_type, &accounts),
+        }
+        .map(|r| r.config.clone());
+        Examined {
+            ctx,
+            described,
+            rule,
+            self_made_rules: policy.has_self_made_rule(),
+        }
+    }
+
     /// Reports a refusal the kernel made on its own: the task was never held, so only the
     /// record is left to make.
-    fn report_refusal(&self, ev: &HoldEvent) {
+    async fn report_refusal(self: &Arc<Self>, ev: &HoldEvent) {
         let (cause, reason) = if ev.flags & flags::TRACED != 0 {
             (
                 "traced",
-                "the task was being traced (ptrace): a tracer could change what runs, so the exec was refused",
+                "the task was being traced (ptrace): a tracer could change what it does after the decision, so the action was refused",
+            )
+        } else if ev.flags & flags::SCTP_CONNECTX != 0 {
+            (
+                "sctp-connectx",
+                "an SCTP connect to several addresses cannot be held: refused with EACCES",
             )
         } else {
             (
@@ -305,23 +370,24 @@ impl Engine {
             )
         };
         let settings = self.settings();
-        let ctx = procinfo::gather(&self.proc_root, ev.tgid, ev.tid, &settings.env_allow);
-        let policy = self.policy();
-        let described = action::describe(ev, &ctx, &self.proc_root, &policy, &self.hasher);
-        let rule = match &described.subject {
-            Subject::Exec(s) => policy.match_exec(s, &ctx.user),
-            Subject::Connect {
-                addr,
-                port,
-                sock_type,
-            } => policy.match_connect(*addr, *port, *sock_type, &ctx.user),
-        }
-        .map(|r| r.config.name.clone())
-        .unwrap_or_default();
+        let Some(Examined {
+            ctx,
+            described,
+            rule,
+            ..
+        }) = self.examine(*ev, &settings).await
+        else {
+            tracing::warn!(
+                pid = ev.tgid,
+                cause,
+                "refused without a hold; its context could not be read"
+            );
+            return;
+        };
         let id = self.request_id(ev);
         let request = ActionRequest {
             request_id: id.clone(),
-            rule,
+            rule: rule.map(|r| r.name).unwrap_or_default(),
             process: Some(ctx),
             action: Some(described.action),
             held_at_unix_ms: mono_to_unix_ms(ev.hold_ns),

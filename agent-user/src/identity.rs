@@ -13,7 +13,10 @@ use std::{
     collections::HashMap,
     fs::File,
     io::Read,
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    os::{
+        fd::AsRawFd,
+        unix::fs::{MetadataExt, OpenOptionsExt},
+    },
     path::Path,
     sync::Mutex,
 };
@@ -55,7 +58,53 @@ pub fn key_of_open(file: &File) -> std::io::Result<FileKey> {
 /// Device and inode, as the kernel sees them, of the file `path` resolves to (symlinks
 /// followed).
 pub fn file_key(path: &Path) -> std::io::Result<FileKey> {
-    key_of_open(&File::open(path)?)
+    key_of_open(&open_regular(path)?)
+}
+
+/// Like [`file_key`], for a path a watched task chose: anything but a regular file is refused
+/// before it is opened (a FIFO would block the open for good).
+pub fn regular_file_key(path: &Path) -> std::io::Result<FileKey> {
+    key_of_open(&open_regular(path)?)
+}
+
+/// Opens `path` for reading if it is a regular file, without blocking on it.
+fn open_regular(path: &Path) -> std::io::Result<File> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    // The path may have been swapped for something else between the two looks.
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    Ok(file)
+}
+
+/// Largest file hashed (a bigger one cannot be checked, and counts as a copy of everything).
+const MAX_HASHED: u64 = 1 << 30;
+
+/// File systems whose files can change without their change time moving (in memory, through
+/// a shared mapping) or whose server says what it likes (FUSE): a sum of such a file is never
+/// kept.
+fn volatile(file: &File) -> bool {
+    // tmpfs, ramfs, hugetlbfs, FUSE.
+    const VOLATILE: [i64; 4] = [0x0102_1994, 0x8584_58f6, 0x9584_58f6, 0x6573_5546];
+    // SAFETY: fstatfs fills the zeroed buffer for a valid descriptor.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return true;
+    }
+    VOLATILE.contains(&(st.f_type as i64))
 }
 
 /// The super block device of mount `mnt_id`, from /proc/self/mountinfo.
@@ -83,14 +132,24 @@ pub struct Hasher {
 const MAX_CACHED: usize = 4096;
 
 impl Hasher {
-    /// SHA-256 of the file at `path` (which may be a /proc/PID/exe or /proc/PID/fd/N link:
-    /// it is opened, so deleted files and memfds hash too).
+    /// SHA-256 of the regular file at `path` (which may be a /proc/PID/exe or /proc/PID/fd/N
+    /// link: it is opened, so deleted files and memfds hash too). Files over 1 GiB are not
+    /// hashed (an error).
     pub fn sum(&self, path: &Path) -> std::io::Result<Sha256Sum> {
-        let mut file = File::open(path)?;
+        let mut file = open_regular(path)?;
         let meta = file.metadata()?;
+        if meta.len() > MAX_HASHED {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} is larger than {MAX_HASHED} bytes", path.display()),
+            ));
+        }
         let stamp = (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec());
-        if let Some(sum) = self.lock().get(&stamp) {
-            return Ok(*sum);
+        let keep = !volatile(&file);
+        if keep {
+            if let Some(sum) = self.lock().get(&stamp) {
+                return Ok(*sum);
+            }
         }
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 16];
@@ -102,11 +161,13 @@ impl Hasher {
             hasher.update(&buf[..n]);
         }
         let sum: Sha256Sum = hasher.finalize().into();
-        let mut cache = self.lock();
-        if cache.len() >= MAX_CACHED {
-            cache.clear();
+        if keep {
+            let mut cache = self.lock();
+            if cache.len() >= MAX_CACHED {
+                cache.clear();
+            }
+            cache.insert(stamp, sum);
         }
-        cache.insert(stamp, sum);
         Ok(sum)
     }
 
@@ -142,6 +203,15 @@ mod tests {
         let fdinfo =
             std::fs::read_to_string(format!("/proc/self/fdinfo/{}", file.as_raw_fd())).unwrap();
         assert!(fdinfo.contains("mnt_id:"), "{fdinfo}");
+    }
+
+    #[test]
+    fn fifos_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("f");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(regular_file_key(&fifo).is_err());
+        assert!(Hasher::default().sum(&fifo).is_err());
     }
 
     #[test]

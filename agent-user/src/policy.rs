@@ -96,18 +96,31 @@ pub struct Policy {
     pub binaries: Vec<Binary>,
 }
 
+/// One identity of a program, with the arguments it was given as that program.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// The file.
+    pub key: FileKey,
+    /// Its arguments (after the program).
+    pub args: Vec<String>,
+    /// Whether `args` are known to be its own (false: the program's place in the command line
+    /// could not be told).
+    pub args_known: bool,
+}
+
 /// An exec (or executable mapping) as matching sees it.
 #[derive(Debug, Clone, Default)]
 pub struct ExecSubject {
-    /// Every identity the program has (run file, named file, the binary it is a copy of).
-    pub keys: Vec<FileKey>,
+    /// Every identity the program has (run file, named file, interpreters between, the binary
+    /// it is a copy of), each with its arguments.
+    pub identities: Vec<Identity>,
     /// Whether the account could have made the file.
     pub self_made: bool,
-    /// The arguments after the program.
-    pub args: Vec<String>,
-    /// The arguments could not all be read (too many, or the program's place in the command
-    /// line was not found): every argument pattern matches, so the rule applies.
+    /// The command line could not be read whole: no arguments are known.
     pub cut: bool,
+    /// A file the account made could not be checked: it counts as a copy of every binary a
+    /// rule names.
+    pub unchecked: bool,
 }
 
 /// Kernel prefilter tables derived from a [`Policy`].
@@ -291,11 +304,12 @@ impl Policy {
             .map(|b| b.path.as_path())
     }
 
-    /// The first rule binary (in rule order) that `sum` is a copy of. The binaries are hashed
-    /// when first needed (not at load: a large binary takes a while), and `hasher` keeps the
-    /// sums until the files change.
-    pub fn copy_of(&self, sum: &Sha256Sum, hasher: &Hasher) -> Option<&Binary> {
-        self.binaries.iter().find(|b| match hasher.sum(&b.path) {
+    /// The first rule binary (in rule order) that a file of `size` bytes with the digest `sum`
+    /// is a copy of. Only binaries of the same size are hashed, when first needed (not at load:
+    /// a large binary takes a while), and `hasher` keeps the sums until the files change.
+    pub fn copy_of(&self, sum: &Sha256Sum, size: u64, hasher: &Hasher) -> Option<&Binary> {
+        let same_size = |b: &&Binary| std::fs::metadata(&b.path).is_ok_and(|m| m.len() == size);
+        self.binaries.iter().filter(same_size).find(|b| match hasher.sum(&b.path) {
             Ok(s) => s == *sum,
             Err(e) => {
                 tracing::warn!(binary = %b.path.display(), error = %e, "cannot hash; its copies are not recognised");
@@ -304,53 +318,69 @@ impl Policy {
         })
     }
 
-    /// The rule governing an exec (or executable mapping) `subject` of account `user`.
-    pub fn match_exec(&self, subject: &ExecSubject, user: &str) -> Option<&Rule> {
+    /// The rule governing an exec (or executable mapping) `subject` of `accounts` (the task's
+    /// account, and the watched account it descends from).
+    ///
+    /// A rule applies when one of the program's identities is a file it names (or it names
+    /// every exec, or self-made files and this is one) and that identity's arguments match.
+    /// Arguments that are not known (cut, or the program's place not found) match every
+    /// pattern of an ask or deny rule and no pattern of an allow rule: unknown arguments never
+    /// let anything through.
+    pub fn match_exec(&self, subject: &ExecSubject, accounts: &[&str]) -> Option<&Rule> {
         self.rules
             .iter()
-            .filter(|r| r.applies_to(user))
-            .find(|rule| match &rule.matcher {
-                Matcher::Exec {
+            .filter(|r| accounts.iter().any(|a| r.applies_to(a)))
+            .find(|rule| {
+                let Matcher::Exec {
                     files,
                     all,
                     self_made,
                     args,
-                } => {
-                    let program = *all
-                        || (*self_made && subject.self_made)
-                        || subject.keys.iter().any(|k| files.contains(k));
-                    program
-                        && (subject.cut
-                            || args
-                                .as_ref()
-                                .is_none_or(|ps| ps.iter().any(|p| p.matches(&subject.args))))
-                }
-                Matcher::Connect { .. } => false,
+                } = &rule.matcher
+                else {
+                    return false;
+                };
+                let names = |key: &FileKey| {
+                    *all || (*self_made && subject.self_made)
+                        || files.contains(key)
+                        || (subject.unchecked && !files.is_empty())
+                };
+                subject.identities.iter().any(|id| {
+                    names(&id.key)
+                        && match args {
+                            None => true,
+                            Some(_) if subject.cut || !id.args_known => {
+                                rule.config.decision != Decision::Allow
+                            }
+                            Some(patterns) => patterns.iter().any(|p| p.matches(&id.args)),
+                        }
+                })
             })
     }
 
     /// The rule governing a connect to `addr`:`port` over a socket of type `sock_type`
-    /// (1 stream, 2 datagram).
+    /// (1 stream, 2 datagram) by `accounts` (as for [`Policy::match_exec`]).
     pub fn match_connect(
         &self,
         addr: IpAddr,
         port: u16,
         sock_type: u32,
-        user: &str,
+        accounts: &[&str],
     ) -> Option<&Rule> {
         let v6 = to_v6(addr);
         self.rules
             .iter()
-            .filter(|r| r.applies_to(user))
+            .filter(|r| accounts.iter().any(|a| r.applies_to(a)))
             .find(|rule| match &rule.matcher {
                 Matcher::Connect {
                     nets,
                     ports,
                     protocol,
                 } => {
+                    // Stream-like sockets (SCTP, DCCP) count as TCP: held like it.
                     let proto_ok = match protocol {
                         ProtocolFilter::Any => true,
-                        ProtocolFilter::Tcp => sock_type == 1,
+                        ProtocolFilter::Tcp => sock_type != 2,
                         ProtocolFilter::Udp => sock_type == 2,
                     };
                     proto_ok
@@ -429,18 +459,21 @@ mod tests {
     /// An exec of `key` with the arguments (after the program) of `args`.
     fn exec(key: FileKey, args: &str) -> ExecSubject {
         ExecSubject {
-            keys: vec![key],
-            args: args
-                .split(' ')
-                .filter(|a| !a.is_empty())
-                .map(String::from)
-                .collect(),
+            identities: vec![Identity {
+                key,
+                args: args
+                    .split(' ')
+                    .filter(|a| !a.is_empty())
+                    .map(String::from)
+                    .collect(),
+                args_known: true,
+            }],
             ..Default::default()
         }
     }
 
     fn name<'a>(p: &'a Policy, s: &ExecSubject, user: &str) -> Option<&'a str> {
-        p.match_exec(s, user).map(|r| r.config.name.as_str())
+        p.match_exec(s, &[user]).map(|r| r.config.name.as_str())
     }
 
     #[test]
@@ -467,7 +500,7 @@ decision = "allow"
         );
         assert_eq!(name(&p, &exec(key, "get pods"), "ci"), Some("rest"));
         let other = file_key(Path::new("/usr/bin/env")).unwrap();
-        assert!(p.match_exec(&exec(other, "x delete y"), "ci").is_none());
+        assert!(name(&p, &exec(other, "x delete y"), "ci").is_none());
     }
 
     #[test]
@@ -497,19 +530,34 @@ decision = "allow"
     }
 
     #[test]
-    fn a_cut_argv_matches_argument_patterns() {
+    fn unknown_arguments_hold_and_never_allow() {
         let p = policy(
-            "[[rule]]\nname = \"force\"\nexec = [\"/bin/sh\"]\nargs = [\"* --force\"]\ndecision = \"ask\"\n",
+            "[[rule]]\nname = \"get\"\nexec = [\"/bin/sh\"]\nargs = [\"get *\"]\ndecision = \"allow\"\n[[rule]]\nname = \"force\"\nexec = [\"/bin/sh\"]\nargs = [\"* --force\"]\ndecision = \"ask\"\n",
         );
         let key = file_key(Path::new("/bin/sh")).unwrap();
-        assert!(p.match_exec(&exec(key, "delete pod"), "ci").is_none());
+        assert_eq!(name(&p, &exec(key, "get pods"), "ci"), Some("get"));
+        assert!(name(&p, &exec(key, "delete pod"), "ci").is_none());
         let cut = ExecSubject {
             cut: true,
-            ..exec(key, "delete pod")
+            ..exec(key, "get pods")
         };
+        assert_eq!(
+            name(&p, &cut, "ci"),
+            Some("force"),
+            "what was cut could hide --force, and cannot prove `get`"
+        );
+    }
+
+    #[test]
+    fn rules_for_an_account_follow_it_past_setuid() {
+        let p = policy(
+            "[[rule]]\nname = \"ci\"\naccounts = [\"ci\"]\nexec = [\"/bin/sh\"]\ndecision = \"ask\"\n",
+        );
+        let key = file_key(Path::new("/bin/sh")).unwrap();
+        assert!(p.match_exec(&exec(key, ""), &["root"]).is_none());
         assert!(
-            p.match_exec(&cut, "ci").is_some(),
-            "what was cut could hide --force"
+            p.match_exec(&exec(key, ""), &["root", "ci"]).is_some(),
+            "ci's task that became root"
         );
     }
 
@@ -520,19 +568,25 @@ decision = "allow"
         );
         let interpreter = file_key(Path::new("/bin/sh")).unwrap();
         let script = file_key(Path::new("/usr/bin/env")).unwrap();
-        let s = ExecSubject {
-            keys: vec![interpreter, script],
-            ..Default::default()
-        };
+        let mut s = exec(interpreter, "");
+        s.identities.extend(exec(script, "").identities);
         assert_eq!(name(&p, &s, "ci"), Some("script"), "named by the script");
         let made = ExecSubject {
-            keys: vec![interpreter],
             self_made: true,
-            ..Default::default()
+            ..exec(interpreter, "")
         };
         assert_eq!(name(&p, &made, "ci"), Some("mine"));
         assert!(p.has_self_made_rule());
-        assert!(p.match_exec(&exec(interpreter, ""), "ci").is_none());
+        assert!(name(&p, &exec(interpreter, ""), "ci").is_none());
+        let unchecked = ExecSubject {
+            unchecked: true,
+            ..exec(interpreter, "")
+        };
+        assert_eq!(
+            name(&p, &unchecked, "ci"),
+            Some("script"),
+            "a file that could not be hashed counts as a copy"
+        );
     }
 
     #[test]
@@ -547,11 +601,14 @@ decision = "allow"
         let dir = tempfile::tempdir().unwrap();
         let copy = dir.path().join("renamed");
         std::fs::copy("/usr/bin/env", &copy).unwrap();
-        let found = p.copy_of(&h.sum(&copy).unwrap(), &h).expect("a copy");
+        let size = |f: &Path| std::fs::metadata(f).unwrap().len();
+        let sum = h.sum(&copy).unwrap();
+        let found = p.copy_of(&sum, size(&copy), &h).expect("a copy");
         assert_eq!(found.path, Path::new("/usr/bin/env"));
-        assert!(p
-            .copy_of(&h.sum(Path::new("/bin/sh")).unwrap(), &h)
-            .is_none());
+        let sh = Path::new("/bin/sh");
+        assert!(p.copy_of(&h.sum(sh).unwrap(), size(sh), &h).is_none());
+        // Binaries of another size are not hashed at all, so not found even for the right sum.
+        assert!(p.copy_of(&sum, size(&copy) + 1, &h).is_none());
     }
 
     #[test]
@@ -577,15 +634,20 @@ decision = "ask"
 "#,
         );
         let v4: IpAddr = "10.1.2.3".parse().unwrap();
-        assert!(p.match_connect(v4, 5432, 1, "ci").is_some());
-        assert!(p.match_connect(v4, 5433, 1, "ci").is_none());
-        assert!(p.match_connect(v4, 5432, 2, "ci").is_none(), "udp excluded");
+        let ci = ["ci"];
+        assert!(p.match_connect(v4, 5432, 1, &ci).is_some());
+        assert!(p.match_connect(v4, 5433, 1, &ci).is_none());
+        assert!(p.match_connect(v4, 5432, 2, &ci).is_none(), "udp excluded");
+        assert!(
+            p.match_connect(v4, 5432, 5, &ci).is_some(),
+            "SCTP counts as TCP"
+        );
         let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
-        assert!(p.match_connect(mapped, 5432, 1, "ci").is_some());
+        assert!(p.match_connect(mapped, 5432, 1, &ci).is_some());
         let v6: IpAddr = "2001:db8::5".parse().unwrap();
-        assert!(p.match_connect(v6, 5432, 1, "ci").is_some());
+        assert!(p.match_connect(v6, 5432, 1, &ci).is_some());
         assert!(p
-            .match_connect("11.0.0.1".parse().unwrap(), 5432, 1, "ci")
+            .match_connect("11.0.0.1".parse().unwrap(), 5432, 1, &ci)
             .is_none());
     }
 

@@ -80,42 +80,35 @@ pub async fn wait_stopped(dir: &Path, limit: Duration) -> TaskState {
     }
 }
 
-/// argv of the task in `dir` (NUL-separated cmdline).
-pub fn cmdline(dir: &Path) -> Vec<String> {
+/// argv of the task in `dir` (NUL-separated cmdline), and whether it had to be cut.
+pub fn cmdline(dir: &Path) -> (Vec<String>, bool) {
     fs::read(dir.join("cmdline"))
         .map(|raw| split_nul(&raw))
         .unwrap_or_default()
 }
 
-/// Whether an argv was cut by [`split_nul`] (its last item says so).
-pub fn is_cut(argv: &[String]) -> bool {
-    argv.last()
-        .is_some_and(|a| a.starts_with(CUT_PREFIX) && a.ends_with(" more items cut]"))
-}
-
-const CUT_PREFIX: &str = "[airlock: ";
-
 /// Splits NUL-terminated items, keeping empty ones (an empty argument is an argument), at most
 /// [`MAX_ITEMS`] items and [`MAX_TEXT`] bytes; a cut is marked with a last item saying how much
-/// was left out.
-fn split_nul(raw: &[u8]) -> Vec<String> {
+/// was left out (for people to read; the flag returned with it is what says it was cut, since
+/// a task can put any text in its argv).
+fn split_nul(raw: &[u8]) -> (Vec<String>, bool) {
     let mut out = Vec::new();
     let mut bytes = 0;
     // Each item ends with a NUL; what follows the last one is not an item.
     let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
     if raw.is_empty() {
-        return out;
+        return (out, false);
     }
     let items: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
     for (i, item) in items.iter().enumerate() {
         if out.len() == MAX_ITEMS || bytes + item.len() > MAX_TEXT {
-            out.push(format!("{CUT_PREFIX}{} more items cut]", items.len() - i));
-            break;
+            out.push(format!("[airlock: {} more items cut]", items.len() - i));
+            return (out, true);
         }
         bytes += item.len();
         out.push(String::from_utf8_lossy(item).into_owned());
     }
-    out
+    (out, false)
 }
 
 fn link(dir: &Path, name: &str) -> String {
@@ -186,6 +179,7 @@ fn cgroup(dir: &Path) -> (String, String) {
 fn environment(dir: &Path, allow: &[String]) -> Vec<EnvVar> {
     let raw = fs::read(dir.join("environ")).unwrap_or_default();
     split_nul(&raw)
+        .0
         .into_iter()
         .filter(|kv| !kv.is_empty())
         .filter_map(|kv| {
@@ -205,9 +199,17 @@ fn login_uid(dir: &Path) -> Option<u32> {
     text.trim().parse().ok().filter(|uid| *uid != u32::MAX)
 }
 
-/// Everything the decider is told about thread `tid` of process `pid`.
-pub fn gather(root: &Path, pid: u32, tid: u32, env_allow: &[String]) -> ProcessContext {
+/// Everything the decider is told about thread `tid` of process `pid`, whose watch began with
+/// account `origin_uid`.
+pub fn gather(
+    root: &Path,
+    pid: u32,
+    tid: u32,
+    origin_uid: u32,
+    env_allow: &[String],
+) -> ProcessContext {
     let dir = thread_dir(root, pid, tid);
+    let (argv, argv_truncated) = cmdline(&dir);
     let st = status(&dir).unwrap_or_default();
     let (cgroup, unit) = cgroup(&dir);
     let mut ancestors = Vec::new();
@@ -220,7 +222,7 @@ pub fn gather(root: &Path, pid: u32, tid: u32, env_allow: &[String]) -> ProcessC
             uid: ast.uid,
             user: user_name(ast.uid),
             exe: link(&adir, "exe"),
-            argv: cmdline(&adir),
+            argv: cmdline(&adir).0,
         });
         next = ast.ppid;
     }
@@ -235,7 +237,8 @@ pub fn gather(root: &Path, pid: u32, tid: u32, env_allow: &[String]) -> ProcessC
         user: user_name(st.uid),
         group: group_name(st.gid),
         exe: link(&dir, "exe"),
-        argv: cmdline(&dir),
+        argv,
+        argv_truncated,
         cwd: link(&dir, "cwd"),
         env: environment(&dir, env_allow),
         cgroup,
@@ -244,6 +247,7 @@ pub fn gather(root: &Path, pid: u32, tid: u32, env_allow: &[String]) -> ProcessC
         comm,
         login_uid: login,
         login_user: login.map(user_name).unwrap_or_default(),
+        watched_as: user_name(origin_uid),
     }
 }
 
@@ -254,7 +258,7 @@ mod tests {
     #[test]
     fn gathers_own_process() {
         let me = std::process::id();
-        let ctx = gather(Path::new("/proc"), me, me, &["PATH".to_owned()]);
+        let ctx = gather(Path::new("/proc"), me, me, 0, &["PATH".to_owned()]);
         assert_eq!(ctx.pid, me);
         assert!(!ctx.argv.is_empty());
         assert_eq!(ctx.cwd, std::env::current_dir().unwrap().to_string_lossy());
@@ -274,22 +278,27 @@ mod tests {
         for _ in 0..5000 {
             raw.extend_from_slice(b"argument\0");
         }
-        let v = split_nul(&raw);
+        let (v, cut) = split_nul(&raw);
+        assert!(cut);
         assert_eq!(v.len(), MAX_ITEMS + 1);
         assert_eq!(
             v.last().unwrap(),
             &format!("[airlock: {} more items cut]", 5000 - MAX_ITEMS)
         );
         let big = vec![b'x'; MAX_TEXT + 10];
-        assert_eq!(split_nul(&big), ["[airlock: 1 more items cut]"]);
-        assert!(is_cut(&split_nul(&big)));
+        assert_eq!(
+            split_nul(&big),
+            (vec!["[airlock: 1 more items cut]".to_owned()], true)
+        );
+        let forged = b"kubectl\0delete\0[airlock: 1 more items cut]\0";
+        assert!(!split_nul(forged).1, "text in argv does not make it cut");
     }
 
     #[test]
     fn empty_arguments_are_kept_in_place() {
-        assert_eq!(split_nul(b"\0delete\0\0ns\0"), ["", "delete", "", "ns"]);
-        assert_eq!(split_nul(b"a\0"), ["a"]);
-        assert!(split_nul(b"").is_empty());
+        assert_eq!(split_nul(b"\0delete\0\0ns\0").0, ["", "delete", "", "ns"]);
+        assert_eq!(split_nul(b"a\0").0, ["a"]);
+        assert!(split_nul(b"").0.is_empty());
     }
 
     #[test]

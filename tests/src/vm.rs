@@ -31,6 +31,34 @@ pub const ALL_KERNELS: [&str; 3] = ["6.1", "6.12", "sid"];
 /// Serialises guests: one emulated guest at a time keeps the 2-core machine's timings honest.
 static BOOT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// The same across processes (test binaries of several checkouts running at once): an flock on
+/// a file in the temporary directory, held while a guest runs.
+struct MachineLock {
+    _file: std::fs::File,
+}
+
+impl MachineLock {
+    fn take() -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        let path = std::env::temp_dir().join("airlock-guest.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on a descriptor we own; released when the file is closed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            bail!(
+                "flock {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(Self { _file: file })
+    }
+}
+
 /// Shell function for guest scripts: `start_agent` starts `airlock-agent` with
 /// /etc/airlock/agent.toml (log in /tmp/agent-N.log, pid in `$AGENT`), waits until it has
 /// loaded its rules and is connected to its decider, and reports `@@R agent_N 1` (0 if it
@@ -385,6 +413,7 @@ impl Guest {
         self.pack(&kernel, &work.path().join("root"), &initrd)?;
 
         let _one_at_a_time = BOOT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let _one_on_this_machine = MachineLock::take()?;
         let start = Instant::now();
         let mut qemu = Command::new("qemu-system-x86_64");
         for disk in &self.disks {
@@ -492,7 +521,7 @@ impl Guest {
         std::fs::write(root.join("etc/passwd"), passwd)?;
         std::fs::write(
             root.join("etc/group"),
-            "root:x:0:\nagent:x:1000:\nother:x:1001:\n",
+            "root:x:0:\nagent:x:1000:\nother:x:1001:\nai:x:1002:other\n",
         )?;
         std::fs::write(
             root.join("etc/shadow"),

@@ -50,13 +50,28 @@ fn agent_config(decider_port: u16) -> String {
         r#"
 [agent]
 decider = "http://10.0.2.2:{decider_port}"
-hold_timeout_secs = 30
+hold_timeout_secs = 120
 unreachable_grace_secs = 5
+# Long enough that a process on a killed agent's pid is surely found within it (p1).
+heartbeat_timeout_secs = 60
 max_watched_tasks = 256
 
 [watch]
 users = ["agent"]
+groups = ["ai"]
 cgroups = ["ci-runner"]
+
+[[rule]]
+name = "kubectl-get"
+exec = ["/usr/local/bin/kubectl"]
+args = ["get *"]
+decision = "allow"
+
+[[rule]]
+name = "agent-terraform"
+accounts = ["agent"]
+exec = ["/usr/local/bin/terraform"]
+decision = "ask"
 
 [[rule]]
 name = "kubectl"
@@ -74,6 +89,12 @@ name = "db"
 connect = ["127.0.0.2/32"]
 ports = [5432, 5433, 5434, 5435]
 decision = "ask"
+
+[[rule]]
+name = "loopback-admin"
+connect = ["127.0.0.1/32"]
+ports = [5436]
+decision = "deny"
 "#
     )
 }
@@ -115,7 +136,7 @@ mount /dev/vda /mnt/b && btrfs subvolume create /mnt/b/sub > /dev/null && cp $K 
 cp $K /opt/ovl-lower/kubectl
 mount -t overlay overlay -o lowerdir=/opt/ovl-lower,upperdir=/tmp/ovl/upper,workdir=/tmp/ovl/work /mnt/o
 echo "@@R fs_ready $(test -x /mnt/b/sub/kubectl && test -x /mnt/o/kubectl && echo yes || echo no)"
-/usr/bin/airlock-workload serve 5432 5433 5434 5435 > /dev/null &
+/usr/bin/airlock-workload serve 5432 5433 5434 5435 5436 > /dev/null &
 $A udp-listen 5433 /tmp/udp-5433 > /dev/null &
 start_agent
 echo "@@R check $(/usr/bin/airlock-agent --check --config /etc/airlock/agent.toml 2>&1 | tail -1)"
@@ -153,6 +174,40 @@ as "/usr/local/bin/deploy.sh /tmp/work/a7"; echo "@@R a7_rc $?"
 echo "@@R a7_marker $(mark /tmp/work/a7)"
 as "$A argv0 '' $K run /tmp/work/a8 0 deny-me-a8"; echo "@@R a8_rc $?"
 echo "@@R a8_marker $(mark /tmp/work/a8)"
+# A forged "cut" note in argv must not make an allow rule (`get *`) match.
+as "$K run /tmp/work/c1 0 deny-me-c1 '[airlock: 1 more items cut]'"; echo "@@R c1_rc $?"
+echo "@@R c1_marker $(mark /tmp/work/c1)"
+# A script whose #! line gives the held binary its arguments (`run`), and a script run by a
+# held script (an interpreter in the middle). The held program writes "ran" into the script.
+printf '#!/usr/local/bin/kubectl run\n' > /tmp/work/s1; chmod 755 /tmp/work/s1; chown agent /tmp/work/s1
+as "/tmp/work/s1 0 deny-me-s1"; echo "@@R s1_rc $?"
+echo "@@R s1_ran $(grep -c '^ran' /tmp/work/s1)"
+printf '#!/usr/local/bin/deploy.sh\n' > /tmp/work/s2; chmod 755 /tmp/work/s2; chown agent /tmp/work/s2
+as "/tmp/work/s2"; echo "@@R s2_rc $?"
+echo "@@R s2_ran $(grep -c '^ran' /tmp/work/s2)"
+# The loader: a traced one, and one whose --argv0 names the program too.
+echo "@@R l1_traced $(as $A traceme /lib64/ld-linux-x86-64.so.2 $K run /tmp/work/l1 0 deny-late-l1)"
+echo "@@R l1_marker $(mark /tmp/work/l1)"
+as "/lib64/ld-linux-x86-64.so.2 --argv0 $K $K run /tmp/work/l2 0 deny-me-l2"; echo "@@R l2_rc $?"
+echo "@@R l2_marker $(mark /tmp/work/l2)"
+# A FIFO where the agent looks for the loader's program: two at once must not wedge it.
+as "mkfifo /tmp/work/fifo"
+as "/lib64/ld-linux-x86-64.so.2 --argv0 /tmp/work/fifo $K run /tmp/work/d1 0 deny-me-d1" > /dev/null 2>&1 &
+d1=$!
+as "/lib64/ld-linux-x86-64.so.2 --argv0 /tmp/work/fifo $K run /tmp/work/d2 0 deny-me-d2" > /dev/null 2>&1 &
+d2=$!
+wait $d1; echo "@@R d1_rc $?"
+wait $d2; echo "@@R d2_rc $?"
+as "$K run /tmp/work/d3 0 allow-me-d3" > /dev/null; echo "@@R d3_rc $?"
+# A user namespace's overlay shows the held binary on a new super block, owned by root.
+mkdir -p /tmp/work/ol /tmp/work/oe && chown agent /tmp/work/ol /tmp/work/oe
+as "unshare -rm sh -c 'mount -t overlay -o lowerdir=/usr/local/bin:/tmp/work/oe none /tmp/work/ol && /tmp/work/ol/kubectl run /tmp/work/u5 0 deny-me-u5'"; echo "@@R u5_rc $?"
+echo "@@R u5_marker $(mark /tmp/work/u5)"
+# Rules for an account follow it past setuid; a supplementary group is watched like a primary.
+as "/usr/local/bin/suid-helper /usr/local/bin/terraform run /tmp/w1 0 deny-me-w1"; echo "@@R w1_rc $?"
+echo "@@R w1_marker $(mark /tmp/w1)"
+su other -c "$K run /tmp/w2 0 deny-me-w2"; echo "@@R w2_rc $?"
+echo "@@R w2_marker $(mark /tmp/w2)"
 as "/mnt/b/sub/kubectl run /tmp/work/b1 0 deny-me-b1"; echo "@@R b1_btrfs_rc $?"
 echo "@@R b1_marker $(mark /tmp/work/b1)"
 as "/mnt/o/kubectl run /tmp/work/b2 0 deny-me-b2"; echo "@@R b2_overlay_rc $?"
@@ -167,6 +222,11 @@ echo "@@R n2_received $(cat /tmp/udp-5433 2>/dev/null | wc -l)"
 echo "@@R n3_udp_allowed $(as $A udp-sendto 127.0.0.2 5432 5)"
 echo "@@R n4_uring $(as $A uring-connect 127.0.0.2 5434)"
 echo "@@R n5_zombie $(as timeout -s KILL 30 $A zombie-leader-connect 127.0.0.2 5435)"
+echo "@@R n6_unspec $(as $A udp-sendto-unspec 127.0.0.2 5433)"
+sleep 0.5
+echo "@@R n6_received $(cat /tmp/udp-5433 2>/dev/null | wc -l)"
+echo "@@R n7_any $(as /usr/bin/airlock-workload connect tcp 0.0.0.0 5436)"
+echo "@@R n8_sctp $(as $A sctp-connectx 127.0.0.2 5433)"
 
 # --- state that must survive ---
 rmdir /sys/fs/cgroup/ci-runner && mkdir /sys/fs/cgroup/ci-runner
@@ -212,6 +272,31 @@ start_agent
 echo "@@R z1_agent_state $(cut -d' ' -f3 /proc/$AGENT/stat 2>/dev/null)"
 echo "@@R z1_decided $(as "$K run /tmp/work/z1 0 allow-me-z1" > /dev/null 2>&1; echo $?)"
 
+# --- a process that gets the pid of an agent that died is nobody ---
+# Killed at once (it cannot retire), so its heartbeat stays fresh for heartbeat_timeout_secs:
+# in that window a process on its pid must be held like any other, not taken for the agent.
+old=$AGENT
+kill -9 $AGENT
+# Reap it: a zombie keeps its pid.
+wait $AGENT 2>/dev/null
+# New pids wrap at pid_max: just past the old pid, the pid comes round within a few thousand forks.
+max=$(cat /proc/sys/kernel/pid_max)
+echo $((old + 10)) > /proc/sys/kernel/pid_max
+as "$A reuse-pid $old $K run /tmp/work/p1 0 deny-me-p1" > /tmp/p1.out 2>&1 &
+p=$!
+for i in $(seq 1 300); do
+  [ "$(grep -l '(kubectl) T' /proc/[0-9]*/stat 2>/dev/null | wc -l)" != 0 ] && break
+  kill -0 $p 2>/dev/null || break
+  sleep 0.2
+done
+echo "@@R p1_held $(grep -l '(kubectl) T' /proc/[0-9]*/stat 2>/dev/null | wc -l)"
+echo $max > /proc/sys/kernel/pid_max
+# A new agent takes the hold over and asks.
+start_agent
+wait $p
+echo "@@R p1_reuse $(cat /tmp/p1.out)"
+echo "@@R p1_marker $(mark /tmp/work/p1)"
+
 # --- an explicit uninstall releases (denies) what is held and unloads everything ---
 as "timeout -s KILL 60 $K run /tmp/work/z2 0 never-z2" > /dev/null 2>&1 &
 j=$!
@@ -241,9 +326,13 @@ impl Booted {
             .unwrap_or_else(|| panic!("no result {key}; console:\n{}", self.run.console))
     }
 
-    /// The exec request whose argv carries `marker`.
+    /// The exec request (an ask, not a report of a refusal the agent made itself) whose argv
+    /// carries `marker`.
     fn exec_request(&self, marker: &str) -> Option<Seen> {
-        self.decider.request_with_arg(marker)
+        self.decider.seen().into_iter().find(|s| {
+            s.request.decided.is_none()
+                && matches!(&s.request.action, Some(Action::Exec(e)) if e.argv.iter().any(|a| a == marker))
+        })
     }
 
     /// Connect requests to `port`: (protocol, times asked, decided by the agent itself).
@@ -306,7 +395,12 @@ fn boot(kernel: &str) -> anyhow::Result<Booted> {
     let rt = tokio::runtime::Runtime::new()?;
     let decider = rt.block_on(TestDecider::start("127.0.0.1:0", plan))?;
     let port = decider.addr.port();
-    let agent = workspace_bin("agent-user", "airlock-agent")?;
+    // AIRLOCK_AGENT_BIN runs the attacks against another build (an older agent, to show an
+    // attack getting through before its defence).
+    let agent = match std::env::var_os("AIRLOCK_AGENT_BIN") {
+        Some(bin) => std::path::PathBuf::from(bin),
+        None => workspace_bin("agent-user", "airlock-agent")?,
+    };
     let workload = env!("CARGO_BIN_EXE_airlock-workload");
     let attack = env!("CARGO_BIN_EXE_airlock-attack");
     let disk = tempfile::NamedTempFile::new()?;
@@ -323,6 +417,7 @@ fn boot(kernel: &str) -> anyhow::Result<Booted> {
     let mut g = Guest::on(kernel);
     g.module("btrfs")
         .module("overlay")
+        .module("sctp")
         .module("virtio_blk")
         .disk(disk.path())
         .file("/usr/bin/airlock-agent", &agent, 0o755)
@@ -330,6 +425,7 @@ fn boot(kernel: &str) -> anyhow::Result<Booted> {
         .file("/usr/bin/airlock-attack", attack, 0o755)
         .file("/usr/bin/btrfs", "/usr/bin/btrfs", 0o755)
         .file("/usr/local/bin/kubectl", workload, 0o755)
+        .file("/usr/local/bin/terraform", workload, 0o755)
         .file("/usr/local/bin/suid-helper", workload, 0o4755)
         .text(
             "/usr/local/bin/deploy.sh",
@@ -412,6 +508,7 @@ fn a3_tracer_attached_before_cannot_continue_it(b: &Booted) {
         .decider
         .seen()
         .into_iter()
+        .filter(|s| via(s) != "loader")
         .filter_map(|s| s.request.decided.clone().map(|d| (s.request.rule, d)))
         .filter(|(_, d)| d.cause == "traced")
         .collect();
@@ -507,6 +604,123 @@ fn a7_rule_on_a_script_holds(b: &Booted) {
 fn a8_empty_argv0_does_not_shift_arguments(b: &Booted) {
     b.never_ran("a8_rc", "a8_marker");
     assert!(b.exec_request("deny-me-a8").is_some(), "asked");
+}
+
+fn c1_a_forged_cut_note_does_not_make_an_allow_rule_match(b: &Booted) {
+    b.never_ran("c1_rc", "c1_marker");
+    let seen = b.exec_request("deny-me-c1").expect("asked");
+    assert_eq!(seen.request.rule, "kubectl", "not the `get *` allow rule");
+}
+
+fn s1_a_shebang_line_and_a_middle_interpreter_are_held(b: &Booted) {
+    for (rc, ran) in [("s1_rc", "s1_ran"), ("s2_rc", "s2_ran")] {
+        assert_eq!(b.r(rc), "137", "{rc}: held and denied");
+        assert_eq!(b.r(ran), "0", "{ran}: the held program ran");
+    }
+    assert!(
+        b.exec_request("deny-me-s1").is_some(),
+        "the #! line's kubectl was asked"
+    );
+    assert!(
+        b.decider
+            .seen()
+            .iter()
+            .filter(|s| s.request.rule == "deploy-script")
+            .count()
+            >= 2,
+        "deploy.sh run as another script's interpreter was asked"
+    );
+}
+
+/// How an exec request's program was started ("exec", "script", "loader"); empty for others.
+fn via(s: &Seen) -> String {
+    match &s.request.action {
+        Some(Action::Exec(e)) => e.via.clone(),
+        _ => String::new(),
+    }
+}
+
+fn l1_loader_traced_or_with_options_is_held(b: &Booted) {
+    assert_eq!(
+        b.r("l1_marker"),
+        "no",
+        "ran under a tracer through the loader: {}",
+        b.r("l1_traced")
+    );
+    let traced_loader = b
+        .decider
+        .seen()
+        .into_iter()
+        .filter(|s| via(s) == "loader")
+        .filter(|s| {
+            s.request
+                .decided
+                .as_ref()
+                .is_some_and(|d| d.cause == "traced")
+        })
+        .count();
+    assert_eq!(traced_loader, 1, "the traced loader's refusal reported");
+    b.never_ran("l2_rc", "l2_marker");
+}
+
+fn d1_a_fifo_in_the_command_line_does_not_wedge_the_agent(b: &Booted) {
+    for key in ["d1_rc", "d2_rc"] {
+        assert_eq!(b.r(key), "137", "{key}: held and denied, not left waiting");
+    }
+    assert_eq!(b.r("d3_rc"), "0", "the agent still decides");
+}
+
+fn u5_user_namespace_overlay_of_a_held_binary_is_held(b: &Booted) {
+    b.never_ran("u5_rc", "u5_marker");
+    let seen = b.exec_request("deny-me-u5").expect("asked");
+    let Some(Action::Exec(e)) = &seen.request.action else {
+        panic!("not an exec")
+    };
+    assert_eq!(e.copy_of, "/usr/local/bin/kubectl", "{e:?}");
+}
+
+fn w1_account_rules_follow_setuid_and_supplementary_groups_are_watched(b: &Booted) {
+    b.never_ran("w1_rc", "w1_marker");
+    let seen = b.exec_request("deny-me-w1").expect("asked");
+    assert_eq!(seen.request.rule, "agent-terraform");
+    let p = seen.request.process.expect("context");
+    assert_eq!((p.uid, p.watched_as.as_str()), (0, "agent"));
+    b.never_ran("w2_rc", "w2_marker");
+}
+
+fn n6_unspecified_family_and_address_are_held(b: &Booted) {
+    assert!(
+        b.r("n6_unspec").starts_with("err 13"),
+        "AF_UNSPEC sendto: {}",
+        b.r("n6_unspec")
+    );
+    assert_eq!(
+        b.r("n6_received"),
+        "0",
+        "nothing reached the denied destination"
+    );
+    assert!(
+        b.r("n7_any").starts_with("err 13"),
+        "connect to 0.0.0.0 reaches 127.0.0.1 and is denied: {}",
+        b.r("n7_any")
+    );
+    assert_eq!(b.r("n8_sctp"), "err 13", "SCTP connectx refused");
+}
+
+fn p1_a_process_with_a_dead_agents_pid_is_watched(b: &Booted) {
+    let out = b.r("p1_reuse");
+    assert!(out.starts_with("reused="), "the pid came round: {out}");
+    assert_eq!(
+        b.r("p1_held"),
+        "1",
+        "held while the dead agent's heartbeat was fresh"
+    );
+    assert!(out.ends_with("signal=9"), "asked, and denied: {out}");
+    assert_eq!(b.r("p1_marker"), "no", "ran as if it were the agent");
+    assert!(
+        b.exec_request("deny-me-p1").is_some(),
+        "the new agent asked"
+    );
 }
 
 fn b1_btrfs_and_overlay_binaries_match(b: &Booted) {
@@ -633,6 +847,14 @@ airlock_tests::kernel_matrix!(
         a6_dynamic_loader_is_held_like_the_exec,
         a7_rule_on_a_script_holds,
         a8_empty_argv0_does_not_shift_arguments,
+        c1_a_forged_cut_note_does_not_make_an_allow_rule_match,
+        s1_a_shebang_line_and_a_middle_interpreter_are_held,
+        l1_loader_traced_or_with_options_is_held,
+        d1_a_fifo_in_the_command_line_does_not_wedge_the_agent,
+        u5_user_namespace_overlay_of_a_held_binary_is_held,
+        w1_account_rules_follow_setuid_and_supplementary_groups_are_watched,
+        n6_unspecified_family_and_address_are_held,
+        p1_a_process_with_a_dead_agents_pid_is_watched,
         b1_btrfs_and_overlay_binaries_match,
         n1_tcp_fast_open_is_held_like_connect,
         n2_unconnected_udp_is_held_and_allowed_once_per_socket,

@@ -39,15 +39,17 @@ use crate::policy::KernelTables;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/airlock.bpf.o"));
 
 /// LSM programs and the hooks they attach to.
-const LSM_PROGRAMS: [(&str, &str); 11] = [
+const LSM_PROGRAMS: [(&str, &str); 13] = [
     ("mark_fork", "task_alloc"),
     ("unmark", "task_free"),
-    ("exec_named", "bprm_check_security"),
+    ("exec_start", "bprm_creds_for_exec"),
+    ("exec_level", "bprm_check_security"),
     ("exec_hold", "bprm_committed_creds"),
     ("mmap_hold", "mmap_file"),
     ("mprotect_hold", "file_mprotect"),
     ("connect_hold", "socket_connect"),
     ("send_hold", "socket_sendmsg"),
+    ("sctp_connect_guard", "sctp_bind_connect"),
     ("signal_guard", "task_kill"),
     ("sigio_guard", "file_send_sigiotask"),
     ("ptrace_guard", "ptrace_access_check"),
@@ -193,6 +195,22 @@ fn pin_replacing(link: FdLink, path: &Path) -> Result<(), KernelError> {
         source: std::io::Error::other(e.to_string()),
     })?;
     Ok(())
+}
+
+/// This process's start time as the kernel keeps it (`task_struct::start_boottime`), to within
+/// a clock tick: /proc/self/stat's field 22, in ticks since boot.
+fn own_start_boottime_ns() -> u64 {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(") ")?;
+            // Field 3 is the first after the comm; start time is field 22.
+            rest.split_whitespace().nth(19)?.parse::<u64>().ok()
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    ticks * (1_000_000_000 / hz)
 }
 
 /// Monotonic clock in nanoseconds, the clock of `bpf_ktime_get_ns`.
@@ -465,6 +483,17 @@ impl Kernel {
         cgroups: &[u64],
         cgroup_paths: &[CgroupPath],
     ) -> Result<(), KernelError> {
+        {
+            let mut cfg = self.config.lock().unwrap_or_else(|p| p.into_inner());
+            // Only with a gid watched do the programs read supplementary groups at all.
+            cfg.watch_groups = u32::from(!gids.is_empty());
+            let value = *cfg;
+            drop(cfg);
+            self.maps()
+                .config
+                .set(0, value, 0)
+                .map_err(map_err(names::CONFIG))?;
+        }
         let mut m = self.maps();
         update_set(
             &mut m.uids,
@@ -566,7 +595,9 @@ impl Kernel {
         *current = Config {
             heartbeat_ns: current.heartbeat_ns,
             agent_tgid: current.agent_tgid,
+            agent_start_ns: current.agent_start_ns,
             heartbeat_timeout_ns: current.heartbeat_timeout_ns,
+            watch_groups: current.watch_groups,
             ..cfg
         };
         let value = *current;
@@ -579,11 +610,28 @@ impl Kernel {
 
     /// Writes the run-time config with a fresh heartbeat. Call at least every second.
     pub fn heartbeat(&self, agent_tgid: u32, timeout_ns: u64) -> Result<(), KernelError> {
+        let start_ns = own_start_boottime_ns();
         let cfg = {
             let mut cfg = self.config.lock().unwrap_or_else(|p| p.into_inner());
             cfg.agent_tgid = agent_tgid;
+            cfg.agent_start_ns = start_ns;
             cfg.heartbeat_timeout_ns = timeout_ns;
             cfg.heartbeat_ns = monotonic_ns();
+            *cfg
+        };
+        self.maps()
+            .config
+            .set(0, cfg, 0)
+            .map_err(map_err(names::CONFIG))
+    }
+
+    /// Forgets this agent as the agent (on its way out): until the next one registers, nobody
+    /// is exempt from the watch or may release a held task, whoever later gets this pid.
+    pub fn retire(&self) -> Result<(), KernelError> {
+        let cfg = {
+            let mut cfg = self.config.lock().unwrap_or_else(|p| p.into_inner());
+            cfg.agent_tgid = 0;
+            cfg.agent_start_ns = 0;
             *cfg
         };
         self.maps()
@@ -738,6 +786,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_SLOTS as usize] = [
     "refused_indirect",
     "refused_fork",
     "signal_failed",
+    "reports_skipped",
 ];
 
 /// Counter totals by name.

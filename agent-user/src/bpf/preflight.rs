@@ -35,6 +35,17 @@ pub enum PreflightError {
         /// Contents of /sys/kernel/security/lsm.
         active: String,
     },
+    /// The agent runs in a PID namespace of its own (a container): the kernel would not know
+    /// it by its pid.
+    #[error(
+        "airlock-agent runs in a PID namespace of its own (its pids are {nspid}); the kernel side \
+         recognises the agent by its pid in the host's namespace. Run it on the host (its systemd \
+         unit), or in a container with the host PID namespace (--pid=host)"
+    )]
+    PidNamespace {
+        /// The NSpid line of /proc/self/status.
+        nspid: String,
+    },
     /// No kernel BTF.
     #[error(
         "{path} is missing: this kernel was built without CONFIG_DEBUG_INFO_BTF=y, which BPF \
@@ -53,6 +64,7 @@ pub fn check(sys: &Path) -> Result<(), PreflightError> {
         return Err(PreflightError::NotPrivileged);
     }
     check_lsm(sys)?;
+    check_pid_namespace(&std::fs::read_to_string("/proc/self/status").unwrap_or_default())?;
     let btf = sys.join("kernel/btf/vmlinux");
     if !btf.exists() {
         return Err(PreflightError::NoBtf {
@@ -60,6 +72,17 @@ pub fn check(sys: &Path) -> Result<(), PreflightError> {
         });
     }
     Ok(())
+}
+
+/// Whether this process is in the host's PID namespace: /proc/self/status (`status`) lists one
+/// pid on its NSpid line.
+pub fn check_pid_namespace(status: &str) -> Result<(), PreflightError> {
+    match status.lines().find_map(|l| l.strip_prefix("NSpid:")) {
+        Some(pids) if pids.split_whitespace().count() > 1 => Err(PreflightError::PidNamespace {
+            nspid: pids.trim().to_owned(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Whether `bpf` is among the active LSMs. Mounts securityfs if it is not mounted yet.
@@ -109,6 +132,13 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("update-grub"), "{err}");
+    }
+
+    #[test]
+    fn a_pid_namespace_of_its_own_is_refused() {
+        let err = check_pid_namespace("Name:\tairlock-agent\nNSpid:\t4242\t1\n").unwrap_err();
+        assert!(err.to_string().contains("--pid=host"), "{err}");
+        check_pid_namespace("NSpid:\t4242\n").unwrap();
     }
 
     #[test]

@@ -22,8 +22,9 @@ fn usage() -> ExitCode {
         "usage: airlock-attack sigio MS CMD.. | orphan CMD.. | traceme CMD.. | seize CMD.. \
          | thread-exec CMD.. | leader-exit CMD.. | memfd FILE ARGS.. | argv0 ARGV0 FILE ARGS.. \
          | tfo ADDR PORT | udp-sendto ADDR PORT [N] | udp-sendmmsg ADDR PORT \
-         | udp-listen PORT FILE | uring-connect ADDR PORT | zombie-leader-connect ADDR PORT \
-         | fork-many N"
+         | udp-sendto-unspec ADDR PORT | udp-listen PORT FILE | uring-connect ADDR PORT \
+         | zombie-leader-connect ADDR PORT | sctp-connectx ADDR PORT | fork-many N \
+         | reuse-pid PID CMD.."
     );
     ExitCode::from(2)
 }
@@ -45,7 +46,10 @@ fn main() -> ExitCode {
         "tfo" => tfo(rest),
         "udp-sendto" => udp(rest, false),
         "udp-sendmmsg" => udp(rest, true),
+        "udp-sendto-unspec" => udp_unspec(rest),
         "udp-listen" => udp_listen(rest),
+        "sctp-connectx" => sctp_connectx(rest),
+        "reuse-pid" => reuse_pid(rest),
         "uring-connect" => uring_connect(rest),
         "zombie-leader-connect" => zombie_leader_connect(rest),
         "fork-many" => fork_many(rest),
@@ -484,6 +488,100 @@ fn udp(args: &[String], mmsg: bool) -> Res {
     } else {
         format!("ok {n}")
     })
+}
+
+/// sendto on an unconnected IPv4 UDP socket with a `sockaddr_in` whose family is AF_UNSPEC:
+/// udp_sendmsg takes it as IPv4. Prints `ok 1` or `err <errno>`.
+fn udp_unspec(args: &[String]) -> Res {
+    let dst = target(args)?;
+    let SocketAddr::V4(v4) = dst else {
+        return Err("IPv4 only".into());
+    };
+    let s = socket(dst, libc::SOCK_DGRAM)?;
+    // SAFETY: an all-zero sockaddr_in is valid; the family stays AF_UNSPEC (0).
+    let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sin.sin_port = v4.port().to_be();
+    sin.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+    let msg = b"ping\n";
+    // SAFETY: valid socket, buffer and address.
+    let n = unsafe {
+        libc::sendto(
+            s.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            &sin as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    Ok(if n < 0 {
+        format!("err {}", errno())
+    } else {
+        "ok 1".into()
+    })
+}
+
+/// SCTP's connectx (setsockopt SCTP_SOCKOPT_CONNECTX with a list of addresses), which does
+/// not go through connect(2). Prints `ok` or `err <errno>`.
+fn sctp_connectx(args: &[String]) -> Res {
+    const IPPROTO_SCTP: libc::c_int = 132;
+    const SOL_SCTP: libc::c_int = 132;
+    const SCTP_SOCKOPT_CONNECTX: libc::c_int = 110;
+    let dst = target(args)?;
+    let family = if dst.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket call; the fd is owned below.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM, IPPROTO_SCTP) };
+    if fd < 0 {
+        return Ok(format!("err {} (socket)", errno()));
+    }
+    // SAFETY: fresh valid fd.
+    let s = unsafe { OwnedFd::from_raw_fd(fd) };
+    let (ss, len) = sockaddr(dst);
+    // SAFETY: a valid socket and an address buffer of `len` bytes.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            SOL_SCTP,
+            SCTP_SOCKOPT_CONNECTX,
+            &ss as *const _ as *const libc::c_void,
+            len,
+        )
+    };
+    Ok(if r < 0 {
+        format!("err {}", errno())
+    } else {
+        "ok".into()
+    })
+}
+
+/// Forks (children exit at once) until a child gets pid PID, then that child execs CMD. Prints
+/// `reused=<forks> <status>`, or `not-reused` after 200000 forks.
+fn reuse_pid(args: &[String]) -> Res {
+    let (pid, cmd) = args.split_first().ok_or("need PID")?;
+    let want: libc::pid_t = pid.parse().map_err(|_| "bad pid")?;
+    for forks in 1..=50_000 {
+        let child = fork()?;
+        if child == 0 {
+            // SAFETY: getpid in the child.
+            if unsafe { libc::getpid() } == want {
+                quiet_stdout();
+                let err = exec(cmd);
+                eprintln!("{err}");
+                std::process::exit(127);
+            }
+            // SAFETY: leave at once without running destructors.
+            unsafe { libc::_exit(0) };
+        }
+        let status = wait(child);
+        if child == want {
+            return Ok(format!("reused={forks} {status}"));
+        }
+    }
+    Ok("not-reused".into())
 }
 
 /// Appends a line to FILE for every datagram that arrives on UDP PORT (both families), forever.
