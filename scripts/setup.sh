@@ -4,11 +4,13 @@
 #
 # - apt: QEMU (software-emulated guest with a BPF LSM kernel), busybox, cpio, kmod, protoc,
 #   Chromium and its WebDriver (web UI tests), PostgreSQL (the control plane's tests start
-#   their own clusters with its initdb and pg_ctl; the package's own cluster is not used)
+#   their own clusters with its initdb and pg_ctl; the package's own cluster is not used),
+#   man-db and lintian (the packages' man pages and checks)
 # - Debian's kernels 6.1, 6.12 and unstable's newest, unpacked under $AIRLOCK_VM_DIR
 #   (default: target/vm), for the QEMU guests
 # - rust-src for the nightly toolchain (eBPF side is built with -Z build-std=core)
 # - bpf-linker built against the nightly's own LLVM
+# - cargo-deb (scripts/package.sh)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,7 +22,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 # --- apt packages -------------------------------------------------------------------------
 need_pkgs=()
 for p in qemu-system-x86 busybox-static cpio kmod xz-utils zstd btrfs-progs protobuf-compiler systemd \
-         chromium chromium-driver fonts-liberation postgresql; do
+         chromium chromium-driver fonts-liberation postgresql man-db lintian; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -126,6 +128,13 @@ if ! command -v bpf-linker >/dev/null 2>&1; then
   log "building bpf-linker against nightly LLVM $llvm_major (about 2 minutes)"
   LLVM_PREFIX="$prefix" cargo +nightly install --locked bpf-linker --version '^0.13' \
     --no-default-features --features "llvm-$llvm_major"
+fi
+
+# --- cargo-deb (scripts/package.sh) --------------------------------------------------------
+cargo_deb_version=3.8.0
+if [ "$(cargo deb --version 2>/dev/null | awk '{print $NF}')" != "$cargo_deb_version" ]; then
+  log "installing cargo-deb $cargo_deb_version (about 2 minutes)"
+  cargo install --locked cargo-deb --version "=$cargo_deb_version"
 fi
 
 log "ready (guest kernels: $(cat "$vm_dir"/{6.1,6.12,sid}/ready | xargs))"

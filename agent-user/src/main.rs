@@ -14,7 +14,7 @@ use clap::{Parser, ValueEnum};
 ///
 /// Needs root on a kernel with BPF LSM active (`bpf` in /sys/kernel/security/lsm) and BTF.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "airlock-agent", version)]
 struct Cli {
     /// Configuration file (TOML): [agent], [watch] and [[rule]] sections.
     #[arg(
@@ -51,6 +51,9 @@ struct Cli {
     /// or restart keeps holds and marks for the next agent.)
     #[arg(long, conflicts_with = "check")]
     uninstall: bool,
+    /// Write man pages and bash/zsh/fish completions under DIR and exit (packaging).
+    #[arg(long, value_name = "DIR", hide = true)]
+    write_docs: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -113,6 +116,11 @@ fn load(cli: &Cli) -> Result<Config> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(dir) = &cli.write_docs {
+        use clap::CommandFactory;
+        airlock_agent::docs::write(Cli::command(), dir)?;
+        return Ok(());
+    }
     init_logs(cli.log_format);
     let config = load(&cli)?;
     if cli.check {
