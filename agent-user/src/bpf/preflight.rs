@@ -53,13 +53,19 @@ pub fn check(sys: &Path) -> Result<(), PreflightError> {
         return Err(PreflightError::NotPrivileged);
     }
     check_lsm(sys)?;
+    check_btf(sys)
+}
+
+/// Whether the kernel exposes its BTF (`kernel/btf/vmlinux` under `sys`).
+pub fn check_btf(sys: &Path) -> Result<(), PreflightError> {
     let btf = sys.join("kernel/btf/vmlinux");
-    if !btf.exists() {
-        return Err(PreflightError::NoBtf {
+    if btf.exists() {
+        Ok(())
+    } else {
+        Err(PreflightError::NoBtf {
             path: btf.display().to_string(),
-        });
+        })
     }
-    Ok(())
 }
 
 /// Whether `bpf` is among the active LSMs. Mounts securityfs if it is not mounted yet.
@@ -109,6 +115,24 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("update-grub"), "{err}");
+    }
+
+    #[test]
+    fn missing_btf_names_the_kernel_option() {
+        let sys = fake_sys("bpf\n");
+        let err = check_btf(sys.path()).unwrap_err().to_string();
+        assert!(err.contains("CONFIG_DEBUG_INFO_BTF=y"), "{err}");
+        assert!(err.contains("kernel/btf/vmlinux is missing"), "{err}");
+        std::fs::create_dir_all(sys.path().join("kernel/btf")).unwrap();
+        std::fs::write(sys.path().join("kernel/btf/vmlinux"), b"").unwrap();
+        check_btf(sys.path()).unwrap();
+    }
+
+    #[test]
+    fn lsm_list_without_bpf_is_refused_even_with_bpf_in_a_longer_name() {
+        let sys = fake_sys("capability,bpfish\n");
+        let err = check_lsm(sys.path()).unwrap_err().to_string();
+        assert!(err.contains("lsm=capability,bpfish,bpf"), "{err}");
     }
 
     #[test]
