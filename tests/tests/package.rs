@@ -9,49 +9,12 @@ use std::{
     process::Command,
 };
 
-use airlock_tests::{vm::workspace_root, workspace_bin};
+use airlock_tests::debian_packages;
 
 /// The two packages, made once for both tests (they would race on the same output files).
 fn build_packages() -> (PathBuf, PathBuf) {
     static PACKAGES: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
-    PACKAGES.get_or_init(make_packages).clone()
-}
-
-/// Runs `scripts/package.sh --debug` for this build's target dir; returns the two packages.
-fn make_packages() -> (PathBuf, PathBuf) {
-    for (package, bin) in [
-        ("agent-user", "airlock-agent"),
-        ("control-plane", "airlock-server"),
-        ("control-plane", "airlockctl"),
-    ] {
-        workspace_bin(package, bin).unwrap();
-    }
-    // target/debug/deps/<test> -> target
-    let exe = std::env::current_exe().unwrap();
-    let target = exe.ancestors().nth(3).unwrap().to_path_buf();
-    let out = Command::new("bash")
-        .arg(workspace_root().join("scripts/package.sh"))
-        .arg("--debug")
-        .env("CARGO_TARGET_DIR", &target)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "package.sh --debug: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let find = |name: &str| {
-        std::fs::read_dir(target.join("debian"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| {
-                let f = p.file_name().unwrap().to_string_lossy();
-                f.starts_with(&format!("{name}_")) && f.ends_with("_amd64.deb")
-            })
-            .unwrap_or_else(|| panic!("no {name}_*.deb in {}/debian", target.display()))
-    };
-    (find("airlock-agent"), find("airlock-server"))
+    PACKAGES.get_or_init(|| debian_packages().unwrap()).clone()
 }
 
 fn run(cmd: &mut Command) -> String {
