@@ -4,11 +4,13 @@
 #
 # - apt: QEMU (software-emulated guest with a BPF LSM kernel), busybox, cpio, kmod, protoc,
 #   Chromium and its WebDriver (web UI tests), PostgreSQL (the control plane's tests start
-#   their own clusters with its initdb and pg_ctl; the package's own cluster is not used)
+#   their own clusters with its initdb and pg_ctl; the package's own cluster is not used),
+#   man-db and lintian (the packages' man pages and checks)
 # - Debian's kernels 6.1, 6.12 and unstable's newest, unpacked under $AIRLOCK_VM_DIR
 #   (default: target/vm), for the QEMU guests
-# - rust-src for the nightly toolchain (eBPF side is built with -Z build-std=core)
-# - bpf-linker built against the nightly's own LLVM
+# - the nightly pinned in scripts/toolchain.env with rust-src (the eBPF side is built with
+#   -Z build-std=core), and the pinned bpf-linker built against that nightly's own LLVM
+# - cargo-deb (scripts/package.sh)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,7 +22,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 # --- apt packages -------------------------------------------------------------------------
 need_pkgs=()
 for p in qemu-system-x86 busybox-static cpio kmod xz-utils zstd btrfs-progs protobuf-compiler systemd \
-         chromium chromium-driver fonts-liberation postgresql; do
+         chromium chromium-driver fonts-liberation postgresql man-db lintian; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -103,29 +105,47 @@ fetch_kernel sid '^linux-image-[0-9]+\.[0-9]+\.[0-9]+\+deb[0-9]+-amd64$'
 apt_opts=()
 
 # --- nightly toolchain pieces for the eBPF side ---------------------------------------------
-if ! rustup toolchain list | grep -q '^nightly'; then
-  log "installing nightly toolchain"
-  rustup toolchain install nightly --profile minimal
+# Pinned in scripts/toolchain.env (AIRLOCK_NIGHTLY, AIRLOCK_BPF_LINKER).
+# shellcheck source=toolchain.env
+. "$root/scripts/toolchain.env"
+if ! rustup toolchain list | grep -q "^$AIRLOCK_NIGHTLY"; then
+  log "installing $AIRLOCK_NIGHTLY"
+  rustup toolchain install "$AIRLOCK_NIGHTLY" --profile minimal
 fi
-installed=$(rustup component list --toolchain nightly --installed)
+installed=$(rustup component list --toolchain "$AIRLOCK_NIGHTLY" --installed)
 for c in rust-src rustfmt clippy; do
   if ! grep -q "^$c" <<<"$installed"; then
-    log "adding $c to nightly"
-    rustup component add "$c" --toolchain nightly
+    log "adding $c to $AIRLOCK_NIGHTLY"
+    rustup component add "$c" --toolchain "$AIRLOCK_NIGHTLY"
   fi
 done
 
-if ! command -v bpf-linker >/dev/null 2>&1; then
-  sysroot=$(rustc +nightly --print sysroot)
-  llvm_so=$(ls "$sysroot"/lib/libLLVM.so.* 2>/dev/null | head -1)
-  [ -n "$llvm_so" ] || { log "nightly toolchain has no libLLVM.so.* in $sysroot/lib"; exit 1; }
-  llvm_major=$(basename "$llvm_so" | sed -E 's/^libLLVM\.so\.([0-9]+).*/\1/')
+sysroot=$(rustc "+$AIRLOCK_NIGHTLY" --print sysroot)
+llvm_so=$(ls "$sysroot"/lib/libLLVM.so.* 2>/dev/null | head -1)
+[ -n "$llvm_so" ] || { log "$AIRLOCK_NIGHTLY has no libLLVM.so.* in $sysroot/lib"; exit 1; }
+llvm_major=$(basename "$llvm_so" | sed -E 's/^libLLVM\.so\.([0-9]+).*/\1/')
+# Built at the pinned version against this LLVM major (recorded beside it by this script; an
+# older set-up recorded nothing), or built again.
+stamp="${CARGO_HOME:-$HOME/.cargo}/bpf-linker.llvm"
+need_linker() {
+  cargo install --list | grep -qx "bpf-linker v$AIRLOCK_BPF_LINKER:" || return 0
+  [ -e "$stamp" ] && [ "$(cat "$stamp")" != "$llvm_major" ]
+}
+if need_linker; then
   prefix="$root/target/llvm-prefix"
   mkdir -p "$prefix/lib"
   ln -sf "$llvm_so" "$prefix/lib/libLLVM.so"
-  log "building bpf-linker against nightly LLVM $llvm_major (about 2 minutes)"
-  LLVM_PREFIX="$prefix" cargo +nightly install --locked bpf-linker --version '^0.13' \
-    --no-default-features --features "llvm-$llvm_major"
+  log "building bpf-linker $AIRLOCK_BPF_LINKER against $AIRLOCK_NIGHTLY's LLVM $llvm_major (about 2 minutes)"
+  LLVM_PREFIX="$prefix" cargo "+$AIRLOCK_NIGHTLY" install --locked --force bpf-linker \
+    --version "=$AIRLOCK_BPF_LINKER" --no-default-features --features "llvm-$llvm_major"
+  echo "$llvm_major" > "$stamp"
+fi
+
+# --- cargo-deb (scripts/package.sh) --------------------------------------------------------
+cargo_deb_version=3.8.0
+if [ "$(cargo deb --version 2>/dev/null | awk '{print $NF}')" != "$cargo_deb_version" ]; then
+  log "installing cargo-deb $cargo_deb_version (about 2 minutes)"
+  cargo install --locked cargo-deb --version "=$cargo_deb_version"
 fi
 
 log "ready (guest kernels: $(cat "$vm_dir"/{6.1,6.12,sid}/ready | xargs))"

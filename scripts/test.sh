@@ -7,14 +7,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
+. scripts/toolchain.env   # AIRLOCK_NIGHTLY: the eBPF crate's pinned nightly
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
-(cd agent-ebpf && cargo +nightly fmt -- --check)
+(cd agent-ebpf && cargo "+$AIRLOCK_NIGHTLY" fmt -- --check)
 
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
-(cd agent-ebpf && cargo +nightly clippy --release --target bpfel-unknown-none -Z build-std=core -- -D warnings)
+(cd agent-ebpf && cargo "+$AIRLOCK_NIGHTLY" clippy --release --target bpfel-unknown-none -Z build-std=core -- -D warnings)
 
 echo "== cargo test"
 cargo build --workspace --bins

@@ -15,6 +15,7 @@
 //! - [`config`]: the TOML configuration;
 //! - [`server_rules`]: rules sent by the control plane, and their cache on disk;
 //! - [`metrics`]: Prometheus metrics and health;
+//! - [`docs`]: man pages and shell completions from the command line's definition;
 //! - [`agent`]: wiring it together at start-up.
 
 pub mod action;
@@ -23,6 +24,7 @@ pub mod argmatch;
 pub mod bpf;
 pub mod config;
 pub mod decider;
+pub mod docs;
 pub mod enroll;
 pub mod holds;
 pub mod identity;

@@ -14,7 +14,7 @@ use clap::{Parser, ValueEnum};
 ///
 /// Needs root on a kernel with BPF LSM active (`bpf` in /sys/kernel/security/lsm) and BTF.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "airlock-agent", version)]
 struct Cli {
     /// Configuration file (TOML): [agent], [watch] and [[rule]] sections.
     #[arg(
@@ -51,6 +51,14 @@ struct Cli {
     /// or restart keeps holds and marks for the next agent.)
     #[arg(long, conflicts_with = "check")]
     uninstall: bool,
+    /// Check that this host can run the agent (root, BPF LSM among the active LSMs, kernel
+    /// BTF), print what to change if it cannot, and exit: 0 when it can, 1 when it cannot.
+    /// Loads nothing and reads no configuration; the package runs it after installing.
+    #[arg(long, conflicts_with_all = ["check", "uninstall"])]
+    preflight: bool,
+    /// Write man pages and bash/zsh/fish completions under DIR and exit (packaging).
+    #[arg(long, value_name = "DIR", hide = true)]
+    write_docs: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -113,6 +121,25 @@ fn load(cli: &Cli) -> Result<Config> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(dir) = &cli.write_docs {
+        use clap::CommandFactory;
+        airlock_agent::docs::write(Cli::command(), dir)?;
+        return Ok(());
+    }
+    if cli.preflight {
+        return match airlock_agent::bpf::preflight::check(std::path::Path::new("/sys")) {
+            Ok(()) => {
+                println!(
+                    "airlock-agent: this host can run the agent (BPF LSM active, BTF present)"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("airlock-agent: this host cannot run the agent yet: {e}");
+                std::process::exit(1)
+            }
+        };
+    }
     init_logs(cli.log_format);
     let config = load(&cli)?;
     if cli.check {

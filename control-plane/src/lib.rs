@@ -18,8 +18,8 @@
 //!    tokens, accounts, agents, audit, deliveries), its migrations, and the change feed that
 //!    tells every replica what changed.
 //! 4. Shared at the bottom: [`audit`] (the hash chain and its verification), [`types`],
-//!    [`credential`] (scopes and token formats), [`config`] (the server file and its limits)
-//!    and [`metrics`].
+//!    [`credential`] (scopes and token formats), [`config`] (the server file and its limits),
+//!    [`metrics`] and [`docs`] (man pages and completions for the binaries).
 
 // Layer 1: front ends.
 pub mod api;
@@ -39,6 +39,7 @@ pub mod store;
 pub mod audit;
 pub mod config;
 pub mod credential;
+pub mod docs;
 pub mod metrics;
 pub mod types;
 

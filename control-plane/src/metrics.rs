@@ -86,6 +86,18 @@ impl Default for Metrics {
             "Agents with a live stream",
             agents.clone(),
         );
+        // Every result at zero from the start, so a dashboard's rate() sees the first of each.
+        for result in [
+            "approved",
+            "denied",
+            "expired",
+            "cancelled",
+            "approved_by_grant",
+        ] {
+            drop(decisions.get_or_create(&ResultLabel {
+                result: result.into(),
+            }));
+        }
         Self {
             requests,
             decisions,

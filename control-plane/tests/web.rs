@@ -606,10 +606,162 @@ async fn the_live_stream_ends_with_the_session(t: TestDb) {
     assert!(!rest.contains("s-2"), "an event after logout: {rest}");
 }
 
+/// An SVG chart's row (`a[data-label=...]`) text: label and value.
+async fn chart_row(b: &Browser, chart: &str, label: &str) -> (String, String) {
+    let css = format!("#{chart} a[data-label='{label}']");
+    let el = b.wait_for(&css, 10).await;
+    let href = el.attr("href").await.unwrap().unwrap_or_default();
+    (el.text().await.unwrap(), href)
+}
+
+/// The nearest-rank percentile and the page's way of writing a duration, to check its numbers.
+fn expected_latency(mut ms: Vec<i64>) -> String {
+    ms.sort_unstable();
+    let rank = |q: usize| ms[(q * ms.len()).div_ceil(100).max(1) - 1];
+    let show = |v: i64| match v {
+        ..=999 => format!("{v} ms"),
+        1_000..=59_999 => format!("{:.1} s", v as f64 / 1e3),
+        _ => format!("{:.1} min", v as f64 / 60e3),
+    };
+    format!(
+        "median {} · p90 {} · {} decided",
+        show(rank(50)),
+        show(rank(90)),
+        ms.len()
+    )
+}
+
+async fn insights_charts_count_what_happened_and_link_to_history(t: TestDb) {
+    let ui = start(&t).await;
+    let ask = |id: &str, user: &str, rule: &str, deadline_ms: i64| {
+        let mut r = request(id, user, &["kubectl", "delete", "ns", id]);
+        r.rule = rule.into();
+        r.deadline_unix_ms = airlock_control_plane::types::now_ms() + deadline_ms;
+        ui.agent.ask(r)
+    };
+    // Three kubectl-delete requests (two from claude, one from ci-bot) that people decide, and
+    // one prod-db request from claude that nobody decides before it expires.
+    let answers = [
+        ask("i-1", "claude", "kubectl-delete", 600_000),
+        ask("i-2", "claude", "kubectl-delete", 600_000),
+        ask("i-3", "ci-bot", "kubectl-delete", 600_000),
+    ];
+    // Its answer is the agent's own deadline, not the server's: not awaited.
+    let _expiring = ask("i-4", "claude", "prod-db", 800);
+    for id in ["i-1", "i-2", "i-3"] {
+        wait_state(&ui.plane, id, RequestState::Pending).await;
+    }
+    let decisions = ui.plane.decisions();
+    let (alice, bob) = (
+        airlock_control_plane::decide::Approver::named("alice"),
+        airlock_control_plane::decide::Approver {
+            name: "bob".into(),
+            groups: vec!["oncall".into()],
+        },
+    );
+    decisions
+        .decide(&alice, "i-1", Verdict::Allow, "", 0)
+        .await
+        .unwrap();
+    decisions
+        .decide(&alice, "i-2", Verdict::Deny, "no", 0)
+        .await
+        .unwrap();
+    decisions
+        .decide(&bob, "i-3", Verdict::Allow, "", 0)
+        .await
+        .unwrap();
+    wait_state(&ui.plane, "i-4", RequestState::Expired).await;
+    for a in answers {
+        let _ = a.await;
+    }
+    let mut latency = Vec::new();
+    for id in ["i-1", "i-2", "i-3"] {
+        let h = ui.plane.store.get(id).await.unwrap();
+        latency.push(h.decided_unix_ms - h.received_unix_ms);
+    }
+
+    let b = Browser::start().await;
+    b.login(&ui.base, "alice", PASSWORD).await;
+    b.click("a[href='/insights']").await;
+    let window = b.wait_text("#window", 10).await;
+    assert!(window.contains("4 request(s), 1 expired"), "{window}");
+
+    let (text, href) = chart_row(&b, "chart-rules", "kubectl-delete").await;
+    assert!(
+        text.contains("kubectl-delete") && text.ends_with('3'),
+        "{text}"
+    );
+    assert!(
+        href.starts_with("/history?rule=kubectl-delete&from="),
+        "{href}"
+    );
+    assert!(chart_row(&b, "chart-rules", "prod-db")
+        .await
+        .0
+        .ends_with('1'));
+    assert!(chart_row(&b, "chart-accounts", "claude")
+        .await
+        .0
+        .ends_with('3'));
+    assert!(chart_row(&b, "chart-accounts", "ci-bot")
+        .await
+        .0
+        .ends_with('1'));
+    let (text, href) = chart_row(&b, "chart-approvers", "alice").await;
+    assert!(text.contains("1 allowed · 1 denied"), "{text}");
+    assert!(href.starts_with("/history?approver=alice&"), "{href}");
+    let (text, _) = chart_row(&b, "chart-approvers", "bob").await;
+    assert!(text.contains("1 allowed · 0 denied"), "{text}");
+    let (text, _) = chart_row(&b, "chart-latency", "kubectl-delete").await;
+    assert!(text.contains(&expected_latency(latency)), "{text}");
+    assert!(
+        !b.has("#chart-latency a[data-label='prod-db']").await,
+        "an expiry is no decision"
+    );
+
+    // Today's columns: four received; two approved, one denied, one expired.
+    let today = time::OffsetDateTime::now_utc().date().to_string();
+    for (chart, total) in [
+        ("chart-received", "4"),
+        ("chart-decided", "4"),
+        ("chart-expired", "1"),
+    ] {
+        let col = b
+            .wait_for(&format!("#{chart} a[data-day='{today}']"), 10)
+            .await;
+        assert_eq!(
+            col.attr("data-total").await.unwrap().as_deref(),
+            Some(total),
+            "{chart}"
+        );
+    }
+    // The page needs no script: every chart is inline SVG in the served HTML.
+    let script = "const done = arguments[0]; fetch('/insights').then(r => r.text()).then(done);";
+    let html = b.client.execute_async(script, vec![]).await.unwrap();
+    let html = html.as_str().unwrap();
+    assert!(
+        html.contains("<svg") && html.contains("id=\"chart-rules\""),
+        "{html}"
+    );
+
+    // Each chart links to the history filtered the same way: the expired rule's row.
+    let (_, href) = chart_row(&b, "chart-expired-rules", "prod-db").await;
+    assert!(href.contains("decision=expired"), "{href}");
+    b.goto(&format!("{}{href}", ui.base)).await;
+    let rows = b.wait_text("#history", 10).await;
+    assert!(
+        rows.contains("ns i-4") && !rows.contains("ns i-1"),
+        "{rows}"
+    );
+    b.close().await;
+}
+
 both!(
     login_live_queue_approve_with_reason_and_deny,
     own_request_shows_no_buttons_and_the_server_refuses_forged_votes,
     pages_need_a_session_and_history_exports_the_filter,
     oidc_login_in_the_browser_maps_groups_and_refuses_a_bad_token,
     the_live_stream_ends_with_the_session,
+    insights_charts_count_what_happened_and_link_to_history,
 );

@@ -38,6 +38,50 @@ pub fn workspace_bin(package: &str, bin: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Makes the Debian packages with `scripts/package.sh --debug` from this build's debug
+/// binaries (built here if needed) in this build's target dir; returns the paths of
+/// `airlock-agent_*.deb` and `airlock-server_*.deb`.
+pub fn debian_packages() -> Result<(PathBuf, PathBuf)> {
+    for (package, bin) in [
+        ("agent-user", "airlock-agent"),
+        ("control-plane", "airlock-server"),
+        ("control-plane", "airlockctl"),
+    ] {
+        workspace_bin(package, bin)?;
+    }
+    // target/debug/deps/<test> -> target
+    let exe = std::env::current_exe()?;
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .context("test executable is not in target/<profile>/deps")?
+        .to_path_buf();
+    let out = std::process::Command::new("bash")
+        .arg(vm::workspace_root().join("scripts/package.sh"))
+        .arg("--debug")
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .context("running scripts/package.sh")?;
+    if !out.status.success() {
+        bail!(
+            "scripts/package.sh --debug: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let find = |name: &str| -> Result<PathBuf> {
+        for entry in std::fs::read_dir(target.join("debian"))? {
+            let path = entry?.path();
+            let file = path.file_name().unwrap_or_default().to_string_lossy();
+            if file.starts_with(&format!("{name}_")) && file.ends_with("_amd64.deb") {
+                return Ok(path);
+            }
+        }
+        bail!("no {name}_*.deb in {}/debian", target.display())
+    };
+    Ok((find("airlock-agent")?, find("airlock-server")?))
+}
+
 /// Declares one test module per kernel series (`k6_1`, `k6_12`, `sid`), each with one `#[test]`
 /// per check. A module boots its guest once, on first use, with `boot(kernel)`, and every
 /// check of that module asserts on the same run: `check(&booted)`.

@@ -65,13 +65,19 @@ pub fn check(sys: &Path) -> Result<(), PreflightError> {
     }
     check_lsm(sys)?;
     check_pid_namespace(&std::fs::read_to_string("/proc/self/status").unwrap_or_default())?;
+    check_btf(sys)
+}
+
+/// Whether the kernel exposes its BTF (`kernel/btf/vmlinux` under `sys`).
+pub fn check_btf(sys: &Path) -> Result<(), PreflightError> {
     let btf = sys.join("kernel/btf/vmlinux");
-    if !btf.exists() {
-        return Err(PreflightError::NoBtf {
+    if btf.exists() {
+        Ok(())
+    } else {
+        Err(PreflightError::NoBtf {
             path: btf.display().to_string(),
-        });
+        })
     }
-    Ok(())
 }
 
 /// Whether this process is in the host's PID namespace: /proc/self/status (`status`) lists one
@@ -139,6 +145,24 @@ mod tests {
         let err = check_pid_namespace("Name:\tairlock-agent\nNSpid:\t4242\t1\n").unwrap_err();
         assert!(err.to_string().contains("--pid=host"), "{err}");
         check_pid_namespace("NSpid:\t4242\n").unwrap();
+    }
+
+    #[test]
+    fn missing_btf_names_the_kernel_option() {
+        let sys = fake_sys("bpf\n");
+        let err = check_btf(sys.path()).unwrap_err().to_string();
+        assert!(err.contains("CONFIG_DEBUG_INFO_BTF=y"), "{err}");
+        assert!(err.contains("kernel/btf/vmlinux is missing"), "{err}");
+        std::fs::create_dir_all(sys.path().join("kernel/btf")).unwrap();
+        std::fs::write(sys.path().join("kernel/btf/vmlinux"), b"").unwrap();
+        check_btf(sys.path()).unwrap();
+    }
+
+    #[test]
+    fn lsm_list_without_bpf_is_refused_even_with_bpf_in_a_longer_name() {
+        let sys = fake_sys("capability,bpfish\n");
+        let err = check_lsm(sys.path()).unwrap_err().to_string();
+        assert!(err.contains("lsm=capability,bpfish,bpf"), "{err}");
     }
 
     #[test]

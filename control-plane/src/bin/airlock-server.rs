@@ -22,7 +22,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The Airlock control plane: receives the actions agents hold, lets approvers decide them
 /// (gRPC ApprovalService, `airlockctl`), and sends the decisions back to the agents.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "airlock-server", version)]
 struct Cli {
     /// Address for gRPC (agents, approvals, health, reflection). Use 0.0.0.0 to accept agents
     /// from other hosts.
@@ -83,6 +83,12 @@ enum Cmd {
     /// Manage local web UI accounts (works while the server runs).
     #[command(subcommand)]
     Users(Users),
+    /// Write man pages and bash/zsh/fish completions under DIR (packaging).
+    #[command(hide = true)]
+    WriteDocs {
+        /// Output directory.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -198,6 +204,11 @@ enum Tokens {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(Cmd::WriteDocs { dir }) = &cli.command {
+        use clap::CommandFactory;
+        airlock_control_plane::docs::write(Cli::command(), dir)?;
+        return Ok(());
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
@@ -270,7 +281,7 @@ async fn main() -> Result<()> {
             return Ok(());
         }
         Some(Cmd::Users(cmd)) => return users(&store, cmd).await,
-        None => {}
+        Some(Cmd::WriteDocs { .. }) | None => {}
     }
     raise_open_files();
     // Replicas starting together on a new database: one of them makes the first login and

@@ -39,7 +39,7 @@ type Client = ApprovalServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// Watch and decide the actions Airlock holds.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "airlockctl", version)]
 struct Cli {
     /// Control plane gRPC address.
     #[arg(
@@ -82,6 +82,12 @@ enum Command {
     /// API tokens and agent credentials (needs an admin token).
     #[command(subcommand)]
     Tokens(TokensCmd),
+    /// Write man pages and bash/zsh/fish completions under DIR (packaging).
+    #[command(hide = true)]
+    WriteDocs {
+        /// Output directory.
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -588,6 +594,16 @@ async fn audit_verify(db: airlock_control_plane::store::Database) -> ExitCode {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::WriteDocs { dir } = &cli.command {
+        use clap::CommandFactory;
+        return match airlock_control_plane::docs::write(Cli::command(), dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("airlockctl: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let _ = CA_FILE.set(cli.ca_file.clone());
     let _ = JSON.set(cli.json);
     let cmd = match cli.command {
@@ -632,6 +648,7 @@ async fn main() -> ExitCode {
             return policy_show(&cli.server, cli.token.as_deref()).await
         }
         Command::Requests(cmd) => cmd,
+        Command::WriteDocs { .. } => return ExitCode::SUCCESS,
         Command::Grants(g) => {
             let mut client = match connect(&cli.server, cli.token.as_deref()).await {
                 Ok(c) => c,

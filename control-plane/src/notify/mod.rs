@@ -262,6 +262,14 @@ impl Hub {
         let mut tasks = Vec::new();
         for sink in sinks {
             ctx.store.register_channel(&sink.name()).await?;
+            // At zero from the start, so a dashboard's rate() sees the first failure.
+            drop(
+                ctx.metrics
+                    .notification_failures
+                    .get_or_create(&crate::metrics::ChannelLabel {
+                        channel: sink.name(),
+                    }),
+            );
             let (ctx, url) = (ctx.clone(), channels.public_url.clone());
             tasks.push(tokio::spawn(async move { work(sink, ctx, url).await }));
         }

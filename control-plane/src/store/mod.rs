@@ -12,7 +12,8 @@
 //! - the operations, by subject: [`requests`] (requests, votes, grants, outcomes, expiry,
 //!   history), [`credentials`] (tokens and enrollment tokens), [`people`] (local accounts and
 //!   web sessions), [`agents`], [`trail`] (the audit trail), [`deliveries`] (notification
-//!   channels' log, Slack messages, channel leases) and [`policies`].
+//!   channels' log, Slack messages, channel leases), [`policies`] and [`insights`] (the
+//!   insights page's counts).
 //!
 //! Every change is committed, with its audit record in the same transaction, before anyone is
 //! told: a request before watchers hear of it, a decision before the agent gets it. No
@@ -22,6 +23,7 @@ pub mod agents;
 pub mod credentials;
 pub mod deliveries;
 pub mod feed;
+pub mod insights;
 pub mod migrations;
 pub mod people;
 pub mod policies;

@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod health;
 pub mod history;
+pub mod insights;
 pub mod login;
 pub mod page;
 pub mod requests;
@@ -158,6 +159,7 @@ impl Web {
             .route("/requests/{id}/decide", post(requests::decide))
             .route("/history", get(history::history))
             .route("/history/export", get(history::history_export))
+            .route("/insights", get(insights::insights))
             .route("/audit", get(history::audit))
             .route("/audit/export", get(history::audit_export))
             .route("/agents", get(admin::agents))

@@ -18,6 +18,7 @@ pub fn layout(s: &Session, title: &str, admin: bool, body: Markup) -> Markup {
                         a.brand href="/" { "Airlock" }
                         a href="/" { "Queue" }
                         a href="/history" { "History" }
+                        a href="/insights" { "Insights" }
                         a href="/audit" { "Audit" }
                         a href="/agents" { "Agents" }
                         a href="/policy" { "Policy" }
