@@ -247,19 +247,20 @@ pub struct OidcFile {
     /// Scopes to ask for.
     #[serde(default = "default_scopes")]
     pub scopes: Vec<String>,
-    /// ID token claim that names the person (falls back to `preferred_username`, then `sub`).
+    /// ID token claim that names the person (falls back to `sub`). An `email` counts only with
+    /// `email_verified: true`.
     #[serde(default = "default_identity_claim")]
     pub identity_claim: String,
     /// ID token claim that lists the person's groups.
     #[serde(default = "default_groups_claim")]
     pub groups_claim: String,
-    /// Issuer group (name or id, as in the claim) to approver group; unmapped claim values are
-    /// used as they are.
+    /// Issuer group (name or id, as in the claim) to approver group; claim values not listed
+    /// here are ignored (map a group to itself to use it as it is).
     #[serde(default)]
     pub group_map: BTreeMap<String, String>,
-    /// Approver groups (after `group_map`) allowed to log in; empty: anyone the issuer
-    /// authenticates. Set it when the issuer serves more people than your approvers, since a
-    /// request routed to no group may be decided by anyone who can log in.
+    /// Approver groups (after `group_map`) allowed to log in. Required and not empty: the
+    /// server refuses to start without it, since an issuer usually serves more people than
+    /// your approvers and a request routed to no group may be decided by anyone who can log in.
     #[serde(default)]
     pub allowed_groups: Vec<String>,
     /// Text of the login button.
@@ -385,6 +386,20 @@ impl ServerConfig {
             if !o.scopes.iter().any(|s| s == "openid") {
                 return Err(invalid("oidc.scopes must include \"openid\"".into()));
             }
+            if o.allowed_groups.iter().all(|g| g.trim().is_empty()) {
+                return Err(invalid(
+                    "oidc.allowed_groups is missing or empty: list the approver groups (after \
+                     group_map) that may log in, e.g. allowed_groups = [\"oncall\"]; without it \
+                     everyone the issuer knows could log in and decide requests"
+                        .into(),
+                ));
+            }
+            if let Some(g) = o.allowed_groups.iter().find(|g| !o.group_map.values().any(|m| m == *g)) {
+                return Err(invalid(format!(
+                    "oidc.allowed_groups names {g:?}, which no oidc.group_map entry gives: only \
+                     mapped issuer groups count"
+                )));
+            }
         }
         let mut names = std::collections::BTreeSet::new();
         for w in &cfg.webhooks {
@@ -478,6 +493,27 @@ mod tests {
             e.to_string().contains("unknown event \"request.nope\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn oidc_without_allowed_groups_is_refused() {
+        let base = "[oidc]\nissuer = \"https://idp.example\"\nclient_id = \"c\"\n";
+        let e = ServerConfig::parse(base, "server.toml").unwrap_err();
+        assert!(
+            e.to_string().contains("oidc.allowed_groups is missing or empty"),
+            "{e}"
+        );
+        let e = ServerConfig::parse(&format!("{base}allowed_groups = []\n"), "server.toml")
+            .unwrap_err();
+        assert!(e.to_string().contains("allowed_groups"), "{e}");
+        let e = ServerConfig::parse(
+            &format!("{base}allowed_groups = [\"oncall\"]\n"),
+            "server.toml",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("which no oidc.group_map entry gives"), "{e}");
+        let ok = format!("{base}allowed_groups = [\"oncall\"]\ngroup_map = {{ okta-oncall = \"oncall\" }}\n");
+        ServerConfig::parse(&ok, "server.toml").unwrap();
     }
 
     #[test]

@@ -105,17 +105,18 @@ pub enum OidcError {
     /// A required claim is absent or of the wrong type.
     #[error("ID token claim {0}")]
     Claim(String),
-    /// The identity claim is an email the issuer says is not verified.
-    #[error("the issuer has not verified the email address")]
+    /// The identity claim is an email the issuer does not say is verified.
+    #[error("the issuer does not say the email address is verified (email_verified is not true); set identity_claim = \"sub\" if it never sends it")]
     EmailNotVerified,
 }
 
 /// A person logged in through the issuer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
-    /// Their name in Airlock: the configured identity claim, else `preferred_username`, else `sub`.
+    /// Their name in Airlock: the configured identity claim, else `sub`.
     pub name: String,
-    /// Their approver groups: the groups claim mapped through `group_map`.
+    /// Their approver groups: the values of the groups claim that `group_map` maps (others are
+    /// dropped).
     pub groups: Vec<String>,
     /// The issuer's stable id for them (`sub`).
     pub subject: String,
@@ -504,15 +505,17 @@ impl Oidc {
                 .filter(|s| !s.is_empty())
         };
         let subject = text("sub").ok_or_else(|| OidcError::Claim("sub is missing".into()))?;
+        // An email counts only when the issuer vouches for it: a missing `email_verified` is
+        // as good as false (anyone can type an address into a profile at some issuers).
         if self.identity_claim == "email"
             && text("email").is_some()
-            && c.get("email_verified").and_then(Value::as_bool) == Some(false)
+            && c.get("email_verified").and_then(Value::as_bool) != Some(true)
         {
             return Err(OidcError::EmailNotVerified);
         }
-        let name = text(&self.identity_claim)
-            .or_else(|| text("preferred_username"))
-            .unwrap_or(subject);
+        // Without the configured claim the person is named by the subject, which the issuer
+        // assigns and the person cannot choose (unlike `preferred_username` at some issuers).
+        let name = text(&self.identity_claim).unwrap_or(subject);
         let raw: Vec<&str> = match c.get(&self.groups_claim) {
             None | Some(Value::Null) => {
                 if c.pointer(&format!("/_claim_names/{}", self.groups_claim))
@@ -539,8 +542,9 @@ impl Oidc {
             }
         };
         let mut groups: Vec<String> = Vec::new();
-        for g in raw {
-            let g = self.group_map.get(g).map_or(g, String::as_str);
+        // Only mapped groups count: an issuer group that happens to be called "admins" or
+        // "oncall" must not grant the admin pages or a vote unless the operator said so.
+        for g in raw.into_iter().filter_map(|g| self.group_map.get(g)) {
             if !groups.iter().any(|x| x == g) {
                 groups.push(g.to_string());
             }

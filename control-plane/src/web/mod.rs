@@ -66,10 +66,10 @@ impl OidcLogin {
         &self.cfg.label
     }
 
-    /// Whether someone with `groups` may log in (`allowed_groups`).
+    /// Whether someone with `groups` may log in (`allowed_groups`; an empty list, which the
+    /// configuration refuses anyway, admits nobody).
     pub fn admits(&self, groups: &[String]) -> bool {
-        self.cfg.allowed_groups.is_empty()
-            || self.cfg.allowed_groups.iter().any(|g| groups.contains(g))
+        self.cfg.allowed_groups.iter().any(|g| groups.contains(g))
     }
 
     /// The discovered issuer.
