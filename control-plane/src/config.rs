@@ -394,7 +394,11 @@ impl ServerConfig {
                         .into(),
                 ));
             }
-            if let Some(g) = o.allowed_groups.iter().find(|g| !o.group_map.values().any(|m| m == *g)) {
+            if let Some(g) = o
+                .allowed_groups
+                .iter()
+                .find(|g| !o.group_map.values().any(|m| m == *g))
+            {
                 return Err(invalid(format!(
                     "oidc.allowed_groups names {g:?}, which no oidc.group_map entry gives: only \
                      mapped issuer groups count"
@@ -500,7 +504,8 @@ mod tests {
         let base = "[oidc]\nissuer = \"https://idp.example\"\nclient_id = \"c\"\n";
         let e = ServerConfig::parse(base, "server.toml").unwrap_err();
         assert!(
-            e.to_string().contains("oidc.allowed_groups is missing or empty"),
+            e.to_string()
+                .contains("oidc.allowed_groups is missing or empty"),
             "{e}"
         );
         let e = ServerConfig::parse(&format!("{base}allowed_groups = []\n"), "server.toml")
@@ -511,8 +516,14 @@ mod tests {
             "server.toml",
         )
         .unwrap_err();
-        assert!(e.to_string().contains("which no oidc.group_map entry gives"), "{e}");
-        let ok = format!("{base}allowed_groups = [\"oncall\"]\ngroup_map = {{ okta-oncall = \"oncall\" }}\n");
+        assert!(
+            e.to_string()
+                .contains("which no oidc.group_map entry gives"),
+            "{e}"
+        );
+        let ok = format!(
+            "{base}allowed_groups = [\"oncall\"]\ngroup_map = {{ okta-oncall = \"oncall\" }}\n"
+        );
         ServerConfig::parse(&ok, "server.toml").unwrap();
     }
 

@@ -18,6 +18,7 @@
 //!    tokens, accounts, agents, audit, deliveries), its migrations, and the change feed that
 //!    tells every replica what changed.
 //! 4. Shared at the bottom: [`audit`] (the hash chain and its verification), [`types`],
+//!    [`display`] (agent text made safe to show),
 //!    [`credential`] (scopes and token formats), [`config`] (the server file and its limits)
 //!    and [`metrics`].
 
@@ -39,6 +40,7 @@ pub mod store;
 pub mod audit;
 pub mod config;
 pub mod credential;
+pub mod display;
 pub mod metrics;
 pub mod types;
 

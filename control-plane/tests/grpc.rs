@@ -837,6 +837,98 @@ async fn airlockctl_json_and_exit_codes(t: TestDb) {
     assert_eq!(decided["decided_by"], "alice");
 }
 
+/// `exec -a $'kubectl get pods\e[8m' kubectl delete namespace payments`: the ESC sequence would
+/// hide "delete namespace payments" on the approver's terminal right before the a/d prompt.
+async fn airlockctl_escapes_agent_text_before_the_prompt(t: TestDb) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (url, t, _stop) = start(&t).await;
+    let a = agent(&url, "host-a", &t["host-a"]);
+    assert!(a.wait_connected(Duration::from_secs(5)).await);
+    let mut req = request("esc-1", "claude");
+    req.rule = "kubectl\u{1b}]0;title\u{7}".into();
+    req.process.as_mut().unwrap().cwd = "/srv\u{1b}[2J\u{9b}8m".into();
+    req.action = Some(airlock_proto::v1::action_request::Action::Exec(
+        ExecAction {
+            path: "/usr/bin/kubectl".into(),
+            argv: vec![
+                "kubectl get pods\u{1b}[8m".into(),
+                "delete".into(),
+                "namespace".into(),
+                "payments\u{202e}".into(),
+            ],
+            ..Default::default()
+        },
+    ));
+    let _pending = a.ask(req);
+    let mut alice = approvals(&url, Some(&t["alice"])).await;
+    wait_pending(&mut alice, 1).await;
+    let raw = |b: &[u8]| {
+        let text = String::from_utf8_lossy(b);
+        text.chars()
+            .any(|c| (c.is_control() && c != '\n') || ('\u{202a}'..='\u{202e}').contains(&c))
+    };
+
+    let mut watch = tokio::process::Command::new(env!("CARGO_BIN_EXE_airlockctl"))
+        .args(["--server", &url, "--token", &t["alice"]])
+        .args(["requests", "watch", "--decide"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = watch.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let prompt = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("approve (a)") {
+            let n = stdout.read(&mut buf).await.unwrap();
+            assert!(n > 0, "airlockctl ended before the prompt");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(
+        prompt.is_ok(),
+        "no prompt: {}",
+        String::from_utf8_lossy(&seen)
+    );
+    let shown = String::from_utf8_lossy(&seen).into_owned();
+    assert!(
+        !raw(&seen),
+        "raw control characters reached the terminal: {shown:?}"
+    );
+    assert!(
+        shown.contains(
+            "action    /usr/bin/kubectl delete namespace payments\\u{202e} \
+             [argv[0]: kubectl get pods\\u{1b}[8m]\n"
+        ),
+        "{shown}"
+    );
+    let mut stdin = watch.stdin.take().unwrap();
+    stdin.write_all(b"\n").await.unwrap();
+    drop(stdin);
+    let _ = watch.kill().await;
+
+    for json in [false, true] {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_airlockctl"));
+        cmd.args(["--server", &url, "--token", &t["alice"]]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.args(["requests", "list"]).output().await.unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            !raw(&out.stdout),
+            "raw control characters in list (json: {json}): {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        if json {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["request"]["process"]["cwd"], "/srv\u{1b}[2J\u{9b}8m");
+        }
+    }
+}
+
 async fn only_admins_manage_tokens_and_revoked_tokens_stop_working(t: TestDb) {
     use airlock_proto::v1::{
         tokens_service_client::TokensServiceClient, CreateTokenRequest, RevokeTokenRequest,
@@ -1023,6 +1115,7 @@ both!(
     cancel_tells_the_agent_to_deny,
     agents_receive_their_rules_now_and_on_change,
     airlockctl_json_and_exit_codes,
+    airlockctl_escapes_agent_text_before_the_prompt,
     only_admins_manage_tokens_and_revoked_tokens_stop_working,
     overdue_requests_expire_and_bad_requests_lose_nothing,
     health_readiness_and_metrics_over_http,

@@ -9,12 +9,12 @@ use std::{
 };
 
 use airlock_proto::v1::{
-    action_request::Action, agents_service_client::AgentsServiceClient,
-    approval_service_client::ApprovalServiceClient, audit_service_client::AuditServiceClient,
-    policy_service_client::PolicyServiceClient, tokens_service_client::TokensServiceClient,
-    AuditExportRequest, AuditQuery, AuditVerifyRequest, CreateTokenRequest, DecideRequest,
-    ExportFormat, GetPolicyRequest, GetRequestRequest, HeldRequest, ListAgentsRequest,
-    ListRequestsRequest, RequestState, RevokeTokenRequest, Verdict, WatchRequestsRequest,
+    agents_service_client::AgentsServiceClient, approval_service_client::ApprovalServiceClient,
+    audit_service_client::AuditServiceClient, policy_service_client::PolicyServiceClient,
+    tokens_service_client::TokensServiceClient, AuditExportRequest, AuditQuery, AuditVerifyRequest,
+    CreateTokenRequest, DecideRequest, ExportFormat, GetPolicyRequest, GetRequestRequest,
+    HeldRequest, ListAgentsRequest, ListRequestsRequest, RequestState, RevokeTokenRequest, Verdict,
+    WatchRequestsRequest,
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use tonic::{
@@ -262,18 +262,22 @@ fn state_text(h: &HeldRequest) -> &'static str {
     airlock_control_plane::types::state_name(h.state())
 }
 
-fn what(h: &HeldRequest) -> String {
-    match h.request.as_ref().and_then(|r| r.action.as_ref()) {
-        Some(Action::Exec(e)) => e.argv.join(" "),
-        Some(Action::Connect(c)) => format!("connect {}:{}", c.address, c.port),
-        None => String::new(),
-    }
+/// Agent-supplied (or any server-relayed) text made inert for the terminal: an ESC sequence in
+/// an argv could otherwise hide words right before the approve prompt.
+fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+    airlock_control_plane::display::escape_control(s)
 }
 
+/// The action, by the executable the kernel ran, then its arguments.
+fn what(h: &HeldRequest) -> String {
+    airlock_control_plane::display::action_line(h.request.as_ref().and_then(|r| r.action.as_ref()))
+}
+
+/// One request as one line, every field escaped.
 fn line(h: &HeldRequest) -> String {
     let r = h.request.clone().unwrap_or_default();
     let user = r.process.as_ref().map(|p| p.user.as_str()).unwrap_or("");
-    format!(
+    esc(&format!(
         "{:<9} {} {}@{} [{}] {}",
         state_text(h),
         r.request_id,
@@ -281,7 +285,8 @@ fn line(h: &HeldRequest) -> String {
         h.hostname,
         r.rule,
         what(h)
-    )
+    ))
+    .into_owned()
 }
 
 fn details(h: &HeldRequest) -> String {
@@ -289,18 +294,18 @@ fn details(h: &HeldRequest) -> String {
     let p = r.process.clone().unwrap_or_default();
     let mut out = format!(
         "request   {}\nstate     {}\nhost      {} ({})\naccount   {} (uid {}), group {}\naction    {}\ncwd       {}\nrule      {} (risk: {}) {}\n",
-        r.request_id,
+        esc(&r.request_id),
         state_text(h),
-        h.hostname,
-        h.host_id,
-        p.user,
+        esc(&h.hostname),
+        esc(&h.host_id),
+        esc(&p.user),
         p.uid,
-        p.group,
-        what(h),
-        p.cwd,
-        r.rule,
-        if r.risk.is_empty() { "-" } else { &r.risk },
-        r.description,
+        esc(&p.group),
+        esc(&what(h)),
+        esc(&p.cwd),
+        esc(&r.rule),
+        esc(if r.risk.is_empty() { "-" } else { &r.risk }),
+        esc(&r.description),
     );
     let left = (r.deadline_unix_ms - airlock_control_plane::types::now_ms()) / 1000;
     if h.state() == RequestState::Pending {
@@ -310,12 +315,16 @@ fn details(h: &HeldRequest) -> String {
         out.push_str(&format!(
             "parent {i}  pid {} {}: {}\n",
             a.pid,
-            a.user,
-            a.argv.join(" ")
+            esc(&a.user),
+            esc(&a.argv.join(" "))
         ));
     }
     if !h.decided_by.is_empty() {
-        out.push_str(&format!("decided   by {}: {}\n", h.decided_by, h.reason));
+        out.push_str(&format!(
+            "decided   by {}: {}\n",
+            esc(&h.decided_by),
+            esc(&h.reason)
+        ));
     }
     out
 }
@@ -346,7 +355,7 @@ async fn audit_remote(server: &str, token: Option<&str>, cmd: Audit) -> ExitCode
                 ExitCode::SUCCESS
             }
             Ok(r) => {
-                eprintln!("airlockctl: {}", r.get_ref().problem);
+                eprintln!("airlockctl: {}", esc(&r.get_ref().problem));
                 ExitCode::from(5)
             }
             Err(status) => exit_for(&status),
@@ -411,7 +420,7 @@ async fn agents_list(server: &str, token: Option<&str>) -> ExitCode {
         for a in &r.get_ref().agents {
             let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             emit(a, || {
-                format!(
+                esc(&format!(
                     "{:<12} {} {} v{} [{}] last seen {}s ago",
                     if a.connected {
                         "connected"
@@ -423,7 +432,8 @@ async fn agents_list(server: &str, token: Option<&str>) -> ExitCode {
                     a.version,
                     labels.join(","),
                     (airlock_control_plane::types::now_ms() - a.last_seen_unix_ms) / 1000
-                )
+                ))
+                .into_owned()
             });
         }
     }))
@@ -449,11 +459,11 @@ async fn tokens(server: &str, token: Option<&str>, cmd: TokensCmd) -> ExitCode {
                 host_id: host.unwrap_or_default(),
             })
             .await
-            .map(|r| println!("{}", r.get_ref().token)),
+            .map(|r| println!("{}", esc(&r.get_ref().token))),
         TokensCmd::Revoke { name } => client
             .revoke(RevokeTokenRequest { name: name.clone() })
             .await
-            .map(|_| println!("revoked {name}")),
+            .map(|_| println!("revoked {}", esc(&name))),
     })
 }
 
@@ -468,13 +478,13 @@ async fn policy_show(server: &str, token: Option<&str>) -> ExitCode {
         if st.path.is_empty() {
             println!("built-in default policy: any one approver decides");
         } else {
-            println!(
-                "# {} (loaded at {} ms)\n{}",
-                st.path, st.loaded_unix_ms, st.source
-            );
+            println!("# {} (loaded at {} ms)", esc(&st.path), st.loaded_unix_ms);
+            for l in st.source.lines() {
+                println!("{}", esc(l));
+            }
         }
         if !st.last_error.is_empty() {
-            println!("# last reload refused: {}", st.last_error);
+            println!("# last reload refused: {}", esc(&st.last_error));
         }
     }))
 }
@@ -486,7 +496,7 @@ static JSON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 fn emit<T: serde::Serialize>(v: &T, human: impl FnOnce() -> String) {
     if JSON.get().copied().unwrap_or(false) {
         match serde_json::to_string(v) {
-            Ok(j) => println!("{j}"),
+            Ok(j) => println!("{}", airlock_control_plane::display::escape_json(&j)),
             Err(e) => eprintln!("airlockctl: cannot encode JSON: {e}"),
         }
     } else {
@@ -539,7 +549,7 @@ fn grant_line(g: &airlock_proto::v1::Grant) -> String {
     } else {
         format!("{} min left", (g.expires_unix_ms - now) / 60_000)
     };
-    format!(
+    esc(&format!(
         "{} {}@{} {} [{}] by {}",
         g.id,
         g.account,
@@ -547,11 +557,12 @@ fn grant_line(g: &airlock_proto::v1::Grant) -> String {
         g.action.replace('\u{1f}', " "),
         state,
         g.created_by
-    )
+    ))
+    .into_owned()
 }
 
 fn exit_for(status: &tonic::Status) -> ExitCode {
-    eprintln!("airlockctl: {}", status.message());
+    eprintln!("airlockctl: {}", esc(status.message()));
     match status.code() {
         Code::NotFound => ExitCode::from(3),
         Code::PermissionDenied | Code::FailedPrecondition | Code::InvalidArgument => {
@@ -579,7 +590,7 @@ async fn audit_verify(db: airlock_control_plane::store::Database) -> ExitCode {
             ExitCode::from(1)
         }
         Err(t) => {
-            eprintln!("airlockctl: {t}");
+            eprintln!("airlockctl: {}", esc(&t.to_string()));
             ExitCode::from(5)
         }
     }
@@ -691,7 +702,7 @@ async fn main() -> ExitCode {
                     let r = r.into_inner();
                     r.requests.iter().for_each(|h| emit(h, || line(h)));
                     if !r.next_page_token.is_empty() {
-                        eprintln!("more: --page {}", r.next_page_token);
+                        eprintln!("more: --page {}", esc(&r.next_page_token));
                     }
                 })
         }
@@ -780,7 +791,7 @@ async fn watch(client: &mut Client, interactive: bool) -> Result<(), tonic::Stat
             "approved from airlockctl watch"
         };
         if let Err(e) = decide(&mut decider, id, verdict, reason.into(), 0).await {
-            eprintln!("airlockctl: {}", e.message());
+            eprintln!("airlockctl: {}", esc(e.message()));
         }
     }
     Ok(())
