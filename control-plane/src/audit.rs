@@ -236,11 +236,20 @@ pub fn to_json_lines(records: &[Record]) -> String {
         .collect()
 }
 
-/// Records as CSV with a header line.
+/// Records as CSV with a header line. Text cells that could start a spreadsheet formula
+/// (`=`, `+`, `-`, `@`: a request id or actor chosen on an agent's host) get a leading `'`
+/// ([`crate::display::csv_text`]); the JSON lines export keeps every byte for verification.
 pub fn to_csv(records: &[Record]) -> Result<String, csv::Error> {
+    use crate::display::csv_text;
     let mut w = csv::Writer::from_writer(Vec::new());
     for r in records {
-        w.serialize(r)?;
+        w.serialize(Record {
+            actor: csv_text(&r.actor).into_owned(),
+            action: csv_text(&r.action).into_owned(),
+            request_id: csv_text(&r.request_id).into_owned(),
+            payload: csv_text(&r.payload).into_owned(),
+            ..r.clone()
+        })?;
     }
     let bytes = w.into_inner().map_err(|e| e.into_error())?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
@@ -306,5 +315,13 @@ mod tests {
             "quotes and commas survive"
         );
         assert_eq!(rd.headers().unwrap().get(0), Some("seq"));
+
+        records[2].request_id = "=HYPERLINK(\"https://evil.example\",\"ok\")".into();
+        records[2].actor = "@SUM(1+1)".into();
+        let csv_text = to_csv(&records).unwrap();
+        let mut rd = csv::Reader::from_reader(csv_text.as_bytes());
+        let rows: Vec<csv::StringRecord> = rd.records().map(Result::unwrap).collect();
+        assert_eq!(&rows[2][4], "'=HYPERLINK(\"https://evil.example\",\"ok\")");
+        assert_eq!(&rows[2][2], "'@SUM(1+1)");
     }
 }

@@ -97,13 +97,10 @@ impl Incoming {
             .as_ref()
             .map(|p| p.user.clone())
             .unwrap_or_default();
-        let argv = match &req.action {
-            Some(Action::Exec(e)) => e.argv.join(" "),
-            Some(Action::Connect(c)) => format!("connect {}:{}", c.address, c.port),
-            None => String::new(),
-        };
+        // Named by the executable the kernel ran, not argv[0], which the caller chooses.
+        let action = crate::display::action_line(req.action.as_ref());
         let payload =
-            json!({"host": host.hostname, "user": user, "rule": req.rule, "action": argv});
+            json!({"host": host.hostname, "user": user, "rule": req.rule, "action": action});
         let held = HeldRequest {
             request: Some(req),
             host_id: host.host_id.clone(),
