@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use airlock_proto::v1::{HeldRequest, RequestState, Verdict};
 
-pub use crate::types::person;
+pub use crate::types::{is_requester, person};
 use crate::{
     metrics::Metrics,
     policy::SharedPolicy,
@@ -65,18 +65,6 @@ pub struct Decisions {
     pub policy: SharedPolicy,
     /// Counters.
     pub metrics: Arc<Metrics>,
-}
-
-/// Whether `approver` is the account that made `held` (its user, or the user who logged in
-/// and launched it), as the same [`person`].
-pub fn is_requester(held: &HeldRequest, approver: &str) -> bool {
-    let Some(p) = held.request.as_ref().and_then(|r| r.process.as_ref()) else {
-        return false;
-    };
-    let me = person(approver);
-    [p.user.as_str(), p.login_user.as_str()]
-        .iter()
-        .any(|u| !u.is_empty() && person(u) == me)
 }
 
 /// Whether the same [`person`] as `approver` already voted on `held`.

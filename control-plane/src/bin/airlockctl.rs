@@ -554,7 +554,7 @@ fn grant_line(g: &airlock_proto::v1::Grant) -> String {
         g.id,
         g.account,
         g.host_id,
-        g.action.replace('\u{1f}', " "),
+        g.action.replace('\u{1f}', " ").replace('\u{1e}', " | "),
         state,
         g.created_by
     ))
