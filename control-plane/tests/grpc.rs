@@ -977,6 +977,91 @@ async fn only_admins_manage_tokens_and_revoked_tokens_stop_working(t: TestDb) {
     assert_eq!(gone.code(), Code::Unauthenticated);
 }
 
+/// Revoking a token ends the streams it already opened: an agent session and a watcher, with
+/// UNAUTHENTICATED, within a few seconds; others' streams stay up.
+async fn revoking_a_token_ends_its_open_streams(t: TestDb) {
+    use airlock_proto::v1::{
+        agent_message::Msg, agent_service_client::AgentServiceClient,
+        tokens_service_client::TokensServiceClient, AgentMessage, RevokeTokenRequest,
+    };
+    let (url, t, _stop) = start(&t).await;
+    let ch = tonic::transport::Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut session = tonic::Request::new(tokio_stream::StreamExt::chain(
+        tokio_stream::once(AgentMessage {
+            msg: Some(Msg::Hello(Hello {
+                host_id: "host-b".into(),
+                hostname: "host-b".into(),
+                ..Default::default()
+            })),
+        }),
+        tokio_stream::pending(),
+    ));
+    session.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", t["host-b"]).parse().unwrap(),
+    );
+    let mut agent_stream = AgentServiceClient::new(ch.clone())
+        .session(session)
+        .await
+        .unwrap()
+        .into_inner();
+    let first = agent_stream.message().await.unwrap();
+    assert!(first.is_some(), "the session sends its rules first");
+    let watch = |token: &str| {
+        let (url, token) = (url.clone(), token.to_owned());
+        async move {
+            approvals(&url, Some(&token))
+                .await
+                .watch(WatchRequestsRequest {
+                    include_pending: false,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let mut bobs = watch(&t["bob"]).await;
+    let mut alices = watch(&t["alice"]).await;
+
+    let mut admin =
+        TokensServiceClient::with_interceptor(ch, Bearer(Some(t["root-admin"].clone())));
+    for name in ["host-b", "bob"] {
+        admin
+            .revoke(RevokeTokenRequest { name: name.into() })
+            .await
+            .unwrap();
+    }
+    fn ended<M: std::fmt::Debug>(r: Result<Option<M>, tonic::Status>, what: &str) {
+        match r {
+            Err(s) => assert_eq!(s.code(), Code::Unauthenticated, "{what}: {s:?}"),
+            Ok(m) => panic!("{what} went on after its token was revoked: {m:?}"),
+        }
+    }
+    let limit = Duration::from_secs(5);
+    ended(
+        tokio::time::timeout(limit, agent_stream.message())
+            .await
+            .expect("the agent session stayed open"),
+        "agent session",
+    );
+    ended(
+        tokio::time::timeout(limit, bobs.message())
+            .await
+            .expect("bob's watch stayed open"),
+        "watch",
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), alices.message())
+            .await
+            .is_err(),
+        "alice's token is still good: her watch stays open"
+    );
+}
+
 async fn overdue_requests_expire_and_bad_requests_lose_nothing(t: TestDb) {
     let (url, t, _stop) = start(&t).await;
     let a = agent(&url, "host-a", &t["host-a"]);
@@ -1117,6 +1202,7 @@ both!(
     airlockctl_json_and_exit_codes,
     airlockctl_escapes_agent_text_before_the_prompt,
     only_admins_manage_tokens_and_revoked_tokens_stop_working,
+    revoking_a_token_ends_its_open_streams,
     overdue_requests_expire_and_bad_requests_lose_nothing,
     health_readiness_and_metrics_over_http,
     bad_policy_reload_is_refused_recorded_and_old_one_stays,
