@@ -238,9 +238,13 @@ impl ControlPlane {
             self.metrics.clone(),
         )
         .merge(extra);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
+        // With the peer's address: login throttling counts failures per client.
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
     }
 
     /// Serves gRPC (agents, approvals, health, reflection) on `listener` until `shutdown`

@@ -4,6 +4,7 @@
 //!
 //! - [`session`]: cookies, sessions and CSRF tokens;
 //! - [`login`]: the login and logout pages, and the OIDC redirect and callback;
+//! - [`throttle`]: failed logins slowed per client address and per name;
 //! - [`requests`]: queue, request page, decisions, and the live event stream;
 //! - [`history`]: history and audit search, with JSON Lines and CSV export;
 //! - [`admin`]: agents, policy and notification deliveries;
@@ -17,6 +18,7 @@ pub mod login;
 pub mod page;
 pub mod requests;
 pub mod session;
+pub mod throttle;
 
 use std::{
     collections::HashMap,
@@ -130,9 +132,9 @@ pub struct Web {
     /// Login through an OIDC issuer, when configured.
     pub oidc: Option<Arc<OidcLogin>>,
     /// Logins on their way through the issuer, by the login cookie's value.
-    pending_oidc: Arc<Mutex<HashMap<String, crate::auth::oidc::Pending>>>,
-    /// Failed local logins by name.
-    login_failures: Arc<login::Throttle>,
+    pending_oidc: Arc<Mutex<HashMap<String, (throttle::Client, crate::auth::oidc::Pending)>>>,
+    /// Failed local logins by client address and by name.
+    login_failures: Arc<throttle::Throttle>,
 }
 
 impl Web {
