@@ -107,6 +107,34 @@ pub struct ServerConfig {
     /// Bounds on what agents and callers may ask.
     #[serde(default)]
     pub limits: Limits,
+    /// Signed audit checkpoints.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`: signed checkpoints of the audit chain's head, so that a rewrite of the database
+/// (hashes recomputed) is found by `airlockctl audit verify --checkpoint`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// File holding the Ed25519 signing key: 64 hex digits (`openssl rand -hex 32`). Keep it
+    /// off the database's disk and readable by the server only. Unset: no checkpoints.
+    pub checkpoint_key_file: Option<String>,
+    /// How often the head is signed (when the trail has grown), seconds.
+    pub checkpoint_every_secs: u64,
+    /// A file each checkpoint line is appended to (besides the log); put it where the
+    /// database's host cannot rewrite it (another machine's mount, an append-only file).
+    pub checkpoint_file: Option<String>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_key_file: None,
+            checkpoint_every_secs: 300,
+            checkpoint_file: None,
+        }
+    }
 }
 
 /// `[limits]`: bounds on what agents and callers may ask of the control plane. A request over
@@ -425,6 +453,11 @@ impl ServerConfig {
                     w.name
                 )));
             }
+        }
+        if cfg.audit.checkpoint_every_secs == 0 {
+            return Err(invalid(
+                "audit.checkpoint_every_secs must be at least 1".into(),
+            ));
         }
         let l = &cfg.limits;
         for (key, value) in [

@@ -17,7 +17,8 @@
 //! 3. [`store`]: one async interface over SQLite or PostgreSQL (requests, votes, grants,
 //!    tokens, accounts, agents, audit, deliveries), its migrations, and the change feed that
 //!    tells every replica what changed.
-//! 4. Shared at the bottom: [`audit`] (the hash chain and its verification), [`types`],
+//! 4. Shared at the bottom: [`audit`] (the hash chain and its verification), [`checkpoint`]
+//!    (signed chain heads), [`types`],
 //!    [`display`] (agent text made safe to show),
 //!    [`credential`] (scopes and token formats), [`config`] (the server file and its limits)
 //!    and [`metrics`].
@@ -38,6 +39,7 @@ pub mod store;
 
 // Layer 4: shared.
 pub mod audit;
+pub mod checkpoint;
 pub mod config;
 pub mod credential;
 pub mod display;

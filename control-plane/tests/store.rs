@@ -831,6 +831,13 @@ async fn a_database_from_before_migrations_is_upgraded_in_place() {
             ],
         )
         .unwrap();
+        // The server has written the checkpoint file beside its database from the start.
+        airlock_control_plane::audit::write_checkpoint(
+            &airlock_control_plane::audit::checkpoint_path(&path),
+            r.seq,
+            &r.hash,
+        )
+        .unwrap();
     }
     let s = Store::open(&airlock_control_plane::store::Database::sqlite(&path))
         .await

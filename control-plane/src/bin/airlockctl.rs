@@ -142,6 +142,14 @@ enum Audit {
         /// postgres://user:password@host/db (read only; nothing is changed).
         #[arg(long, value_name = "URL")]
         database: Option<String>,
+        /// Also check the chain against the last signed checkpoint in this file (a copy of the
+        /// server's `audit checkpoint` log lines kept elsewhere): the record it names must still
+        /// have the hash it signed. Needs --db or --database, and --public-key.
+        #[arg(long, value_name = "FILE", requires = "public_key")]
+        checkpoint: Option<std::path::PathBuf>,
+        /// The server's checkpoint public key (hex; airlock-server logs it at start).
+        #[arg(long, value_name = "HEX", requires = "checkpoint")]
+        public_key: Option<String>,
     },
     /// Write audit records as JSON Lines or CSV to stdout (or --out).
     Export {
@@ -572,7 +580,35 @@ fn exit_for(status: &tonic::Status) -> ExitCode {
     }
 }
 
-async fn audit_verify(db: airlock_control_plane::store::Database) -> ExitCode {
+/// The chain head a signed checkpoint file vouches for, its signature checked with
+/// `public_key`; `Ok(None)` without one; on failure, the exit code (2 unreadable, 5 forged).
+fn signed_checkpoint(
+    file: Option<std::path::PathBuf>,
+    public_key: Option<String>,
+) -> Result<Option<(i64, String)>, ExitCode> {
+    use airlock_control_plane::checkpoint::Checkpoint;
+    let (Some(file), Some(key)) = (file, public_key) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        eprintln!("airlockctl: reading {}: {e}", file.display());
+        ExitCode::from(2)
+    })?;
+    let c = Checkpoint::last_in(&text).map_err(|e| {
+        eprintln!("airlockctl: {}: {}", file.display(), esc(&e.to_string()));
+        ExitCode::from(2)
+    })?;
+    c.verify(&key).map_err(|e| {
+        eprintln!("airlockctl: {}: {}", file.display(), esc(&e.to_string()));
+        ExitCode::from(5)
+    })?;
+    Ok(Some((c.seq, c.hash)))
+}
+
+async fn audit_verify(
+    db: airlock_control_plane::store::Database,
+    signed: Option<(i64, String)>,
+) -> ExitCode {
     use airlock_control_plane::store::Database;
     if let Database::Sqlite(path) = &db {
         if !path.is_file() {
@@ -580,9 +616,15 @@ async fn audit_verify(db: airlock_control_plane::store::Database) -> ExitCode {
             return ExitCode::from(3);
         }
     }
-    match airlock_control_plane::store::trail::verify_database(&db).await {
+    let against = signed.clone();
+    match airlock_control_plane::store::trail::verify_database_against(&db, against).await {
         Ok(n) => {
-            println!("audit trail intact: {n} records");
+            match signed {
+                Some((seq, _)) => println!(
+                    "audit trail intact: {n} records, record {seq} as the signed checkpoint says"
+                ),
+                None => println!("audit trail intact: {n} records"),
+            }
             ExitCode::SUCCESS
         }
         Err(airlock_control_plane::audit::Tamper::Unreadable(e)) => {
@@ -602,20 +644,43 @@ async fn main() -> ExitCode {
     let _ = CA_FILE.set(cli.ca_file.clone());
     let _ = JSON.set(cli.json);
     let cmd = match cli.command {
-        Command::Audit(Audit::Verify { db: Some(db), .. }) => {
-            return audit_verify(airlock_control_plane::store::Database::Sqlite(db)).await
+        Command::Audit(Audit::Verify {
+            db: Some(db),
+            checkpoint,
+            public_key,
+            ..
+        }) => {
+            let signed = match signed_checkpoint(checkpoint, public_key) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            return audit_verify(airlock_control_plane::store::Database::Sqlite(db), signed).await;
         }
         Command::Audit(Audit::Verify {
-            database: Some(db), ..
+            database: Some(db),
+            checkpoint,
+            public_key,
+            ..
         }) => {
+            let signed = match signed_checkpoint(checkpoint, public_key) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
             // Parsed here rather than by clap, whose error would repeat the password.
             return match db.parse() {
-                Ok(db) => audit_verify(db).await,
+                Ok(db) => audit_verify(db, signed).await,
                 Err(e) => {
                     eprintln!("airlockctl: {e}");
                     ExitCode::from(2)
                 }
             };
+        }
+        Command::Audit(Audit::Verify {
+            checkpoint: Some(_),
+            ..
+        }) => {
+            eprintln!("airlockctl: --checkpoint needs --db or --database: the chain is read from the database itself");
+            return ExitCode::from(2);
         }
         Command::Policy(PolicyCmd::Validate { file }) => {
             return match airlock_control_plane::policy::Policy::load(&file) {
