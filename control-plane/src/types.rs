@@ -29,6 +29,8 @@ pub fn state_name(s: RequestState) -> &'static str {
 /// Comparisons err on the side of "same person": refusing a vote is safe, a second vote by
 /// one person is not.
 pub fn person(identity: &str) -> String {
+    // White space around a name never makes another person ("alice " is alice).
+    let identity = identity.trim();
     identity
         .split('@')
         .next()

@@ -961,6 +961,11 @@ async fn only_admins_manage_tokens_and_revoked_tokens_stop_working(t: TestDb) {
         .token;
     let twice = admin.create(create("dave", "read")).await.unwrap_err();
     assert_eq!(twice.code(), Code::AlreadyExists);
+    // "dave " would be a second token, and a second vote, for one person.
+    for odd in ["dave ", "dave\u{1b}[8m", ""] {
+        let refused = admin.create(create(odd, "approve")).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{odd:?}");
+    }
 
     let mut as_dave = approvals(&url, Some(&dave)).await;
     as_dave.list(ListRequestsRequest::default()).await.unwrap();
@@ -975,6 +980,36 @@ async fn only_admins_manage_tokens_and_revoked_tokens_stop_working(t: TestDb) {
         .await
         .unwrap_err();
     assert_eq!(gone.code(), Code::Unauthenticated);
+    // Both are audited as the admin who did them, not as "server".
+    let mut audit = airlock_proto::v1::audit_service_client::AuditServiceClient::with_interceptor(
+        tonic::transport::Channel::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+        Bearer(Some(t["root-admin"].clone())),
+    );
+    let records = audit
+        .query(airlock_proto::v1::AuditQuery {
+            action: "token.*".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    let actors: Vec<(&str, &str)> = records
+        .iter()
+        .filter(|r| r.payload.contains("\"dave\""))
+        .map(|r| (r.action.as_str(), r.actor.as_str()))
+        .collect();
+    assert_eq!(
+        actors,
+        [
+            ("token.created", "root-admin"),
+            ("token.revoked", "root-admin")
+        ]
+    );
 }
 
 /// Revoking a token ends the streams it already opened: an agent session and a watcher, with
