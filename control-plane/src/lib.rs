@@ -47,3 +47,7 @@ pub mod metrics;
 pub mod types;
 
 pub use server::{ControlPlane, Tls};
+
+/// Entry points for the fuzz targets in `fuzz/`.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;

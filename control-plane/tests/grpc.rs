@@ -688,7 +688,8 @@ async fn cancel_tells_the_agent_to_deny(t: TestDb) {
     let answer = a.ask(request("c-1", "ci"));
     let mut alice = approvals(&url, Some(&t["alice"])).await;
     wait_pending(&mut alice, 1).await;
-    let no_reason = alice
+    let mut admin = approvals(&url, Some(&t["root-admin"])).await;
+    let no_reason = admin
         .cancel(airlock_proto::v1::CancelRequest {
             request_id: "c-1".into(),
             reason: " ".into(),
@@ -705,7 +706,20 @@ async fn cancel_tells_the_agent_to_deny(t: TestDb) {
         .await
         .unwrap_err();
     assert_eq!(by_reader.code(), Code::PermissionDenied);
-    let held = alice
+    // Cancel skips groups, quorum and the self check: only admins may use it; approvers deny.
+    let by_approver = alice
+        .cancel(airlock_proto::v1::CancelRequest {
+            request_id: "c-1".into(),
+            reason: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        by_approver.code(),
+        Code::PermissionDenied,
+        "{by_approver:?}"
+    );
+    let held = admin
         .cancel(airlock_proto::v1::CancelRequest {
             request_id: "c-1".into(),
             reason: "wrong ticket".into(),

@@ -426,34 +426,9 @@ impl Oidc {
 
     /// Fetches the JWKS and keeps its signature keys.
     async fn refresh_keys(&self) -> Result<(), OidcError> {
-        #[derive(Deserialize)]
-        struct Set {
-            keys: Vec<Value>,
-        }
         let body = get(&self.http, self.jwks_uri.as_str()).await?;
-        let set: Set = serde_json::from_slice(&body)
+        let keys = keys_from_jwks(&body)
             .map_err(|e| OidcError::Discovery(format!("JWKS {}: {e}", self.jwks_uri)))?;
-        // Keys of types or algorithms we do not know are skipped, not fatal.
-        let keys: Vec<Key> = set
-            .keys
-            .into_iter()
-            .filter_map(|v| serde_json::from_value::<Jwk>(v).ok())
-            .filter_map(|jwk| {
-                let algs = key_algs(&jwk);
-                let key = DecodingKey::from_jwk(&jwk).ok()?;
-                (!algs.is_empty()).then_some(Key {
-                    kid: jwk.common.key_id,
-                    algs,
-                    key,
-                })
-            })
-            .collect();
-        if keys.is_empty() {
-            return Err(OidcError::Discovery(format!(
-                "JWKS {} has no usable signature key",
-                self.jwks_uri
-            )));
-        }
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::from(keys);
         Ok(())
     }
@@ -554,6 +529,78 @@ impl Oidc {
             groups,
             subject: subject.into(),
         })
+    }
+}
+
+/// The signature keys of a JWKS document; keys of types or algorithms we do not know are
+/// skipped, not fatal; none at all is an error.
+fn keys_from_jwks(body: &[u8]) -> Result<Vec<Key>, String> {
+    #[derive(Deserialize)]
+    struct Set {
+        keys: Vec<Value>,
+    }
+    let set: Set = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let keys: Vec<Key> = set
+        .keys
+        .into_iter()
+        .filter_map(|v| serde_json::from_value::<Jwk>(v).ok())
+        .filter_map(|jwk| {
+            let algs = key_algs(&jwk);
+            let key = DecodingKey::from_jwk(&jwk).ok()?;
+            (!algs.is_empty()).then_some(Key {
+                kid: jwk.common.key_id,
+                algs,
+                key,
+            })
+        })
+        .collect();
+    if keys.is_empty() {
+        return Err("no usable signature key".into());
+    }
+    Ok(keys)
+}
+
+/// Fuzzing entry: a JWKS document and an ID token through the parsing and checks a login
+/// uses (keys, header, signature, claims, identity), with an issuer that maps one group.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_jwks_and_token(jwks: &[u8], token: &str) {
+    let Ok(keys) = keys_from_jwks(jwks) else {
+        return;
+    };
+    let url = Url::parse("https://idp.example/").expect("a constant URL");
+    let oidc = Oidc {
+        issuer: "https://idp.example".into(),
+        client_id: "airlock".into(),
+        secret: None,
+        secret_in_body: false,
+        redirect_uri: url.clone(),
+        scopes: "openid".into(),
+        identity_claim: "email".into(),
+        groups_claim: "groups".into(),
+        group_map: BTreeMap::from([("g".to_owned(), "oncall".to_owned())]),
+        label: String::new(),
+        authorization_endpoint: url.clone(),
+        token_endpoint: url.clone(),
+        jwks_uri: url,
+        keys: RwLock::new(Arc::from(keys)),
+        http: reqwest::Client::new(),
+    };
+    // Only tokens naming a kid we hold, or none: `verify` never reaches the network then.
+    let kid = token
+        .split('.')
+        .next()
+        .and_then(|h| URL_SAFE_NO_PAD.decode(h).ok())
+        .and_then(|h| serde_json::from_slice::<Value>(&h).ok())
+        .and_then(|v| v.get("kid").and_then(Value::as_str).map(str::to_owned));
+    if kid.is_some() && oidc.keys_for(kid.as_deref()).is_empty() {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime");
+    if let Ok(claims) = runtime.block_on(oidc.verify(token)) {
+        let _ = oidc.check_claims(&claims, "nonce", now_s());
+        let _ = oidc.identity(&claims);
     }
 }
 

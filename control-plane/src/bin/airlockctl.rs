@@ -248,7 +248,8 @@ enum Requests {
         #[arg(long, value_name = "MINUTES", default_value_t = 0)]
         grant: u32,
     },
-    /// Withdraw a pending request; the agent denies it.
+    /// Withdraw a pending request (admin tokens only: it skips groups, quorum and the self
+    /// check; approvers deny instead); the agent denies it.
     Cancel {
         /// Request id.
         id: String,

@@ -211,6 +211,24 @@ pub(super) struct Format {
     format: String,
 }
 
+/// Fuzzing: a history filter as the store would get it.
+#[cfg(feature = "fuzzing")]
+pub(super) fn fuzz_history_filter(f: &HistoryFilter) -> bool {
+    f.query().is_ok()
+}
+
+/// Fuzzing: an audit filter as the store would get it.
+#[cfg(feature = "fuzzing")]
+pub(super) fn fuzz_audit_filter(f: &AuditFilter) -> bool {
+    audit_filter(f).is_ok()
+}
+
+/// Fuzzing: an export format.
+#[cfg(feature = "fuzzing")]
+pub(super) fn fuzz_format(f: &Format) -> bool {
+    check_format(&f.format).is_ok()
+}
+
 fn download(name: &str, format: &str, body: String) -> Response {
     let mime = if format == "csv" {
         "text/csv; charset=utf-8"

@@ -61,6 +61,13 @@ fn safe_next(next: Option<&str>) -> String {
     }
 }
 
+/// Fuzzing: where a login with `n` would send the browser; it must stay on this site.
+#[cfg(feature = "fuzzing")]
+pub(super) fn fuzz_next(n: Next) {
+    let next = safe_next(n.next.as_deref());
+    assert!(next.starts_with('/') && !next.starts_with("//"), "{next:?}");
+}
+
 fn login_cookie(value: String, secure: bool) -> Cookie<'static> {
     Cookie::build((LOGIN_COOKIE, value))
         .path("/")

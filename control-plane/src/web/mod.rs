@@ -285,3 +285,25 @@ async fn js() -> impl IntoResponse {
         include_str!("assets/app.js"),
     )
 }
+
+/// Fuzzing entry: form and query bodies through the decoding and checks every web handler
+/// applies before it touches the store (login, logout, decide, OIDC callback, the history and
+/// audit filters, and where a login may send the browser next).
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_forms(body: &[u8]) {
+    use serde_urlencoded::from_bytes;
+    let _ = from_bytes::<login::LoginForm>(body);
+    let _ = from_bytes::<login::CsrfForm>(body);
+    let _ = from_bytes::<login::Callback>(body);
+    let _ = from_bytes::<requests::DecideForm>(body);
+    if let Ok(n) = from_bytes::<login::Next>(body) {
+        login::fuzz_next(n);
+    }
+    if let Ok(f) = from_bytes::<history::HistoryFilter>(body) {
+        let _ = history::fuzz_history_filter(&f);
+    }
+    if let Ok(f) = from_bytes::<history::AuditFilter>(body) {
+        let _ = history::fuzz_audit_filter(&f);
+    }
+    let _ = from_bytes::<history::Format>(body).map(|f| history::fuzz_format(&f));
+}
