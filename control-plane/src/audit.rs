@@ -59,6 +59,10 @@ pub enum Tamper {
         /// Head recorded in the checkpoint.
         checkpoint: i64,
     },
+    /// The checkpoint file beside a SQLite database that has records is gone: records may have
+    /// been cut off the end with it.
+    #[error("the audit checkpoint file {0} is missing: records may have been cut off the end; verify against a signed checkpoint (--checkpoint), then restore the file")]
+    CheckpointMissing(String),
     /// The database could not be read.
     #[error("cannot read the audit trail: {0}")]
     Unreadable(String),
@@ -143,15 +147,30 @@ pub struct Chain {
     last: i64,
     prev: String,
     checkpoint: Option<(i64, String)>,
+    /// The checkpoint file that should exist and does not.
+    missing: Option<String>,
 }
 
 impl Chain {
-    /// A chain from its first record; `checkpoint` is the head a checkpoint file recorded.
+    /// A chain from its first record; `checkpoint` is the head a checkpoint file (or a
+    /// signed checkpoint) recorded.
     pub fn new(checkpoint: Option<(i64, String)>) -> Self {
         Self {
             last: 0,
             prev: GENESIS.to_owned(),
             checkpoint,
+            missing: None,
+        }
+    }
+
+    /// A chain from its first record, checked against the checkpoint file at `path`, which
+    /// must exist once there is a record (a missing or unreadable file is an error, never a
+    /// check skipped).
+    pub fn with_file(path: &Path) -> Self {
+        let checkpoint = read_checkpoint(path);
+        Self {
+            missing: checkpoint.is_none().then(|| path.display().to_string()),
+            ..Self::new(checkpoint)
         }
     }
 
@@ -161,6 +180,7 @@ impl Chain {
             last: seq,
             prev: hash,
             checkpoint: None,
+            missing: None,
         }
     }
 
@@ -200,6 +220,9 @@ impl Chain {
 
     /// Ends the check: the number of records, unless the checkpoint says there were more.
     pub fn finish(&self) -> Result<i64, Tamper> {
+        if let (Some(path), true) = (&self.missing, self.last > 0) {
+            return Err(Tamper::CheckpointMissing(path.clone()));
+        }
         match &self.checkpoint {
             Some((seq, _)) if *seq > self.last => Err(Tamper::Truncated {
                 last: self.last,
@@ -236,11 +259,20 @@ pub fn to_json_lines(records: &[Record]) -> String {
         .collect()
 }
 
-/// Records as CSV with a header line.
+/// Records as CSV with a header line. Text cells that could start a spreadsheet formula
+/// (`=`, `+`, `-`, `@`: a request id or actor chosen on an agent's host) get a leading `'`
+/// ([`crate::display::csv_text`]); the JSON lines export keeps every byte for verification.
 pub fn to_csv(records: &[Record]) -> Result<String, csv::Error> {
+    use crate::display::csv_text;
     let mut w = csv::Writer::from_writer(Vec::new());
     for r in records {
-        w.serialize(r)?;
+        w.serialize(Record {
+            actor: csv_text(&r.actor).into_owned(),
+            action: csv_text(&r.action).into_owned(),
+            request_id: csv_text(&r.request_id).into_owned(),
+            payload: csv_text(&r.payload).into_owned(),
+            ..r.clone()
+        })?;
     }
     let bytes = w.into_inner().map_err(|e| e.into_error())?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
@@ -306,5 +338,13 @@ mod tests {
             "quotes and commas survive"
         );
         assert_eq!(rd.headers().unwrap().get(0), Some("seq"));
+
+        records[2].request_id = "=HYPERLINK(\"https://evil.example\",\"ok\")".into();
+        records[2].actor = "@SUM(1+1)".into();
+        let csv_text = to_csv(&records).unwrap();
+        let mut rd = csv::Reader::from_reader(csv_text.as_bytes());
+        let rows: Vec<csv::StringRecord> = rd.records().map(Result::unwrap).collect();
+        assert_eq!(&rows[2][4], "'=HYPERLINK(\"https://evil.example\",\"ok\")");
+        assert_eq!(&rows[2][2], "'@SUM(1+1)");
     }
 }

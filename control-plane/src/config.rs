@@ -107,6 +107,34 @@ pub struct ServerConfig {
     /// Bounds on what agents and callers may ask.
     #[serde(default)]
     pub limits: Limits,
+    /// Signed audit checkpoints.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`: signed checkpoints of the audit chain's head, so that a rewrite of the database
+/// (hashes recomputed) is found by `airlockctl audit verify --checkpoint`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// File holding the Ed25519 signing key: 64 hex digits (`openssl rand -hex 32`). Keep it
+    /// off the database's disk and readable by the server only. Unset: no checkpoints.
+    pub checkpoint_key_file: Option<String>,
+    /// How often the head is signed (when the trail has grown), seconds.
+    pub checkpoint_every_secs: u64,
+    /// A file each checkpoint line is appended to (besides the log); put it where the
+    /// database's host cannot rewrite it (another machine's mount, an append-only file).
+    pub checkpoint_file: Option<String>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_key_file: None,
+            checkpoint_every_secs: 300,
+            checkpoint_file: None,
+        }
+    }
 }
 
 /// `[limits]`: bounds on what agents and callers may ask of the control plane. A request over
@@ -247,19 +275,20 @@ pub struct OidcFile {
     /// Scopes to ask for.
     #[serde(default = "default_scopes")]
     pub scopes: Vec<String>,
-    /// ID token claim that names the person (falls back to `preferred_username`, then `sub`).
+    /// ID token claim that names the person (falls back to `sub`). An `email` counts only with
+    /// `email_verified: true`.
     #[serde(default = "default_identity_claim")]
     pub identity_claim: String,
     /// ID token claim that lists the person's groups.
     #[serde(default = "default_groups_claim")]
     pub groups_claim: String,
-    /// Issuer group (name or id, as in the claim) to approver group; unmapped claim values are
-    /// used as they are.
+    /// Issuer group (name or id, as in the claim) to approver group; claim values not listed
+    /// here are ignored (map a group to itself to use it as it is).
     #[serde(default)]
     pub group_map: BTreeMap<String, String>,
-    /// Approver groups (after `group_map`) allowed to log in; empty: anyone the issuer
-    /// authenticates. Set it when the issuer serves more people than your approvers, since a
-    /// request routed to no group may be decided by anyone who can log in.
+    /// Approver groups (after `group_map`) allowed to log in. Required and not empty: the
+    /// server refuses to start without it, since an issuer usually serves more people than
+    /// your approvers and a request routed to no group may be decided by anyone who can log in.
     #[serde(default)]
     pub allowed_groups: Vec<String>,
     /// Text of the login button.
@@ -385,6 +414,24 @@ impl ServerConfig {
             if !o.scopes.iter().any(|s| s == "openid") {
                 return Err(invalid("oidc.scopes must include \"openid\"".into()));
             }
+            if o.allowed_groups.iter().all(|g| g.trim().is_empty()) {
+                return Err(invalid(
+                    "oidc.allowed_groups is missing or empty: list the approver groups (after \
+                     group_map) that may log in, e.g. allowed_groups = [\"oncall\"]; without it \
+                     everyone the issuer knows could log in and decide requests"
+                        .into(),
+                ));
+            }
+            if let Some(g) = o
+                .allowed_groups
+                .iter()
+                .find(|g| !o.group_map.values().any(|m| m == *g))
+            {
+                return Err(invalid(format!(
+                    "oidc.allowed_groups names {g:?}, which no oidc.group_map entry gives: only \
+                     mapped issuer groups count"
+                )));
+            }
         }
         let mut names = std::collections::BTreeSet::new();
         for w in &cfg.webhooks {
@@ -406,6 +453,11 @@ impl ServerConfig {
                     w.name
                 )));
             }
+        }
+        if cfg.audit.checkpoint_every_secs == 0 {
+            return Err(invalid(
+                "audit.checkpoint_every_secs must be at least 1".into(),
+            ));
         }
         let l = &cfg.limits;
         for (key, value) in [
@@ -478,6 +530,34 @@ mod tests {
             e.to_string().contains("unknown event \"request.nope\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn oidc_without_allowed_groups_is_refused() {
+        let base = "[oidc]\nissuer = \"https://idp.example\"\nclient_id = \"c\"\n";
+        let e = ServerConfig::parse(base, "server.toml").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("oidc.allowed_groups is missing or empty"),
+            "{e}"
+        );
+        let e = ServerConfig::parse(&format!("{base}allowed_groups = []\n"), "server.toml")
+            .unwrap_err();
+        assert!(e.to_string().contains("allowed_groups"), "{e}");
+        let e = ServerConfig::parse(
+            &format!("{base}allowed_groups = [\"oncall\"]\n"),
+            "server.toml",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("which no oidc.group_map entry gives"),
+            "{e}"
+        );
+        let ok = format!(
+            "{base}allowed_groups = [\"oncall\"]\ngroup_map = {{ okta-oncall = \"oncall\" }}\n"
+        );
+        ServerConfig::parse(&ok, "server.toml").unwrap();
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use airlock_proto::v1::{HeldRequest, RequestState, Verdict};
 
-pub use crate::types::person;
+pub use crate::types::{is_requester, person};
 use crate::{
     metrics::Metrics,
     policy::SharedPolicy,
@@ -65,18 +65,6 @@ pub struct Decisions {
     pub policy: SharedPolicy,
     /// Counters.
     pub metrics: Arc<Metrics>,
-}
-
-/// Whether `approver` is the account that made `held` (its user, or the user who logged in
-/// and launched it), as the same [`person`].
-pub fn is_requester(held: &HeldRequest, approver: &str) -> bool {
-    let Some(p) = held.request.as_ref().and_then(|r| r.process.as_ref()) else {
-        return false;
-    };
-    let me = person(approver);
-    [p.user.as_str(), p.login_user.as_str()]
-        .iter()
-        .any(|u| !u.is_empty() && person(u) == me)
 }
 
 /// Whether the same [`person`] as `approver` already voted on `held`.
@@ -163,7 +151,7 @@ fn refusal(
             crate::types::state_name(held.state())
         ));
     }
-    if is_requester(held, &approver.name) {
+    if policy.is_own(&approver.name, held) {
         return Some(format!(
             "{} made this request and cannot decide it",
             approver.name
@@ -218,6 +206,32 @@ mod tests {
             "case does not make another person"
         );
         assert!(!is_requester(&held("ci-bot", ""), ""));
+    }
+
+    /// `a.smith@corp.com` logs in to hosts as `alice`: by name alone she could approve her own
+    /// requests, also those of a service started by a unit (no login user at all).
+    #[test]
+    fn listed_unix_accounts_make_a_request_the_approvers_own() {
+        let policy = crate::policy::Policy::parse(
+            "[unix_accounts]\n\"a.smith@corp.com\" = [\"alice\", \"deploy-alice\"]\n",
+            "policy.toml",
+        )
+        .unwrap();
+        let smith = Approver::named("a.smith@corp.com");
+        let pending = |user: &str, login: &str| {
+            let mut h = held(user, login);
+            h.state = RequestState::Pending as i32;
+            h
+        };
+        let own = refusal(&policy, &pending("ci-bot", "alice"), &smith);
+        assert!(own.is_some_and(|r| r.contains("made this request")));
+        assert!(
+            refusal(&policy, &pending("deploy-alice", ""), &smith).is_some(),
+            "a unit's request under her service account"
+        );
+        assert_eq!(refusal(&policy, &pending("ci-bot", "bob"), &smith), None);
+        let jones = Approver::named("b.jones@corp.com");
+        assert_eq!(refusal(&policy, &pending("ci-bot", "alice"), &jones), None);
     }
 
     #[test]

@@ -17,7 +17,8 @@
 //! 3. [`store`]: one async interface over SQLite or PostgreSQL (requests, votes, grants,
 //!    tokens, accounts, agents, audit, deliveries), its migrations, and the change feed that
 //!    tells every replica what changed.
-//! 4. Shared at the bottom: [`audit`] (the hash chain and its verification), [`types`],
+//! 4. Shared at the bottom: [`audit`] (the hash chain and its verification), [`checkpoint`]
+//!    (signed chain heads), [`types`], [`display`] (agent text made safe to show),
 //!    [`credential`] (scopes and token formats), [`config`] (the server file and its limits),
 //!    [`metrics`] and [`docs`] (man pages and completions for the binaries).
 
@@ -37,10 +38,16 @@ pub mod store;
 
 // Layer 4: shared.
 pub mod audit;
+pub mod checkpoint;
 pub mod config;
 pub mod credential;
+pub mod display;
 pub mod docs;
 pub mod metrics;
 pub mod types;
 
 pub use server::{ControlPlane, Tls};
+
+/// Entry points for the fuzz targets in `fuzz/`.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;

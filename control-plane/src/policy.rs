@@ -68,6 +68,11 @@ pub struct Policy {
     /// Routing rules, first match wins.
     #[serde(default, rename = "rule")]
     pub rules: Vec<ApprovalRule>,
+    /// Each approver's own Unix accounts (approver identity to account names): a request whose
+    /// account or login user is one of them is that approver's, and they may not decide it,
+    /// whatever their names look like (`a.smith@corp.com` = `["alice", "deploy-alice"]`).
+    #[serde(default)]
+    pub unix_accounts: BTreeMap<String, Vec<String>>,
 }
 
 /// One `[[rule]]`.
@@ -288,6 +293,24 @@ impl Policy {
         let text = toml::to_string(&AgentRules { rule }).unwrap_or_default();
         let version = crate::audit::sha256_hex(text.as_bytes())[..16].to_owned();
         (text, version)
+    }
+
+    /// Whether `held` is `approver`'s own request: its account or login user is one of the
+    /// approver's listed [`Policy::unix_accounts`], or the same person by name
+    /// ([`crate::types::is_requester`]).
+    pub fn is_own(&self, approver: &str, held: &airlock_proto::v1::HeldRequest) -> bool {
+        if crate::types::is_requester(held, approver) {
+            return true;
+        }
+        let Some(p) = held.request.as_ref().and_then(|r| r.process.as_ref()) else {
+            return false;
+        };
+        let me = crate::types::person(approver);
+        self.unix_accounts
+            .iter()
+            .filter(|(who, _)| crate::types::person(who) == me)
+            .flat_map(|(_, accounts)| accounts)
+            .any(|a| !a.is_empty() && (*a == p.user || *a == p.login_user))
     }
 
     /// Whether `approver` belongs to one of `groups` (true when `groups` is empty).

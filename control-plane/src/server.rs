@@ -224,6 +224,46 @@ impl ControlPlane {
         apply(&self.policy, &self.policy_status, p, source, path, at);
     }
 
+    /// Signs the audit chain's head with `signer` every `every`, when the trail has grown
+    /// since the last one: each checkpoint goes to the log (target `airlock_audit_checkpoint`)
+    /// and, when `file` is set, is appended to it. Runs until the task is dropped.
+    pub async fn sign_checkpoints(
+        &self,
+        signer: std::sync::Arc<crate::checkpoint::Signer>,
+        every: std::time::Duration,
+        file: Option<std::path::PathBuf>,
+    ) {
+        let mut signed = -1;
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let (seq, hash) = match self.store.audit_tip().await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the audit head for a checkpoint failed");
+                    continue;
+                }
+            };
+            if seq == signed {
+                continue;
+            }
+            let c = signer.sign(seq, &hash, crate::types::now_ms());
+            tracing::info!(target: "airlock_audit_checkpoint", "audit checkpoint {c}");
+            if let Some(path) = &file {
+                use std::io::Write;
+                let appended = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .and_then(|mut f| writeln!(f, "{c}"));
+                if let Err(e) = appended {
+                    tracing::error!(path = %path.display(), error = %e, "appending the audit checkpoint failed");
+                }
+            }
+            signed = seq;
+        }
+    }
+
     /// Serves health, readiness and metrics, and the routes of `extra` (the web UI, Slack's
     /// interactivity endpoint), over HTTP on `listener` until `shutdown`.
     pub async fn serve_http(
@@ -238,9 +278,13 @@ impl ControlPlane {
             self.metrics.clone(),
         )
         .merge(extra);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
+        // With the peer's address: login throttling counts failures per client.
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
     }
 
     /// Serves gRPC (agents, approvals, health, reflection) on `listener` until `shutdown`

@@ -3,7 +3,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use airlock_proto::v1::RequestState;
+use airlock_proto::v1::{HeldRequest, RequestState};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -29,11 +29,25 @@ pub fn state_name(s: RequestState) -> &'static str {
 /// Comparisons err on the side of "same person": refusing a vote is safe, a second vote by
 /// one person is not.
 pub fn person(identity: &str) -> String {
+    // White space around a name never makes another person ("alice " is alice).
+    let identity = identity.trim();
     identity
         .split('@')
         .next()
         .unwrap_or(identity)
         .to_ascii_lowercase()
+}
+
+/// Whether `approver` is the account that made `held` (its user, or the user who logged in
+/// and launched it), as the same [`person`].
+pub fn is_requester(held: &HeldRequest, approver: &str) -> bool {
+    let Some(p) = held.request.as_ref().and_then(|r| r.process.as_ref()) else {
+        return false;
+    };
+    let me = person(approver);
+    [p.user.as_str(), p.login_user.as_str()]
+        .iter()
+        .any(|u| !u.is_empty() && person(u) == me)
 }
 
 /// Where a request goes: who may vote and how many must agree (from the approval policy).

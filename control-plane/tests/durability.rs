@@ -239,6 +239,129 @@ async fn audit_catches_records_cut_off_the_end_of_a_sqlite_file() {
     );
 }
 
+/// `DELETE FROM audit WHERE seq >= 4` plus `rm airlock.db.audit-head`: the missing file is an
+/// error, not a check skipped, and the server does not make it again over the cut trail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_with_the_checkpoint_file_deleted_is_caught() {
+    let t = TestDb::sqlite();
+    let Database::Sqlite(path) = &t.db else {
+        unreachable!()
+    };
+    let head = airlock_control_plane::audit::checkpoint_path(path);
+    populate(&t).await;
+    std::fs::remove_file(&head).unwrap();
+    behind_the_back(&t.db, "DELETE FROM audit WHERE seq >= 4").await;
+    let err = verify_database(&t.db).await.unwrap_err();
+    assert!(
+        matches!(&err, Tamper::CheckpointMissing(p) if p.ends_with(".audit-head")),
+        "{err:?}"
+    );
+    // A later write does not re-anchor the cut trail.
+    let s = Store::open(&t.db).await.unwrap();
+    s.audit_event("server", "test.later", "{}").await.unwrap();
+    assert!(
+        !head.exists(),
+        "the checkpoint file was made again over a cut trail"
+    );
+    assert!(matches!(
+        s.verify_audit().await,
+        Err(Tamper::CheckpointMissing(_))
+    ));
+}
+
+/// Someone with the database and root rewrites a record and recomputes every hash (and the
+/// checkpoint file): the chain alone verifies, the signed checkpoint kept elsewhere does not.
+async fn airlockctl_verify_checks_a_signed_checkpoint(t: TestDb) {
+    use airlock_control_plane::{
+        audit::{Filter, Record},
+        checkpoint::Signer,
+    };
+    populate(&t).await;
+    let s = Store::open(&t.db).await.unwrap();
+    let records = s.audit_query(&Filter::default()).await.unwrap();
+    let (r4, r5) = (&records[3], &records[4]);
+    let signer = std::sync::Arc::new(Signer::from_hex(&"42".repeat(32)).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let kept = dir.path().join("checkpoints.log");
+    // The server's own checkpoint task signs the head and appends it to the file.
+    let plane = ControlPlane::new(s.clone());
+    let (signing, file) = (signer.clone(), kept.clone());
+    let task = tokio::spawn(async move {
+        plane
+            .sign_checkpoints(signing, Duration::from_millis(50), Some(file))
+            .await
+    });
+    for _ in 0..100 {
+        if std::fs::read_to_string(&kept).is_ok_and(|t| t.contains("seq=5 ")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+    let line = std::fs::read_to_string(&kept).unwrap();
+    assert!(line.contains(&format!("seq=5 hash={} ", r5.hash)), "{line}");
+    let db_args: Vec<String> = match &t.db {
+        Database::Sqlite(path) => vec!["--db".into(), path.display().to_string()],
+        Database::Postgres(url) => vec!["--database".into(), url.clone()],
+    };
+    let verify = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_airlockctl"))
+            .args(["audit", "verify"])
+            .args(&db_args)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let key = signer.public_hex();
+    let with_checkpoint = ["--checkpoint", kept.to_str().unwrap(), "--public-key", &key];
+    let ok = verify(&with_checkpoint);
+    assert!(ok.status.success(), "{ok:?}");
+
+    let forged = Record::next(
+        4,
+        &r4.hash,
+        r5.at_ms,
+        &r5.actor,
+        &r5.action,
+        &r5.request_id,
+        "{\"reason\":\"fine\"}",
+    );
+    behind_the_back(
+        &t.db,
+        &format!(
+            "UPDATE audit SET payload = '{}', digest = '{}', hash = '{}' WHERE seq = 5",
+            forged.payload, forged.digest, forged.hash
+        ),
+    )
+    .await;
+    if let Database::Sqlite(path) = &t.db {
+        airlock_control_plane::audit::write_checkpoint(
+            &airlock_control_plane::audit::checkpoint_path(path),
+            5,
+            &forged.hash,
+        )
+        .unwrap();
+    }
+    assert!(
+        verify(&[]).status.success(),
+        "the rewrite fools the chain alone"
+    );
+    let caught = verify(&with_checkpoint);
+    assert_eq!(caught.status.code(), Some(5), "{caught:?}");
+    assert!(
+        String::from_utf8_lossy(&caught.stderr).contains("audit record 5 was changed"),
+        "{caught:?}"
+    );
+    let other = Signer::from_hex(&"43".repeat(32)).unwrap().public_hex();
+    let wrong_key = verify(&[
+        "--checkpoint",
+        kept.to_str().unwrap(),
+        "--public-key",
+        &other,
+    ]);
+    assert_eq!(wrong_key.status.code(), Some(5), "{wrong_key:?}");
+}
+
 async fn airlockctl_audit_verify_reports_first_bad_record_and_exit_code(t: TestDb) {
     populate(&t).await;
     let args: Vec<String> = match &t.db {
@@ -273,4 +396,5 @@ both!(
     audit_catches_removed_record,
     audit_catches_reordered_records,
     airlockctl_audit_verify_reports_first_bad_record_and_exit_code,
+    airlockctl_verify_checks_a_signed_checkpoint,
 );

@@ -143,3 +143,20 @@ fn example_server_config_loads_with_the_documented_values() {
     .unwrap();
     assert_eq!(secret.expose(), "client-secret");
 }
+
+/// As shipped, a Slack press must be able to count: every identity `[slack.users]` maps to is a
+/// member of one of the policy's groups (a press by anyone else is refused).
+#[test]
+fn example_slack_users_are_policy_members() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let policy = Policy::load(&dir.join("policy.toml")).unwrap();
+    let cfg = airlock_control_plane::config::ServerConfig::load(&dir.join("server.toml")).unwrap();
+    let slack = cfg.slack.expect("[slack]");
+    for who in slack.users.values() {
+        assert!(
+            policy.groups.values().any(|members| members.contains(who)),
+            "{who} (a Slack user) is in no policy group"
+        );
+    }
+    assert!(policy.unix_accounts.contains_key("alice@example.com"));
+}

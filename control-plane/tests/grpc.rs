@@ -688,7 +688,8 @@ async fn cancel_tells_the_agent_to_deny(t: TestDb) {
     let answer = a.ask(request("c-1", "ci"));
     let mut alice = approvals(&url, Some(&t["alice"])).await;
     wait_pending(&mut alice, 1).await;
-    let no_reason = alice
+    let mut admin = approvals(&url, Some(&t["root-admin"])).await;
+    let no_reason = admin
         .cancel(airlock_proto::v1::CancelRequest {
             request_id: "c-1".into(),
             reason: " ".into(),
@@ -705,7 +706,20 @@ async fn cancel_tells_the_agent_to_deny(t: TestDb) {
         .await
         .unwrap_err();
     assert_eq!(by_reader.code(), Code::PermissionDenied);
-    let held = alice
+    // Cancel skips groups, quorum and the self check: only admins may use it; approvers deny.
+    let by_approver = alice
+        .cancel(airlock_proto::v1::CancelRequest {
+            request_id: "c-1".into(),
+            reason: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        by_approver.code(),
+        Code::PermissionDenied,
+        "{by_approver:?}"
+    );
+    let held = admin
         .cancel(airlock_proto::v1::CancelRequest {
             request_id: "c-1".into(),
             reason: "wrong ticket".into(),
@@ -837,6 +851,98 @@ async fn airlockctl_json_and_exit_codes(t: TestDb) {
     assert_eq!(decided["decided_by"], "alice");
 }
 
+/// `exec -a $'kubectl get pods\e[8m' kubectl delete namespace payments`: the ESC sequence would
+/// hide "delete namespace payments" on the approver's terminal right before the a/d prompt.
+async fn airlockctl_escapes_agent_text_before_the_prompt(t: TestDb) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (url, t, _stop) = start(&t).await;
+    let a = agent(&url, "host-a", &t["host-a"]);
+    assert!(a.wait_connected(Duration::from_secs(5)).await);
+    let mut req = request("esc-1", "claude");
+    req.rule = "kubectl\u{1b}]0;title\u{7}".into();
+    req.process.as_mut().unwrap().cwd = "/srv\u{1b}[2J\u{9b}8m".into();
+    req.action = Some(airlock_proto::v1::action_request::Action::Exec(
+        ExecAction {
+            path: "/usr/bin/kubectl".into(),
+            argv: vec![
+                "kubectl get pods\u{1b}[8m".into(),
+                "delete".into(),
+                "namespace".into(),
+                "payments\u{202e}".into(),
+            ],
+            ..Default::default()
+        },
+    ));
+    let _pending = a.ask(req);
+    let mut alice = approvals(&url, Some(&t["alice"])).await;
+    wait_pending(&mut alice, 1).await;
+    let raw = |b: &[u8]| {
+        let text = String::from_utf8_lossy(b);
+        text.chars()
+            .any(|c| (c.is_control() && c != '\n') || ('\u{202a}'..='\u{202e}').contains(&c))
+    };
+
+    let mut watch = tokio::process::Command::new(env!("CARGO_BIN_EXE_airlockctl"))
+        .args(["--server", &url, "--token", &t["alice"]])
+        .args(["requests", "watch", "--decide"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = watch.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let prompt = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("approve (a)") {
+            let n = stdout.read(&mut buf).await.unwrap();
+            assert!(n > 0, "airlockctl ended before the prompt");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(
+        prompt.is_ok(),
+        "no prompt: {}",
+        String::from_utf8_lossy(&seen)
+    );
+    let shown = String::from_utf8_lossy(&seen).into_owned();
+    assert!(
+        !raw(&seen),
+        "raw control characters reached the terminal: {shown:?}"
+    );
+    assert!(
+        shown.contains(
+            "action    /usr/bin/kubectl delete namespace payments\\u{202e} \
+             [argv[0]: kubectl get pods\\u{1b}[8m]\n"
+        ),
+        "{shown}"
+    );
+    let mut stdin = watch.stdin.take().unwrap();
+    stdin.write_all(b"\n").await.unwrap();
+    drop(stdin);
+    let _ = watch.kill().await;
+
+    for json in [false, true] {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_airlockctl"));
+        cmd.args(["--server", &url, "--token", &t["alice"]]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.args(["requests", "list"]).output().await.unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            !raw(&out.stdout),
+            "raw control characters in list (json: {json}): {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        if json {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["request"]["process"]["cwd"], "/srv\u{1b}[2J\u{9b}8m");
+        }
+    }
+}
+
 async fn only_admins_manage_tokens_and_revoked_tokens_stop_working(t: TestDb) {
     use airlock_proto::v1::{
         tokens_service_client::TokensServiceClient, CreateTokenRequest, RevokeTokenRequest,
@@ -869,6 +975,11 @@ async fn only_admins_manage_tokens_and_revoked_tokens_stop_working(t: TestDb) {
         .token;
     let twice = admin.create(create("dave", "read")).await.unwrap_err();
     assert_eq!(twice.code(), Code::AlreadyExists);
+    // "dave " would be a second token, and a second vote, for one person.
+    for odd in ["dave ", "dave\u{1b}[8m", ""] {
+        let refused = admin.create(create(odd, "approve")).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{odd:?}");
+    }
 
     let mut as_dave = approvals(&url, Some(&dave)).await;
     as_dave.list(ListRequestsRequest::default()).await.unwrap();
@@ -883,6 +994,121 @@ async fn only_admins_manage_tokens_and_revoked_tokens_stop_working(t: TestDb) {
         .await
         .unwrap_err();
     assert_eq!(gone.code(), Code::Unauthenticated);
+    // Both are audited as the admin who did them, not as "server".
+    let mut audit = airlock_proto::v1::audit_service_client::AuditServiceClient::with_interceptor(
+        tonic::transport::Channel::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+        Bearer(Some(t["root-admin"].clone())),
+    );
+    let records = audit
+        .query(airlock_proto::v1::AuditQuery {
+            action: "token.*".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    let actors: Vec<(&str, &str)> = records
+        .iter()
+        .filter(|r| r.payload.contains("\"dave\""))
+        .map(|r| (r.action.as_str(), r.actor.as_str()))
+        .collect();
+    assert_eq!(
+        actors,
+        [
+            ("token.created", "root-admin"),
+            ("token.revoked", "root-admin")
+        ]
+    );
+}
+
+/// Revoking a token ends the streams it already opened: an agent session and a watcher, with
+/// UNAUTHENTICATED, within a few seconds; others' streams stay up.
+async fn revoking_a_token_ends_its_open_streams(t: TestDb) {
+    use airlock_proto::v1::{
+        agent_message::Msg, agent_service_client::AgentServiceClient,
+        tokens_service_client::TokensServiceClient, AgentMessage, RevokeTokenRequest,
+    };
+    let (url, t, _stop) = start(&t).await;
+    let ch = tonic::transport::Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut session = tonic::Request::new(tokio_stream::StreamExt::chain(
+        tokio_stream::once(AgentMessage {
+            msg: Some(Msg::Hello(Hello {
+                host_id: "host-b".into(),
+                hostname: "host-b".into(),
+                ..Default::default()
+            })),
+        }),
+        tokio_stream::pending(),
+    ));
+    session.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", t["host-b"]).parse().unwrap(),
+    );
+    let mut agent_stream = AgentServiceClient::new(ch.clone())
+        .session(session)
+        .await
+        .unwrap()
+        .into_inner();
+    let first = agent_stream.message().await.unwrap();
+    assert!(first.is_some(), "the session sends its rules first");
+    let watch = |token: &str| {
+        let (url, token) = (url.clone(), token.to_owned());
+        async move {
+            approvals(&url, Some(&token))
+                .await
+                .watch(WatchRequestsRequest {
+                    include_pending: false,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let mut bobs = watch(&t["bob"]).await;
+    let mut alices = watch(&t["alice"]).await;
+
+    let mut admin =
+        TokensServiceClient::with_interceptor(ch, Bearer(Some(t["root-admin"].clone())));
+    for name in ["host-b", "bob"] {
+        admin
+            .revoke(RevokeTokenRequest { name: name.into() })
+            .await
+            .unwrap();
+    }
+    fn ended<M: std::fmt::Debug>(r: Result<Option<M>, tonic::Status>, what: &str) {
+        match r {
+            Err(s) => assert_eq!(s.code(), Code::Unauthenticated, "{what}: {s:?}"),
+            Ok(m) => panic!("{what} went on after its token was revoked: {m:?}"),
+        }
+    }
+    let limit = Duration::from_secs(5);
+    ended(
+        tokio::time::timeout(limit, agent_stream.message())
+            .await
+            .expect("the agent session stayed open"),
+        "agent session",
+    );
+    ended(
+        tokio::time::timeout(limit, bobs.message())
+            .await
+            .expect("bob's watch stayed open"),
+        "watch",
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), alices.message())
+            .await
+            .is_err(),
+        "alice's token is still good: her watch stays open"
+    );
 }
 
 async fn overdue_requests_expire_and_bad_requests_lose_nothing(t: TestDb) {
@@ -1104,7 +1330,9 @@ both!(
     cancel_tells_the_agent_to_deny,
     agents_receive_their_rules_now_and_on_change,
     airlockctl_json_and_exit_codes,
+    airlockctl_escapes_agent_text_before_the_prompt,
     only_admins_manage_tokens_and_revoked_tokens_stop_working,
+    revoking_a_token_ends_its_open_streams,
     overdue_requests_expire_and_bad_requests_lose_nothing,
     health_readiness_and_metrics_over_http,
     bad_policy_reload_is_refused_recorded_and_old_one_stays,

@@ -104,6 +104,26 @@ fn channels(toml: &str) -> notify::Channels {
 
 /// Request `id` by account `user`, routed to group oncall.
 async fn receive(store: &Store, id: &str, user: &str, require_reason: bool) {
+    receive_exec(
+        store,
+        id,
+        user,
+        require_reason,
+        "/usr/bin/kubectl",
+        &["kubectl", "delete", "ns", "prod"],
+    )
+    .await
+}
+
+/// Like [`receive`], running `path` with `argv`.
+async fn receive_exec(
+    store: &Store,
+    id: &str,
+    user: &str,
+    require_reason: bool,
+    path: &str,
+    argv: &[&str],
+) {
     let host = Hello {
         host_id: "h1".into(),
         hostname: "web-1".into(),
@@ -126,10 +146,8 @@ async fn receive(store: &Store, id: &str, user: &str, require_reason: bool) {
             ..Default::default()
         }),
         action: Some(Action::Exec(ExecAction {
-            path: "/usr/bin/kubectl".into(),
-            argv: ["kubectl", "delete", "ns", "prod"]
-                .map(String::from)
-                .to_vec(),
+            path: path.into(),
+            argv: argv.iter().map(|a| a.to_string()).collect(),
             ..Default::default()
         })),
         deadline_unix_ms: airlock_control_plane::types::now_ms() + 600_000,
@@ -298,7 +316,7 @@ async fn slack_buttons_vote_through_the_decision_path(t: TestDb) {
     for fact in [
         "Host: web-1",
         "Account: ci",
-        "What: kubectl delete ns prod",
+        "What: /usr/bin/kubectl delete ns prod",
         "Risk: high",
         "Deadline: ",
     ] {
@@ -605,6 +623,90 @@ async fn a_hanging_receiver_does_not_delay_the_others(t: TestDb) {
     );
 }
 
+/// `exec -a '[Approve here](https://evil.example)' terraform destroy`: argv[0] is the caller's
+/// choice. Slack, Teams and the audit record name the executable the kernel ran, and Teams shows
+/// the Markdown as text, not as a link on the approvers' card.
+async fn notices_name_the_executable_and_teams_shows_markdown_as_text(t: TestDb) {
+    let (slack_url, slack_log) = fake_slack().await;
+    let log: Log = Arc::default();
+    let l = log.clone();
+    let app = Router::new().route(
+        "/teams",
+        post(move |headers: HeaderMap, body: Bytes| async move {
+            l.lock().unwrap().push(("/teams".into(), headers, body));
+            StatusCode::ACCEPTED
+        }),
+    );
+    let url = serve(app).await;
+    let dir = tempfile::tempdir().unwrap();
+    let channels = channels(&format!(
+        "[teams]\nwebhook_url_file = {:?}\n[slack]\nchannel = \"C42\"\nbot_token_file = {:?}\n\
+         signing_secret_file = {:?}\napi_url = {:?}\n",
+        secret(&dir, "teams", &format!("{url}/teams")),
+        secret(&dir, "bot", BOT),
+        secret(&dir, "signing", SIGNING),
+        format!("{slack_url}/api"),
+    ));
+    let plane = plane(&t).await;
+    let _hub = Hub::start(plane.store.clone(), &channels, plane.metrics.clone())
+        .await
+        .unwrap();
+    receive_exec(
+        &plane.store,
+        "spoof-1",
+        "ci",
+        false,
+        "/usr/bin/terraform",
+        &["[Approve here](https://evil.example)", "destroy"],
+    )
+    .await;
+
+    let card = eventually("a card", || calls(&log, "/teams").pop()).await;
+    let facts = card["attachments"][0]["content"]["body"][1]["facts"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let what = facts.iter().find(|f| f["title"] == "What").unwrap()["value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(what.starts_with("/usr/bin/terraform destroy"), "{what}");
+    assert!(
+        !what.contains("]("),
+        "a Markdown link reached Teams: {what}"
+    );
+
+    let posted = eventually("chat.postMessage", || {
+        calls(&slack_log, "/chat.postMessage").pop()
+    })
+    .await;
+    let fields = posted["blocks"][1]["fields"].to_string();
+    assert!(
+        fields.contains(
+            "What: /usr/bin/terraform destroy [argv[0]: [Approve here](https://evil.example)]"
+        ),
+        "{fields}"
+    );
+
+    let rec = plane
+        .store
+        .audit_query(&airlock_control_plane::audit::Filter {
+            request_id: Some("spoof-1".into()),
+            action: Some("request.received".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let payload: Value = serde_json::from_str(&rec[0].payload).unwrap();
+    assert!(
+        payload["action"]
+            .as_str()
+            .unwrap()
+            .starts_with("/usr/bin/terraform destroy"),
+        "{payload}"
+    );
+}
+
 async fn teams_gets_an_adaptive_card_linking_to_the_request(t: TestDb) {
     let log: Log = Arc::default();
     let l = log.clone();
@@ -710,4 +812,5 @@ both!(
     webhook_retries_signs_and_logs_every_attempt,
     a_hanging_receiver_does_not_delay_the_others,
     teams_gets_an_adaptive_card_linking_to_the_request,
+    notices_name_the_executable_and_teams_shows_markdown_as_text,
 );

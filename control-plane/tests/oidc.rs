@@ -62,7 +62,7 @@ async fn login_gives_the_identity_with_mapped_groups() {
         id,
         Identity {
             name: "alice@example.com".into(),
-            groups: vec!["approvers".into(), "eng".into()],
+            groups: vec!["approvers".into()],
             subject: "00u-alice@example.com".into(),
         }
     );
@@ -222,6 +222,23 @@ async fn wrong_issuer_is_refused() {
 async fn unverified_email_is_refused() {
     let err = refused(Fault::EmailUnverified).await;
     assert!(matches!(err, OidcError::EmailNotVerified), "{err}");
+}
+
+#[tokio::test]
+async fn email_without_email_verified_is_refused() {
+    let err = refused(Fault::EmailVerifiedMissing).await;
+    assert!(matches!(err, OidcError::EmailNotVerified), "{err}");
+}
+
+/// An issuer group that nobody mapped ("admins", "oncall" created by anyone with rights at the
+/// issuer) must not give the admin pages or a vote.
+#[tokio::test]
+async fn unmapped_groups_do_not_count() {
+    let (issuer, oidc) = start().await;
+    issuer.set_user(TestUser::new("mallory@example.com", &["admins", "oncall"]));
+    let id = login(&oidc).await.unwrap();
+    assert_eq!(id.name, "mallory@example.com");
+    assert!(id.groups.is_empty(), "{:?}", id.groups);
 }
 
 #[tokio::test]

@@ -388,6 +388,100 @@ async fn grant_approves_the_same_action_until_revoked(t: TestDb) {
     assert!(s.verify_audit().await.is_ok());
 }
 
+/// A grant covers the action in its scope only: not another working directory, not other
+/// environment values, and never a request by one of the people who agreed to it.
+async fn grant_is_bound_to_cwd_env_and_not_its_approvers(t: TestDb) {
+    use airlock_proto::v1::{EnvVar, ProcessContext};
+    let s = t.open().await;
+    let l = Limits::default();
+    let make = |id: &str, login: &str, cwd: &str, ws: &str| {
+        let mut r = req(id, i64::MAX);
+        r.process = Some(ProcessContext {
+            user: "deploy".into(),
+            login_user: login.into(),
+            cwd: cwd.into(),
+            env: vec![EnvVar {
+                name: "TF_WORKSPACE".into(),
+                value: Some(ws.into()),
+            }],
+            ..Default::default()
+        });
+        r.action = Some(Action::Exec(airlock_proto::v1::ExecAction {
+            path: "/usr/bin/terraform".into(),
+            argv: vec!["terraform".into(), "apply".into()],
+            ..Default::default()
+        }));
+        r
+    };
+    s.receive(
+        &host(),
+        &route(1),
+        make("s1", "carol", "/srv/staging", "staging"),
+        &l,
+    )
+    .await
+    .unwrap();
+    let (h, _) = s
+        .vote(
+            "s1",
+            "alice@corp.example",
+            Verdict::Allow,
+            "staging is fine",
+            60,
+        )
+        .await
+        .unwrap();
+    assert!(!h.grant_id.is_empty());
+    let state = |h: airlock_proto::v1::HeldRequest| h.state();
+    for (id, login, cwd, ws, why) in [
+        (
+            "p1",
+            "carol",
+            "/srv/prod",
+            "staging",
+            "another working directory",
+        ),
+        (
+            "p2",
+            "carol",
+            "/srv/staging",
+            "prod",
+            "another environment value",
+        ),
+        (
+            "p3",
+            "alice",
+            "/srv/staging",
+            "staging",
+            "a request by the grant's approver",
+        ),
+    ] {
+        let (h, _) = s
+            .receive(&host(), &route(1), make(id, login, cwd, ws), &l)
+            .await
+            .unwrap();
+        assert_eq!(
+            state(h),
+            RequestState::Pending,
+            "{why} must wait for a vote"
+        );
+    }
+    let (h, _) = s
+        .receive(
+            &host(),
+            &route(1),
+            make("s2", "carol", "/srv/staging", "staging"),
+            &l,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        state(h),
+        RequestState::Approved,
+        "the same scope is covered"
+    );
+}
+
 async fn tokens_authenticate_until_revoked(t: TestDb) {
     let s = t.open().await;
     let tok = s.create_token("alice", Scope::Approve).await.unwrap();
@@ -737,6 +831,13 @@ async fn a_database_from_before_migrations_is_upgraded_in_place() {
             ],
         )
         .unwrap();
+        // The server has written the checkpoint file beside its database from the start.
+        airlock_control_plane::audit::write_checkpoint(
+            &airlock_control_plane::audit::checkpoint_path(&path),
+            r.seq,
+            &r.hash,
+        )
+        .unwrap();
     }
     let s = Store::open(&airlock_control_plane::store::Database::sqlite(&path))
         .await
@@ -830,6 +931,7 @@ both!(
     decided_once_only,
     every_change_is_audited_and_verifies,
     grant_approves_the_same_action_until_revoked,
+    grant_is_bound_to_cwd_env_and_not_its_approvers,
     tokens_authenticate_until_revoked,
     expiry_only_touches_pending_past_deadline,
     accounts_create_verify_change_remove,

@@ -755,9 +755,120 @@ async fn insights_charts_count_what_happened_and_link_to_history(t: TestDb) {
         "{rows}"
     );
     b.close().await;
+
+/// An HTTP client (no browser) whose connections come from `ip` (any 127.0.0.0/8 address).
+fn client_from(ip: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap()
+}
+
+/// The login form, filled in and sent by `http` as `name` with `password`.
+async fn post_login(
+    http: &reqwest::Client,
+    base: &str,
+    name: &str,
+    password: &str,
+) -> reqwest::Response {
+    let page = http
+        .get(format!("{base}/login"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let token = page
+        .split("name=\"login_csrf\" value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap()
+        .to_owned();
+    http.post(format!("{base}/login"))
+        .form(&[
+            ("name", name),
+            ("password", password),
+            ("login_csrf", &token),
+        ])
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Guessing from one address makes that address wait, whatever name it tries next; the person
+/// whose name was guessed still logs in from elsewhere, a few seconds late at most; the audit
+/// trail gets a sample of the failures, not one record per guess.
+async fn failed_logins_slow_the_address_not_the_name(t: TestDb) {
+    let ui = start(&t).await;
+    let guesser = client_from("127.0.0.2");
+    for _ in 0..3 {
+        let r = post_login(&guesser, &ui.base, "alice", "not-her-password").await;
+        assert_eq!(r.status(), 401);
+    }
+    for (name, password) in [("bob", PASSWORD), ("alice", "guess")] {
+        let r = post_login(&guesser, &ui.base, name, password).await;
+        assert_eq!(r.status(), 429, "{name} from the guessing address");
+        assert!(r.headers().contains_key("retry-after"));
+    }
+    let started = std::time::Instant::now();
+    let r = post_login(&client_from("127.0.0.1"), &ui.base, "alice", PASSWORD).await;
+    assert_eq!(r.status(), 303, "alice logs in from her own address");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let failed = ui
+        .plane
+        .store
+        .audit_query(&airlock_control_plane::audit::Filter {
+            action: Some("login.failed".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        failed.len(),
+        2,
+        "the 1st and 2nd of 3 failures are recorded"
+    );
+    assert!(
+        failed[1].payload.contains("\"failures_from_client\":2"),
+        "{}",
+        failed[1].payload
+    );
+}
+
+/// `/auth/oidc/start` needs no login: one address may not fill the pending logins for everyone.
+async fn oidc_starts_are_capped_per_client(t: TestDb) {
+    let idp = issuer::Issuer::start(issuer::TestUser::new(
+        "erin@example.com",
+        &["okta-approvers"],
+    ))
+    .await;
+    let ui = start_with_oidc(&t, Some(idp.oidc_file())).await;
+    let flood = client_from("127.0.0.3");
+    let start = |http: reqwest::Client| {
+        let url = format!("{}/auth/oidc/start", ui.base);
+        async move { http.get(url).send().await.unwrap().status() }
+    };
+    for _ in 0..20 {
+        assert_eq!(start(flood.clone()).await, 303);
+    }
+    assert_eq!(start(flood.clone()).await, 429, "the 21st from one address");
+    assert_eq!(
+        start(client_from("127.0.0.1")).await,
+        303,
+        "others still get in"
+    );
 }
 
 both!(
+    failed_logins_slow_the_address_not_the_name,
+    oidc_starts_are_capped_per_client,
     login_live_queue_approve_with_reason_and_deny,
     own_request_shows_no_buttons_and_the_server_refuses_forged_votes,
     pages_need_a_session_and_history_exports_the_filter,

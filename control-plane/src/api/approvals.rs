@@ -213,6 +213,14 @@ impl ApprovalService for ApprovalSvc {
 
     async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<HeldRequest>, Status> {
         let who = voter(&req, "cancel requests")?;
+        // A cancel decides without groups, quorum or the self check: admins only.
+        if who.scope != auth::Scope::Admin {
+            return Err(Status::permission_denied(format!(
+                "{} has an {} token; only an admin token may cancel a request (approvers deny it \
+                 with a reason instead)",
+                who.name, who.scope
+            )));
+        }
         let c = req.into_inner();
         if c.reason.trim().is_empty() {
             return Err(Status::invalid_argument("a cancel needs a reason"));

@@ -26,7 +26,7 @@ pub fn status_of(e: StoreError) -> Status {
         StoreError::TokenExists(_) | StoreError::IdConflict { .. } => {
             Status::already_exists(e.to_string())
         }
-        StoreError::BadPageToken(_) | StoreError::NotBearerScope => {
+        StoreError::BadPageToken(_) | StoreError::NotBearerScope | StoreError::Invalid(_) => {
             Status::invalid_argument(e.to_string())
         }
         StoreError::Limit(_) => Status::resource_exhausted(e.to_string()),

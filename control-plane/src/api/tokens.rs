@@ -59,7 +59,7 @@ impl TokensService for TokensSvc {
         }
         let token = self
             .store
-            .create_token(&r.name, scope)
+            .create_token_by(&r.name, scope, &by)
             .await
             .map_err(|e| match e {
                 StoreError::TokenExists(_) => Status::already_exists(e.to_string()),
@@ -75,7 +75,12 @@ impl TokensService for TokensSvc {
     ) -> Result<Response<RevokeTokenResponse>, Status> {
         let by = admin(&req)?;
         let name = req.into_inner().name;
-        if !self.store.revoke_token(&name).await.map_err(status_of)? {
+        if !self
+            .store
+            .revoke_token_by(&name, &by)
+            .await
+            .map_err(status_of)?
+        {
             return Err(Status::not_found(format!("no active token named {name:?}")));
         }
         tracing::info!(name = %name, by = %by, "token revoked");

@@ -15,6 +15,7 @@
 pub mod accounts;
 pub mod enroll;
 pub mod oidc;
+pub mod revocation;
 pub mod sessions;
 
 use std::{
@@ -191,10 +192,16 @@ where
         let mut inner = std::mem::replace(&mut self.inner, ready);
         let (tokens, allowed) = (self.tokens.clone(), self.allowed);
         Box::pin(async move {
+            // Read before the token is checked: a revocation from then on ends the response.
+            let generation = tokens.store.credentials_generation();
             match authenticate(&tokens, allowed, req.headers()).await {
                 Ok(p) => {
+                    let token = bearer(req.headers()).map(str::to_owned).unwrap_or_default();
                     req.extensions_mut().insert(p);
-                    inner.call(req).await
+                    let response = inner.call(req).await?;
+                    Ok(revocation::end_when_revoked(
+                        response, tokens, token, generation,
+                    ))
                 }
                 Err(status) => Ok(status.into_http()),
             }

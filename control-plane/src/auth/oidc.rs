@@ -105,17 +105,18 @@ pub enum OidcError {
     /// A required claim is absent or of the wrong type.
     #[error("ID token claim {0}")]
     Claim(String),
-    /// The identity claim is an email the issuer says is not verified.
-    #[error("the issuer has not verified the email address")]
+    /// The identity claim is an email the issuer does not say is verified.
+    #[error("the issuer does not say the email address is verified (email_verified is not true); set identity_claim = \"sub\" if it never sends it")]
     EmailNotVerified,
 }
 
 /// A person logged in through the issuer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
-    /// Their name in Airlock: the configured identity claim, else `preferred_username`, else `sub`.
+    /// Their name in Airlock: the configured identity claim, else `sub`.
     pub name: String,
-    /// Their approver groups: the groups claim mapped through `group_map`.
+    /// Their approver groups: the values of the groups claim that `group_map` maps (others are
+    /// dropped).
     pub groups: Vec<String>,
     /// The issuer's stable id for them (`sub`).
     pub subject: String,
@@ -425,34 +426,9 @@ impl Oidc {
 
     /// Fetches the JWKS and keeps its signature keys.
     async fn refresh_keys(&self) -> Result<(), OidcError> {
-        #[derive(Deserialize)]
-        struct Set {
-            keys: Vec<Value>,
-        }
         let body = get(&self.http, self.jwks_uri.as_str()).await?;
-        let set: Set = serde_json::from_slice(&body)
+        let keys = keys_from_jwks(&body)
             .map_err(|e| OidcError::Discovery(format!("JWKS {}: {e}", self.jwks_uri)))?;
-        // Keys of types or algorithms we do not know are skipped, not fatal.
-        let keys: Vec<Key> = set
-            .keys
-            .into_iter()
-            .filter_map(|v| serde_json::from_value::<Jwk>(v).ok())
-            .filter_map(|jwk| {
-                let algs = key_algs(&jwk);
-                let key = DecodingKey::from_jwk(&jwk).ok()?;
-                (!algs.is_empty()).then_some(Key {
-                    kid: jwk.common.key_id,
-                    algs,
-                    key,
-                })
-            })
-            .collect();
-        if keys.is_empty() {
-            return Err(OidcError::Discovery(format!(
-                "JWKS {} has no usable signature key",
-                self.jwks_uri
-            )));
-        }
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::from(keys);
         Ok(())
     }
@@ -504,15 +480,17 @@ impl Oidc {
                 .filter(|s| !s.is_empty())
         };
         let subject = text("sub").ok_or_else(|| OidcError::Claim("sub is missing".into()))?;
+        // An email counts only when the issuer vouches for it: a missing `email_verified` is
+        // as good as false (anyone can type an address into a profile at some issuers).
         if self.identity_claim == "email"
             && text("email").is_some()
-            && c.get("email_verified").and_then(Value::as_bool) == Some(false)
+            && c.get("email_verified").and_then(Value::as_bool) != Some(true)
         {
             return Err(OidcError::EmailNotVerified);
         }
-        let name = text(&self.identity_claim)
-            .or_else(|| text("preferred_username"))
-            .unwrap_or(subject);
+        // Without the configured claim the person is named by the subject, which the issuer
+        // assigns and the person cannot choose (unlike `preferred_username` at some issuers).
+        let name = text(&self.identity_claim).unwrap_or(subject);
         let raw: Vec<&str> = match c.get(&self.groups_claim) {
             None | Some(Value::Null) => {
                 if c.pointer(&format!("/_claim_names/{}", self.groups_claim))
@@ -539,8 +517,9 @@ impl Oidc {
             }
         };
         let mut groups: Vec<String> = Vec::new();
-        for g in raw {
-            let g = self.group_map.get(g).map_or(g, String::as_str);
+        // Only mapped groups count: an issuer group that happens to be called "admins" or
+        // "oncall" must not grant the admin pages or a vote unless the operator said so.
+        for g in raw.into_iter().filter_map(|g| self.group_map.get(g)) {
             if !groups.iter().any(|x| x == g) {
                 groups.push(g.to_string());
             }
@@ -550,6 +529,78 @@ impl Oidc {
             groups,
             subject: subject.into(),
         })
+    }
+}
+
+/// The signature keys of a JWKS document; keys of types or algorithms we do not know are
+/// skipped, not fatal; none at all is an error.
+fn keys_from_jwks(body: &[u8]) -> Result<Vec<Key>, String> {
+    #[derive(Deserialize)]
+    struct Set {
+        keys: Vec<Value>,
+    }
+    let set: Set = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let keys: Vec<Key> = set
+        .keys
+        .into_iter()
+        .filter_map(|v| serde_json::from_value::<Jwk>(v).ok())
+        .filter_map(|jwk| {
+            let algs = key_algs(&jwk);
+            let key = DecodingKey::from_jwk(&jwk).ok()?;
+            (!algs.is_empty()).then_some(Key {
+                kid: jwk.common.key_id,
+                algs,
+                key,
+            })
+        })
+        .collect();
+    if keys.is_empty() {
+        return Err("no usable signature key".into());
+    }
+    Ok(keys)
+}
+
+/// Fuzzing entry: a JWKS document and an ID token through the parsing and checks a login
+/// uses (keys, header, signature, claims, identity), with an issuer that maps one group.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_jwks_and_token(jwks: &[u8], token: &str) {
+    let Ok(keys) = keys_from_jwks(jwks) else {
+        return;
+    };
+    let url = Url::parse("https://idp.example/").expect("a constant URL");
+    let oidc = Oidc {
+        issuer: "https://idp.example".into(),
+        client_id: "airlock".into(),
+        secret: None,
+        secret_in_body: false,
+        redirect_uri: url.clone(),
+        scopes: "openid".into(),
+        identity_claim: "email".into(),
+        groups_claim: "groups".into(),
+        group_map: BTreeMap::from([("g".to_owned(), "oncall".to_owned())]),
+        label: String::new(),
+        authorization_endpoint: url.clone(),
+        token_endpoint: url.clone(),
+        jwks_uri: url,
+        keys: RwLock::new(Arc::from(keys)),
+        http: reqwest::Client::new(),
+    };
+    // Only tokens naming a kid we hold, or none: `verify` never reaches the network then.
+    let kid = token
+        .split('.')
+        .next()
+        .and_then(|h| URL_SAFE_NO_PAD.decode(h).ok())
+        .and_then(|h| serde_json::from_slice::<Value>(&h).ok())
+        .and_then(|v| v.get("kid").and_then(Value::as_str).map(str::to_owned));
+    if kid.is_some() && oidc.keys_for(kid.as_deref()).is_empty() {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime");
+    if let Ok(claims) = runtime.block_on(oidc.verify(token)) {
+        let _ = oidc.check_claims(&claims, "nonce", now_s());
+        let _ = oidc.identity(&claims);
     }
 }
 

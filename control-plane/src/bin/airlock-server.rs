@@ -328,6 +328,24 @@ async fn main() -> Result<()> {
     };
     let mut plane = ControlPlane::new(store);
     plane.limits = config.limits.clone();
+    if let Some(key_file) = &config.audit.checkpoint_key_file {
+        let secret = airlock_control_plane::config::read_secret(key_file)?;
+        let signer = airlock_control_plane::checkpoint::Signer::from_hex(secret.expose())
+            .with_context(|| format!("audit.checkpoint_key_file {key_file}"))?;
+        println!(
+            "airlock-server: audit checkpoints signed with public key {} (give it to airlockctl audit verify --public-key)",
+            signer.public_hex()
+        );
+        let (p, every, file) = (
+            plane.clone(),
+            std::time::Duration::from_secs(config.audit.checkpoint_every_secs),
+            config.audit.checkpoint_file.clone().map(PathBuf::from),
+        );
+        tokio::spawn(async move {
+            p.sign_checkpoints(std::sync::Arc::new(signer), every, file)
+                .await
+        });
+    }
     if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
         let read =
             |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));

@@ -9,12 +9,12 @@ use std::{
 };
 
 use airlock_proto::v1::{
-    action_request::Action, agents_service_client::AgentsServiceClient,
-    approval_service_client::ApprovalServiceClient, audit_service_client::AuditServiceClient,
-    policy_service_client::PolicyServiceClient, tokens_service_client::TokensServiceClient,
-    AuditExportRequest, AuditQuery, AuditVerifyRequest, CreateTokenRequest, DecideRequest,
-    ExportFormat, GetPolicyRequest, GetRequestRequest, HeldRequest, ListAgentsRequest,
-    ListRequestsRequest, RequestState, RevokeTokenRequest, Verdict, WatchRequestsRequest,
+    agents_service_client::AgentsServiceClient, approval_service_client::ApprovalServiceClient,
+    audit_service_client::AuditServiceClient, policy_service_client::PolicyServiceClient,
+    tokens_service_client::TokensServiceClient, AuditExportRequest, AuditQuery, AuditVerifyRequest,
+    CreateTokenRequest, DecideRequest, ExportFormat, GetPolicyRequest, GetRequestRequest,
+    HeldRequest, ListAgentsRequest, ListRequestsRequest, RequestState, RevokeTokenRequest, Verdict,
+    WatchRequestsRequest,
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use tonic::{
@@ -148,6 +148,14 @@ enum Audit {
         /// postgres://user:password@host/db (read only; nothing is changed).
         #[arg(long, value_name = "URL")]
         database: Option<String>,
+        /// Also check the chain against the last signed checkpoint in this file (a copy of the
+        /// server's `audit checkpoint` log lines kept elsewhere): the record it names must still
+        /// have the hash it signed. Needs --db or --database, and --public-key.
+        #[arg(long, value_name = "FILE", requires = "public_key")]
+        checkpoint: Option<std::path::PathBuf>,
+        /// The server's checkpoint public key (hex; airlock-server logs it at start).
+        #[arg(long, value_name = "HEX", requires = "checkpoint")]
+        public_key: Option<String>,
     },
     /// Write audit records as JSON Lines or CSV to stdout (or --out).
     Export {
@@ -246,7 +254,8 @@ enum Requests {
         #[arg(long, value_name = "MINUTES", default_value_t = 0)]
         grant: u32,
     },
-    /// Withdraw a pending request; the agent denies it.
+    /// Withdraw a pending request (admin tokens only: it skips groups, quorum and the self
+    /// check; approvers deny instead); the agent denies it.
     Cancel {
         /// Request id.
         id: String,
@@ -268,18 +277,22 @@ fn state_text(h: &HeldRequest) -> &'static str {
     airlock_control_plane::types::state_name(h.state())
 }
 
-fn what(h: &HeldRequest) -> String {
-    match h.request.as_ref().and_then(|r| r.action.as_ref()) {
-        Some(Action::Exec(e)) => e.argv.join(" "),
-        Some(Action::Connect(c)) => format!("connect {}:{}", c.address, c.port),
-        None => String::new(),
-    }
+/// Agent-supplied (or any server-relayed) text made inert for the terminal: an ESC sequence in
+/// an argv could otherwise hide words right before the approve prompt.
+fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+    airlock_control_plane::display::escape_control(s)
 }
 
+/// The action, by the executable the kernel ran, then its arguments.
+fn what(h: &HeldRequest) -> String {
+    airlock_control_plane::display::action_line(h.request.as_ref().and_then(|r| r.action.as_ref()))
+}
+
+/// One request as one line, every field escaped.
 fn line(h: &HeldRequest) -> String {
     let r = h.request.clone().unwrap_or_default();
     let user = r.process.as_ref().map(|p| p.user.as_str()).unwrap_or("");
-    format!(
+    esc(&format!(
         "{:<9} {} {}@{} [{}] {}",
         state_text(h),
         r.request_id,
@@ -287,7 +300,8 @@ fn line(h: &HeldRequest) -> String {
         h.hostname,
         r.rule,
         what(h)
-    )
+    ))
+    .into_owned()
 }
 
 fn details(h: &HeldRequest) -> String {
@@ -295,18 +309,18 @@ fn details(h: &HeldRequest) -> String {
     let p = r.process.clone().unwrap_or_default();
     let mut out = format!(
         "request   {}\nstate     {}\nhost      {} ({})\naccount   {} (uid {}), group {}\naction    {}\ncwd       {}\nrule      {} (risk: {}) {}\n",
-        r.request_id,
+        esc(&r.request_id),
         state_text(h),
-        h.hostname,
-        h.host_id,
-        p.user,
+        esc(&h.hostname),
+        esc(&h.host_id),
+        esc(&p.user),
         p.uid,
-        p.group,
-        what(h),
-        p.cwd,
-        r.rule,
-        if r.risk.is_empty() { "-" } else { &r.risk },
-        r.description,
+        esc(&p.group),
+        esc(&what(h)),
+        esc(&p.cwd),
+        esc(&r.rule),
+        esc(if r.risk.is_empty() { "-" } else { &r.risk }),
+        esc(&r.description),
     );
     let left = (r.deadline_unix_ms - airlock_control_plane::types::now_ms()) / 1000;
     if h.state() == RequestState::Pending {
@@ -316,12 +330,16 @@ fn details(h: &HeldRequest) -> String {
         out.push_str(&format!(
             "parent {i}  pid {} {}: {}\n",
             a.pid,
-            a.user,
-            a.argv.join(" ")
+            esc(&a.user),
+            esc(&a.argv.join(" "))
         ));
     }
     if !h.decided_by.is_empty() {
-        out.push_str(&format!("decided   by {}: {}\n", h.decided_by, h.reason));
+        out.push_str(&format!(
+            "decided   by {}: {}\n",
+            esc(&h.decided_by),
+            esc(&h.reason)
+        ));
     }
     out
 }
@@ -352,7 +370,7 @@ async fn audit_remote(server: &str, token: Option<&str>, cmd: Audit) -> ExitCode
                 ExitCode::SUCCESS
             }
             Ok(r) => {
-                eprintln!("airlockctl: {}", r.get_ref().problem);
+                eprintln!("airlockctl: {}", esc(&r.get_ref().problem));
                 ExitCode::from(5)
             }
             Err(status) => exit_for(&status),
@@ -417,7 +435,7 @@ async fn agents_list(server: &str, token: Option<&str>) -> ExitCode {
         for a in &r.get_ref().agents {
             let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             emit(a, || {
-                format!(
+                esc(&format!(
                     "{:<12} {} {} v{} [{}] last seen {}s ago",
                     if a.connected {
                         "connected"
@@ -429,7 +447,8 @@ async fn agents_list(server: &str, token: Option<&str>) -> ExitCode {
                     a.version,
                     labels.join(","),
                     (airlock_control_plane::types::now_ms() - a.last_seen_unix_ms) / 1000
-                )
+                ))
+                .into_owned()
             });
         }
     }))
@@ -455,11 +474,11 @@ async fn tokens(server: &str, token: Option<&str>, cmd: TokensCmd) -> ExitCode {
                 host_id: host.unwrap_or_default(),
             })
             .await
-            .map(|r| println!("{}", r.get_ref().token)),
+            .map(|r| println!("{}", esc(&r.get_ref().token))),
         TokensCmd::Revoke { name } => client
             .revoke(RevokeTokenRequest { name: name.clone() })
             .await
-            .map(|_| println!("revoked {name}")),
+            .map(|_| println!("revoked {}", esc(&name))),
     })
 }
 
@@ -474,13 +493,13 @@ async fn policy_show(server: &str, token: Option<&str>) -> ExitCode {
         if st.path.is_empty() {
             println!("built-in default policy: any one approver decides");
         } else {
-            println!(
-                "# {} (loaded at {} ms)\n{}",
-                st.path, st.loaded_unix_ms, st.source
-            );
+            println!("# {} (loaded at {} ms)", esc(&st.path), st.loaded_unix_ms);
+            for l in st.source.lines() {
+                println!("{}", esc(l));
+            }
         }
         if !st.last_error.is_empty() {
-            println!("# last reload refused: {}", st.last_error);
+            println!("# last reload refused: {}", esc(&st.last_error));
         }
     }))
 }
@@ -492,7 +511,7 @@ static JSON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 fn emit<T: serde::Serialize>(v: &T, human: impl FnOnce() -> String) {
     if JSON.get().copied().unwrap_or(false) {
         match serde_json::to_string(v) {
-            Ok(j) => println!("{j}"),
+            Ok(j) => println!("{}", airlock_control_plane::display::escape_json(&j)),
             Err(e) => eprintln!("airlockctl: cannot encode JSON: {e}"),
         }
     } else {
@@ -545,19 +564,20 @@ fn grant_line(g: &airlock_proto::v1::Grant) -> String {
     } else {
         format!("{} min left", (g.expires_unix_ms - now) / 60_000)
     };
-    format!(
+    esc(&format!(
         "{} {}@{} {} [{}] by {}",
         g.id,
         g.account,
         g.host_id,
-        g.action.replace('\u{1f}', " "),
+        g.action.replace('\u{1f}', " ").replace('\u{1e}', " | "),
         state,
         g.created_by
-    )
+    ))
+    .into_owned()
 }
 
 fn exit_for(status: &tonic::Status) -> ExitCode {
-    eprintln!("airlockctl: {}", status.message());
+    eprintln!("airlockctl: {}", esc(status.message()));
     match status.code() {
         Code::NotFound => ExitCode::from(3),
         Code::PermissionDenied | Code::FailedPrecondition | Code::InvalidArgument => {
@@ -567,7 +587,35 @@ fn exit_for(status: &tonic::Status) -> ExitCode {
     }
 }
 
-async fn audit_verify(db: airlock_control_plane::store::Database) -> ExitCode {
+/// The chain head a signed checkpoint file vouches for, its signature checked with
+/// `public_key`; `Ok(None)` without one; on failure, the exit code (2 unreadable, 5 forged).
+fn signed_checkpoint(
+    file: Option<std::path::PathBuf>,
+    public_key: Option<String>,
+) -> Result<Option<(i64, String)>, ExitCode> {
+    use airlock_control_plane::checkpoint::Checkpoint;
+    let (Some(file), Some(key)) = (file, public_key) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        eprintln!("airlockctl: reading {}: {e}", file.display());
+        ExitCode::from(2)
+    })?;
+    let c = Checkpoint::last_in(&text).map_err(|e| {
+        eprintln!("airlockctl: {}: {}", file.display(), esc(&e.to_string()));
+        ExitCode::from(2)
+    })?;
+    c.verify(&key).map_err(|e| {
+        eprintln!("airlockctl: {}: {}", file.display(), esc(&e.to_string()));
+        ExitCode::from(5)
+    })?;
+    Ok(Some((c.seq, c.hash)))
+}
+
+async fn audit_verify(
+    db: airlock_control_plane::store::Database,
+    signed: Option<(i64, String)>,
+) -> ExitCode {
     use airlock_control_plane::store::Database;
     if let Database::Sqlite(path) = &db {
         if !path.is_file() {
@@ -575,9 +623,15 @@ async fn audit_verify(db: airlock_control_plane::store::Database) -> ExitCode {
             return ExitCode::from(3);
         }
     }
-    match airlock_control_plane::store::trail::verify_database(&db).await {
+    let against = signed.clone();
+    match airlock_control_plane::store::trail::verify_database_against(&db, against).await {
         Ok(n) => {
-            println!("audit trail intact: {n} records");
+            match signed {
+                Some((seq, _)) => println!(
+                    "audit trail intact: {n} records, record {seq} as the signed checkpoint says"
+                ),
+                None => println!("audit trail intact: {n} records"),
+            }
             ExitCode::SUCCESS
         }
         Err(airlock_control_plane::audit::Tamper::Unreadable(e)) => {
@@ -585,7 +639,7 @@ async fn audit_verify(db: airlock_control_plane::store::Database) -> ExitCode {
             ExitCode::from(1)
         }
         Err(t) => {
-            eprintln!("airlockctl: {t}");
+            eprintln!("airlockctl: {}", esc(&t.to_string()));
             ExitCode::from(5)
         }
     }
@@ -607,20 +661,43 @@ async fn main() -> ExitCode {
     let _ = CA_FILE.set(cli.ca_file.clone());
     let _ = JSON.set(cli.json);
     let cmd = match cli.command {
-        Command::Audit(Audit::Verify { db: Some(db), .. }) => {
-            return audit_verify(airlock_control_plane::store::Database::Sqlite(db)).await
+        Command::Audit(Audit::Verify {
+            db: Some(db),
+            checkpoint,
+            public_key,
+            ..
+        }) => {
+            let signed = match signed_checkpoint(checkpoint, public_key) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            return audit_verify(airlock_control_plane::store::Database::Sqlite(db), signed).await;
         }
         Command::Audit(Audit::Verify {
-            database: Some(db), ..
+            database: Some(db),
+            checkpoint,
+            public_key,
+            ..
         }) => {
+            let signed = match signed_checkpoint(checkpoint, public_key) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
             // Parsed here rather than by clap, whose error would repeat the password.
             return match db.parse() {
-                Ok(db) => audit_verify(db).await,
+                Ok(db) => audit_verify(db, signed).await,
                 Err(e) => {
                     eprintln!("airlockctl: {e}");
                     ExitCode::from(2)
                 }
             };
+        }
+        Command::Audit(Audit::Verify {
+            checkpoint: Some(_),
+            ..
+        }) => {
+            eprintln!("airlockctl: --checkpoint needs --db or --database: the chain is read from the database itself");
+            return ExitCode::from(2);
         }
         Command::Policy(PolicyCmd::Validate { file }) => {
             return match airlock_control_plane::policy::Policy::load(&file) {
@@ -708,7 +785,7 @@ async fn main() -> ExitCode {
                     let r = r.into_inner();
                     r.requests.iter().for_each(|h| emit(h, || line(h)));
                     if !r.next_page_token.is_empty() {
-                        eprintln!("more: --page {}", r.next_page_token);
+                        eprintln!("more: --page {}", esc(&r.next_page_token));
                     }
                 })
         }
@@ -797,7 +874,7 @@ async fn watch(client: &mut Client, interactive: bool) -> Result<(), tonic::Stat
             "approved from airlockctl watch"
         };
         if let Err(e) = decide(&mut decider, id, verdict, reason.into(), 0).await {
-            eprintln!("airlockctl: {}", e.message());
+            eprintln!("airlockctl: {}", esc(e.message()));
         }
     }
     Ok(())

@@ -24,7 +24,7 @@ pub mod webhook;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use airlock_proto::v1::{action_request::Action, HeldRequest, RequestState};
+use airlock_proto::v1::{HeldRequest, RequestState};
 use tokio::task::JoinHandle;
 use url::Url;
 
@@ -563,22 +563,7 @@ impl Facts {
             Some(p) => p.user.clone(),
             None => String::new(),
         };
-        let what = match &req.action {
-            Some(Action::Exec(e)) if !e.argv.is_empty() => e.argv.join(" "),
-            Some(Action::Exec(e)) => e.path.clone(),
-            Some(Action::Connect(c)) => {
-                let proto = match c.protocol {
-                    2 => "udp",
-                    _ => "tcp",
-                };
-                if c.address.contains(':') {
-                    format!("connect [{}]:{}/{proto}", c.address, c.port)
-                } else {
-                    format!("connect {}:{}/{proto}", c.address, c.port)
-                }
-            }
-            None => String::new(),
-        };
+        let what = crate::display::action_line(req.action.as_ref());
         let rule = match (req.rule.is_empty(), req.description.is_empty()) {
             (_, true) => req.rule.clone(),
             (true, false) => req.description.clone(),
@@ -642,7 +627,7 @@ pub(crate) fn outcome(held: &HeldRequest) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use airlock_proto::v1::ActionRequest;
+    use airlock_proto::v1::{action_request::Action, ActionRequest};
 
     fn change(action: &str, decided: bool) -> Change {
         Change {

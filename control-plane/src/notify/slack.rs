@@ -334,6 +334,31 @@ struct SlackAction {
     value: String,
 }
 
+/// The interaction in a (signed) request body, if it reads.
+fn parse_interaction(body: &[u8]) -> Option<Interaction> {
+    serde_urlencoded::from_bytes::<Form>(body)
+        .ok()
+        .and_then(|f| serde_json::from_str::<Interaction>(&f.payload).ok())
+}
+
+/// Fuzzing entry: an interaction body through the parsing a press goes through (signature
+/// check first, then the payload and its actions).
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_interaction(body: &[u8]) {
+    let _ = verify_signature("secret", "1700000000", body, "v0=00", 1_700_000_000);
+    if let Some(i) = parse_interaction(body) {
+        for a in &i.actions {
+            let _ = (
+                a.action_id.as_str(),
+                a.value.as_str(),
+                &i.response_url,
+                &i.kind,
+            );
+        }
+        let _ = i.user.map(|u| u.id);
+    }
+}
+
 async fn interactions(
     State((app, decisions)): State<(Arc<SlackApp>, Decisions)>,
     headers: HeaderMap,
@@ -355,10 +380,7 @@ async fn interactions(
         tracing::warn!(error = %e, "refused a Slack interaction");
         return (StatusCode::UNAUTHORIZED, format!("{e}\n")).into_response();
     }
-    let parsed = serde_urlencoded::from_bytes::<Form>(&body)
-        .ok()
-        .and_then(|f| serde_json::from_str::<Interaction>(&f.payload).ok());
-    let Some(i) = parsed else {
+    let Some(i) = parse_interaction(&body) else {
         // Signed by Slack, so not an attack: a payload this code does not know. Slack retries
         // anything but 200, which would not help.
         tracing::warn!("ignored a Slack interaction without a readable payload");

@@ -39,15 +39,17 @@ impl Teams {
 /// The message for `notice`: an Adaptive Card with the request's facts, or its outcome.
 pub fn card(notice: &Notice) -> Value {
     let f = Facts::of(&notice.held);
-    let fact = |title: &str, value: &str| json!({"title": title, "value": value});
+    // Teams renders fact values and text blocks as Markdown: agent text must stay text.
+    let md = crate::display::teams_text;
+    let fact = |title: &str, value: &str| json!({"title": title, "value": md(value)});
     let (title, facts, open) = match notice.event {
         Event::Decided => (
-            outcome(&notice.held),
+            md(&outcome(&notice.held)),
             vec![fact("Host", &f.host), fact("What", &f.what)],
             "Open in Airlock",
         ),
         Event::Received | Event::Vote => (
-            format!("Approval needed on {}", f.host),
+            format!("Approval needed on {}", md(&f.host)),
             vec![
                 fact("Host", &f.host),
                 fact("Account", &f.account),

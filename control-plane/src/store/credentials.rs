@@ -51,14 +51,38 @@ impl Store {
     /// Creates a token `name` with `scope`; returns the token, which is not stored and cannot
     /// be shown again.
     pub async fn create_token(&self, name: &str, scope: Scope) -> Result<String, StoreError> {
+        self.create_token_by(name, scope, "server").await
+    }
+
+    /// [`Store::create_token`], audited as done by `by` (the admin who asked). Names are 1 to
+    /// 128 letters, digits, `.`, `_`, `@`, `-` or `:`, so that `"alice "` and `alice` cannot
+    /// be two tokens for one person.
+    pub async fn create_token_by(
+        &self,
+        name: &str,
+        scope: Scope,
+        by: &str,
+    ) -> Result<String, StoreError> {
         if scope == Scope::Enroll {
             return Err(StoreError::NotBearerScope);
         }
+        let valid = !name.is_empty()
+            && name.len() <= 128
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._@-:".contains(c));
+        if !valid {
+            return Err(StoreError::Invalid(format!(
+                "token name {:?}: use 1 to 128 letters, digits, '.', '_', '@', '-' or ':'",
+                name.escape_debug().to_string()
+            )));
+        }
+        let by = by.to_owned();
         let id = random_hex(6).map_err(random)?;
         let token = new_token(&id).map_err(random)?;
         let (name, hash) = (name.to_owned(), token_hash(&token));
         self.write(move |tx| {
-            let (name, hash, id) = (name.clone(), hash.clone(), id.clone());
+            let (name, hash, id, by) = (name.clone(), hash.clone(), id.clone(), by.clone());
             Box::pin(async move {
                 let taken = tx
                     .row("SELECT 1 FROM tokens WHERE name = $1", args![&name])
@@ -72,7 +96,7 @@ impl Store {
                 )
                 .await?;
                 let payload = json!({"name": name, "scope": scope.to_string()}).to_string();
-                tx.audit("server", "token.created", "", &payload, None).await?;
+                tx.audit(&by, "token.created", "", &payload, None).await?;
                 Ok(())
             })
         })
@@ -82,9 +106,14 @@ impl Store {
 
     /// Revokes the token `name`; false if there is none.
     pub async fn revoke_token(&self, name: &str) -> Result<bool, StoreError> {
-        let name = name.to_owned();
+        self.revoke_token_by(name, "server").await
+    }
+
+    /// [`Store::revoke_token`], audited as done by `by`.
+    pub async fn revoke_token_by(&self, name: &str, by: &str) -> Result<bool, StoreError> {
+        let (name, by) = (name.to_owned(), by.to_owned());
         self.write(move |tx| {
-            let name = name.clone();
+            let (name, by) = (name.clone(), by.clone());
             Box::pin(async move {
                 let n = tx
                     .exec(
@@ -96,8 +125,7 @@ impl Store {
                     return Ok(false);
                 }
                 let payload = json!({ "name": name }).to_string();
-                tx.audit("server", "token.revoked", "", &payload, None)
-                    .await?;
+                tx.audit(&by, "token.revoked", "", &payload, None).await?;
                 Ok(true)
             })
         })

@@ -112,6 +112,9 @@ pub enum StoreError {
     /// A request or outcome over one of the limits (`[limits]` in the server configuration).
     #[error("{0}")]
     Limit(String),
+    /// A name or value given to the store is not acceptable; the message says which and why.
+    #[error("{0}")]
+    Invalid(String),
     /// A stored value could not be decoded.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),

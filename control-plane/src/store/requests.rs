@@ -37,16 +37,41 @@ pub const DEFAULT_LIST: u32 = 100;
 // (Pending is state 1; queries write it out for the partial indexes.)
 const EXPIRE_BATCH: i64 = 500;
 
-/// What a grant matches on: host id, account and the exact action.
+/// What a grant matches on: host id, account and the exact action in its scope, which is the
+/// action, the working directory and the environment values the agent reported (so approving
+/// `terraform apply` in staging's directory, or with `TF_WORKSPACE=staging`, does not approve it
+/// in prod's). Fields are separated by U+001F, the scope's parts by U+001E.
 pub fn grant_key(held: &HeldRequest) -> (String, String, String) {
     let req = held.request.clone().unwrap_or_default();
-    let account = req.process.map(|p| p.user).unwrap_or_default();
-    let action = match req.action {
+    let p = req.process.unwrap_or_default();
+    let mut action = match req.action {
         Some(Action::Exec(e)) => format!("exec {} {}", e.path, e.argv.join("\u{1f}")),
         Some(Action::Connect(c)) => format!("connect {} {} {}", c.address, c.port, c.protocol),
         None => String::new(),
     };
-    (held.host_id.clone(), account, action)
+    action.push_str("\u{1e}cwd ");
+    action.push_str(&p.cwd);
+    let mut env: Vec<String> = p
+        .env
+        .iter()
+        .map(|e| match &e.value {
+            Some(v) => format!("{}={v}", e.name),
+            None => e.name.clone(),
+        })
+        .collect();
+    env.sort();
+    action.push_str("\u{1e}env ");
+    action.push_str(&env.join("\u{1f}"));
+    (held.host_id.clone(), p.user, action)
+}
+
+/// Whether anyone who agreed to grant `g` is a human behind `held` (its account or login
+/// user): a grant never approves its own approvers' requests, as their vote would not.
+fn granted_by_requester(g: &Grant, held: &HeldRequest) -> bool {
+    g.created_by
+        .split(',')
+        .map(str::trim)
+        .any(|approver| crate::types::is_requester(held, approver))
 }
 
 fn id_of(held: &HeldRequest) -> &str {
@@ -97,13 +122,10 @@ impl Incoming {
             .as_ref()
             .map(|p| p.user.clone())
             .unwrap_or_default();
-        let argv = match &req.action {
-            Some(Action::Exec(e)) => e.argv.join(" "),
-            Some(Action::Connect(c)) => format!("connect {}:{}", c.address, c.port),
-            None => String::new(),
-        };
+        // Named by the executable the kernel ran, not argv[0], which the caller chooses.
+        let action = crate::display::action_line(req.action.as_ref());
         let payload =
-            json!({"host": host.hostname, "user": user, "rule": req.rule, "action": argv});
+            json!({"host": host.hostname, "user": user, "rule": req.rule, "action": action});
         let held = HeldRequest {
             request: Some(req),
             host_id: host.host_id.clone(),
@@ -277,7 +299,8 @@ impl Tx {
         let grant = match row.0.get(3) {
             Some(Cell::Blob(_)) => Some(row.message::<Grant>(3)?),
             _ => None,
-        };
+        }
+        .filter(|g| !granted_by_requester(g, &new.held));
         let Some(g) = grant else {
             self.save_encoded(
                 &new.held,

@@ -135,7 +135,12 @@ impl Tx {
         }
         self.script("COMMIT").await?;
         if let (Some(path), Some((seq, hash)), Some(_)) = (&self.checkpoint, &self.head, last) {
-            if let Err(e) = crate::audit::write_checkpoint(path, *seq, hash) {
+            let first = self.changes.first().map_or(1, |c| c.seq);
+            // A missing file is only created with the chain's first record: made again later,
+            // it would anchor a trail cut off while it was gone (`rm` plus `DELETE`).
+            if first > 1 && !path.exists() {
+                tracing::error!(path = %path.display(), "the audit checkpoint file is missing and is not made again; verify the trail against a signed checkpoint, then restore the file (see the README)");
+            } else if let Err(e) = crate::audit::write_checkpoint(path, *seq, hash) {
                 tracing::error!(path = %path.display(), error = %e, "writing the audit checkpoint failed");
             }
         }

@@ -179,10 +179,20 @@ fn push_page(chain: &mut Chain, page: &[Record]) -> Result<bool, Tamper> {
 /// and no migration runs (SQLite is opened read-only), so it suits a copy or an offline
 /// database. With SQLite, the chain's end is checked against the checkpoint file beside it.
 pub async fn verify_database(db: &Database) -> Result<i64, Tamper> {
+    verify_database_against(db, None).await
+}
+
+/// Like [`verify_database`], with the chain's record `signed.0` required to have hash
+/// `signed.1` (from a signed checkpoint kept elsewhere, whose signature the caller checked)
+/// instead of the checkpoint file.
+pub async fn verify_database_against(
+    db: &Database,
+    signed: Option<(i64, String)>,
+) -> Result<i64, Tamper> {
     let unreadable = |e: &dyn std::fmt::Display| Tamper::Unreadable(e.to_string());
     match db {
         Database::Sqlite(path) => {
-            let (path, name) = (path.clone(), db.to_string());
+            let (path, name, signed) = (path.clone(), db.to_string(), signed.clone());
             tokio::task::spawn_blocking(move || {
                 let conn = rusqlite::Connection::open_with_flags(
                     &path,
@@ -190,7 +200,10 @@ pub async fn verify_database(db: &Database) -> Result<i64, Tamper> {
                 )
                 .map_err(|e| unreadable(&e))?;
                 let mut tx = Tx::new(Conn::Sqlite(conn), name.into());
-                let mut chain = Chain::new(audit::read_checkpoint(&audit::checkpoint_path(&path)));
+                let mut chain = match &signed {
+                    Some(c) => Chain::new(Some(c.clone())),
+                    None => Chain::with_file(&audit::checkpoint_path(&path)),
+                };
                 futures::executor::block_on(async {
                     loop {
                         let page = verify_page(&mut tx, chain.head().0)
@@ -219,7 +232,7 @@ pub async fn verify_database(db: &Database) -> Result<i64, Tamper> {
                 },
                 db.to_string().into(),
             );
-            let mut chain = Chain::new(None);
+            let mut chain = Chain::new(signed);
             loop {
                 let page = verify_page(&mut tx, chain.head().0)
                     .await
@@ -246,6 +259,23 @@ impl Store {
             Box::pin(async move {
                 tx.audit(&actor, &action, "", &payload, None).await?;
                 Ok(())
+            })
+        })
+        .await
+    }
+
+    /// The newest record's sequence number and hash (0 and the genesis hash when there is
+    /// none): what a checkpoint signs.
+    pub async fn audit_tip(&self) -> Result<(i64, String), StoreError> {
+        self.read(|tx| {
+            Box::pin(async move {
+                match tx
+                    .row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])
+                    .await?
+                {
+                    Some(r) => Ok((r.int(0)?, r.text(1)?)),
+                    None => Ok((0, audit::GENESIS.to_owned())),
+                }
             })
         })
         .await
@@ -347,12 +377,12 @@ impl Store {
     /// Verifies the whole chain, and its end against the checkpoint file beside a SQLite
     /// database. Returns the number of records.
     pub async fn verify_audit(&self) -> Result<i64, Tamper> {
-        let checkpoint = self
+        let mut chain = self
             .inner
             .checkpoint
             .as_deref()
-            .and_then(audit::read_checkpoint);
-        self.verify_from(&mut Chain::new(checkpoint)).await
+            .map_or_else(|| Chain::new(None), Chain::with_file);
+        self.verify_from(&mut chain).await
     }
 }
 
@@ -389,13 +419,12 @@ impl Verifier {
             .as_ref()
             .is_none_or(|s| now_ms() - s.full_at_ms > FULL_EVERY_MS);
         if stale {
-            let checkpoint = self
+            let mut chain = self
                 .store
                 .inner
                 .checkpoint
                 .as_deref()
-                .and_then(audit::read_checkpoint);
-            let mut chain = Chain::new(checkpoint);
+                .map_or_else(|| Chain::new(None), Chain::with_file);
             let result = self.store.verify_from(&mut chain).await;
             if matches!(result, Err(Tamper::Unreadable(_))) {
                 return result;

@@ -1,6 +1,8 @@
 //! History (decided and pending requests) and the audit trail: search, filter, export the
 //! current filter as JSON Lines or CSV, and the audit chain's verification status.
 
+use std::borrow::Cow;
+
 use airlock_proto::v1::HeldRequest;
 use axum::{
     extract::{Query, State},
@@ -13,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::{page, requests::admin, session::Session, Web, WebError};
 use crate::{
     audit,
+    display::csv_text,
     store::{requests::History, trail::Page},
 };
 
@@ -208,6 +211,24 @@ pub(super) struct Format {
     format: String,
 }
 
+/// Fuzzing: a history filter as the store would get it.
+#[cfg(feature = "fuzzing")]
+pub(super) fn fuzz_history_filter(f: &HistoryFilter) -> bool {
+    f.query().is_ok()
+}
+
+/// Fuzzing: an audit filter as the store would get it.
+#[cfg(feature = "fuzzing")]
+pub(super) fn fuzz_audit_filter(f: &AuditFilter) -> bool {
+    audit_filter(f).is_ok()
+}
+
+/// Fuzzing: an export format.
+#[cfg(feature = "fuzzing")]
+pub(super) fn fuzz_format(f: &Format) -> bool {
+    check_format(&f.format).is_ok()
+}
+
 fn download(name: &str, format: &str, body: String) -> Response {
     let mime = if format == "csv" {
         "text/csv; charset=utf-8"
@@ -241,16 +262,16 @@ fn check_format(format: &str) -> Result<(), WebError> {
 /// One history row in CSV.
 #[derive(Serialize)]
 struct HistoryRow<'a> {
-    id: &'a str,
+    id: Cow<'a, str>,
     received: String,
-    host: &'a str,
+    host: Cow<'a, str>,
     account: String,
     what: String,
-    rule: &'a str,
-    risk: &'a str,
+    rule: Cow<'a, str>,
+    risk: Cow<'a, str>,
     decision: &'static str,
-    decided_by: &'a str,
-    reason: &'a str,
+    decided_by: Cow<'a, str>,
+    reason: Cow<'a, str>,
     decided: String,
     votes: String,
 }
@@ -278,19 +299,22 @@ pub(super) async fn history_export(
                     )
                 })
                 .collect();
+            // Every text cell that agents or approvers wrote goes through csv_text: a request
+            // whose argv[0] is `=HYPERLINK(...)` must open as text in a spreadsheet.
+            let text = |s: String| csv_text(&s).into_owned();
             w.serialize(HistoryRow {
-                id: page::id(h),
+                id: csv_text(page::id(h)),
                 received: page::time(h.received_unix_ms),
-                host: &h.hostname,
-                account: page::account(h),
-                what: page::what(h),
-                rule: page::rule(h),
-                risk: page::risk(h),
+                host: csv_text(&h.hostname),
+                account: text(page::account(h)),
+                what: text(page::what(h)),
+                rule: csv_text(page::rule(h)),
+                risk: csv_text(page::risk(h)),
                 decision: crate::types::state_name(h.state()),
-                decided_by: &h.decided_by,
-                reason: &h.reason,
+                decided_by: csv_text(&h.decided_by),
+                reason: csv_text(&h.reason),
                 decided: page::time(h.decided_unix_ms),
-                votes: votes.join(" "),
+                votes: text(votes.join(" ")),
             })
             .map_err(|e| WebError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         }

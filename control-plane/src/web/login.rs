@@ -11,7 +11,12 @@ use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
 use maud::html;
 use serde::Deserialize;
 
-use super::{page, session, session::Session, Web, WebError};
+use super::{
+    page, session,
+    session::Session,
+    throttle::{self, Admit, Client},
+    Web, WebError,
+};
 use crate::auth::{self, accounts};
 
 /// Cookie that ties a login form, or an OIDC round trip, to the browser that started it.
@@ -23,44 +28,15 @@ const OIDC_PENDING_MAX: usize = 10_000;
 /// Password checks running at once: Argon2id takes about 19 MiB and tens of ms each, so an
 /// unbounded number would let anyone exhaust memory.
 static VERIFYING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
-/// Failed logins for one name within [`FAIL_WINDOW_MS`] before it is locked for the rest of
-/// the window.
-const MAX_FAILURES: u32 = 5;
-const FAIL_WINDOW_MS: i64 = 5 * 60_000;
+/// OIDC round trips one client may have in flight: a login page, a few tabs, a retry.
+const OIDC_PENDING_PER_CLIENT: usize = 20;
 
-/// Failed logins by name, to slow down password guessing.
-#[derive(Default)]
-pub struct Throttle {
-    failures: std::sync::Mutex<std::collections::HashMap<String, (u32, i64)>>,
-}
-
-impl Throttle {
-    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (u32, i64)>> {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Whether `name` has failed too often within the window.
-    pub fn locked(&self, name: &str) -> bool {
-        let now = crate::types::now_ms();
-        self.map()
-            .get(name)
-            .is_some_and(|(n, since)| *n >= MAX_FAILURES && now - since < FAIL_WINDOW_MS)
-    }
-
-    /// Counts a failure for `name`.
-    pub fn failed(&self, name: &str) {
-        let now = crate::types::now_ms();
-        let mut map = self.map();
-        // Names are checked (at most 64 characters) before they get here; old entries go.
-        map.retain(|_, (_, since)| now - *since < FAIL_WINDOW_MS);
-        let e = map.entry(name.to_owned()).or_insert((0, now));
-        e.0 += 1;
-    }
-
-    /// Forgets `name`'s failures (after a good login).
-    pub fn clear(&self, name: &str) {
-        self.map().remove(name);
-    }
+/// The client a request came from (see [`Client`]), from the socket's peer address.
+fn client_of(ext: &axum::http::Extensions) -> Client {
+    Client::of(
+        ext.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip()),
+    )
 }
 
 #[derive(Deserialize)]
@@ -83,6 +59,13 @@ fn safe_next(next: Option<&str>) -> String {
         }
         _ => "/".into(),
     }
+}
+
+/// Fuzzing: where a login with `n` would send the browser; it must stay on this site.
+#[cfg(feature = "fuzzing")]
+pub(super) fn fuzz_next(n: Next) {
+    let next = safe_next(n.next.as_deref());
+    assert!(next.starts_with('/') && !next.starts_with("//"), "{next:?}");
 }
 
 fn login_cookie(value: String, secure: bool) -> Cookie<'static> {
@@ -146,9 +129,11 @@ pub(super) struct LoginForm {
 /// POST /login: a local account.
 pub(super) async fn login(
     State(web): State<Web>,
+    ext: axum::http::Extensions,
     jar: CookieJar,
     Form(f): Form<LoginForm>,
 ) -> Result<Response, WebError> {
+    let client = client_of(&ext);
     let next = safe_next(f.next.as_deref());
     let cookie_token = jar.get(LOGIN_COOKIE).map(|c| c.value().to_owned());
     let fresh = auth::random_hex(16)
@@ -177,12 +162,24 @@ pub(super) async fn login(
     if accounts::check_name(&name).is_err() {
         return Ok(again(StatusCode::UNAUTHORIZED, "Wrong name or password."));
     }
-    if web.login_failures.locked(&name) {
-        tracing::warn!(name = %name, "login refused: too many failures");
-        return Ok(again(
-            StatusCode::TOO_MANY_REQUESTS,
-            "Too many failed logins for this name; wait a few minutes.",
-        ));
+    match web
+        .login_failures
+        .admit(client, &name, crate::types::now_ms())
+    {
+        Admit::RetryIn(wait) => {
+            let secs = wait.as_secs().max(1);
+            let mut r = again(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!("Too many failed logins from here; try again in {secs} s."),
+            );
+            if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
+                r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+            }
+            return Ok(r);
+        }
+        // A name that keeps failing slows each of its logins a little, never locks it.
+        Admit::After(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
+        Admit::After(_) => {}
     }
     let _permit = VERIFYING.acquire().await.map_err(|_| {
         WebError(
@@ -194,16 +191,24 @@ pub(super) async fn login(
     let account = match checked {
         Ok(Some(a)) => a,
         Ok(None) => {
-            web.login_failures.failed(&name);
-            tracing::warn!(name = %name, "login refused: wrong name or password");
-            let payload = serde_json::json!({ "via": "local" }).to_string();
-            if let Err(e) = web
-                .plane
-                .store
-                .audit_event(&name, "login.failed", &payload)
-                .await
-            {
-                tracing::error!(error = %e, "auditing a failed login failed");
+            let n = web
+                .login_failures
+                .failed(client, &name, crate::types::now_ms());
+            tracing::warn!(name = %name, client = %client, failures = n, "login refused: wrong name or password");
+            // Sampled per client (1st, 2nd, 4th... failure), so guessing cannot flood the trail.
+            if throttle::audited(n) {
+                let payload = serde_json::json!({
+                    "via": "local", "client": client.to_string(), "failures_from_client": n,
+                })
+                .to_string();
+                if let Err(e) = web
+                    .plane
+                    .store
+                    .audit_event(&name, "login.failed", &payload)
+                    .await
+                {
+                    tracing::error!(error = %e, "auditing a failed login failed");
+                }
             }
             return Ok(again(StatusCode::UNAUTHORIZED, "Wrong name or password."));
         }
@@ -215,7 +220,7 @@ pub(super) async fn login(
             ));
         }
     };
-    web.login_failures.clear(&name);
+    web.login_failures.succeeded(&name);
     tracing::info!(name = %account.name, "logged in");
     signed_in(&web, jar, &account.name, &account.groups, "local", &next).await
 }
@@ -266,8 +271,10 @@ pub(super) async fn logout(
 /// GET /auth/oidc/start: off to the issuer.
 pub(super) async fn oidc_start(
     State(web): State<Web>,
+    ext: axum::http::Extensions,
     jar: CookieJar,
 ) -> Result<Response, WebError> {
+    let client = client_of(&ext);
     let oidc = web.oidc.clone().ok_or_else(|| {
         WebError(
             StatusCode::NOT_FOUND,
@@ -289,14 +296,22 @@ pub(super) async fn oidc_start(
     {
         let mut map = web.pending_oidc.lock().unwrap_or_else(|p| p.into_inner());
         let now = crate::types::now_ms();
-        map.retain(|_, p| now - p.created_ms < OIDC_PENDING_MS);
+        map.retain(|_, (_, p)| now - p.created_ms < OIDC_PENDING_MS);
+        // Per client first: one address cannot fill the map and lock everyone out of SSO.
+        if map.values().filter(|(c, _)| *c == client).count() >= OIDC_PENDING_PER_CLIENT {
+            return Err(WebError(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many single sign-on logins started from here; finish one or wait ten minutes"
+                    .into(),
+            ));
+        }
         if map.len() >= OIDC_PENDING_MAX {
             return Err(WebError(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many logins in progress; try again in a minute".into(),
             ));
         }
-        map.insert(key.clone(), pending);
+        map.insert(key.clone(), (client, pending));
     }
     let jar = jar.add(login_cookie(key, web.settings.secure_cookies));
     Ok((jar, Redirect::to(url.as_str())).into_response())
@@ -345,6 +360,7 @@ pub(super) async fn oidc_callback(
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(c.value())
+                .map(|(_, p)| p)
         })
         .filter(|p| crate::types::now_ms() - p.created_ms < OIDC_PENDING_MS)
         .ok_or_else(|| refuse("this login was not started here, or took too long".into()))?;
@@ -374,20 +390,7 @@ pub(super) async fn oidc_callback(
 
 #[cfg(test)]
 mod tests {
-    use super::{safe_next, Throttle, MAX_FAILURES};
-
-    #[test]
-    fn a_name_locks_after_repeated_failures_and_a_good_login_clears_it() {
-        let t = Throttle::default();
-        for _ in 0..MAX_FAILURES {
-            assert!(!t.locked("alice"));
-            t.failed("alice");
-        }
-        assert!(t.locked("alice"));
-        assert!(!t.locked("bob"));
-        t.clear("alice");
-        assert!(!t.locked("alice"));
-    }
+    use super::safe_next;
 
     #[test]
     fn next_stays_on_this_site() {

@@ -4,6 +4,7 @@
 //!
 //! - [`session`]: cookies, sessions and CSRF tokens;
 //! - [`login`]: the login and logout pages, and the OIDC redirect and callback;
+//! - [`throttle`]: failed logins slowed per client address and per name;
 //! - [`requests`]: queue, request page, decisions, and the live event stream;
 //! - [`history`]: history and audit search, with JSON Lines and CSV export;
 //! - [`admin`]: agents, policy and notification deliveries;
@@ -18,6 +19,7 @@ pub mod login;
 pub mod page;
 pub mod requests;
 pub mod session;
+pub mod throttle;
 
 use std::{
     collections::HashMap,
@@ -67,10 +69,10 @@ impl OidcLogin {
         &self.cfg.label
     }
 
-    /// Whether someone with `groups` may log in (`allowed_groups`).
+    /// Whether someone with `groups` may log in (`allowed_groups`; an empty list, which the
+    /// configuration refuses anyway, admits nobody).
     pub fn admits(&self, groups: &[String]) -> bool {
-        self.cfg.allowed_groups.is_empty()
-            || self.cfg.allowed_groups.iter().any(|g| groups.contains(g))
+        self.cfg.allowed_groups.iter().any(|g| groups.contains(g))
     }
 
     /// The discovered issuer.
@@ -131,9 +133,9 @@ pub struct Web {
     /// Login through an OIDC issuer, when configured.
     pub oidc: Option<Arc<OidcLogin>>,
     /// Logins on their way through the issuer, by the login cookie's value.
-    pending_oidc: Arc<Mutex<HashMap<String, crate::auth::oidc::Pending>>>,
-    /// Failed local logins by name.
-    login_failures: Arc<login::Throttle>,
+    pending_oidc: Arc<Mutex<HashMap<String, (throttle::Client, crate::auth::oidc::Pending)>>>,
+    /// Failed local logins by client address and by name.
+    login_failures: Arc<throttle::Throttle>,
 }
 
 impl Web {
@@ -284,4 +286,26 @@ async fn js() -> impl IntoResponse {
         ],
         include_str!("assets/app.js"),
     )
+}
+
+/// Fuzzing entry: form and query bodies through the decoding and checks every web handler
+/// applies before it touches the store (login, logout, decide, OIDC callback, the history and
+/// audit filters, and where a login may send the browser next).
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_forms(body: &[u8]) {
+    use serde_urlencoded::from_bytes;
+    let _ = from_bytes::<login::LoginForm>(body);
+    let _ = from_bytes::<login::CsrfForm>(body);
+    let _ = from_bytes::<login::Callback>(body);
+    let _ = from_bytes::<requests::DecideForm>(body);
+    if let Ok(n) = from_bytes::<login::Next>(body) {
+        login::fuzz_next(n);
+    }
+    if let Ok(f) = from_bytes::<history::HistoryFilter>(body) {
+        let _ = history::fuzz_history_filter(&f);
+    }
+    if let Ok(f) = from_bytes::<history::AuditFilter>(body) {
+        let _ = history::fuzz_audit_filter(&f);
+    }
+    let _ = from_bytes::<history::Format>(body).map(|f| history::fuzz_format(&f));
 }

@@ -1,6 +1,6 @@
 //! The page layout and the formatting every page shares.
 
-use airlock_proto::v1::{action_request::Action, HeldRequest, RequestState};
+use airlock_proto::v1::{HeldRequest, RequestState};
 use maud::{html, Markup, DOCTYPE};
 
 use super::session::Session;
@@ -70,16 +70,10 @@ pub fn time(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-/// What the request would do, in one line: the command line, or `connect host:port/proto`.
+/// What the request would do, in one line: the executable the kernel ran and its arguments
+/// ([`crate::display::action_line`]), or `connect host:port/proto`.
 pub fn what(held: &HeldRequest) -> String {
-    match held.request.as_ref().and_then(|r| r.action.as_ref()) {
-        Some(Action::Exec(e)) if !e.argv.is_empty() => e.argv.join(" "),
-        Some(Action::Exec(e)) => e.path.clone(),
-        Some(Action::Connect(c)) => {
-            format!("connect {}:{}/{}", c.address, c.port, protocol(c.protocol))
-        }
-        None => String::new(),
-    }
+    crate::display::action_line(held.request.as_ref().and_then(|r| r.action.as_ref()))
 }
 
 /// `tcp` or `udp`.

@@ -259,7 +259,9 @@ fn decision_form(web: &Web, s: &Session, held: &HeldRequest) -> Markup {
             input type="hidden" name="csrf" value=(s.csrf);
             label for="reason" { "Reason" @if held.reason_required { " (required)" } @else { " (required to deny)" } }
             textarea #reason name="reason" rows="2" maxlength="2000" {}
-            label for="grant" { "With approval, also approve the same action on this host for" }
+            label for="grant" { "With approval, also approve the same action on this host, by the same account, in the same working directory ("
+                code { (held.request.as_ref().and_then(|r| r.process.as_ref()).map_or("", |p| p.cwd.as_str())) }
+                ") with the same environment values, for anyone but you, for" }
             select #grant name="grant_minutes" {
                 option value="0" selected { "this once only" }
                 option value="15" { "15 minutes" }

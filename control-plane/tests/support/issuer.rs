@@ -79,6 +79,8 @@ pub enum Fault {
     Hs256,
     /// `email_verified: false`.
     EmailUnverified,
+    /// No `email_verified` claim at all.
+    EmailVerifiedMissing,
     /// Discovery names another issuer.
     DiscoveryIssuer,
 }
@@ -229,7 +231,7 @@ impl Issuer {
             identity_claim: "email".into(),
             groups_claim: "groups".into(),
             group_map: BTreeMap::from([("okta-approvers".into(), "approvers".into())]),
-            allowed_groups: Vec::new(),
+            allowed_groups: vec!["approvers".into()],
             label: "Sign in with Test IdP".into(),
         }
     }
@@ -456,6 +458,9 @@ fn mint(s: &Inner, nonce: Option<String>) -> String {
     };
     if let Some(n) = nonce {
         claims["nonce"] = n.into();
+    }
+    if fault == Fault::EmailVerifiedMissing {
+        claims.as_object_mut().unwrap().remove("email_verified");
     }
     let mut header = Header::new(Algorithm::ES256);
     header.kid = Some(s.key.kid.clone());
