@@ -755,6 +755,7 @@ async fn insights_charts_count_what_happened_and_link_to_history(t: TestDb) {
         "{rows}"
     );
     b.close().await;
+}
 
 /// An HTTP client (no browser) whose connections come from `ip` (any 127.0.0.0/8 address).
 fn client_from(ip: &str) -> reqwest::Client {
