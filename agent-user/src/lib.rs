@@ -29,6 +29,7 @@ pub mod enroll;
 pub mod holds;
 pub mod identity;
 pub mod metrics;
+pub mod notice;
 pub mod policy;
 pub mod procinfo;
 pub mod server_rules;
