@@ -14,22 +14,23 @@
 //! - [`enroll`]: trading a one-time enrollment token for the agent's credential at start;
 //! - [`config`]: the TOML configuration;
 //! - [`server_rules`]: rules sent by the control plane, and their cache on disk;
+//!
+//! [`config`], [`policy`], [`argmatch`], [`identity`] and [`server_rules`] live in crate
+//! agent-rules, which has no kernel part, so that `airlockctl` can match rules without
+//! building the eBPF programs; they are re-exported here under the same names.
 //! - [`metrics`]: Prometheus metrics and health;
 //! - [`docs`]: man pages and shell completions from the command line's definition;
 //! - [`agent`]: wiring it together at start-up.
 
 pub mod action;
 pub mod agent;
-pub mod argmatch;
 pub mod bpf;
-pub mod config;
 pub mod decider;
 pub mod docs;
 pub mod enroll;
 pub mod holds;
-pub mod identity;
 pub mod metrics;
-pub mod policy;
 pub mod procinfo;
-pub mod server_rules;
 pub mod watch;
+
+pub use agent_rules::{argmatch, config, identity, policy, server_rules};
