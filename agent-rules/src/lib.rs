@@ -7,10 +7,15 @@
 //! - [`policy`]: rule matching and the kernel prefilter tables;
 //! - [`argmatch`]: argument patterns, matched as tokens;
 //! - [`identity`]: files as the kernel names them, and their SHA-256;
-//! - [`server_rules`]: rules sent by the control plane, and their cache on disk.
+//! - [`server_rules`]: rules sent by the control plane, and their cache on disk;
+//! - [`explain`]: what the rules decide for an action given on a command line (the rule
+//!   tester behind `airlock-agent --explain` and `airlockctl policy test`);
+//! - [`examples`]: a rule's `[[rule.example]]` actions, checked against the whole file.
 
 pub mod argmatch;
 pub mod config;
+pub mod examples;
+pub mod explain;
 pub mod identity;
 pub mod policy;
 pub mod server_rules;
