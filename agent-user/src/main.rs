@@ -233,7 +233,8 @@ fn explain(cli: &Cli) -> Result<u8> {
     }
     if explained.decision == Decision::Ask {
         explained.notes.push(
-            "who may approve, and how many must, is the control plane's approval policy:              airlockctl policy test --policy policy.toml --rules agent.toml tells"
+            "who may approve, and how many must, is the control plane's approval policy: \
+             airlockctl policy test --policy policy.toml --rules agent.toml tells"
                 .into(),
         );
     }

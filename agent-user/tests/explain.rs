@@ -72,6 +72,10 @@ fn explain_answers_the_shipped_example_with_exit_codes_by_decision() {
         "{out}"
     );
     assert!(out.contains("labels:    env=prod, team=platform"), "{out}");
+    assert!(
+        out.contains("approval policy: airlockctl policy test --policy"),
+        "points at the control plane's tester: {out}"
+    );
 
     let (code, out, _) = text(&agent(
         &file,
