@@ -14,7 +14,16 @@ use clap::{Parser, ValueEnum};
 ///
 /// Needs root on a kernel with BPF LSM active (`bpf` in /sys/kernel/security/lsm) and BTF.
 #[derive(Debug, Parser)]
-#[command(name = "airlock-agent", version)]
+#[command(
+    name = "airlock-agent",
+    version,
+    after_help = "Rule tester: airlock-agent --explain --exec \"kubectl -n prod delete ns x\" --account ci\n\
+                  tells which rule of --config (and of the rules cached from the control plane) \
+                  matches the action and what it decides, with no kernel and nothing loaded.\n\
+                  Exit status of --explain: 0 allowed (no rule holds it, or an allow rule), \
+                  10 held and asked (ask), 11 denied; 1 the configuration is invalid (file, \
+                  line and column are printed), 2 usage (a bad flag, command line or address)."
+)]
 struct Cli {
     /// Configuration file (TOML): [agent], [watch] and [[rule]] sections.
     #[arg(
@@ -56,6 +65,54 @@ struct Cli {
     /// Loads nothing and reads no configuration; the package runs it after installing.
     #[arg(long, conflicts_with_all = ["check", "uninstall"])]
     preflight: bool,
+    /// Test what the rules decide for one action (--exec or --connect) and exit: which rule
+    /// matches, its decision, and for ask the deadline and on_timeout. Needs no kernel, root
+    /// or running agent; reads --config and the rules cached from the control plane
+    /// (agent.rules_cache). Exit status: 0 allowed, 10 asked, 11 denied.
+    #[arg(long, requires = "action", conflicts_with_all = ["check", "uninstall", "preflight"], help_heading = "Rule tester")]
+    explain: bool,
+    /// With --explain: a command line, split as a shell splits it; the first word is the
+    /// program (a path, or a name looked up in PATH and else among the rules' binaries).
+    #[arg(
+        long,
+        value_name = "COMMAND LINE",
+        group = "action",
+        requires = "explain",
+        help_heading = "Rule tester"
+    )]
+    exec: Option<String>,
+    /// With --explain: a destination, ADDRESS:PORT (IPv6 as [ADDRESS]:PORT).
+    #[arg(
+        long,
+        value_name = "ADDRESS:PORT",
+        group = "action",
+        requires = "explain",
+        help_heading = "Rule tester"
+    )]
+    connect: Option<String>,
+    /// With --connect: the transport.
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Tcp, requires = "connect", help_heading = "Rule tester")]
+    protocol: ProtocolArg,
+    /// With --explain: the watched account that acts (rules with `accounts` apply only to
+    /// theirs); without it, an account no rule lists.
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "explain",
+        help_heading = "Rule tester"
+    )]
+    account: Option<String>,
+    /// With --explain: a host label, over agent.labels (shown; the control plane picks its
+    /// rules and approvers by them). Repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label, requires = "explain", help_heading = "Rule tester")]
+    labels: Vec<(String, String)>,
+    /// With --exec: test the program as a file the account could have made (a copy, a
+    /// download, a build of its own), as `@self-made` rules see it.
+    #[arg(long, requires = "exec", help_heading = "Rule tester")]
+    self_made: bool,
+    /// With --explain: print JSON, for scripts.
+    #[arg(long, requires = "explain", help_heading = "Rule tester")]
+    json: bool,
     /// Write man pages and bash/zsh/fish completions under DIR and exit (packaging).
     #[arg(long, value_name = "DIR", hide = true)]
     write_docs: Option<PathBuf>,
@@ -67,6 +124,18 @@ enum FailModeArg {
     Deny,
     /// Resume held tasks (break-glass only).
     Allow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProtocolArg {
+    /// Stream sockets.
+    Tcp,
+    /// Datagram sockets.
+    Udp,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    airlock_agent::explain::parse_label(text)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -119,6 +188,86 @@ fn load(cli: &Cli) -> Result<Config> {
     Ok(config)
 }
 
+/// `--explain`: the rule tester. Returns the exit status; an invalid configuration is an error
+/// (exit 1), a bad action is exit 2.
+fn explain(cli: &Cli) -> Result<u8> {
+    use airlock_agent::{
+        explain::{exit_code, merge_labels, Query, Tester, Transport},
+        policy::Decision,
+        server_rules,
+    };
+    let config = load(cli)?;
+    // What the agent enforces: its own rules, then those the control plane sent, as cached.
+    let cached = server_rules::load_cache(&config.agent.rules_cache);
+    let rules = server_rules::merge(&config.rules, &cached).map_err(anyhow::Error::msg)?;
+    let query = match (&cli.exec, &cli.connect) {
+        (Some(line), _) => Query::Exec {
+            line: line.clone(),
+            self_made: cli.self_made,
+        },
+        (None, Some(dest)) => Query::Connect {
+            destination: dest.clone(),
+            protocol: match cli.protocol {
+                ProtocolArg::Tcp => Transport::Tcp,
+                ProtocolArg::Udp => Transport::Udp,
+            },
+        },
+        // clap requires one of the two.
+        (None, None) => return Ok(2),
+    };
+    let action = match query.resolve(&rules) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("airlock-agent: {e}");
+            return Ok(2);
+        }
+    };
+    let mut tester = Tester::new(&rules, &cli.config, config.agent.hold_timeout_secs)?;
+    let mut explained = tester.explain(&action, cli.account.as_deref());
+    if !cached.is_empty() {
+        explained.notes.push(format!(
+            "{} of the rules tried came from the control plane (cached in {})",
+            rules.len() - config.rules.len(),
+            config.agent.rules_cache.display()
+        ));
+    }
+    if explained.decision == Decision::Ask {
+        explained.notes.push(
+            "who may approve, and how many must, is the control plane's approval policy: \
+             airlockctl policy test --policy policy.toml --rules agent.toml tells"
+                .into(),
+        );
+    }
+    let labels = merge_labels(&config.agent.labels, &cli.labels);
+    if cli.json {
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            config: &'a std::path::Path,
+            labels: &'a std::collections::BTreeMap<String, String>,
+            #[serde(flatten)]
+            explained: &'a airlock_agent::explain::Explanation,
+        }
+        let out = Out {
+            config: &cli.config,
+            labels: &labels,
+            explained: &explained,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "rules:     {} ({} rules)",
+            cli.config.display(),
+            rules.len()
+        );
+        if !labels.is_empty() {
+            let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("labels:    {}", shown.join(", "));
+        }
+        print!("{explained}");
+    }
+    Ok(exit_code(explained.decision))
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(dir) = &cli.write_docs {
@@ -141,6 +290,10 @@ fn main() -> Result<()> {
         };
     }
     init_logs(cli.log_format);
+    if cli.explain {
+        let code = explain(&cli)?;
+        std::process::exit(code.into());
+    }
     let config = load(&cli)?;
     if cli.check {
         airlock_agent::policy::Policy::compile(&config.rules, &cli.config)?;

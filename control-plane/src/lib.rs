@@ -13,6 +13,8 @@
 //! 2. Decisions:
 //!    - [`decide`]: the one vote path (who may decide what), for every front end;
 //!    - [`policy`]: approver groups, quorum and routing;
+//!    - [`tester`]: `airlockctl policy test`, what an agent rule and this policy decide for
+//!      one action (the agent's matching, from crate agent-rules);
 //!    - [`auth`]: tokens, local accounts, sessions, OIDC and agent enrolment.
 //! 3. [`store`]: one async interface over SQLite or PostgreSQL (requests, votes, grants,
 //!    tokens, accounts, agents, audit, deliveries), its migrations, and the change feed that
@@ -32,6 +34,7 @@ pub mod web;
 pub mod auth;
 pub mod decide;
 pub mod policy;
+pub mod tester;
 
 // Layer 3: the store.
 pub mod store;

@@ -20,10 +20,18 @@ fn plan(r: &ActionRequest) -> Plan {
 }
 
 /// The example agent.toml edited as its comments tell an operator: this decider (no TLS, no
-/// credential in the test), the guest's `agent` account, kubectl for /bin/sh.
+/// credential in the test), the guest's `agent` account, kubectl for /bin/sh. The rules'
+/// `[[rule.example]]` tables go too: with `args` gone, what they state is no longer true.
 fn edited(example: &str, decider_port: u16) -> String {
     let mut out = String::new();
+    let mut in_example = false;
     for line in example.lines() {
+        if line.starts_with('[') {
+            in_example = line.trim() == "[[rule.example]]";
+        }
+        if in_example {
+            continue;
+        }
         let key = line.split('=').next().unwrap_or("").trim();
         let line = match key {
             "decider" => format!("decider = \"http://10.0.2.2:{decider_port}\""),
@@ -36,6 +44,23 @@ fn edited(example: &str, decider_port: u16) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The edit leaves a file the agent loads (no guest needed).
+#[test]
+fn the_edited_example_loads() {
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/agent.toml"))
+            .unwrap();
+    let config = edited(&example, 7443);
+    let parsed =
+        airlock_agent::config::Config::parse(&config, std::path::Path::new("agent.toml")).unwrap();
+    assert_eq!(parsed.rules.len(), 2, "{config}");
+    assert!(
+        parsed.rules.iter().all(|r| r.examples.is_empty()),
+        "{config}"
+    );
+    assert_eq!(parsed.rules[0].exec, ["/usr/local/bin/kubectl"]);
 }
 
 #[test]

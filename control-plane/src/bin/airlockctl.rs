@@ -2,6 +2,8 @@
 //!
 //! Exit codes: 0 success, 1 error (server unreachable, bad answer), 2 usage, 3 not found,
 //! 4 refused (not allowed to decide, or no longer pending), 5 the audit trail was tampered with.
+//! `policy test` answers with its own: 0 allowed, 10 held and asked, 11 denied (2 usage, 4 a
+//! file is invalid).
 
 use std::{
     io::{BufRead, Write},
@@ -200,6 +202,62 @@ enum PolicyCmd {
     },
     /// The policy in force on the server, and its last reload error.
     Show,
+    /// Test what agents and this policy decide for one action, with no server and no agent:
+    /// the agent rule that matches (the --rules file's, then this policy's rules for hosts
+    /// with these labels), its decision, and for ask the approval rule that routes it, who may
+    /// approve, the quorum, the deadline and on_timeout.
+    ///
+    /// Exit status: 0 allowed (no rule holds it, or an allow rule), 10 held and asked, 11
+    /// denied; 4 a file is invalid (file, line and column are printed), 2 usage (a bad flag,
+    /// command line or address). --json prints one object for scripts.
+    #[command(after_help = "Examples:\n  \
+        airlockctl policy test --policy /etc/airlock/policy.toml --rules agent.toml \\\n    \
+        --exec \"kubectl -n prod delete ns payments\" --account ci --label env=prod\n  \
+        airlockctl policy test --policy policy.toml --connect 10.20.3.4:5432 --account ci")]
+    Test(PolicyTest),
+}
+
+/// `airlockctl policy test`.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("action").required(true).args(["exec", "connect"])))]
+struct PolicyTest {
+    /// The approval policy file (as airlock-server reads it).
+    #[arg(long, value_name = "FILE")]
+    policy: std::path::PathBuf,
+    /// An agent configuration (agent.toml, or a file of [[rule]] tables): its rules come
+    /// first, its agent.labels and agent.hold_timeout_secs apply.
+    #[arg(long, value_name = "FILE")]
+    rules: Option<std::path::PathBuf>,
+    /// A command line, split as a shell splits it; the first word is the program (a path, or
+    /// a name looked up in PATH and else among the rules' binaries).
+    #[arg(long, value_name = "COMMAND LINE")]
+    exec: Option<String>,
+    /// A destination, ADDRESS:PORT (IPv6 as [ADDRESS]:PORT).
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    connect: Option<String>,
+    /// With --connect: the transport.
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Tcp, requires = "connect")]
+    protocol: ProtocolArg,
+    /// The watched account that acts (rules and routes with `accounts` apply only to theirs);
+    /// without it, an account no rule lists.
+    #[arg(long, value_name = "NAME")]
+    account: Option<String>,
+    /// A host label, over the --rules file's agent.labels: picks the policy's rules and its
+    /// route. Repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = agent_rules::explain::parse_label)]
+    labels: Vec<(String, String)>,
+    /// With --exec: test the program as a file the account could have made (a copy, a
+    /// download), as `@self-made` rules see it.
+    #[arg(long, requires = "exec")]
+    self_made: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ProtocolArg {
+    /// Stream sockets.
+    Tcp,
+    /// Datagram sockets.
+    Udp,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -651,6 +709,78 @@ async fn audit_verify(
     }
 }
 
+/// `policy test`: prints what the rules decide and returns the exit status.
+fn policy_test(t: &PolicyTest, json: bool) -> u8 {
+    use agent_rules::explain::{exit_code, Query, Transport};
+    use airlock_control_plane::tester::TestError;
+    let policy = match airlock_control_plane::policy::Policy::load(&t.policy) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("airlockctl: {e}");
+            return 4;
+        }
+    };
+    let agent = match &t.rules {
+        Some(path) => match agent_rules::config::Config::load(path) {
+            Ok(c) => Some((c, path.as_path())),
+            Err(e) => {
+                eprintln!("airlockctl: {e}");
+                return 4;
+            }
+        },
+        None => None,
+    };
+    let query = match (&t.exec, &t.connect) {
+        (Some(line), _) => Query::Exec {
+            line: line.clone(),
+            self_made: t.self_made,
+        },
+        (None, Some(dest)) => Query::Connect {
+            destination: dest.clone(),
+            protocol: match t.protocol {
+                ProtocolArg::Tcp => Transport::Tcp,
+                ProtocolArg::Udp => Transport::Udp,
+            },
+        },
+        // clap requires one of the two.
+        (None, None) => return 2,
+    };
+    let tested = match airlock_control_plane::tester::test(
+        &policy,
+        &t.policy,
+        agent.as_ref().map(|(c, p)| (c, *p)),
+        &t.labels,
+        &query,
+        t.account.as_deref(),
+    ) {
+        Ok(tested) => tested,
+        Err(e @ TestError::Action(_)) => {
+            eprintln!("airlockctl: {e}");
+            return 2;
+        }
+        Err(e) => {
+            eprintln!("airlockctl: {e}");
+            return 4;
+        }
+    };
+    if json {
+        match serde_json::to_string(&tested) {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                eprintln!("airlockctl: {e}");
+                return 1;
+            }
+        }
+    } else {
+        println!("policy:    {}", t.policy.display());
+        if let Some(path) = &t.rules {
+            println!("rules:     {}", path.display());
+        }
+        print!("{tested}");
+    }
+    exit_code(tested.explained.decision)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -727,6 +857,7 @@ async fn main() -> ExitCode {
             return agents_list(&cli.server, cli.token.as_deref()).await
         }
         Command::Tokens(t) => return tokens(&cli.server, cli.token.as_deref(), t).await,
+        Command::Policy(PolicyCmd::Test(t)) => return ExitCode::from(policy_test(&t, cli.json)),
         Command::Policy(PolicyCmd::Show) => {
             return policy_show(&cli.server, cli.token.as_deref()).await
         }

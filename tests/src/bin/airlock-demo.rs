@@ -46,7 +46,7 @@ risk = "high"
 name = "terraform-apply"
 description = "Changes infrastructure"
 exec = ["/usr/local/bin/terraform"]
-args = ["apply*", "destroy*"]
+args = ["apply *", "destroy *"]
 decision = "ask"
 risk = "high"
 

@@ -44,6 +44,18 @@ pub enum ConfigError {
         /// What is wrong, naming the rule or field.
         message: String,
     },
+    /// A rule's `[[rule.example]]` is not what the file decides, or cannot be tested.
+    #[error("{path}:{line}:{column}: {message}")]
+    Example {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the example's action.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// The rule, the example, and what the file decides instead.
+        message: String,
+    },
 }
 
 /// What to do with held actions when the decider cannot be reached.
@@ -202,7 +214,7 @@ pub struct WatchSection {
 }
 
 /// Whether a rule enforces or only observes.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Hold the action and apply the rule's decision.
@@ -213,7 +225,7 @@ pub enum Mode {
 }
 
 /// What applies when a hold's deadline passes.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnTimeout {
     /// The action is allowed.
@@ -300,6 +312,10 @@ pub struct RuleConfig {
     /// Risk label shown to approvers.
     #[serde(default)]
     pub risk: String,
+    /// `[[rule.example]]`: actions and what the whole file decides for each, checked when the
+    /// file loads (see [`crate::examples`]).
+    #[serde(default, rename = "example")]
+    pub examples: Vec<crate::examples::Example>,
 }
 
 impl Config {
@@ -324,6 +340,7 @@ impl Config {
             }
         })?;
         config.check(path)?;
+        crate::examples::check(&config, text, path)?;
         Ok(config)
     }
 
@@ -418,7 +435,7 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>,
 }
 
 /// 1-based line and column of byte offset `pos` in `text`.
-fn line_col(text: &str, pos: usize) -> (usize, usize) {
+pub(crate) fn line_col(text: &str, pos: usize) -> (usize, usize) {
     let before = &text[..pos.min(text.len())];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;

@@ -32,7 +32,7 @@ pub use crate::identity::file_key;
 pub const SELF_MADE: &str = "@self-made";
 
 /// What a rule decides.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Decision {
     /// Resume the task.
@@ -195,6 +195,17 @@ fn contains(outer: (u32, [u8; 16]), inner: (u32, [u8; 16])) -> bool {
 impl Policy {
     /// Compiles rules; `path` is named in errors.
     pub fn compile(rules: &[RuleConfig], path: &Path) -> Result<Self, ConfigError> {
+        Self::compile_with(rules, path, file_key)
+    }
+
+    /// Compiles rules, naming each rule binary by `key_of` (the agent: [`file_key`], device
+    /// and inode as the kernel sees them; the rule tester also names binaries that are not on
+    /// this host, by their path). A binary `key_of` fails on is left out of its rule.
+    pub fn compile_with(
+        rules: &[RuleConfig],
+        path: &Path,
+        mut key_of: impl FnMut(&Path) -> std::io::Result<FileKey>,
+    ) -> Result<Self, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_owned(),
             message,
@@ -213,7 +224,7 @@ impl Policy {
                             rule.name
                         )));
                     }
-                    match file_key(Path::new(bin)) {
+                    match key_of(Path::new(bin)) {
                         Ok(key) => {
                             files.push(key);
                             if !binaries.iter().any(|b| b.key == key) {
