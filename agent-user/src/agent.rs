@@ -221,16 +221,17 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
     let me = std::process::id();
     let hb_timeout = Duration::from_secs(settings.heartbeat_timeout_secs.max(1)).as_nanos() as u64;
     kernel.heartbeat(me, hb_timeout)?;
-    let decider = settings.decider.clone().map(|url| {
-        Decider::spawn_with(
-            crate::decider::Connection {
-                url,
-                token: token.clone(),
-                tls: tls.clone(),
-            },
-            hello.clone(),
-        )
-    });
+    let connection = settings
+        .decider
+        .clone()
+        .map(|url| crate::decider::Connection {
+            url,
+            token: token.clone(),
+            tls: tls.clone(),
+        });
+    let decider = connection
+        .clone()
+        .map(|conn| Decider::spawn_with(conn, hello.clone()));
     let engine = Arc::new(Engine::new(
         kernel.clone(),
         Policy::default(),
@@ -305,6 +306,22 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
         }
         None => None,
     };
+    let local_task = (!config.agent.local_socket.as_os_str().is_empty()).then(|| {
+        let api = Arc::new(crate::local_api::LocalApi {
+            engine: engine.clone(),
+            config: current.clone(),
+            server_rules: server.clone(),
+            config_path: config_path.clone(),
+            connection,
+            asked: Default::default(),
+        });
+        let path = config.agent.local_socket.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::local_api::serve(api, &path).await {
+                tracing::error!(socket = %path.display(), error = %format!("{e:#}"), "the local socket for AI agents failed");
+            }
+        })
+    });
     tracing::info!(pid = me, "airlock-agent running");
 
     let mut term = signal(SignalKind::terminate())?;
@@ -340,7 +357,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
     heartbeat.abort();
     sweeper.abort();
     paths_task.abort();
-    for t in [rules_task, metrics_task].into_iter().flatten() {
+    for t in [rules_task, metrics_task, local_task].into_iter().flatten() {
         t.abort();
     }
     if let Err(e) = kernel.retire() {

@@ -68,7 +68,7 @@ pub struct Engine {
     /// produce the same hold.
     active: Mutex<HashSet<(u32, u64)>>,
     /// Requests waiting for a decision: on the host, and per account.
-    pending: Mutex<Pending>,
+    pending: Arc<Mutex<Pending>>,
     /// SHA-256 of programs, for recognising copies of held binaries.
     pub hasher: Hasher,
     /// Counters.
@@ -84,18 +84,14 @@ struct Pending {
 }
 
 /// One request counted in [`Pending`] while it waits; uncounted when dropped.
-struct PendingSlot<'a> {
-    engine: &'a Engine,
+pub struct PendingSlot {
+    pending: Arc<Mutex<Pending>>,
     account: String,
 }
 
-impl Drop for PendingSlot<'_> {
+impl Drop for PendingSlot {
     fn drop(&mut self) {
-        let mut p = self
-            .engine
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         p.total = p.total.saturating_sub(1);
         if let Some(n) = p.by_account.get_mut(&self.account) {
             *n = n.saturating_sub(1);
@@ -122,7 +118,7 @@ fn unix_ms_now() -> i64 {
 }
 
 /// Unix time (ms) of a monotonic timestamp.
-fn mono_to_unix_ms(mono_ns: u64) -> i64 {
+pub fn mono_to_unix_ms(mono_ns: u64) -> i64 {
     let now_mono = monotonic_ns() as i64;
     unix_ms_now() - (now_mono - mono_ns as i64) / 1_000_000
 }
@@ -156,13 +152,14 @@ impl Engine {
             boot_id,
             proc_root: PathBuf::from("/proc"),
             active: Mutex::new(HashSet::new()),
-            pending: Mutex::default(),
+            pending: Arc::default(),
             hasher: Hasher::default(),
             metrics: Arc::default(),
         }
     }
 
-    fn settings(&self) -> AgentSection {
+    /// The agent's settings in force.
+    pub fn settings(&self) -> AgentSection {
         self.settings
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -227,7 +224,7 @@ impl Engine {
     }
 
     /// Counts a new request of `account` against the caps; `None` when one is reached.
-    fn take_pending(&self, account: &str, settings: &AgentSection) -> Option<PendingSlot<'_>> {
+    pub fn take_pending(&self, account: &str, settings: &AgentSection) -> Option<PendingSlot> {
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let mine = p.by_account.get(account).copied().unwrap_or(0);
         if p.total >= settings.max_pending || mine >= settings.max_pending_per_account {
@@ -236,7 +233,7 @@ impl Engine {
         p.total += 1;
         *p.by_account.entry(account.to_owned()).or_default() += 1;
         Some(PendingSlot {
-            engine: self,
+            pending: self.pending.clone(),
             account: account.to_owned(),
         })
     }
@@ -458,7 +455,7 @@ impl Engine {
     }
 
     /// The web UI's base URL the decider sent, for links in notices.
-    fn web_url(&self) -> String {
+    pub fn web_url(&self) -> String {
         self.decider
             .as_ref()
             .and_then(|d| d.rules().borrow().as_ref().map(|r| r.web_url.clone()))

@@ -31,6 +31,8 @@ pub mod decider;
 pub mod docs;
 pub mod enroll;
 pub mod holds;
+pub mod local_api;
+pub mod mcp;
 pub mod metrics;
 pub mod notice;
 pub mod procinfo;

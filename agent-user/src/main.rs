@@ -7,7 +7,7 @@ use airlock_agent::{
     config::{Config, FailMode},
 };
 use anyhow::{Context, Result};
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// Holds the privileged exec and connect calls of AI-agent and automation accounts in the
 /// kernel (BPF LSM) until a human decides, then resumes or kills them.
@@ -116,6 +116,24 @@ struct Cli {
     /// Write man pages and bash/zsh/fish completions under DIR and exit (packaging).
     #[arg(long, value_name = "DIR", hide = true)]
     write_docs: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Sub {
+    /// Serve MCP on stdin/stdout for an AI agent on this host (Claude Code, Cursor, Copilot):
+    /// tools airlock_check (would this be held?), airlock_request (ask ahead, with a
+    /// justification), airlock_status (a request's state; can wait) and airlock_why (recent
+    /// decisions and reasons). Runs as the AI agent's own account, needs no root and no
+    /// configuration: it talks to the running agent's local socket, which knows the caller's
+    /// account from the connection. Add it to Claude Code with
+    /// `claude mcp add airlock -- airlock-agent mcp`.
+    Mcp {
+        /// The running agent's local socket (agent.local_socket).
+        #[arg(long, value_name = "PATH", default_value = airlock_agent::local_api::DEFAULT_SOCKET, env = "AIRLOCK_AGENT_SOCKET")]
+        socket: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -290,6 +308,13 @@ fn main() -> Result<()> {
         };
     }
     init_logs(cli.log_format);
+    if let Some(Sub::Mcp { socket }) = &cli.command {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        return runtime.block_on(airlock_agent::mcp::serve(socket.clone()));
+    }
     if cli.explain {
         let code = explain(&cli)?;
         std::process::exit(code.into());

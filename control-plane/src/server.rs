@@ -13,10 +13,11 @@ use std::{
 };
 
 use airlock_proto::v1::{
-    agent_service_server::AgentServiceServer, agents_service_server::AgentsServiceServer,
-    approval_service_server::ApprovalServiceServer, audit_service_server::AuditServiceServer,
-    enrollment_service_server::EnrollmentServiceServer, policy_service_server::PolicyServiceServer,
-    tokens_service_server::TokensServiceServer, PolicyStatus, FILE_DESCRIPTOR_SET,
+    agent_query_service_server::AgentQueryServiceServer, agent_service_server::AgentServiceServer,
+    agents_service_server::AgentsServiceServer, approval_service_server::ApprovalServiceServer,
+    audit_service_server::AuditServiceServer, enrollment_service_server::EnrollmentServiceServer,
+    policy_service_server::PolicyServiceServer, tokens_service_server::TokensServiceServer,
+    PolicyStatus, FILE_DESCRIPTOR_SET,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
 
@@ -347,6 +348,13 @@ impl ControlPlane {
                     require_client_cert,
                     metrics: self.metrics.clone(),
                     limits: self.limits.clone(),
+                }),
+                self.tokens.clone(),
+            ))
+            .add_service(Authed::agents(
+                AgentQueryServiceServer::new(api::agent_query::AgentQuerySvc {
+                    store: self.store.clone(),
+                    policy: self.policy.clone(),
                 }),
                 self.tokens.clone(),
             ))

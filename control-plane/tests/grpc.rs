@@ -1422,6 +1422,148 @@ async fn observed_actions_are_kept_apart_and_waits_never_expire(t: TestDb) {
     );
 }
 
+/// A request asked ahead (`airlock-agent mcp`): its approval is a grant for that program and
+/// arguments, account, host, directory and allowed environment values, whatever argv[0] and
+/// the other environment names the real task has; anything else stays pending. The agent's
+/// query service answers about its own host only.
+async fn asked_ahead_approval_is_a_grant_for_that_action_only(t: TestDb) {
+    use airlock_proto::v1::{
+        agent_query_service_client::AgentQueryServiceClient, EnvVar, GetHostRequest, RecentQuery,
+        RouteQuery,
+    };
+    let (url, t, _stop) = start(&t).await;
+    let a = agent(&url, "host-a", &t["host-a"]);
+    assert!(a.wait_connected(Duration::from_secs(5)).await);
+    let shaped = |id: &str, argv0: &str, cwd: &str, extra_env: &str| {
+        let mut r = request(id, "ci");
+        if let Some(airlock_proto::v1::action_request::Action::Exec(e)) = r.action.as_mut() {
+            e.argv[0] = argv0.into();
+        }
+        let p = r.process.as_mut().expect("process");
+        p.cwd = cwd.into();
+        p.env = vec![
+            EnvVar {
+                name: "KUBECONFIG".into(),
+                value: Some("/home/ci/.kube/staging".into()),
+            },
+            EnvVar {
+                name: extra_env.into(),
+                value: None,
+            },
+        ];
+        r
+    };
+    let mut ahead = shaped("ahead-1", "kubectl", "/work", "MCP_ONLY");
+    ahead.asked_ahead = true;
+    ahead.justification = "INC-42: remove the broken namespace".into();
+    ahead.ahead_minutes = 5;
+    let asked = a.ask(ahead);
+    let mut alice = approvals(&url, Some(&t["alice"])).await;
+    wait_pending(&mut alice, 1).await;
+    let held = alice
+        .decide(vote("ahead-1", Verdict::Allow, "go ahead"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!held.grant_id.is_empty(), "approving it made a grant");
+    tokio::time::timeout(Duration::from_secs(5), asked)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // The real command: another argv[0], other environment names; passes at once.
+    let real = a.ask(shaped("real-1", "/usr/bin/kubectl", "/work", "SHLVL"));
+    let d = tokio::time::timeout(Duration::from_secs(5), real)
+        .await
+        .expect("answered at once")
+        .unwrap();
+    assert_eq!(d.verdict, Verdict::Allow as i32);
+    assert!(d.decided_by.contains(&held.grant_id), "{}", d.decided_by);
+    // Another directory, or another kubeconfig: not covered.
+    let mut elsewhere = a.ask(shaped("real-2", "kubectl", "/prod", "SHLVL"));
+    let mut other_env = shaped("real-3", "kubectl", "/work", "SHLVL");
+    other_env.process.as_mut().unwrap().env[0].value = Some("/home/ci/.kube/prod".into());
+    let mut other_env = a.ask(other_env);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(elsewhere.try_recv().is_err(), "another cwd is not covered");
+    assert!(
+        other_env.try_recv().is_err(),
+        "another KUBECONFIG is not covered"
+    );
+
+    // The agent's own questions: about its host only.
+    let query = |token: &str| {
+        let url = url.clone();
+        let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+        async move {
+            let ch = tonic::transport::Channel::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            AgentQueryServiceClient::with_interceptor(ch, move |mut r: tonic::Request<()>| {
+                r.metadata_mut().insert("authorization", bearer.clone());
+                Ok(r)
+            })
+        }
+    };
+    let mut qa = query(&t["host-a"]).await;
+    let route = qa
+        .route(RouteQuery {
+            request: Some(shaped("probe", "kubectl", "/work", "X")),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(route.grant_id, held.grant_id, "the dry run sees the grant");
+    assert_eq!(route.quorum, 1);
+    let got = qa
+        .get(GetHostRequest {
+            request_id: "ahead-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.votes.len(), 1);
+    let recent = qa
+        .recent(RecentQuery {
+            account: "ci".into(),
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .requests;
+    assert_eq!(recent.len(), 4, "ahead-1, real-1, real-2, real-3");
+    let mut qb = query(&t["host-b"]).await;
+    let other_host = qb
+        .get(GetHostRequest {
+            request_id: "ahead-1".into(),
+        })
+        .await
+        .expect_err("another host's request is not found");
+    assert_eq!(other_host.code(), Code::NotFound);
+    let none = qb
+        .recent(RecentQuery {
+            account: "ci".into(),
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .requests;
+    assert!(none.is_empty(), "host-b sees none of host-a's requests");
+    let mut approver = query(&t["alice"]).await;
+    let refused = approver
+        .get(GetHostRequest {
+            request_id: "ahead-1".into(),
+        })
+        .await
+        .expect_err("an approver token is not an agent credential");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+}
+
 both!(
     decision_reaches_the_right_agent_and_request,
     refusals_are_precise_and_lose_nothing,
@@ -1441,4 +1583,5 @@ both!(
     bad_policy_reload_is_refused_recorded_and_old_one_stays,
     an_action_the_agent_decided_is_recorded_not_asked,
     observed_actions_are_kept_apart_and_waits_never_expire,
+    asked_ahead_approval_is_a_grant_for_that_action_only,
 );

@@ -41,7 +41,7 @@ unreachable_grace_secs = 30
 max_pending_per_account = 2
 
 [watch]
-users = ["agent"]
+users = ["agent", "other"]
 
 [[rule]]
 name = "kubectl-delete"
@@ -77,6 +77,42 @@ exec = ["/usr/local/bin/kubectl"]
 args = ["patch *"]
 decision = "deny"
 notices = false
+"#;
+
+/// The AI agent's MCP session, as account `agent`: a dry run of a held and of a free command,
+/// asking ahead, waiting for the decision, then the real command.
+const MCP_AGENT: &str = r#"
+cd /tmp
+P=/usr/bin/airlock-mcp-probe
+A=/usr/bin/airlock-agent
+out=$($P $A \
+  check_delete airlock_check '{"command":"kubectl delete ns ahead-me"}' \
+  check_get airlock_check '{"command":"kubectl get pods"}' \
+  check_patch airlock_check '{"command":"kubectl patch node-1 x"}' \
+  ask airlock_request '{"command":"kubectl delete ns ahead-me","justification":"INC-42: remove the broken namespace","minutes":5}' \
+  ask_free airlock_request '{"command":"kubectl get pods","justification":"just looking"}')
+echo "$out"
+id=$(echo "$out" | grep '^@@R ask ' | grep -o '"request_id":"[^"]*"' | cut -d'"' -f4)
+echo "@@R ahead_id $id"
+echo "$id" > /tmp/ahead.id
+$P $A status airlock_status "{\"request_id\":\"$id\",\"wait_secs\":60}"
+t0=$(cut -d' ' -f1 /proc/uptime | tr -d .)
+/usr/local/bin/kubectl delete ns ahead-me > /dev/null 2> /tmp/ahead.err
+echo "@@R ahead_rc $?"
+t1=$(cut -d' ' -f1 /proc/uptime | tr -d .)
+echo "@@R ahead_ms $(( (t1 - t0) * 10 ))"
+/usr/local/bin/kubectl get pods > /dev/null 2>&1
+echo "@@R get_rc $?"
+$P $A why airlock_why '{"limit":50}'
+"#;
+
+/// Account `other` on the same host tries to read and ask about `agent`'s request.
+const MCP_OTHER: &str = r#"
+cd /tmp
+P=/usr/bin/airlock-mcp-probe
+A=/usr/bin/airlock-agent
+id=$(cat /tmp/ahead.id)
+$P $A other_status airlock_status "{\"request_id\":\"$id\"}" other_why airlock_why '{"limit":50}'
 "#;
 
 const SERVER_CONFIG: &str = r#"
@@ -129,6 +165,10 @@ if kill -0 $w 2> /dev/null; then echo "@@R wait_held_at_8s 1"; else echo "@@R wa
 wait $w
 echo "@@R wait_rc $?"
 echo "@@R wait_err $(tr '\n' '|' < /tmp/wait.err)"
+
+# The AI agent's side over MCP, as agent, then as other.
+su agent -c 'sh /opt/mcp-agent.sh'
+su other -c 'sh /opt/mcp-other.sh'
 
 # The cap: two requests of the account wait; a third is denied at once.
 su agent -c "/usr/local/bin/kubectl delete ns cap-1" > /dev/null 2> /dev/null &
@@ -189,6 +229,11 @@ async fn approver(url: String, alice: String) {
                 continue;
             }
             let decision = match marker(&h).as_str() {
+                // Only the request asked ahead: the real command after it must pass by the
+                // grant its approval made, or wait out its deadline and fail.
+                "ahead-me" if h.request.as_ref().is_some_and(|r| r.asked_ahead) => {
+                    Some((Duration::ZERO, Verdict::Allow, "go ahead"))
+                }
                 "approve-me" | "esc-me" | "pipe-me" | "ro-me" => {
                     Some((Duration::ZERO, Verdict::Allow, "ticket-7"))
                 }
@@ -250,6 +295,13 @@ fn boot(kernel: &str) -> Result<Booted> {
         0o755,
     )
     .file("/usr/local/bin/kubectl", workload, 0o755)
+    .file(
+        "/usr/bin/airlock-mcp-probe",
+        env!("CARGO_BIN_EXE_airlock-mcp-probe"),
+        0o755,
+    )
+    .text("/opt/mcp-agent.sh", MCP_AGENT, 0o644)
+    .text("/opt/mcp-other.sh", MCP_OTHER, 0o644)
     .file(
         "/etc/airlock/agent.token",
         dir.path().join("agent.token"),
@@ -456,6 +508,108 @@ fn past_the_pending_cap_a_hold_is_denied_at_once(b: &Booted) {
     assert_eq!(b.r("cap2_rc"), "0");
 }
 
+impl Booted {
+    /// A `@@R KEY {json}` line of the MCP probe: whether the tool said error, and its body.
+    fn mcp(&self, key: &str) -> (bool, serde_json::Value) {
+        let v: serde_json::Value = serde_json::from_str(&self.r(key))
+            .unwrap_or_else(|e| panic!("{key}: not JSON ({e}): {}", self.r(key)));
+        (v["is_error"] == true, v["body"].clone())
+    }
+}
+
+fn the_mcp_server_speaks_mcp_to_a_real_client(b: &Booted) {
+    assert_eq!(b.r("mcp_server"), "airlock-agent");
+    assert_eq!(
+        b.r("mcp_tools"),
+        "airlock_check,airlock_request,airlock_status,airlock_why"
+    );
+}
+
+fn a_dry_run_says_what_the_kernel_then_does(b: &Booted) {
+    let (err, held) = b.mcp("check_delete");
+    assert!(!err, "{held}");
+    assert_eq!(held["decision"], "ask", "{held}");
+    assert_eq!(held["rule"]["name"], "kubectl-delete", "{held}");
+    assert_eq!(held["account"], "agent");
+    assert_eq!(held["approval"]["quorum"], 1, "{held}");
+    let (_, free) = b.mcp("check_get");
+    assert_eq!(free["decision"], "allow", "{free}");
+    let (_, denied) = b.mcp("check_patch");
+    assert_eq!(denied["decision"], "deny", "{denied}");
+    // What the kernel then did: `get pods` ran with no request; `patch` was killed by its
+    // rule (notices_can_be_turned_off_per_rule); `delete` was held (the scenarios above).
+    assert_eq!(b.r("get_rc"), "0");
+    assert!(
+        b.requests.iter().all(|h| marker(h) != "pods"),
+        "nothing asked for get pods"
+    );
+    assert_eq!(b.r("quiet_rc"), "137");
+}
+
+fn asked_ahead_then_the_real_command_passes_by_the_grant(b: &Booted) {
+    let (err, asked) = b.mcp("ask");
+    assert!(!err && asked["asked"] == true, "{asked}");
+    let id = b.r("ahead_id");
+    let ahead = b
+        .requests
+        .iter()
+        .find(|h| h.request.as_ref().is_some_and(|r| r.request_id == id))
+        .unwrap_or_else(|| panic!("no request {id}"));
+    let r = ahead.request.as_ref().expect("request");
+    assert!(r.asked_ahead);
+    assert_eq!(r.justification, "INC-42: remove the broken namespace");
+    assert_eq!(ahead.state(), RequestState::Approved);
+    assert!(!ahead.grant_id.is_empty(), "its approval made a grant");
+    let (_, status) = b.mcp("status");
+    assert_eq!(status["state"], "approved", "{status}");
+    assert_eq!(status["votes"][0]["approver"], "alice", "{status}");
+    assert_eq!(status["votes"][0]["reason"], "go ahead", "{status}");
+    // The real command: held by the kernel, approved at once by the grant, no vote.
+    assert_eq!(b.r("ahead_rc"), "0", "{}", b.r("ahead_ms"));
+    let ms: u64 = b.r("ahead_ms").parse().unwrap_or(u64::MAX);
+    assert!(ms < 8000, "passed at once, not after an approver: {ms} ms");
+    let real: Vec<&HeldRequest> = b
+        .requests
+        .iter()
+        .filter(|h| marker(h) == "ahead-me" && h.request.as_ref().is_some_and(|r| !r.asked_ahead))
+        .collect();
+    assert_eq!(real.len(), 1, "{real:#?}");
+    assert_eq!(real[0].state(), RequestState::Approved);
+    assert_eq!(real[0].grant_id, ahead.grant_id, "covered by the grant");
+    assert!(real[0].votes.is_empty(), "nobody voted on it");
+    let (_, free) = b.mcp("ask_free");
+    assert_eq!(
+        free["asked"], false,
+        "nothing to ask for a free command: {free}"
+    );
+    let (_, why) = b.mcp("why");
+    let listed = why["requests"].as_array().cloned().unwrap_or_default();
+    assert!(
+        listed.iter().any(|r| r["request_id"] == id.as_str()),
+        "{why}"
+    );
+    assert!(
+        listed
+            .iter()
+            .any(|r| r["state"] == "denied" && r["reason"] == "not during the freeze"),
+        "{why}"
+    );
+}
+
+fn another_account_cannot_read_or_ask_for_the_first(b: &Booted) {
+    let (err, body) = b.mcp("other_status");
+    assert!(err, "other must not see agent's request: {body}");
+    assert!(
+        body.as_str()
+            .is_some_and(|t| t.contains("of account \"other\"")),
+        "{body}"
+    );
+    let (err, why) = b.mcp("other_why");
+    assert!(!err, "{why}");
+    assert_eq!(why["account"], "other");
+    assert_eq!(why["requests"], serde_json::json!([]), "{why}");
+}
+
 airlock_tests::kernel_matrix!(
     boot = boot,
     booted = Booted,
@@ -470,5 +624,9 @@ airlock_tests::kernel_matrix!(
         observe_mode_records_and_never_stops,
         wait_holds_past_every_deadline_until_decided,
         past_the_pending_cap_a_hold_is_denied_at_once,
+        the_mcp_server_speaks_mcp_to_a_real_client,
+        a_dry_run_says_what_the_kernel_then_does,
+        asked_ahead_then_the_real_command_passes_by_the_grant,
+        another_account_cannot_read_or_ask_for_the_first,
     ]
 );

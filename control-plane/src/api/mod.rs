@@ -1,9 +1,11 @@
-//! The gRPC services, one file each: [`agents`] (the agents' streams), [`enroll`] (agents
+//! The gRPC services, one file each: [`agents`] (the agents' streams), [`agent_query`] (what an
+//! agent may ask about its own host, for the AI agents there), [`enroll`] (agents
 //! trading an enrollment token for their credential), [`approvals`] (list, watch, decide),
 //! [`audit`] (query, export, verify), [`inventory`] (known agents), [`policy`] (the policy in
 //! force) and [`tokens`] (API tokens). [`crate::server`] puts them behind authentication and
 //! serves them.
 
+pub mod agent_query;
 pub mod agents;
 pub mod approvals;
 pub mod audit;

@@ -65,6 +65,42 @@ pub fn grant_key(held: &HeldRequest) -> (String, String, String) {
     (held.host_id.clone(), p.user, action)
 }
 
+/// What a grant made by approving a request asked ahead matches on, beside host and account:
+/// the program (for a script, the script) and its arguments without argv[0] (which the caller
+/// chooses), the working directory, and the values of the environment variables the agent
+/// sends (`agent.env_allow`); not the names of the others, which differ between the AI agent's
+/// MCP server and the shell that later runs the command. A connect: address, port, protocol.
+pub fn ahead_key(held: &HeldRequest) -> String {
+    let req = held.request.clone().unwrap_or_default();
+    let p = req.process.unwrap_or_default();
+    match req.action {
+        Some(Action::Exec(e)) => {
+            let program = if e.program.is_empty() {
+                e.path
+            } else {
+                e.program
+            };
+            let args: Vec<&str> = e.argv.iter().skip(1).map(String::as_str).collect();
+            let mut env: Vec<String> = p
+                .env
+                .iter()
+                .filter_map(|e| e.value.as_ref().map(|v| format!("{}={v}", e.name)))
+                .collect();
+            env.sort();
+            format!(
+                "ahead exec {program} {}\u{1e}cwd {}\u{1e}env {}",
+                args.join("\u{1f}"),
+                p.cwd,
+                env.join("\u{1f}")
+            )
+        }
+        Some(Action::Connect(c)) => {
+            format!("ahead connect {} {} {}", c.address, c.port, c.protocol)
+        }
+        None => String::new(),
+    }
+}
+
 /// Whether anyone who agreed to grant `g` is a human behind `held` (its account or login
 /// user): a grant never approves its own approvers' requests, as their vote would not.
 fn granted_by_requester(g: &Grant, held: &HeldRequest) -> bool {
@@ -106,6 +142,8 @@ struct Incoming {
     id: String,
     user: String,
     action_key: String,
+    /// [`ahead_key`]: a grant made by approving a request asked ahead covers this one too.
+    ahead_key: String,
     payload: serde_json::Value,
     host_cap: u32,
     account_cap: u32,
@@ -149,6 +187,7 @@ impl Incoming {
             body: held.encode_to_vec(),
             id: id_of(&held).to_owned(),
             action_key: grant_key(&held).2,
+            ahead_key: ahead_key(&held),
             held,
             user,
             payload,
@@ -255,8 +294,9 @@ impl Tx {
                   LIMIT {host_cap}) h),
                (SELECT COUNT(*) FROM (SELECT 1 FROM requests WHERE state = 1 AND account = $3
                   LIMIT {account_cap}) a),
-               (SELECT body FROM grants WHERE host_id = $2 AND account = $3 AND action = $4
-                  AND revoked_ms IS NULL AND expires_ms > $5 ORDER BY expires_ms DESC LIMIT 1)"
+               (SELECT body FROM grants WHERE host_id = $2 AND account = $3
+                  AND action IN ($4, $6) AND revoked_ms IS NULL AND expires_ms > $5
+                  ORDER BY expires_ms DESC LIMIT 1)"
         );
         let row = self
             .row(
@@ -266,7 +306,8 @@ impl Tx {
                     host_id,
                     user,
                     &new.action_key,
-                    new.held.received_unix_ms
+                    new.held.received_unix_ms,
+                    &new.ahead_key
                 ],
             )
             .await?
@@ -474,8 +515,18 @@ impl Tx {
             held.decided_by = by;
             held.reason = why;
             held.decided_unix_ms = at;
+            // A request asked ahead is approved as a grant: its whole point is that the real
+            // action then passes at once. The approver's window wins if they gave one.
+            let ahead = held.request.as_ref().filter(|r| r.asked_ahead);
+            let minutes = match ahead {
+                Some(r) if minutes == 0 => r.ahead_minutes.clamp(1, MAX_GRANT_MINUTES),
+                _ => minutes,
+            };
             if state == RequestState::Approved && minutes > 0 {
-                let (host_id, account, action) = grant_key(&held);
+                let (host_id, account, mut action) = grant_key(&held);
+                if ahead.is_some() {
+                    action = ahead_key(&held);
+                }
                 let g = Grant {
                     id: format!(
                         "g-{}",

@@ -199,6 +199,11 @@ fn details(held: &HeldRequest) -> Markup {
                 dt { "Environment" }
                 dd { ul.env { @for e in &p.env { li { code { (e.name) @if let Some(v) = &e.value { "=" (v) } } } } } }
             }
+            @if req.asked_ahead {
+                dt { "Asked ahead" } dd.ahead { "No task is held: the AI agent asks before it acts. Approving grants this exact action, account and host for "
+                    (req.ahead_minutes.max(1)) " min." }
+                dt { "Its reason" } dd.justification { q { (req.justification) } " (the AI agent's own words, not checked)" }
+            }
             dt { "Agent rule" } dd { (req.rule) @if !req.description.is_empty() { " — " (req.description) } }
             dt { "Risk" } dd { (page::risk_badge(held)) }
             dt { "Routed by" } dd { @if held.route.is_empty() { "default (any one approver)" } @else { (held.route) } }
