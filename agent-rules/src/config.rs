@@ -145,6 +145,21 @@ pub struct AgentSection {
     /// SHA-256 is compared with those binaries'. A copy is held as the binary; anything else
     /// runs on (and is not held again until it changes). `exec = ["@self-made"]` rules need it.
     pub copy_detection: bool,
+    /// Whether rules enforce (hold, decide) or only observe (record what would have happened,
+    /// never stop the action). A rule's own `mode` wins. Roll a policy out in observe mode
+    /// first, read what it would have held (`airlockctl policy suggest`), then enforce.
+    pub mode: Mode,
+    /// Tell a held task what is happening on its standard error: one line when it is held
+    /// (what, the request, how long, the link) and one when it is decided. Written through
+    /// the task's own fd 2, only when that is a tty, pipe or regular file opened for writing,
+    /// never blocking. A rule's own `notices` wins.
+    pub notices: bool,
+    /// Most requests waiting for a decision at once on this host; past it a new hold is
+    /// denied at once ("too many pending requests").
+    pub max_pending: u32,
+    /// Most requests waiting for a decision at once for one account (the watched account a
+    /// task descends from); past it a new hold of that account is denied at once.
+    pub max_pending_per_account: u32,
 }
 
 impl Default for AgentSection {
@@ -169,6 +184,10 @@ impl Default for AgentSection {
             heartbeat_timeout_secs: 5,
             max_watched_tasks: 131_072,
             copy_detection: true,
+            mode: Mode::Enforce,
+            notices: true,
+            max_pending: 20,
+            max_pending_per_account: 20,
         }
     }
 }
@@ -192,6 +211,30 @@ pub struct WatchSection {
     pub cgroups: Vec<String>,
     /// systemd units, e.g. `ci-runner.service` (looked up under system.slice).
     pub units: Vec<String>,
+}
+
+/// Whether a rule enforces or only observes.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Hold the action and apply the rule's decision.
+    #[default]
+    Enforce,
+    /// Let the action run and record what the rule would have done.
+    Observe,
+}
+
+/// What applies when a hold's deadline passes.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnTimeout {
+    /// The action is allowed.
+    Allow,
+    /// The action is denied.
+    #[default]
+    Deny,
+    /// There is no deadline: the task stays held until someone decides or it exits.
+    Wait,
 }
 
 /// What a rule does on deny for a connect.
@@ -255,9 +298,14 @@ pub struct RuleConfig {
     pub decision: Decision,
     /// Deadline of a hold under this rule, seconds.
     pub timeout_secs: Option<u64>,
-    /// What applies when the deadline passes (default deny).
-    #[serde(default = "default_on_timeout")]
-    pub on_timeout: Decision,
+    /// What applies when the deadline passes: deny (the default), allow, or wait (no deadline:
+    /// held until someone decides or the task exits; `timeout_secs` is then not used).
+    #[serde(default)]
+    pub on_timeout: OnTimeout,
+    /// enforce or observe; default: `agent.mode`.
+    pub mode: Option<Mode>,
+    /// Tell the held task on its stderr; default: `agent.notices`.
+    pub notices: Option<bool>,
     /// For connect: refuse the call or kill the task on deny.
     #[serde(default)]
     pub on_deny: ConnectDeny,
@@ -268,10 +316,6 @@ pub struct RuleConfig {
     /// file loads (see [`crate::examples`]).
     #[serde(default, rename = "example")]
     pub examples: Vec<crate::examples::Example>,
-}
-
-fn default_on_timeout() -> Decision {
-    Decision::Deny
 }
 
 impl Config {
@@ -321,9 +365,9 @@ impl Config {
                     rule.name
                 )));
             }
-            if rule.decision == Decision::Ask && rule.on_timeout == Decision::Ask {
+            if rule.on_timeout == OnTimeout::Wait && rule.timeout_secs.is_some() {
                 return Err(invalid(format!(
-                    "rule {:?}: on_timeout must be allow or deny",
+                    "rule {:?}: on_timeout = \"wait\" has no deadline; remove timeout_secs",
                     rule.name
                 )));
             }
@@ -476,6 +520,6 @@ mod tests {
         assert_eq!(c.agent.fail_mode, FailMode::Deny);
         let text = "[[rule]]\nname = \"r\"\ndecision = \"ask\"\nexec = [\"/bin/a\"]\n";
         let c = Config::parse(text, Path::new("a.toml")).unwrap();
-        assert_eq!(c.rules[0].on_timeout, Decision::Deny);
+        assert_eq!(c.rules[0].on_timeout, OnTimeout::Deny);
     }
 }

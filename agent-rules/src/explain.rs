@@ -27,7 +27,7 @@ use agent_common::FileKey;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{ConfigError, RuleConfig},
+    config::{AgentSection, ConfigError, Mode, OnTimeout, RuleConfig},
     identity,
     policy::{display_addr, to_v6, Decision, ExecSubject, Identity, Matcher, Policy, SELF_MADE},
 };
@@ -403,6 +403,16 @@ pub struct Tester {
     policy: Policy,
     keys: Keys,
     hold_timeout_secs: u64,
+    mode: Mode,
+}
+
+/// What `on_timeout` says, as written.
+pub fn on_timeout_word(t: OnTimeout) -> &'static str {
+    match t {
+        OnTimeout::Allow => "allow",
+        OnTimeout::Deny => "deny",
+        OnTimeout::Wait => "wait",
+    }
 }
 
 /// The rule that decides a tested action.
@@ -433,34 +443,39 @@ pub struct Explanation {
     pub rule: Option<Decider>,
     /// What happens: the rule's decision, or allow when no rule matches.
     pub decision: Decision,
+    /// The deciding rule is in observe mode (its own `mode`, else `agent.mode`): the action
+    /// runs, and the request records `decision` as what would have happened.
+    pub observe: bool,
     /// Whether the kernel holds the action at all: some rule names the program or the
     /// destination (for any account). Held with no rule matching in full means resumed at once.
     pub held: bool,
     /// For ask: seconds until `on_timeout` applies (the rule's `timeout_secs`, else the agent's
-    /// `hold_timeout_secs`).
+    /// `hold_timeout_secs`); none with `on_timeout = "wait"`, which has no deadline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deadline_secs: Option<u64>,
-    /// For ask: what applies at the deadline.
+    /// For ask: what applies at the deadline: allow, deny, or wait (no deadline).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub on_timeout: Option<Decision>,
+    pub on_timeout: Option<&'static str>,
     /// What the test could not know, or took as given, where it matters for this action.
     pub notes: Vec<String>,
 }
 
 impl Tester {
-    /// Compiles `rules` (named `path` in errors); `hold_timeout_secs` is the agent's default
-    /// deadline. A binary that is not on this host is named by its path.
+    /// Compiles `rules` (named `path` in errors) for an agent whose `[agent]` is `agent` (its
+    /// default deadline and mode apply). A binary that is not on this host is named by its
+    /// path.
     pub fn new(
         rules: &[RuleConfig],
         path: &Path,
-        hold_timeout_secs: u64,
+        agent: &AgentSection,
     ) -> Result<Self, ConfigError> {
         let mut keys = Keys::default();
         let policy = Policy::compile_with(rules, path, |p| Ok(keys.key(p)))?;
         Ok(Self {
             policy,
             keys,
-            hold_timeout_secs,
+            hold_timeout_secs: agent.hold_timeout_secs,
+            mode: agent.mode,
         })
     }
 
@@ -553,16 +568,19 @@ impl Tester {
         let decision = rule.map_or(Decision::Allow, |r| r.config.decision);
         let (deadline_secs, on_timeout) = match rule {
             Some(r) if r.config.decision == Decision::Ask => (
-                Some(r.config.timeout_secs.unwrap_or(self.hold_timeout_secs)),
-                Some(r.config.on_timeout),
+                (r.config.on_timeout != OnTimeout::Wait)
+                    .then(|| r.config.timeout_secs.unwrap_or(self.hold_timeout_secs)),
+                Some(on_timeout_word(r.config.on_timeout)),
             ),
             _ => (None, None),
         };
+        let observe = rule.is_some_and(|r| r.config.mode.unwrap_or(self.mode) == Mode::Observe);
         Explanation {
             action: action.clone(),
             account: account.map(str::to_owned),
             rule: decider,
             decision,
+            observe,
             held,
             deadline_secs,
             on_timeout,
@@ -722,13 +740,24 @@ impl fmt::Display for Explanation {
                     "held, then refused (or the task killed, as the rule's on_deny says) without asking".to_owned()
                 }
             },
-            (Decision::Ask, _, _) => format!(
-                "held until approved or denied; after {} s: {} (on_timeout)",
-                self.deadline_secs.unwrap_or_default(),
-                self.on_timeout.map_or("deny", decision_word)
-            ),
+            (Decision::Ask, _, _) => match self.deadline_secs {
+                Some(secs) => format!(
+                    "held until approved or denied; after {secs} s: {} (on_timeout)",
+                    self.on_timeout.unwrap_or("deny")
+                ),
+                None => "held until approved or denied, with no deadline (on_timeout = wait)"
+                    .to_owned(),
+            },
         };
-        writeln!(f, "decision:  {}: {what}", decision_word(self.decision))?;
+        if self.observe {
+            let d = decision_word(self.decision);
+            writeln!(
+                f,
+                "decision:  {d} (observe mode: the action runs, and its request records {d} as what would have happened)"
+            )?;
+        } else {
+            writeln!(f, "decision:  {}: {what}", decision_word(self.decision))?;
+        }
         for n in &self.notes {
             writeln!(f, "note:      {n}")?;
         }
@@ -766,7 +795,7 @@ mod tests {
     }
 
     fn tester(rules: &[RuleConfig]) -> Tester {
-        Tester::new(rules, Path::new("t.toml"), 60).unwrap()
+        Tester::new(rules, Path::new("t.toml"), &AgentSection::default()).unwrap()
     }
 
     /// `line` as an exec, with no PATH to search.
@@ -783,10 +812,7 @@ mod tests {
         let e = t.explain(&exec("/bin/sh -n prod delete ns x", &r), Some("ci"));
         assert_eq!(e.decision, Decision::Ask);
         assert_eq!(e.rule.as_ref().map(|r| r.name.as_str()), Some("sh-delete"));
-        assert_eq!(
-            (e.deadline_secs, e.on_timeout),
-            (Some(300), Some(Decision::Deny))
-        );
+        assert_eq!((e.deadline_secs, e.on_timeout), (Some(300), Some("deny")));
         assert_eq!(exit_code(e.decision), EXIT_ASK);
         let e = t.explain(&exec("/bin/sh get pods", &r), Some("ci"));
         assert_eq!((e.decision, e.held), (Decision::Allow, true));
@@ -958,6 +984,31 @@ mod tests {
         let made = Action::exec_in("/tmp/x", true, &r, &[], Path::new("/")).unwrap();
         let e = t.explain(&made, Some("claude"));
         assert_eq!((e.decision, e.held), (Decision::Ask, true));
+    }
+
+    #[test]
+    fn observe_mode_and_waiting_are_said() {
+        let r = rules(
+            "[[rule]]\nname = \"watch\"\nexec = [\"/bin/sh\"]\nargs = [\"watch *\"]\ndecision = \"deny\"\nmode = \"observe\"\n[[rule]]\nname = \"wait\"\nexec = [\"/bin/sh\"]\ndecision = \"ask\"\non_timeout = \"wait\"\n",
+        );
+        let mut t = tester(&r);
+        let e = t.explain(&exec("/bin/sh watch x", &r), None);
+        assert_eq!((e.decision, e.observe), (Decision::Deny, true));
+        assert!(
+            e.to_string().contains("observe mode: the action runs"),
+            "{e}"
+        );
+        let e = t.explain(&exec("/bin/sh run", &r), None);
+        assert_eq!((e.decision, e.observe), (Decision::Ask, false));
+        assert_eq!((e.deadline_secs, e.on_timeout), (None, Some("wait")));
+        assert!(e.to_string().contains("with no deadline"), "{e}");
+        // agent.mode applies to rules that set none.
+        let observing = AgentSection {
+            mode: Mode::Observe,
+            ..AgentSection::default()
+        };
+        let mut t = Tester::new(&r, Path::new("t.toml"), &observing).unwrap();
+        assert!(t.explain(&exec("/bin/sh run", &r), None).observe);
     }
 
     #[test]

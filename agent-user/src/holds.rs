@@ -6,7 +6,7 @@
 //! itself (a traced exec, an io_uring connect) are reported for the audit trail.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     path::PathBuf,
     sync::{Arc, Mutex, RwLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -21,13 +21,16 @@ use airlock_proto::v1::{
 use crate::{
     action::{self, Described, Subject},
     bpf::{monotonic_ns, Kernel, Release, Released},
-    config::{AgentSection, ConnectDeny, FailMode, RuleConfig},
+    config::{AgentSection, ConnectDeny, FailMode, Mode, OnTimeout, RuleConfig},
     decider::Decider,
     identity::Hasher,
+    notice,
     policy::{Decision, Policy},
     procinfo::{self, TaskState},
 };
 
+/// How long telling a held task may take before its hold goes on without it.
+const NOTICE_LIMIT: Duration = Duration::from_secs(1);
 /// How often a waiting hold checks that its task still exists.
 const LIVENESS_TICK: Duration = Duration::from_millis(250);
 /// How long reading a held task's context may take. It reads what the task controls (its
@@ -64,10 +67,43 @@ pub struct Engine {
     /// Holds being handled, by (thread, hold time): the ring and the recovery scan may both
     /// produce the same hold.
     active: Mutex<HashSet<(u32, u64)>>,
+    /// Requests waiting for a decision: on the host, and per account.
+    pending: Mutex<Pending>,
     /// SHA-256 of programs, for recognising copies of held binaries.
     pub hasher: Hasher,
     /// Counters.
     pub metrics: Arc<crate::metrics::AgentMetrics>,
+}
+
+/// Requests waiting for a decision, counted against `agent.max_pending` and
+/// `agent.max_pending_per_account`.
+#[derive(Default)]
+struct Pending {
+    total: u32,
+    by_account: HashMap<String, u32>,
+}
+
+/// One request counted in [`Pending`] while it waits; uncounted when dropped.
+struct PendingSlot<'a> {
+    engine: &'a Engine,
+    account: String,
+}
+
+impl Drop for PendingSlot<'_> {
+    fn drop(&mut self) {
+        let mut p = self
+            .engine
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        p.total = p.total.saturating_sub(1);
+        if let Some(n) = p.by_account.get_mut(&self.account) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                p.by_account.remove(&self.account);
+            }
+        }
+    }
 }
 
 /// What was decided, why, and by whom.
@@ -120,6 +156,7 @@ impl Engine {
             boot_id,
             proc_root: PathBuf::from("/proc"),
             active: Mutex::new(HashSet::new()),
+            pending: Mutex::default(),
             hasher: Hasher::default(),
             metrics: Arc::default(),
         }
@@ -172,12 +209,47 @@ impl Engine {
             .remove(&key);
     }
 
-    /// The deadline of a hold under `rule` (or the default), monotonic ns.
-    fn deadline(&self, ev: &HoldEvent, rule: Option<&RuleConfig>, settings: &AgentSection) -> u64 {
+    /// The deadline of a hold under `rule` (or the default), monotonic ns; `None` for a rule
+    /// that waits until someone decides.
+    fn deadline(
+        &self,
+        ev: &HoldEvent,
+        rule: Option<&RuleConfig>,
+        settings: &AgentSection,
+    ) -> Option<u64> {
+        if rule.is_some_and(|r| r.on_timeout == OnTimeout::Wait) {
+            return None;
+        }
         let secs = rule
             .and_then(|r| r.timeout_secs)
             .unwrap_or(settings.hold_timeout_secs);
-        ev.hold_ns + Duration::from_secs(secs).as_nanos() as u64
+        Some(ev.hold_ns + Duration::from_secs(secs).as_nanos() as u64)
+    }
+
+    /// Counts a new request of `account` against the caps; `None` when one is reached.
+    fn take_pending(&self, account: &str, settings: &AgentSection) -> Option<PendingSlot<'_>> {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = p.by_account.get(account).copied().unwrap_or(0);
+        if p.total >= settings.max_pending || mine >= settings.max_pending_per_account {
+            return None;
+        }
+        p.total += 1;
+        *p.by_account.entry(account.to_owned()).or_default() += 1;
+        Some(PendingSlot {
+            engine: self,
+            account: account.to_owned(),
+        })
+    }
+
+    /// Tells the held task `line` on its stderr, before its release; never waits long.
+    async fn tell(&self, ev: &HoldEvent, id: &str, line: String) {
+        let pid = ev.tgid;
+        let job = tokio::task::spawn_blocking(move || notice::tell(pid, &line));
+        match tokio::time::timeout(NOTICE_LIMIT, job).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::debug!(request = %id, pid, error = %e, "task not told"),
+            _ => tracing::warn!(request = %id, pid, "telling the task took too long"),
+        }
     }
 
     async fn hold(self: Arc<Self>, ev: HoldEvent) {
@@ -188,6 +260,7 @@ impl Engine {
         // as long as it takes, never decide on a task that is still running.
         let limit = Duration::from_nanos(
             self.deadline(&ev, None, &settings)
+                .unwrap_or(u64::MAX)
                 .saturating_sub(monotonic_ns()),
         );
         match procinfo::wait_stopped(&dir, limit).await {
@@ -259,7 +332,12 @@ impl Engine {
             return;
         };
         let deadline_mono = self.deadline(&ev, Some(&rule_cfg), &settings);
-        let request = self.request(&ev, &id, &ctx, described, &rule_cfg, deadline_mono);
+        let mut request = self.request(&ev, &id, &ctx, described, &rule_cfg, deadline_mono);
+        if rule_cfg.mode.unwrap_or(settings.mode) == Mode::Observe {
+            self.observe(&ev, &id, request, &rule_cfg).await;
+            return;
+        }
+        let notices = rule_cfg.notices.unwrap_or(settings.notices);
         tracing::info!(
             request = %id, pid = ev.tgid, user = %ctx.user, rule = %rule_cfg.name,
             action = %describe(&request), decision = ?rule_cfg.decision, "held"
@@ -274,21 +352,117 @@ impl Engine {
             Decision::Deny => Verdicted {
                 allow: false,
                 cause: "local-rule",
-                by: rule_cfg.name.clone(),
+                by: format!("rule {}", rule_cfg.name),
                 reason: String::new(),
             },
-            Decision::Ask => match self
-                .ask(&ev, request, deadline_mono, rule_cfg.on_timeout, &settings)
-                .await
-            {
-                Some(v) => v,
-                None => {
-                    self.finish(&id, OutcomeKind::Vanished, None, "task-gone");
+            Decision::Ask => {
+                let account = if ctx.watched_as.is_empty() {
+                    &ctx.user
+                } else {
+                    &ctx.watched_as
+                };
+                let Some(_slot) = self.take_pending(account, &settings) else {
+                    let reason = format!(
+                        "too many pending requests: this host or account {account:?} already \
+                         has as many waiting as agent.max_pending / max_pending_per_account allow"
+                    );
+                    tracing::warn!(request = %id, pid = ev.tgid, account = %account, "denied at once: too many pending requests");
+                    request.decided = Some(LocalDecision {
+                        verdict: Verdict::Deny as i32,
+                        cause: "too-many-pending".into(),
+                        reason: reason.clone(),
+                        would_be: String::new(),
+                    });
+                    if let Some(d) = &self.decider {
+                        d.record(request);
+                    }
+                    let v = Verdicted {
+                        allow: false,
+                        cause: "too-many-pending",
+                        by: String::new(),
+                        reason: String::new(),
+                    };
+                    if notices {
+                        self.tell(&ev, &id, notice::decided_line(false, v.cause, "", ""))
+                            .await;
+                    }
+                    self.apply(&ev, &id, v, rule_cfg.on_deny).await;
                     return;
+                };
+                if notices {
+                    // Seconds left, rounded up: a 2m rule read in 300 ms still says 2m.
+                    let wait = deadline_mono
+                        .map(|d| d.saturating_sub(monotonic_ns()).div_ceil(1_000_000_000));
+                    let line =
+                        notice::held_line(&describe_short(&request), &id, wait, &self.web_url());
+                    self.tell(&ev, &id, line).await;
                 }
-            },
+                match self
+                    .ask(&ev, request, deadline_mono, rule_cfg.on_timeout, &settings)
+                    .await
+                {
+                    Some(v) => v,
+                    None => {
+                        self.finish(&id, OutcomeKind::Vanished, None, "task-gone");
+                        return;
+                    }
+                }
+            }
         };
+        if notices && !(verdict.allow && verdict.cause == "local-rule") {
+            let line =
+                notice::decided_line(verdict.allow, verdict.cause, &verdict.by, &verdict.reason);
+            self.tell(&ev, &id, line).await;
+        }
         self.apply(&ev, &id, verdict, rule_cfg.on_deny).await;
+    }
+
+    /// Observe mode: the action runs at once; the record says what the rule would have done.
+    async fn observe(
+        self: &Arc<Self>,
+        ev: &HoldEvent,
+        id: &str,
+        mut request: ActionRequest,
+        rule: &RuleConfig,
+    ) {
+        let would_be = match rule.decision {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+            Decision::Ask => "ask",
+        };
+        tracing::info!(request = %id, pid = ev.tgid, rule = %rule.name, would_be, action = %describe(&request), "observed");
+        request.decided = Some(LocalDecision {
+            verdict: Verdict::Allow as i32,
+            cause: "observe".into(),
+            reason: format!(
+                "observe mode: rule {:?} would have said {would_be}",
+                rule.name
+            ),
+            would_be: would_be.into(),
+        });
+        if let Some(d) = &self.decider {
+            d.record(request);
+        }
+        self.apply(
+            ev,
+            id,
+            Verdicted {
+                allow: true,
+                cause: "observe",
+                by: String::new(),
+                reason: String::new(),
+            },
+            ConnectDeny::Refuse,
+        )
+        .await;
+    }
+
+    /// The web UI's base URL the decider sent, for links in notices.
+    fn web_url(&self) -> String {
+        self.decider
+            .as_ref()
+            .and_then(|d| d.rules().borrow().as_ref().map(|r| r.web_url.clone()))
+            .unwrap_or_default()
     }
 
     fn request(
@@ -298,7 +472,7 @@ impl Engine {
         ctx: &ProcessContext,
         described: Described,
         rule: &RuleConfig,
-        deadline_mono: u64,
+        deadline_mono: Option<u64>,
     ) -> ActionRequest {
         ActionRequest {
             request_id: id.to_owned(),
@@ -308,8 +482,9 @@ impl Engine {
             process: Some(ctx.clone()),
             action: Some(described.action),
             held_at_unix_ms: mono_to_unix_ms(ev.hold_ns),
-            deadline_unix_ms: mono_to_unix_ms(deadline_mono),
-            on_timeout: verdict_of(rule.on_timeout == Decision::Allow) as i32,
+            deadline_unix_ms: deadline_mono.map_or(0, mono_to_unix_ms),
+            on_timeout: verdict_of(rule.on_timeout == OnTimeout::Allow) as i32,
+            wait: deadline_mono.is_none(),
             ..Default::default()
         }
     }
@@ -397,6 +572,7 @@ impl Engine {
                 verdict: Verdict::Deny as i32,
                 cause: cause.into(),
                 reason: reason.into(),
+                would_be: String::new(),
             }),
             ..Default::default()
         };
@@ -412,8 +588,8 @@ impl Engine {
         &self,
         ev: &HoldEvent,
         request: ActionRequest,
-        deadline_mono: u64,
-        on_timeout: Decision,
+        deadline_mono: Option<u64>,
+        on_timeout: OnTimeout,
         settings: &AgentSection,
     ) -> Option<Verdicted> {
         let fail = Verdicted {
@@ -425,15 +601,25 @@ impl Engine {
         let Some(decider) = &self.decider else {
             return Some(fail);
         };
-        let remaining = Duration::from_nanos(deadline_mono.saturating_sub(monotonic_ns()));
+        let remaining = deadline_mono.map_or(Duration::MAX, |d| {
+            Duration::from_nanos(d.saturating_sub(monotonic_ns()))
+        });
         let grace = remaining.min(Duration::from_secs(settings.unreachable_grace_secs));
         if !decider.wait_connected(grace).await {
             return Some(fail);
         }
         let id = request.request_id.clone();
         let mut answer = decider.ask(request);
-        let deadline = tokio::time::Instant::now()
-            + Duration::from_nanos(deadline_mono.saturating_sub(monotonic_ns()));
+        // No deadline for a rule that waits: only a decision or the task's exit ends the hold.
+        let expiry = async {
+            match deadline_mono {
+                Some(d) => {
+                    tokio::time::sleep(Duration::from_nanos(d.saturating_sub(monotonic_ns()))).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expiry);
         let mut tick = tokio::time::interval(LIVENESS_TICK);
         loop {
             tokio::select! {
@@ -442,9 +628,9 @@ impl Engine {
                     let allow = d.verdict == Verdict::Allow as i32;
                     return Some(Verdicted { allow, cause: "decision", by: d.decided_by, reason: d.reason });
                 }
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = &mut expiry => {
                     decider.forget(&id);
-                    return Some(Verdicted { allow: on_timeout == Decision::Allow, cause: "timeout", by: String::new(), reason: String::new() });
+                    return Some(Verdicted { allow: on_timeout == OnTimeout::Allow, cause: "timeout", by: String::new(), reason: String::new() });
                 }
                 _ = tick.tick() => {
                     if !self.kernel.is_held(ev) {
@@ -568,6 +754,17 @@ fn describe(req: &ActionRequest) -> String {
         }
         Some(Action::Exec(e)) => e.argv.join(" "),
         Some(Action::Connect(c)) => format!("{} {}:{}", c.via, c.address, c.port),
+        None => String::new(),
+    }
+}
+
+/// The action in a few words, for the held task's notice: the command line, or the
+/// destination.
+fn describe_short(req: &ActionRequest) -> String {
+    match &req.action {
+        Some(Action::Exec(e)) if !e.argv.is_empty() => e.argv.join(" "),
+        Some(Action::Exec(e)) => e.path.clone(),
+        Some(Action::Connect(c)) => format!("connect to {}:{}", c.address, c.port),
         None => String::new(),
     }
 }

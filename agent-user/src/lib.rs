@@ -32,6 +32,7 @@ pub mod docs;
 pub mod enroll;
 pub mod holds;
 pub mod metrics;
+pub mod notice;
 pub mod procinfo;
 pub mod watch;
 

@@ -132,9 +132,15 @@ pub struct Enforce {
     /// Hold deadline, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
-    /// allow or deny when the deadline passes.
+    /// allow, deny or wait (no deadline) when the deadline passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_timeout: Option<String>,
+    /// enforce, or observe (record what would happen, never stop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Whether the held task is told on its stderr.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notices: Option<bool>,
     /// refuse or kill, for connects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_deny: Option<String>,

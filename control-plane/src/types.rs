@@ -12,6 +12,16 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// When `req` expires, Unix ms; `i64::MAX` for a request that waits until someone decides
+/// (`on_timeout = "wait"`), which never expires.
+pub fn deadline_ms(req: &airlock_proto::v1::ActionRequest) -> i64 {
+    if req.wait {
+        i64::MAX
+    } else {
+        req.deadline_unix_ms
+    }
+}
+
 /// Human name of a state.
 pub fn state_name(s: RequestState) -> &'static str {
     match s {
@@ -20,6 +30,7 @@ pub fn state_name(s: RequestState) -> &'static str {
         RequestState::Denied => "denied",
         RequestState::Expired => "expired",
         RequestState::Cancelled => "cancelled",
+        RequestState::Observed => "observed",
         RequestState::Unspecified => "unknown",
     }
 }

@@ -1253,6 +1253,7 @@ async fn an_action_the_agent_decided_is_recorded_not_asked(t: TestDb) {
             verdict: Verdict::Deny as i32,
             cause: "traced".into(),
             reason: "the task was being traced".into(),
+            ..Default::default()
         }),
         ..request("local-1", "claude")
     });
@@ -1319,6 +1320,108 @@ async fn an_action_the_agent_decided_is_recorded_not_asked(t: TestDb) {
     );
 }
 
+/// Observe mode and `on_timeout = "wait"` as the control plane keeps them: an observed action
+/// is its own state (never an approval, nothing to decide, audited with what would have
+/// happened); a waiting request never expires, while one with a deadline beside it does, and
+/// can still be approved.
+async fn observed_actions_are_kept_apart_and_waits_never_expire(t: TestDb) {
+    use airlock_proto::v1::LocalDecision;
+    let (url, t, _stop) = start(&t).await;
+    let a = agent(&url, "host-a", &t["host-a"]);
+    assert!(a.wait_connected(Duration::from_secs(5)).await);
+    a.record(ActionRequest {
+        decided: Some(LocalDecision {
+            verdict: Verdict::Allow as i32,
+            cause: "observe".into(),
+            reason: "observe mode: rule \"kubectl\" would have said ask".into(),
+            would_be: "ask".into(),
+        }),
+        ..request("seen-1", "ci")
+    });
+    let soon = airlock_control_plane::types::now_ms() + 300;
+    let mut waits = request("wait-1", "ci");
+    waits.deadline_unix_ms = soon;
+    waits.wait = true;
+    let answer = a.ask(waits);
+    let mut expires = request("exp-1", "ci");
+    expires.deadline_unix_ms = soon;
+    let _expires = a.ask(expires);
+
+    let mut alice = approvals(&url, Some(&t["alice"])).await;
+    let get = |id: &'static str| GetRequestRequest {
+        request_id: id.into(),
+    };
+    let mut expired = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(h) = alice.get(get("exp-1")).await {
+            if h.get_ref().state() == RequestState::Expired {
+                expired = true;
+                break;
+            }
+        }
+    }
+    assert!(expired, "the request with a deadline expires");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let w = alice.get(get("wait-1")).await.unwrap().into_inner();
+    assert_eq!(
+        w.state(),
+        RequestState::Pending,
+        "a waiting request never expires"
+    );
+    assert!(w
+        .request
+        .as_ref()
+        .is_some_and(|r| r.wait && r.deadline_unix_ms == 0));
+    alice
+        .decide(vote("wait-1", Verdict::Allow, "go"))
+        .await
+        .expect("a waiting request can be approved however late");
+    let d = tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .expect("decision in time")
+        .expect("decision");
+    assert_eq!(d.verdict, Verdict::Allow as i32);
+
+    let seen = alice.get(get("seen-1")).await.unwrap().into_inner();
+    assert_eq!(seen.state(), RequestState::Observed);
+    assert_eq!(seen.decided_by, "agent (observe)");
+    let voted = alice.decide(vote("seen-1", Verdict::Allow, "")).await;
+    assert_eq!(
+        voted.expect_err("nothing to decide").code(),
+        Code::FailedPrecondition
+    );
+    let listed = alice
+        .list(ListRequestsRequest {
+            state: RequestState::Observed as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .requests;
+    let ids: Vec<_> = listed
+        .iter()
+        .filter_map(|h| h.request.as_ref().map(|r| r.request_id.as_str()))
+        .collect();
+    assert_eq!(ids, ["seen-1"], "observed actions are listed apart");
+    let approved = alice
+        .list(ListRequestsRequest {
+            state: RequestState::Approved as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .requests;
+    assert!(
+        approved
+            .iter()
+            .all(|h| h.request.as_ref().is_some_and(|r| r.request_id != "seen-1")),
+        "an observed action is never an approval"
+    );
+}
+
 both!(
     decision_reaches_the_right_agent_and_request,
     refusals_are_precise_and_lose_nothing,
@@ -1337,4 +1440,5 @@ both!(
     health_readiness_and_metrics_over_http,
     bad_policy_reload_is_refused_recorded_and_old_one_stays,
     an_action_the_agent_decided_is_recorded_not_asked,
+    observed_actions_are_kept_apart_and_waits_never_expire,
 );

@@ -1,8 +1,10 @@
 //! Test support for Airlock's end-to-end tests: a QEMU guest with Debian's kernel ([`vm`]),
-//! a recording gRPC decider ([`decider`]) and an approvals client ([`approvals`]).
+//! a recording gRPC decider ([`decider`]), an approvals client ([`approvals`]) and the real
+//! control plane as a process ([`server`]).
 
 pub mod approvals;
 pub mod decider;
+pub mod server;
 pub mod vm;
 
 use std::path::PathBuf;

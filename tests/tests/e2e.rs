@@ -14,7 +14,6 @@ mod browser;
 use std::{
     collections::{BTreeMap, HashSet},
     path::PathBuf,
-    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -29,6 +28,7 @@ use airlock_proto::v1::{
 };
 use airlock_tests::{
     approvals::{self, Client},
+    server::Server,
     vm::{Guest, GuestRun, START_AGENT},
     workspace_bin,
 };
@@ -100,77 +100,6 @@ kill -TERM $AGENT
 wait $AGENT
 for f in /tmp/agent-*.log; do tail -n 60 $f | sed "s|^|@@LOG $f |"; done
 "#;
-
-/// The real `airlock-server` binary, restartable on the same ports and data.
-struct Server {
-    bin: PathBuf,
-    data: PathBuf,
-    grpc: u16,
-    http: u16,
-    child: Option<Child>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
-
-impl Server {
-    fn cli(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(&self.bin)
-            .arg("--data-dir")
-            .arg(&self.data)
-            .args(args)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "airlock-server {args:?} failed: {out:?}"
-        );
-        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
-    }
-
-    fn start(&mut self) -> Result<()> {
-        let child = Command::new(&self.bin)
-            .arg("--data-dir")
-            .arg(&self.data)
-            .args(["--grpc", &format!("127.0.0.1:{}", self.grpc)])
-            .args(["--http", &format!("127.0.0.1:{}", self.http)])
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(self.data.join("server.log"))?,
-            )
-            .spawn()?;
-        self.child = Some(child);
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.http)).is_ok()
-                && std::net::TcpStream::connect(("127.0.0.1", self.grpc)).is_ok()
-            {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        anyhow::bail!("airlock-server did not start")
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SIGTERM: the graceful path a systemd stop takes.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 fn marker(h: &HeldRequest) -> String {
     match h.request.as_ref().and_then(|r| r.action.as_ref()) {
@@ -299,14 +228,10 @@ struct Booted {
 
 fn boot(kernel: &str) -> Result<Booted> {
     let dir = tempfile::tempdir()?;
-    let mut server = Server {
-        bin: workspace_bin("control-plane", "airlock-server")?,
-        data: dir.path().join("data"),
-        grpc: free_port(),
-        http: free_port(),
-        child: None,
-    };
-    std::fs::create_dir_all(&server.data)?;
+    let mut server = Server::new(
+        workspace_bin("control-plane", "airlock-server")?,
+        dir.path().join("data"),
+    )?;
     let agent_token = server.cli(&[
         "tokens",
         "create",

@@ -87,9 +87,25 @@ impl Session {
 pub struct Agents {
     streams: Mutex<HashMap<String, Session>>,
     next: AtomicU64,
+    /// The web UI's public base URL, sent with the rules so agents can link held tasks to
+    /// their request page; empty when `web.public_url` is not set.
+    web_url: std::sync::RwLock<String>,
 }
 
 impl Agents {
+    /// Sets the web UI's public base URL agents link to (from `web.public_url`).
+    pub fn set_web_url(&self, url: &str) {
+        *self.web_url.write().unwrap_or_else(|p| p.into_inner()) =
+            url.trim_end_matches('/').to_owned();
+    }
+
+    fn web_url(&self) -> String {
+        self.web_url
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -124,7 +140,10 @@ impl Agents {
     /// Sends every connected agent the rules `policy` gives it (after a policy change).
     pub fn push_rules(&self, policy: &Policy) {
         for (host, session) in self.streams().iter() {
-            session.send(host, rules_message(policy, &session.labels));
+            session.send(
+                host,
+                rules_message(policy, &session.labels, &self.web_url()),
+            );
         }
     }
 
@@ -160,12 +179,17 @@ fn labels_of(hello: &Hello) -> BTreeMap<String, String> {
     hello.labels.clone().into_iter().collect()
 }
 
-fn rules_message(policy: &Policy, labels: &BTreeMap<String, String>) -> DeciderMessage {
+fn rules_message(
+    policy: &Policy,
+    labels: &BTreeMap<String, String>,
+    web_url: &str,
+) -> DeciderMessage {
     let (rules_toml, version) = policy.rules_for(labels);
     DeciderMessage {
         msg: Some(Out::Rules(RulesUpdate {
             rules_toml,
             version,
+            web_url: web_url.to_owned(),
         })),
     }
 }
@@ -337,7 +361,11 @@ impl AgentService for AgentSvc {
         };
         session.send(
             &hello.host_id,
-            rules_message(&policy::current(&self.policy), &session.labels),
+            rules_message(
+                &policy::current(&self.policy),
+                &session.labels,
+                &self.agents.web_url(),
+            ),
         );
         let me = self.agents.clone();
         me.streams().insert(hello.host_id.clone(), session);

@@ -397,6 +397,9 @@ async fn main() -> Result<()> {
         Some(u) => url::Url::parse(u).with_context(|| format!("web.public_url {u:?}"))?,
         None => url::Url::parse(&format!("http://{http_addr}"))?,
     };
+    if let Some(u) = &config.web.public_url {
+        plane.agents.set_web_url(u);
+    }
     let settings = Settings::new(public_url.clone(), &config.web);
     if !settings.secure_cookies && !http_addr.ip().is_loopback() {
         tracing::warn!(

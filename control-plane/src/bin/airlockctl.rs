@@ -267,6 +267,8 @@ enum StateArg {
     Denied,
     Expired,
     Cancelled,
+    /// Recorded in observe mode (ran unstopped).
+    Observed,
 }
 
 #[derive(Debug, Subcommand)]
@@ -382,7 +384,11 @@ fn details(h: &HeldRequest) -> String {
     );
     let left = (r.deadline_unix_ms - airlock_control_plane::types::now_ms()) / 1000;
     if h.state() == RequestState::Pending {
-        out.push_str(&format!("deadline  in {left} s\n"));
+        if r.wait {
+            out.push_str("deadline  none: held until someone decides\n");
+        } else {
+            out.push_str(&format!("deadline  in {left} s\n"));
+        }
     }
     for (i, a) in p.ancestors.iter().enumerate() {
         out.push_str(&format!(
@@ -902,6 +908,7 @@ async fn main() -> ExitCode {
                 Some(StateArg::Denied) => RequestState::Denied,
                 Some(StateArg::Expired) => RequestState::Expired,
                 Some(StateArg::Cancelled) => RequestState::Cancelled,
+                Some(StateArg::Observed) => RequestState::Observed,
             };
             client
                 .list(ListRequestsRequest {

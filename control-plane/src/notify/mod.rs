@@ -584,7 +584,11 @@ impl Facts {
             } else {
                 req.risk
             },
-            deadline: utc(req.deadline_unix_ms),
+            deadline: if req.wait {
+                "none: held until someone decides".into()
+            } else {
+                utc(req.deadline_unix_ms)
+            },
         }
     }
 }
@@ -607,6 +611,7 @@ pub(crate) fn outcome(held: &HeldRequest) -> String {
         RequestState::Denied => "Denied",
         RequestState::Expired => "Expired",
         RequestState::Cancelled => "Cancelled",
+        RequestState::Observed => "Observed",
         RequestState::Pending => "Pending",
         RequestState::Unspecified => "Unknown",
     };

@@ -114,9 +114,14 @@ struct Incoming {
 impl Incoming {
     fn new(host: &Hello, route: &Route, mut req: ActionRequest, limits: &Limits) -> Self {
         let now = now_ms();
-        req.deadline_unix_ms = req
-            .deadline_unix_ms
-            .min(now.saturating_add(limits.max_deadline_ms()));
+        // A request that waits until someone decides has no deadline at all (the pending caps
+        // bound how many there are); any other is clamped.
+        req.deadline_unix_ms = if req.wait {
+            0
+        } else {
+            req.deadline_unix_ms
+                .min(now.saturating_add(limits.max_deadline_ms()))
+        };
         let user = req
             .process
             .as_ref()
@@ -215,7 +220,7 @@ impl Tx {
                     &id,
                     seq,
                     held.state,
-                    req.deadline_unix_ms,
+                    crate::types::deadline_ms(&req),
                     &held.host_id,
                     &held.hostname,
                     grant_key(held).1,
@@ -340,8 +345,13 @@ impl Tx {
         local: &LocalDecision,
     ) -> Result<(HeldRequest, bool), StoreError> {
         let allowed = local.verdict() == Verdict::Allow;
+        // Observe mode: the action ran; what enforcement would have done is kept apart, never
+        // as an approval.
+        let observed = local.cause == "observe";
         let mut held = new.held.clone();
-        held.state = if allowed {
+        held.state = if observed {
+            RequestState::Observed
+        } else if allowed {
             RequestState::Approved
         } else {
             RequestState::Denied
@@ -351,7 +361,10 @@ impl Tx {
         held.decided_unix_ms = held.received_unix_ms;
         let mut payload = new.payload.clone();
         payload["cause"] = json!(local.cause);
-        let action = if allowed {
+        let action = if observed {
+            payload["would_be"] = json!(local.would_be);
+            "request.observed"
+        } else if allowed {
             "request.allowed.agent"
         } else {
             "request.refused.agent"
@@ -396,7 +409,7 @@ impl Tx {
         let deadline = held
             .request
             .as_ref()
-            .map_or(i64::MAX, |r| r.deadline_unix_ms);
+            .map_or(i64::MAX, crate::types::deadline_ms);
         if at >= deadline {
             return Err(StoreError::PastDeadline { id: id.to_owned() });
         }

@@ -89,10 +89,13 @@ fn state_code(name: &str) -> Result<i32, WebError> {
         "denied" => S::Denied as i32,
         "expired" => S::Expired as i32,
         "cancelled" => S::Cancelled as i32,
+        "observed" => S::Observed as i32,
         other => {
             return Err(WebError(
                 StatusCode::BAD_REQUEST,
-                format!("decision {other:?}: use pending, approved, denied, expired or cancelled"),
+                format!(
+                "decision {other:?}: use pending, approved, denied, expired, cancelled or observed"
+            ),
             ))
         }
     })

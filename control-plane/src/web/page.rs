@@ -109,9 +109,14 @@ pub fn risk(held: &HeldRequest) -> &str {
     held.request.as_ref().map_or("", |r| r.risk.as_str())
 }
 
-/// The deadline, Unix ms.
+/// The deadline, Unix ms (`i64::MAX` for a request that waits until someone decides).
 pub fn deadline(held: &HeldRequest) -> i64 {
-    held.request.as_ref().map_or(0, |r| r.deadline_unix_ms)
+    held.request.as_ref().map_or(0, crate::types::deadline_ms)
+}
+
+/// Whether the request waits until someone decides (`on_timeout = "wait"`): no deadline.
+pub fn waits(held: &HeldRequest) -> bool {
+    held.request.as_ref().is_some_and(|r| r.wait)
 }
 
 /// The state as a badge.
@@ -124,6 +129,10 @@ pub fn state(held: &HeldRequest) -> Markup {
 pub fn countdown(held: &HeldRequest) -> Markup {
     if held.state() != RequestState::Pending {
         return html! { span { "—" } };
+    }
+    // No countdown for a request that waits until someone decides.
+    if waits(held) {
+        return html! { span.waits { "waits until decided" } };
     }
     let left = (deadline(held) - crate::types::now_ms()).max(0) / 1000;
     html! {

@@ -204,8 +204,16 @@ fn details(held: &HeldRequest) -> Markup {
             dt { "Routed by" } dd { @if held.route.is_empty() { "default (any one approver)" } @else { (held.route) } }
             dt { "Quorum" } dd { (held.quorum.max(1)) " approval(s)" @if held.deny_needs_quorum { ", and as many denials" } }
             dt { "Held at" } dd { (page::time(req.held_at_unix_ms)) }
-            dt { "Deadline" } dd { (page::time(req.deadline_unix_ms)) " " (page::countdown(held))
-                " (then " (if req.on_timeout == Verdict::Allow as i32 { "allowed" } else { "denied" }) ")" }
+            @if req.wait {
+                dt { "Deadline" } dd.waits { "none: the task stays held until someone decides or it exits" }
+            } @else {
+                dt { "Deadline" } dd { (page::time(req.deadline_unix_ms)) " " (page::countdown(held))
+                    " (then " (if req.on_timeout == Verdict::Allow as i32 { "allowed" } else { "denied" }) ")" }
+            }
+            @if let Some(local) = req.decided.as_ref().filter(|_| held.state() == RequestState::Observed) {
+                dt { "Observed" } dd.observed { "ran unstopped (observe mode); enforcing, this rule would have "
+                    (match local.would_be.as_str() { "ask" => "held it for approval", "deny" => "denied it", _ => "allowed it" }) }
+            }
         }
     }
 }

@@ -1,0 +1,107 @@
+//! The real `airlock-server` binary on this host, for guest tests: restartable on the same
+//! ports and data directory, reachable from a QEMU guest at 10.0.2.2.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::Result;
+
+/// One `airlock-server` process and what it needs to be started again.
+pub struct Server {
+    /// The binary.
+    pub bin: PathBuf,
+    /// Its data directory (SQLite file, audit head, log).
+    pub data: PathBuf,
+    /// gRPC port on 127.0.0.1.
+    pub grpc: u16,
+    /// HTTP (web UI) port on 127.0.0.1.
+    pub http: u16,
+    /// A server configuration file (`--config`), if any.
+    pub config: Option<PathBuf>,
+    child: Option<Child>,
+}
+
+/// A port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+impl Server {
+    /// A server of `bin` on data directory `data` (created), on two free ports; not started.
+    pub fn new(bin: PathBuf, data: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(&data)?;
+        Ok(Self {
+            bin,
+            data,
+            grpc: free_port(),
+            http: free_port(),
+            config: None,
+            child: None,
+        })
+    }
+
+    /// Runs `airlock-server --data-dir DATA ARGS` (a subcommand) and returns its output.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.bin)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "airlock-server {args:?} failed: {out:?}"
+        );
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    }
+
+    /// Starts the server (its log appended to DATA/server.log) and waits for both ports.
+    pub fn start(&mut self) -> Result<()> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--data-dir").arg(&self.data);
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        let child = cmd
+            .args(["--grpc", &format!("127.0.0.1:{}", self.grpc)])
+            .args(["--http", &format!("127.0.0.1:{}", self.http)])
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.data.join("server.log"))?,
+            )
+            .spawn()?;
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.http)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", self.grpc)).is_ok()
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        anyhow::bail!("airlock-server did not start")
+    }
+
+    /// Stops the server with SIGTERM (the graceful path a systemd stop takes) and waits.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
