@@ -214,7 +214,7 @@ pub struct WatchSection {
 }
 
 /// Whether a rule enforces or only observes.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Hold the action and apply the rule's decision.
@@ -225,7 +225,7 @@ pub enum Mode {
 }
 
 /// What applies when a hold's deadline passes.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnTimeout {
     /// The action is allowed.

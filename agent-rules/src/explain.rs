@@ -406,15 +406,6 @@ pub struct Tester {
     mode: Mode,
 }
 
-/// What `on_timeout` says, as written.
-pub fn on_timeout_word(t: OnTimeout) -> &'static str {
-    match t {
-        OnTimeout::Allow => "allow",
-        OnTimeout::Deny => "deny",
-        OnTimeout::Wait => "wait",
-    }
-}
-
 /// The rule that decides a tested action.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Decider {
@@ -453,9 +444,9 @@ pub struct Explanation {
     /// `hold_timeout_secs`); none with `on_timeout = "wait"`, which has no deadline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deadline_secs: Option<u64>,
-    /// For ask: what applies at the deadline: allow, deny, or wait (no deadline).
+    /// For ask: what applies at the deadline (`wait`: there is none).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub on_timeout: Option<&'static str>,
+    pub on_timeout: Option<OnTimeout>,
     /// What the test could not know, or took as given, where it matters for this action.
     pub notes: Vec<String>,
 }
@@ -570,7 +561,7 @@ impl Tester {
             Some(r) if r.config.decision == Decision::Ask => (
                 (r.config.on_timeout != OnTimeout::Wait)
                     .then(|| r.config.timeout_secs.unwrap_or(self.hold_timeout_secs)),
-                Some(on_timeout_word(r.config.on_timeout)),
+                Some(r.config.on_timeout),
             ),
             _ => (None, None),
         };
@@ -740,13 +731,19 @@ impl fmt::Display for Explanation {
                     "held, then refused (or the task killed, as the rule's on_deny says) without asking".to_owned()
                 }
             },
-            (Decision::Ask, _, _) => match self.deadline_secs {
-                Some(secs) => format!(
+            (Decision::Ask, _, _) => match (self.on_timeout, self.deadline_secs) {
+                (Some(OnTimeout::Wait), _) | (_, None) => {
+                    "held until approved or denied, however long that takes (on_timeout = wait)"
+                        .to_owned()
+                }
+                (on_timeout, Some(secs)) => format!(
                     "held until approved or denied; after {secs} s: {} (on_timeout)",
-                    self.on_timeout.unwrap_or("deny")
+                    if on_timeout == Some(OnTimeout::Allow) {
+                        "allow"
+                    } else {
+                        "deny"
+                    }
                 ),
-                None => "held until approved or denied, with no deadline (on_timeout = wait)"
-                    .to_owned(),
             },
         };
         if self.observe {
@@ -812,7 +809,10 @@ mod tests {
         let e = t.explain(&exec("/bin/sh -n prod delete ns x", &r), Some("ci"));
         assert_eq!(e.decision, Decision::Ask);
         assert_eq!(e.rule.as_ref().map(|r| r.name.as_str()), Some("sh-delete"));
-        assert_eq!((e.deadline_secs, e.on_timeout), (Some(300), Some("deny")));
+        assert_eq!(
+            (e.deadline_secs, e.on_timeout),
+            (Some(300), Some(OnTimeout::Deny))
+        );
         assert_eq!(exit_code(e.decision), EXIT_ASK);
         let e = t.explain(&exec("/bin/sh get pods", &r), Some("ci"));
         assert_eq!((e.decision, e.held), (Decision::Allow, true));
@@ -1000,8 +1000,11 @@ mod tests {
         );
         let e = t.explain(&exec("/bin/sh run", &r), None);
         assert_eq!((e.decision, e.observe), (Decision::Ask, false));
-        assert_eq!((e.deadline_secs, e.on_timeout), (None, Some("wait")));
-        assert!(e.to_string().contains("with no deadline"), "{e}");
+        assert_eq!(
+            (e.deadline_secs, e.on_timeout),
+            (None, Some(OnTimeout::Wait))
+        );
+        assert!(e.to_string().contains("however long that takes"), "{e}");
         // agent.mode applies to rules that set none.
         let observing = AgentSection {
             mode: Mode::Observe,
