@@ -404,6 +404,8 @@ pub struct Tester {
     keys: Keys,
     hold_timeout_secs: u64,
     mode: Mode,
+    /// `agent.hold_all_execs`: the kernel holds every exec.
+    hold_all_execs: bool,
 }
 
 /// The rule that decides a tested action.
@@ -467,6 +469,7 @@ impl Tester {
             keys,
             hold_timeout_secs: agent.hold_timeout_secs,
             mode: agent.mode,
+            hold_all_execs: agent.hold_all_execs,
         })
     }
 
@@ -485,18 +488,19 @@ impl Tester {
                 found,
             } => {
                 let subject = self.exec_subject(program, args, *self_made, interpreters);
-                let held = self.policy.rules.iter().any(|r| match &r.matcher {
-                    Matcher::Exec {
-                        files,
-                        all,
-                        self_made: for_self_made,
-                        ..
-                    } => {
-                        *all || (*for_self_made && subject.self_made)
-                            || subject.identities.iter().any(|i| files.contains(&i.key))
-                    }
-                    Matcher::Connect { .. } => false,
-                });
+                let held = self.hold_all_execs
+                    || self.policy.rules.iter().any(|r| match &r.matcher {
+                        Matcher::Exec {
+                            files,
+                            all,
+                            self_made: for_self_made,
+                            ..
+                        } => {
+                            *all || (*for_self_made && subject.self_made)
+                                || subject.identities.iter().any(|i| files.contains(&i.key))
+                        }
+                        Matcher::Connect { .. } => false,
+                    });
                 self.exec_notes(
                     &mut notes,
                     (given, program, found),
@@ -1012,6 +1016,15 @@ mod tests {
         };
         let mut t = Tester::new(&r, Path::new("t.toml"), &observing).unwrap();
         assert!(t.explain(&exec("/bin/sh run", &r), None).observe);
+        // agent.hold_all_execs: the kernel holds what no rule names too.
+        let all = AgentSection {
+            hold_all_execs: true,
+            ..AgentSection::default()
+        };
+        let env = exec("/usr/bin/env", &r);
+        assert!(!tester(&r).explain(&env, None).held);
+        let mut t = Tester::new(&r, Path::new("t.toml"), &all).unwrap();
+        assert!(t.explain(&env, None).held);
     }
 
     #[test]
