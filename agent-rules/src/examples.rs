@@ -65,7 +65,7 @@ pub fn check(config: &Config, text: &str, path: &Path) -> Result<(), ConfigError
             message,
         }
     };
-    let mut tester = Tester::new(&config.rules, path, config.agent.hold_timeout_secs)?;
+    let mut tester = Tester::new(&config.rules, path, &config.agent)?;
     for rule in &config.rules {
         for example in &rule.examples {
             let of = format!("example of rule {:?}", rule.name);

@@ -27,7 +27,7 @@ use agent_common::FileKey;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{ConfigError, OnTimeout, RuleConfig},
+    config::{AgentSection, ConfigError, Mode, OnTimeout, RuleConfig},
     identity,
     policy::{display_addr, to_v6, Decision, ExecSubject, Identity, Matcher, Policy, SELF_MADE},
 };
@@ -403,6 +403,9 @@ pub struct Tester {
     policy: Policy,
     keys: Keys,
     hold_timeout_secs: u64,
+    mode: Mode,
+    /// `agent.hold_all_execs`: the kernel holds every exec.
+    hold_all_execs: bool,
 }
 
 /// The rule that decides a tested action.
@@ -433,11 +436,14 @@ pub struct Explanation {
     pub rule: Option<Decider>,
     /// What happens: the rule's decision, or allow when no rule matches.
     pub decision: Decision,
+    /// The deciding rule is in observe mode (its own `mode`, else `agent.mode`): the action
+    /// runs, and the request records `decision` as what would have happened.
+    pub observe: bool,
     /// Whether the kernel holds the action at all: some rule names the program or the
     /// destination (for any account). Held with no rule matching in full means resumed at once.
     pub held: bool,
     /// For ask: seconds until `on_timeout` applies (the rule's `timeout_secs`, else the agent's
-    /// `hold_timeout_secs`).
+    /// `hold_timeout_secs`); none with `on_timeout = "wait"`, which has no deadline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deadline_secs: Option<u64>,
     /// For ask: what applies at the deadline (`wait`: there is none).
@@ -448,19 +454,22 @@ pub struct Explanation {
 }
 
 impl Tester {
-    /// Compiles `rules` (named `path` in errors); `hold_timeout_secs` is the agent's default
-    /// deadline. A binary that is not on this host is named by its path.
+    /// Compiles `rules` (named `path` in errors) for an agent whose `[agent]` is `agent` (its
+    /// default deadline and mode apply). A binary that is not on this host is named by its
+    /// path.
     pub fn new(
         rules: &[RuleConfig],
         path: &Path,
-        hold_timeout_secs: u64,
+        agent: &AgentSection,
     ) -> Result<Self, ConfigError> {
         let mut keys = Keys::default();
         let policy = Policy::compile_with(rules, path, |p| Ok(keys.key(p)))?;
         Ok(Self {
             policy,
             keys,
-            hold_timeout_secs,
+            hold_timeout_secs: agent.hold_timeout_secs,
+            mode: agent.mode,
+            hold_all_execs: agent.hold_all_execs,
         })
     }
 
@@ -479,18 +488,19 @@ impl Tester {
                 found,
             } => {
                 let subject = self.exec_subject(program, args, *self_made, interpreters);
-                let held = self.policy.rules.iter().any(|r| match &r.matcher {
-                    Matcher::Exec {
-                        files,
-                        all,
-                        self_made: for_self_made,
-                        ..
-                    } => {
-                        *all || (*for_self_made && subject.self_made)
-                            || subject.identities.iter().any(|i| files.contains(&i.key))
-                    }
-                    Matcher::Connect { .. } => false,
-                });
+                let held = self.hold_all_execs
+                    || self.policy.rules.iter().any(|r| match &r.matcher {
+                        Matcher::Exec {
+                            files,
+                            all,
+                            self_made: for_self_made,
+                            ..
+                        } => {
+                            *all || (*for_self_made && subject.self_made)
+                                || subject.identities.iter().any(|i| files.contains(&i.key))
+                        }
+                        Matcher::Connect { .. } => false,
+                    });
                 self.exec_notes(
                     &mut notes,
                     (given, program, found),
@@ -559,11 +569,13 @@ impl Tester {
             ),
             _ => (None, None),
         };
+        let observe = rule.is_some_and(|r| r.config.mode.unwrap_or(self.mode) == Mode::Observe);
         Explanation {
             action: action.clone(),
             account: account.map(str::to_owned),
             rule: decider,
             decision,
+            observe,
             held,
             deadline_secs,
             on_timeout,
@@ -738,7 +750,15 @@ impl fmt::Display for Explanation {
                 ),
             },
         };
-        writeln!(f, "decision:  {}: {what}", decision_word(self.decision))?;
+        if self.observe {
+            let d = decision_word(self.decision);
+            writeln!(
+                f,
+                "decision:  {d} (observe mode: the action runs, and its request records {d} as what would have happened)"
+            )?;
+        } else {
+            writeln!(f, "decision:  {}: {what}", decision_word(self.decision))?;
+        }
         for n in &self.notes {
             writeln!(f, "note:      {n}")?;
         }
@@ -776,7 +796,7 @@ mod tests {
     }
 
     fn tester(rules: &[RuleConfig]) -> Tester {
-        Tester::new(rules, Path::new("t.toml"), 60).unwrap()
+        Tester::new(rules, Path::new("t.toml"), &AgentSection::default()).unwrap()
     }
 
     /// `line` as an exec, with no PATH to search.
@@ -968,6 +988,43 @@ mod tests {
         let made = Action::exec_in("/tmp/x", true, &r, &[], Path::new("/")).unwrap();
         let e = t.explain(&made, Some("claude"));
         assert_eq!((e.decision, e.held), (Decision::Ask, true));
+    }
+
+    #[test]
+    fn observe_mode_and_waiting_are_said() {
+        let r = rules(
+            "[[rule]]\nname = \"watch\"\nexec = [\"/bin/sh\"]\nargs = [\"watch *\"]\ndecision = \"deny\"\nmode = \"observe\"\n[[rule]]\nname = \"wait\"\nexec = [\"/bin/sh\"]\ndecision = \"ask\"\non_timeout = \"wait\"\n",
+        );
+        let mut t = tester(&r);
+        let e = t.explain(&exec("/bin/sh watch x", &r), None);
+        assert_eq!((e.decision, e.observe), (Decision::Deny, true));
+        assert!(
+            e.to_string().contains("observe mode: the action runs"),
+            "{e}"
+        );
+        let e = t.explain(&exec("/bin/sh run", &r), None);
+        assert_eq!((e.decision, e.observe), (Decision::Ask, false));
+        assert_eq!(
+            (e.deadline_secs, e.on_timeout),
+            (None, Some(OnTimeout::Wait))
+        );
+        assert!(e.to_string().contains("however long that takes"), "{e}");
+        // agent.mode applies to rules that set none.
+        let observing = AgentSection {
+            mode: Mode::Observe,
+            ..AgentSection::default()
+        };
+        let mut t = Tester::new(&r, Path::new("t.toml"), &observing).unwrap();
+        assert!(t.explain(&exec("/bin/sh run", &r), None).observe);
+        // agent.hold_all_execs: the kernel holds what no rule names too.
+        let all = AgentSection {
+            hold_all_execs: true,
+            ..AgentSection::default()
+        };
+        let env = exec("/usr/bin/env", &r);
+        assert!(!tester(&r).explain(&env, None).held);
+        let mut t = Tester::new(&r, Path::new("t.toml"), &all).unwrap();
+        assert!(t.explain(&env, None).held);
     }
 
     #[test]

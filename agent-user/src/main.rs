@@ -240,7 +240,7 @@ fn explain(cli: &Cli) -> Result<u8> {
             return Ok(2);
         }
     };
-    let mut tester = Tester::new(&rules, &cli.config, config.agent.hold_timeout_secs)?;
+    let mut tester = Tester::new(&rules, &cli.config, &config.agent)?;
     let mut explained = tester.explain(&action, cli.account.as_deref());
     if !cached.is_empty() {
         explained.notes.push(format!(

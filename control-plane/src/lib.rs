@@ -13,6 +13,7 @@
 //! 2. Decisions:
 //!    - [`decide`]: the one vote path (who may decide what), for every front end;
 //!    - [`policy`]: approver groups, quorum and routing;
+//!    - [`policy_examples`]: the policy's `[[rule.example]]`s, checked when it loads;
 //!    - [`tester`]: `airlockctl policy test`, what an agent rule and this policy decide for
 //!      one action (the agent's matching, from crate agent-rules);
 //!    - [`auth`]: tokens, local accounts, sessions, OIDC and agent enrolment.
@@ -34,6 +35,7 @@ pub mod web;
 pub mod auth;
 pub mod decide;
 pub mod policy;
+pub mod policy_examples;
 pub mod tester;
 
 // Layer 3: the store.

@@ -56,6 +56,18 @@ pub enum PolicyError {
         /// What is wrong, naming the rule.
         message: String,
     },
+    /// A rule's `[[rule.example]]` is not what the policy decides, or cannot be tested.
+    #[error("{path}:{line}:{column}: {message}")]
+    Example {
+        /// File.
+        path: String,
+        /// 1-based line of the example's action.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// The rule, the example, and what the policy decides instead.
+        message: String,
+    },
 }
 
 /// The policy file.
@@ -96,6 +108,10 @@ pub struct ApprovalRule {
     /// A deny is final unless this is set; then `quorum` denials are needed.
     #[serde(default)]
     pub deny_needs_quorum: bool,
+    /// `[[rule.example]]`: actions and what agents with given labels decide for each under
+    /// this policy, checked when it loads ([`crate::policy_examples`]); never sent to agents.
+    #[serde(default, rename = "example")]
+    pub examples: Vec<crate::policy_examples::PolicyExample>,
     /// What agents enforce (optional): when `exec` or `connect` is set, the rule is sent to
     /// every agent whose labels match `hosts`, in the agent's rule format.
     #[serde(flatten)]
@@ -255,6 +271,7 @@ impl Policy {
                 )));
             }
         }
+        crate::policy_examples::check(&policy, text, path)?;
         Ok(policy)
     }
 

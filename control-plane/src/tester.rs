@@ -128,13 +128,13 @@ pub fn test(
         labels: shown_labels(),
         message,
     })?;
-    let hold_timeout = agent.map_or_else(
-        || agent_rules::config::AgentSection::default().hold_timeout_secs,
-        |(c, _)| c.agent.hold_timeout_secs,
-    );
+    // Without an agent file, an agent's defaults (hold_timeout_secs, mode).
+    let defaults = agent_rules::config::AgentSection::default();
+    let section = agent.map_or(&defaults, |(c, _)| &c.agent);
+    let hold_timeout = section.hold_timeout_secs;
     let action = query.resolve(&rules)?;
     let named = agent.map_or(policy_path, |(_, p)| p);
-    let mut tester = Tester::new(&rules, named, hold_timeout)?;
+    let mut tester = Tester::new(&rules, named, section)?;
     let mut explained = tester.explain(&action, account);
     let source = explained.rule.as_ref().map(|r| {
         if local.iter().any(|l| l.name == r.name) {

@@ -185,3 +185,49 @@ fn bad_files_exit_4_with_where_and_bad_actions_exit_2() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn policy_validate_checks_the_policys_examples() {
+    let policy = deploy("policy.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_airlockctl"))
+        .args(["policy", "validate"])
+        .arg(&policy)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the shipped examples hold: {out:?}");
+
+    // The shipped file with its staging example turned wrong: refused at that example's line.
+    let text = std::fs::read_to_string(&policy).unwrap();
+    let staging = "exec = \"/usr/local/bin/terraform destroy\"\nlabels = { env = \"staging\" }\nexpect = \"allow\"";
+    assert!(text.contains(staging), "the shipped example changed");
+    let line = text[..text.find(staging).unwrap()].matches('\n').count() + 1;
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("policy.toml");
+    std::fs::write(
+        &wrong,
+        text.replace(staging, &staging.replace("\"allow\"", "\"ask\"")),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_airlockctl"))
+        .args(["policy", "validate"])
+        .arg(&wrong)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:{line}:8: example of rule \"terraform-apply\"",
+            wrong.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("on hosts labelled env=staging"), "{err}");
+    // policy test refuses it the same way.
+    let (code, _, err) = ctl(&["--policy", path(&wrong), "--connect", "10.0.0.1:1"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains(&format!(":{line}:8: example of rule")),
+        "{err}"
+    );
+}
