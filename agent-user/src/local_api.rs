@@ -261,9 +261,9 @@ impl LocalApi {
             }
             _ => return Err("give either `command` or `destination`".into()),
         };
-        let hold_timeout = self.engine.settings().hold_timeout_secs;
+        let settings = self.engine.settings();
         let mut tester =
-            Tester::new(&rules, &self.config_path, hold_timeout).map_err(|e| e.to_string())?;
+            Tester::new(&rules, &self.config_path, &settings).map_err(|e| e.to_string())?;
         Ok((tester.explain(&action, Some(&caller.account)), rules, cwd))
     }
 
