@@ -36,6 +36,7 @@ pub mod auth;
 pub mod decide;
 pub mod policy;
 pub mod policy_examples;
+pub mod suggest;
 pub mod tester;
 
 // Layer 3: the store.

@@ -1383,6 +1383,23 @@ async fn observed_actions_are_kept_apart_and_waits_never_expire(t: TestDb) {
         .expect("decision");
     assert_eq!(d.verdict, Verdict::Allow as i32);
 
+    // What observe mode recorded, proposed as rules the agent loads as they are.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_airlockctl"))
+        .args(["--server", &url, "--token", &t["reader"]])
+        .args(["policy", "suggest", "--account", "ci"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rules = agent_rules::config::Config::parse(&text, std::path::Path::new("suggested.toml"))
+        .unwrap_or_else(|e| panic!("{e}\n{text}"))
+        .rules;
+    assert_eq!(rules.len(), 1, "{text}");
+    assert_eq!(rules[0].exec, ["/usr/bin/kubectl"]);
+    assert_eq!(rules[0].args, ["* delete *"]);
+    assert_eq!(rules[0].accounts, ["ci"]);
+    assert_eq!(rules[0].decision, agent_rules::policy::Decision::Ask);
     let seen = alice.get(get("seen-1")).await.unwrap().into_inner();
     assert_eq!(seen.state(), RequestState::Observed);
     assert_eq!(seen.decided_by, "agent (observe)");

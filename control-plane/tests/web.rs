@@ -382,6 +382,23 @@ async fn pages_need_a_session_and_history_exports_the_filter(t: TestDb) {
         .await
         .unwrap();
     let _ = approve.await;
+    // Observe mode's record, and a request asked ahead with the AI agent's own words.
+    ui.agent.record(ActionRequest {
+        decided: Some(airlock_proto::v1::LocalDecision {
+            verdict: Verdict::Allow as i32,
+            cause: "observe".into(),
+            reason: "observe mode".into(),
+            would_be: "ask".into(),
+        }),
+        ..request("h-3", "claude", &["kubectl", "apply", "-f", "x"])
+    });
+    let mut ahead = request("h-4", "claude", &["kubectl", "delete", "ns", "c"]);
+    ahead.asked_ahead = true;
+    ahead.justification = "<script>document.title='pwned'</script> INC-42".into();
+    ahead.ahead_minutes = 5;
+    let _ahead = ui.agent.ask(ahead);
+    wait_state(&ui.plane, "h-3", RequestState::Observed).await;
+    wait_state(&ui.plane, "h-4", RequestState::Pending).await;
 
     let b = Browser::start().await;
     b.login(&ui.base, "alice", PASSWORD).await;
@@ -389,6 +406,32 @@ async fn pages_need_a_session_and_history_exports_the_filter(t: TestDb) {
         .await;
     let rows = b.text("#history").await;
     assert!(rows.contains("ns b") && !rows.contains("ns a"), "{rows}");
+    // Observed actions apart: their own filter, badge and page.
+    b.goto(&format!("{}/history?decision=observed", ui.base))
+        .await;
+    let rows = b.text("#history").await;
+    assert!(
+        rows.contains("apply -f x") && !rows.contains("ns b"),
+        "{rows}"
+    );
+    assert!(b.has("#history .badge.observed").await);
+    b.goto(&format!("{}/requests/h-3", ui.base)).await;
+    let page = b.text("body").await;
+    assert!(
+        page.contains("ran unstopped (observe mode)") && page.contains("held it for approval"),
+        "{page}"
+    );
+    // Asked ahead: marked, and the justification shown as text, never run.
+    b.goto(&format!("{}/requests/h-4", ui.base)).await;
+    let page = b.text("body").await;
+    assert!(page.contains("Asked ahead"), "{page}");
+    assert!(
+        page.contains("<script>document.title='pwned'</script> INC-42"),
+        "{page}"
+    );
+    assert!(!b.has("dd.justification script").await);
+    let title = b.client.title().await.unwrap();
+    assert_ne!(title, "pwned");
     // Export the same filter, with the browser's session.
     let script = "const done = arguments[0]; \
         fetch('/history/export?decision=denied&format=csv').then(r => r.text()).then(done);";

@@ -215,6 +215,21 @@ enum PolicyCmd {
         --exec \"kubectl -n prod delete ns payments\" --account ci --label env=prod\n  \
         airlockctl policy test --policy policy.toml --connect 10.20.3.4:5432 --account ci")]
     Test(PolicyTest),
+    /// Propose agent rules from what observe mode recorded for one account: its observed
+    /// actions grouped by program and subcommand, or destination and port, each with the
+    /// decision the rules in force would have made and how often. Prints TOML to paste into
+    /// agent.toml (or the policy) after reading it; nothing is applied. Needs a read token.
+    Suggest {
+        /// The account whose observed actions to use.
+        #[arg(long, value_name = "NAME")]
+        account: String,
+        /// Only actions of this host id.
+        #[arg(long, value_name = "HOST_ID")]
+        host: Option<String>,
+        /// Use at most this many of the most recent observed actions.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
 }
 
 /// `airlockctl policy test`.
@@ -546,6 +561,49 @@ async fn tokens(server: &str, token: Option<&str>, cmd: TokensCmd) -> ExitCode {
     })
 }
 
+/// `policy suggest`: reads the account's observed actions, page by page, and prints the rules
+/// [`airlock_control_plane::suggest`] proposes.
+async fn policy_suggest(
+    server: &str,
+    token: Option<&str>,
+    account: &str,
+    host: Option<String>,
+    limit: u32,
+) -> ExitCode {
+    let mut client = match connect(server, token).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut observed = Vec::new();
+    let mut page = String::new();
+    while observed.len() < limit as usize {
+        let r = match client
+            .list(ListRequestsRequest {
+                state: RequestState::Observed as i32,
+                account: account.to_owned(),
+                host_id: host.clone().unwrap_or_default(),
+                limit: limit.min(500),
+                page_token: page.clone(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(status) => return exit_for(&status),
+        };
+        observed.extend(r.requests);
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        page = r.next_page_token;
+    }
+    observed.truncate(limit as usize);
+    print!(
+        "{}",
+        airlock_control_plane::suggest::suggest(account, &observed)
+    );
+    ExitCode::SUCCESS
+}
+
 async fn policy_show(server: &str, token: Option<&str>) -> ExitCode {
     let (ch, bearer) = match channel(server, token).await {
         Ok(c) => c,
@@ -860,6 +918,13 @@ async fn main() -> ExitCode {
         Command::Policy(PolicyCmd::Test(t)) => return ExitCode::from(policy_test(&t, cli.json)),
         Command::Policy(PolicyCmd::Show) => {
             return policy_show(&cli.server, cli.token.as_deref()).await
+        }
+        Command::Policy(PolicyCmd::Suggest {
+            account,
+            host,
+            limit,
+        }) => {
+            return policy_suggest(&cli.server, cli.token.as_deref(), &account, host, limit).await
         }
         Command::Requests(cmd) => cmd,
         Command::WriteDocs { .. } => return ExitCode::SUCCESS,
