@@ -397,6 +397,13 @@ fn details(h: &HeldRequest) -> String {
         esc(if r.risk.is_empty() { "-" } else { &r.risk }),
         esc(&r.description),
     );
+    if r.asked_ahead {
+        out.push_str(&format!(
+            "asked     ahead: no task is held; approving grants this action for {} min\nreason    \"{}\" (the AI agent's own words, not checked)\n",
+            r.ahead_minutes.max(1),
+            esc(&r.justification)
+        ));
+    }
     let left = (r.deadline_unix_ms - airlock_control_plane::types::now_ms()) / 1000;
     if h.state() == RequestState::Pending {
         if r.wait {

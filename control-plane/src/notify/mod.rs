@@ -563,7 +563,14 @@ impl Facts {
             Some(p) => p.user.clone(),
             None => String::new(),
         };
-        let what = crate::display::action_line(req.action.as_ref());
+        let mut what = crate::display::action_line(req.action.as_ref());
+        if req.asked_ahead {
+            // The AI agent's words, marked as such; each channel escapes them like the rest.
+            what = format!(
+                "{what}\n(asked ahead, no task is held; the AI agent's own words: \"{}\")",
+                clip(&req.justification, 500)
+            );
+        }
         let rule = match (req.rule.is_empty(), req.description.is_empty()) {
             (_, true) => req.rule.clone(),
             (true, false) => req.description.clone(),
@@ -710,5 +717,16 @@ mod tests {
         held.reason.clear();
         assert_eq!(outcome(&held), "Expired: no decision before the deadline");
         assert_eq!(clip("héllo", 2), "hé…");
+        // Waiting: no deadline. Asked ahead: marked, the agent's words quoted.
+        let r = held.request.as_mut().unwrap();
+        r.wait = true;
+        r.asked_ahead = true;
+        r.justification = "INC-42".into();
+        let f = Facts::of(&held);
+        assert_eq!(f.deadline, "none: held until someone decides");
+        assert_eq!(
+            f.what,
+            "connect [2001:db8::1]:443/tcp\n(asked ahead, no task is held; the AI agent's own words: \"INC-42\")"
+        );
     }
 }
