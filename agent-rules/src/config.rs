@@ -439,8 +439,9 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>,
     d.deserialize_any(Addresses).map(Some)
 }
 
-/// 1-based line and column of byte offset `pos` in `text`.
-pub(crate) fn line_col(text: &str, pos: usize) -> (usize, usize) {
+/// 1-based line and column of byte offset `pos` in `text` (columns count characters), for
+/// errors that say where; the control plane's files use it too.
+pub fn line_col(text: &str, pos: usize) -> (usize, usize) {
     let before = &text[..pos.min(text.len())];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;

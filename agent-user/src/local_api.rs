@@ -609,15 +609,12 @@ fn held_json(h: &HeldRequest) -> Value {
         Some(ProtoAction::Connect(c)) => format!("connect to {}:{}", c.address, c.port),
         None => String::new(),
     };
-    let state = match h.state() {
-        RequestState::Pending => "pending",
-        RequestState::Approved => "approved",
-        RequestState::Denied => "denied",
-        RequestState::Expired => "expired",
-        RequestState::Cancelled => "cancelled",
-        RequestState::Observed => "observed",
-        RequestState::Unspecified => "unknown",
-    };
+    // REQUEST_STATE_APPROVED -> approved
+    let state = h
+        .state()
+        .as_str_name()
+        .trim_start_matches("REQUEST_STATE_")
+        .to_ascii_lowercase();
     let votes: Vec<Value> = h
         .votes
         .iter()

@@ -496,10 +496,7 @@ pub(crate) fn toml_position(text: &str, e: &toml::de::Error) -> (usize, usize) {
     let Some(pos) = e.span().map(|s| s.start) else {
         return (1, 1);
     };
-    let before = &text[..pos.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, column)
+    agent_rules::config::line_col(text, pos)
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 use agent_rules::{
+    config::line_col,
     explain::{decision_word, Query, Transport},
     policy::Decision,
 };
@@ -175,14 +176,6 @@ pub fn check(policy: &Policy, text: &str, path: &str) -> Result<(), PolicyError>
         }
     }
     Ok(())
-}
-
-/// 1-based line and column of byte offset `pos` in `text`.
-fn line_col(text: &str, pos: usize) -> (usize, usize) {
-    let before = &text[..pos.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, column)
 }
 
 #[cfg(test)]

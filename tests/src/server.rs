@@ -105,3 +105,61 @@ impl Drop for Server {
         self.stop();
     }
 }
+
+/// What a stopped server kept in its SQLite file, for a test to check.
+pub struct Records {
+    /// Every request (up to 1000), newest first.
+    pub requests: Vec<airlock_proto::v1::HeldRequest>,
+    /// The whole audit trail.
+    pub audit: Vec<airlock_control_plane::audit::Record>,
+    /// The audit chain's verification: the number of records, or why it failed.
+    pub verified: Result<i64, String>,
+}
+
+impl Records {
+    /// Reads the SQLite database `db` of a stopped server (on a runtime of its own).
+    pub fn read(db: &std::path::Path) -> Result<Self> {
+        use airlock_control_plane::store::{Database, Store};
+        let rt = tokio::runtime::Runtime::new()?;
+        rt.block_on(async {
+            let store = Store::open(&Database::sqlite(db)).await?;
+            let requests = store
+                .list(
+                    &airlock_proto::v1::ListRequestsRequest {
+                        limit: 1000,
+                        ..Default::default()
+                    },
+                    1000,
+                )
+                .await?
+                .0;
+            let audit = store
+                .audit_query(&airlock_control_plane::audit::Filter::default())
+                .await?;
+            let verified = store.verify_audit().await.map_err(|e| e.to_string());
+            Ok(Self {
+                requests,
+                audit,
+                verified,
+            })
+        })
+    }
+}
+
+/// Keeps a guest run's console and the server's log (from data directory `data`) under the
+/// test's target tmp directory `keep`, as `{test}-console-{kernel}.log` and
+/// `{test}-server-{kernel}.log`, for a failing run to be read.
+pub fn keep_logs(
+    keep: &std::path::Path,
+    test: &str,
+    kernel: &str,
+    console: &str,
+    data: &std::path::Path,
+) -> Result<()> {
+    std::fs::write(keep.join(format!("{test}-console-{kernel}.log")), console)?;
+    std::fs::copy(
+        data.join("server.log"),
+        keep.join(format!("{test}-server-{kernel}.log")),
+    )?;
+    Ok(())
+}

@@ -14,17 +14,13 @@ use std::{
     time::Duration,
 };
 
-use airlock_control_plane::{
-    audit,
-    store::{Database, Store},
-};
+use airlock_control_plane::audit;
 use airlock_proto::v1::{
-    action_request::Action, DecideRequest, HeldRequest, ListRequestsRequest, RequestState, Verdict,
-    WatchRequestsRequest,
+    action_request::Action, DecideRequest, HeldRequest, RequestState, Verdict, WatchRequestsRequest,
 };
 use airlock_tests::{
     approvals,
-    server::Server,
+    server::{keep_logs, Records, Server},
     vm::{Guest, GuestRun, START_AGENT},
     workspace_bin,
 };
@@ -321,35 +317,15 @@ fn boot(kernel: &str) -> Result<Booted> {
         s.data.clone()
     };
     let keep = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    std::fs::write(
-        keep.join(format!("agent-side-console-{kernel}.log")),
-        &run.console,
-    )?;
-    std::fs::copy(
-        data.join("server.log"),
-        keep.join(format!("agent-side-server-{kernel}.log")),
-    )?;
+    keep_logs(&keep, "agent-side", kernel, &run.console, &data)?;
     anyhow::ensure!(
         run.finished(),
         "guest script did not finish:\n{}",
         run.console
     );
-    let check = tokio::runtime::Runtime::new()?;
-    let (requests, audit) = check.block_on(async {
-        let store = Store::open(&Database::sqlite(&db)).await?;
-        let requests = store
-            .list(
-                &ListRequestsRequest {
-                    limit: 1000,
-                    ..Default::default()
-                },
-                1000,
-            )
-            .await?
-            .0;
-        let audit = store.audit_query(&audit::Filter::default()).await?;
-        anyhow::Ok((requests, audit))
-    })?;
+    let Records {
+        requests, audit, ..
+    } = Records::read(&db)?;
     Ok(Booted {
         run,
         requests,

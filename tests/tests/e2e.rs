@@ -18,17 +18,14 @@ use std::{
     time::Duration,
 };
 
-use airlock_control_plane::{
-    audit,
-    store::{Database, Store},
-};
+use airlock_control_plane::audit;
 use airlock_proto::v1::{
     action_request::Action, DecideRequest, HeldRequest, OutcomeKind, RequestState, Verdict,
     WatchRequestsRequest,
 };
 use airlock_tests::{
     approvals::{self, Client},
-    server::Server,
+    server::{keep_logs, Records, Server},
     vm::{Guest, GuestRun, START_AGENT},
     workspace_bin,
 };
@@ -285,35 +282,17 @@ fn boot(kernel: &str) -> Result<Booted> {
     };
     // Kept for a failing run: the guest's console (with the agents' logs) and the server's log.
     let keep = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    std::fs::write(keep.join(format!("e2e-console-{kernel}.log")), &run.console)?;
-    std::fs::copy(
-        data.join("server.log"),
-        keep.join(format!("e2e-server-{kernel}.log")),
-    )?;
+    keep_logs(&keep, "e2e", kernel, &run.console, &data)?;
     anyhow::ensure!(
         run.finished(),
         "guest script did not finish:\n{}",
         run.console
     );
-
-    // The server has stopped: read what it kept (on a runtime of its own, for the store).
-    let check = tokio::runtime::Runtime::new()?;
-    let (requests, audit, verified) = check.block_on(async {
-        let store = Store::open(&Database::sqlite(&db)).await?;
-        let requests = store
-            .list(
-                &airlock_proto::v1::ListRequestsRequest {
-                    limit: 1000,
-                    ..Default::default()
-                },
-                1000,
-            )
-            .await?
-            .0;
-        let audit = store.audit_query(&audit::Filter::default()).await?;
-        let verified = store.verify_audit().await.map_err(|e| e.to_string());
-        anyhow::Ok((requests, audit, verified))
-    })?;
+    let Records {
+        requests,
+        audit,
+        verified,
+    } = Records::read(&db)?;
     Ok(Booted {
         run,
         requests,
