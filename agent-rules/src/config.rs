@@ -164,6 +164,11 @@ pub struct AgentSection {
     /// mcp` (would this be held, ask ahead, a request's state, recent decisions). Root's,
     /// open to every account: who asks comes from the connection (SO_PEERCRED). Empty: none.
     pub local_socket: PathBuf,
+    /// Shortest time a DNS name's addresses (in a rule's `connect`) are kept before it is
+    /// looked up again, whatever its TTL says.
+    pub dns_min_ttl_secs: u64,
+    /// Longest time before a DNS name in a rule's `connect` is looked up again.
+    pub dns_max_ttl_secs: u64,
 }
 
 impl Default for AgentSection {
@@ -193,6 +198,8 @@ impl Default for AgentSection {
             max_pending: 20,
             max_pending_per_account: 20,
             local_socket: PathBuf::from("/run/airlock/agent.sock"),
+            dns_min_ttl_secs: 5,
+            dns_max_ttl_secs: 300,
         }
     }
 }

@@ -113,7 +113,7 @@ pub enum ActionError {
     Destination(String),
     /// A host name where an address is needed.
     #[error(
-        "destination {destination:?}: rules match addresses, and {host:?} is not an IP address"
+        "destination {destination:?}: {host:?} does not resolve on this host (a name is tested as the addresses it resolves to)"
     )]
     Name {
         /// What was given.
@@ -200,6 +200,9 @@ pub enum Action {
         port: u16,
         /// Transport.
         protocol: Transport,
+        /// The host name given, when the destination was a name (resolved on this host).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
     },
 }
 
@@ -289,7 +292,29 @@ impl Action {
                 address: sa.ip(),
                 port: sa.port(),
                 protocol,
+                name: None,
             });
+        }
+        // A host name: the address it resolves to here, first, as the agent's would.
+        if let Some((host, port)) = destination.rsplit_once(':') {
+            if let (Ok(port), true) = (port.parse::<u16>(), crate::policy::is_host_name(host)) {
+                use std::net::ToSocketAddrs;
+                let address = (host, port)
+                    .to_socket_addrs()
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| ActionError::Name {
+                        destination: destination.to_owned(),
+                        host: host.to_owned(),
+                    })?
+                    .ip();
+                return Ok(Action::Connect {
+                    address,
+                    port,
+                    protocol,
+                    name: Some(crate::policy::canonical_name(host)),
+                });
+            }
         }
         // Say which part is wrong: a name (rules match addresses) or the form itself.
         match destination.rsplit_once(':') {
@@ -322,11 +347,23 @@ impl fmt::Display for Action {
                 address: IpAddr::V6(a),
                 port,
                 protocol,
+                name: None,
             } => write!(f, "connect [{a}]:{port} ({})", transport_word(*protocol)),
             Action::Connect {
                 address,
                 port,
                 protocol,
+                name: Some(name),
+            } => write!(
+                f,
+                "connect {name} ({address}):{port} ({})",
+                transport_word(*protocol)
+            ),
+            Action::Connect {
+                address,
+                port,
+                protocol,
+                name: None,
             } => write!(
                 f,
                 "connect {address}:{port} ({})",
@@ -462,8 +499,31 @@ impl Tester {
         path: &Path,
         agent: &AgentSection,
     ) -> Result<Self, ConfigError> {
+        // The host names in `connect` stand for what they resolve to here, now.
+        let resolved = Policy::names_in(rules)
+            .into_iter()
+            .map(|name| {
+                use std::net::ToSocketAddrs;
+                let addrs = (name.as_str(), 0)
+                    .to_socket_addrs()
+                    .map(|a| a.map(|sa| sa.ip()).collect())
+                    .unwrap_or_default();
+                (name, addrs)
+            })
+            .collect();
+        Self::new_resolved(rules, path, agent, &resolved)
+    }
+
+    /// [`Tester::new`] with the names' addresses given (the running agent's, which follow
+    /// their TTLs).
+    pub fn new_resolved(
+        rules: &[RuleConfig],
+        path: &Path,
+        agent: &AgentSection,
+        resolved: &crate::policy::Resolved,
+    ) -> Result<Self, ConfigError> {
         let mut keys = Keys::default();
-        let policy = Policy::compile_with(rules, path, |p| Ok(keys.key(p)))?;
+        let policy = Policy::compile_full(rules, path, |p| Ok(keys.key(p)), resolved)?;
         Ok(Self {
             policy,
             keys,
@@ -514,6 +574,7 @@ impl Tester {
                 address,
                 port,
                 protocol,
+                ..
             } => {
                 // The kernel sees an IPv4-mapped address as the IPv4 one.
                 let plain = display_addr(to_v6(*address).octets());

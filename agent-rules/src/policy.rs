@@ -11,7 +11,7 @@
 //! could have made (owned or writable by it).
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv6Addr},
     path::{Path, PathBuf},
 };
@@ -87,6 +87,10 @@ pub struct Binary {
     pub key: FileKey,
 }
 
+/// The addresses each DNS name in `connect` stands for now (the agent's resolver keeps them,
+/// with the ones a name had until they expire); names are lower-case, without a final dot.
+pub type Resolved = BTreeMap<String, Vec<IpAddr>>;
+
 /// All rules of the agent, compiled.
 #[derive(Debug, Default)]
 pub struct Policy {
@@ -94,6 +98,31 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// Every binary the rules name, in rule order (the first path wins for one identity).
     pub binaries: Vec<Binary>,
+    /// For each address a name stood for, the name (the first rule's), shown to approvers.
+    pub names_by_addr: HashMap<Ipv6Addr, String>,
+}
+
+/// Whether `text` is a DNS host name (letters, digits and dashes in dot-separated labels of
+/// at most 63 characters, 253 in all; a final dot allowed), as `connect` takes beside CIDRs.
+pub fn is_host_name(text: &str) -> bool {
+    let name = text.strip_suffix('.').unwrap_or(text);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.parse::<IpAddr>().is_err()
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+        // A last label of digits only is an address someone mistyped, not a name.
+        && !name.rsplit('.').next().is_some_and(|l| l.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// The canonical form of a host name in `connect`: lower-case, without a final dot.
+pub fn canonical_name(text: &str) -> String {
+    text.strip_suffix('.').unwrap_or(text).to_ascii_lowercase()
 }
 
 /// One identity of a program, with the arguments it was given as that program.
@@ -198,14 +227,50 @@ impl Policy {
         Self::compile_with(rules, path, file_key)
     }
 
+    /// Compiles rules as the agent does, a DNS name in `connect` standing for the addresses
+    /// `resolved` gives it (none yet: the name holds nothing until it resolves).
+    pub fn compile_resolved(
+        rules: &[RuleConfig],
+        path: &Path,
+        resolved: &Resolved,
+    ) -> Result<Self, ConfigError> {
+        Self::compile_full(rules, path, file_key, resolved)
+    }
+
+    /// Every DNS name the rules' `connect` lists, canonical.
+    pub fn names_in(rules: &[RuleConfig]) -> std::collections::BTreeSet<String> {
+        rules
+            .iter()
+            .flat_map(|r| r.connect.iter())
+            .filter(|c| is_host_name(c))
+            .map(|c| canonical_name(c))
+            .collect()
+    }
+
+    /// The name a rule gave `addr`, if it stands for one.
+    pub fn name_of(&self, addr: IpAddr) -> Option<&str> {
+        self.names_by_addr.get(&to_v6(addr)).map(String::as_str)
+    }
+
     /// Compiles rules, naming each rule binary by `key_of` (the agent: [`file_key`], device
     /// and inode as the kernel sees them; the rule tester also names binaries that are not on
     /// this host, by their path). A binary `key_of` fails on is left out of its rule.
     pub fn compile_with(
         rules: &[RuleConfig],
         path: &Path,
-        mut key_of: impl FnMut(&Path) -> std::io::Result<FileKey>,
+        key_of: impl FnMut(&Path) -> std::io::Result<FileKey>,
     ) -> Result<Self, ConfigError> {
+        Self::compile_full(rules, path, key_of, &Resolved::new())
+    }
+
+    /// [`Policy::compile_with`] with the addresses of the names in `connect`.
+    pub fn compile_full(
+        rules: &[RuleConfig],
+        path: &Path,
+        mut key_of: impl FnMut(&Path) -> std::io::Result<FileKey>,
+        resolved: &Resolved,
+    ) -> Result<Self, ConfigError> {
+        let mut names_by_addr = HashMap::new();
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_owned(),
             message,
@@ -261,12 +326,22 @@ impl Policy {
             } else {
                 let mut nets = Vec::new();
                 for cidr in &rule.connect {
+                    if is_host_name(cidr) {
+                        let name = canonical_name(cidr);
+                        for a in resolved.get(&name).into_iter().flatten() {
+                            names_by_addr
+                                .entry(to_v6(*a))
+                                .or_insert_with(|| name.clone());
+                            nets.push(IpNet::from(*a));
+                        }
+                        continue;
+                    }
                     let net = cidr
                         .parse::<IpNet>()
                         .or_else(|_| cidr.parse::<IpAddr>().map(IpNet::from))
                         .map_err(|_| {
                             invalid(format!(
-                                "rule {:?}: connect {cidr:?} is not an address or CIDR (like 10.0.0.0/8 or 2001:db8::/32)",
+                                "rule {:?}: connect {cidr:?} is not an address, a CIDR or a host name (like 10.0.0.0/8, 2001:db8::/32 or orders-db.prod.internal)",
                                 rule.name
                             ))
                         })?;
@@ -286,6 +361,7 @@ impl Policy {
         Ok(Self {
             rules: out,
             binaries,
+            names_by_addr,
         })
     }
 
@@ -598,6 +674,47 @@ decision = "allow"
             Some("script"),
             "a file that could not be hashed counts as a copy"
         );
+    }
+
+    #[test]
+    fn host_names_stand_for_their_resolved_addresses() {
+        let c = Config::parse(
+            "[[rule]]\nname = \"db\"\nconnect = [\"Orders-DB.prod.internal.\", \"10.9.0.0/16\"]\nports = [5432]\ndecision = \"ask\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let names = Policy::names_in(&c.rules);
+        assert_eq!(
+            names.into_iter().collect::<Vec<_>>(),
+            ["orders-db.prod.internal"]
+        );
+        // Not resolved yet: only the CIDR holds.
+        let p = Policy::compile_resolved(&c.rules, Path::new("t.toml"), &Resolved::new()).unwrap();
+        let ci = ["ci"];
+        let a: IpAddr = "10.20.3.4".parse().unwrap();
+        assert!(p.match_connect(a, 5432, 1, &ci).is_none());
+        let mut r = Resolved::new();
+        r.insert("orders-db.prod.internal".into(), vec![a]);
+        let p = Policy::compile_resolved(&c.rules, Path::new("t.toml"), &r).unwrap();
+        assert!(p.match_connect(a, 5432, 1, &ci).is_some());
+        assert!(p.match_connect(a, 5433, 1, &ci).is_none());
+        assert_eq!(p.name_of(a), Some("orders-db.prod.internal"));
+        assert!(p.name_of("10.9.1.1".parse().unwrap()).is_none());
+        let t = p.kernel_tables();
+        assert!(t
+            .nets
+            .iter()
+            .any(|(len, addr, _)| *len == 128 && *addr == to_v6(a).octets()));
+        for bad in [
+            "10.0.0.256",
+            "-x.example",
+            "a..b",
+            "under_score.example",
+            "10.1",
+        ] {
+            assert!(!is_host_name(bad), "{bad}");
+        }
+        assert!(is_host_name("localhost") && is_host_name("db-1.example.com."));
     }
 
     #[test]

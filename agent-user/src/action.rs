@@ -64,7 +64,7 @@ pub fn describe(
     hasher: &Hasher,
 ) -> Described {
     match HoldKind::from_raw(ev.kind) {
-        Some(HoldKind::Connect | HoldKind::Send) => describe_net(ev),
+        Some(HoldKind::Connect | HoldKind::Send) => describe_net(ev, policy),
         kind => describe_exec(
             ev,
             kind == Some(HoldKind::Map),
@@ -76,7 +76,7 @@ pub fn describe(
     }
 }
 
-fn describe_net(ev: &HoldEvent) -> Described {
+fn describe_net(ev: &HoldEvent, policy: &Policy) -> Described {
     let addr = display_addr(ev.addr);
     let protocol = match (ev.protocol, ev.sock_type) {
         (6, _) | (0, 1) => Protocol::Tcp,
@@ -104,6 +104,7 @@ fn describe_net(ev: &HoldEvent) -> Described {
             protocol: protocol as i32,
             family: if ev.family == 10 { 6 } else { 4 },
             via: via.into(),
+            name: policy.name_of(addr).unwrap_or_default().to_owned(),
         }),
         clears: Vec::new(),
     }

@@ -144,7 +144,10 @@ fn apply_config(
 ) -> Result<()> {
     let watch = watch::resolve(&config.watch, Path::new(CGROUP_ROOT))?;
     let rules = server_rules::merge(&config.rules, server).map_err(anyhow::Error::msg)?;
-    let policy = Policy::compile(&rules, path)?;
+    // Host names in `connect` stand for the addresses they resolve to now; new names are
+    // looked up at once, and the rules applied again when their addresses change.
+    engine.names.set_names(Policy::names_in(&rules));
+    let policy = Policy::compile_resolved(&rules, path, &engine.names.resolved())?;
     let tables = policy.kernel_tables();
     let hold_self_made = config.agent.copy_detection && policy.names_binaries();
     engine.kernel.set_watch(
@@ -275,6 +278,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
         tokio::spawn(engine.clone().handle(ev));
     }
     let sweeper = tokio::spawn(sweep(engine.clone()));
+    let dns_task = tokio::spawn(engine.names.clone().run(engine.metrics.clone()));
+    let dns_follow = tokio::spawn(follow_names(
+        engine.clone(),
+        current.clone(),
+        server.clone(),
+        config_path.clone(),
+    ));
 
     let events = kernel.take_events().context("ring buffer already taken")?;
     // SAFETY: the ring buffer owns its map fd, which stays open as long as the AsyncFd.
@@ -356,6 +366,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
     event_task.abort();
     heartbeat.abort();
     sweeper.abort();
+    dns_task.abort();
+    dns_follow.abort();
     paths_task.abort();
     for t in [rules_task, metrics_task, local_task].into_iter().flatten() {
         t.abort();
@@ -502,6 +514,26 @@ async fn follow_rules(
             Err(e) => {
                 tracing::error!(version = %update.version, error = %format!("{e:#}"), "rules from the decider refused; keeping the running rules")
             }
+        }
+    }
+}
+
+/// Applies the rules again whenever the addresses of the names in connect rules change, so
+/// that the kernel's tables follow them.
+async fn follow_names(
+    engine: Arc<Engine>,
+    current: Arc<std::sync::Mutex<Config>>,
+    server: Arc<std::sync::Mutex<Vec<crate::config::RuleConfig>>>,
+    config_path: PathBuf,
+) {
+    loop {
+        engine.names.changed.notified().await;
+        let config = lock(&current).clone();
+        let rules = lock(&server).clone();
+        if let Err(e) =
+            apply_in_background(engine.clone(), config, rules, config_path.clone()).await
+        {
+            tracing::error!(error = %format!("{e:#}"), "applying the new addresses of the rules' names failed; the earlier ones stay");
         }
     }
 }

@@ -71,6 +71,8 @@ pub struct Engine {
     pending: Arc<Mutex<Pending>>,
     /// SHA-256 of programs, for recognising copies of held binaries.
     pub hasher: Hasher,
+    /// The DNS names in connect rules and the addresses they stand for.
+    pub names: Arc<crate::dns::Names>,
     /// Counters.
     pub metrics: Arc<crate::metrics::AgentMetrics>,
 }
@@ -143,6 +145,10 @@ impl Engine {
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .map(|b| b.trim().chars().take(8).collect())
             .unwrap_or_else(|_| "boot".into());
+        let names = Arc::new(crate::dns::Names::new(
+            Duration::from_secs(settings.dns_min_ttl_secs.max(1)),
+            Duration::from_secs(settings.dns_max_ttl_secs),
+        ));
         Self {
             kernel,
             policy: RwLock::new(Arc::new(policy)),
@@ -154,6 +160,7 @@ impl Engine {
             active: Mutex::new(HashSet::new()),
             pending: Arc::default(),
             hasher: Hasher::default(),
+            names,
             metrics: Arc::default(),
         }
     }

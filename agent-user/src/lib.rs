@@ -28,6 +28,7 @@ pub mod action;
 pub mod agent;
 pub mod bpf;
 pub mod decider;
+pub mod dns;
 pub mod docs;
 pub mod enroll;
 pub mod holds;

@@ -262,8 +262,14 @@ impl LocalApi {
             _ => return Err("give either `command` or `destination`".into()),
         };
         let settings = self.engine.settings();
-        let mut tester =
-            Tester::new(&rules, &self.config_path, &settings).map_err(|e| e.to_string())?;
+        // The names in connect rules stand for what the running agent resolved them to.
+        let mut tester = Tester::new_resolved(
+            &rules,
+            &self.config_path,
+            &settings,
+            &self.engine.names.resolved(),
+        )
+        .map_err(|e| e.to_string())?;
         Ok((tester.explain(&action, Some(&caller.account)), rules, cwd))
     }
 
@@ -311,6 +317,7 @@ impl LocalApi {
                 address,
                 port,
                 protocol,
+                ..
             } => ProtoAction::Connect(ConnectAction {
                 address: address.to_string(),
                 port: (*port).into(),

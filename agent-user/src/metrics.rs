@@ -40,9 +40,20 @@ pub struct Applied {
     pub cause: String,
 }
 
+/// Label of a DNS name in a rule's `connect`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsName {
+    /// The name.
+    pub name: String,
+}
+
 /// The agent's metrics.
 pub struct AgentMetrics {
     registry: Registry,
+    /// Failed lookups of the names in `connect` (their last addresses stay watched).
+    pub dns_failures: Family<DnsName, Counter>,
+    /// Addresses each name stands for now (with the ones not yet expired).
+    pub dns_addresses: Family<DnsName, prometheus_client::metrics::gauge::Gauge>,
     kernel: Family<Event, Counter>,
     /// Kernel totals at the previous scrape, to turn them into counter increments.
     last: Mutex<Vec<u64>>,
@@ -57,6 +68,18 @@ pub struct AgentMetrics {
 impl Default for AgentMetrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("airlock_agent");
+        let dns_failures = Family::<DnsName, Counter>::default();
+        let dns_addresses = Family::<DnsName, prometheus_client::metrics::gauge::Gauge>::default();
+        registry.register(
+            "dns_failures",
+            "Failed lookups of a name in a connect rule; its last addresses stay watched",
+            dns_failures.clone(),
+        );
+        registry.register(
+            "dns_addresses",
+            "Addresses a name in a connect rule stands for now",
+            dns_addresses.clone(),
+        );
         let kernel = Family::<Event, Counter>::default();
         let applied = Family::<Applied, Counter>::default();
         let hold_seconds =
@@ -91,6 +114,8 @@ impl Default for AgentMetrics {
         );
         Self {
             registry,
+            dns_failures,
+            dns_addresses,
             kernel,
             last: Mutex::new(vec![0; COUNTER_NAMES.len()]),
             applied,

@@ -104,10 +104,12 @@ pub fn action_line(action: Option<&Action>) -> String {
             } else {
                 "tcp"
             };
-            if c.address.contains(':') {
-                format!("connect [{}]:{}/{proto}", c.address, c.port)
-            } else {
-                format!("connect {}:{}/{proto}", c.address, c.port)
+            // A name the address stood for: `orders-db.prod.internal (10.20.3.4):5432`. The
+            // agent sends it (from its own rules); escaped wherever it is shown, like the rest.
+            match (c.name.is_empty(), c.address.contains(':')) {
+                (true, true) => format!("connect [{}]:{}/{proto}", c.address, c.port),
+                (true, false) => format!("connect {}:{}/{proto}", c.address, c.port),
+                (false, _) => format!("connect {} ({}):{}/{proto}", c.name, c.address, c.port),
             }
         }
         None => String::new(),

@@ -182,7 +182,7 @@ fn details(held: &HeldRequest) -> Markup {
                     dt { "Arguments" } dd { ol.argv { @for a in &e.argv { li { code { (a) } } } } }
                 }
                 Some(Action::Connect(c)) => {
-                    dt { "Destination" } dd { code { (c.address) ":" (c.port) } " " (page::protocol(c.protocol)) }
+                    dt { "Destination" } dd { code { @if !c.name.is_empty() { (c.name) " (" (c.address) ")" } @else { (c.address) } ":" (c.port) } " " (page::protocol(c.protocol)) }
                     dt { "Program" } dd { code { (p.exe) } }
                     dt { "Command line" } dd { code { (p.argv.join(" ")) } }
                 }
