@@ -160,6 +160,9 @@ pub struct AgentSection {
     /// Most requests waiting for a decision at once for one account (the watched account a
     /// task descends from); past it a new hold of that account is denied at once.
     pub max_pending_per_account: u32,
+    /// Most requests one account may have asked ahead (`airlock-agent mcp`) and still waiting,
+    /// counted apart from held tasks' requests.
+    pub max_asked_ahead_per_account: u32,
     /// The local socket AI agents on this host reach the agent on, through `airlock-agent
     /// mcp` (would this be held, ask ahead, a request's state, recent decisions). Root's,
     /// open to every account: who asks comes from the connection (SO_PEERCRED). Empty: none.
@@ -197,6 +200,7 @@ impl Default for AgentSection {
             notices: true,
             max_pending: 20,
             max_pending_per_account: 20,
+            max_asked_ahead_per_account: 5,
             local_socket: PathBuf::from("/run/airlock/agent.sock"),
             dns_min_ttl_secs: 5,
             dns_max_ttl_secs: 300,

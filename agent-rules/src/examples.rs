@@ -227,9 +227,9 @@ decision = "deny"
                 "not in PATH",
             ),
             (
-                "connect = \"db.internal:5432\"\nexpect = \"ask\"\n",
+                "connect = \"db.invalid:5432\"\nexpect = \"ask\"\n",
                 "agent.toml:6:11:",
-                "not an IP address",
+                "does not resolve on this host",
             ),
             (
                 "connect = \"10.0.0.1\"\nexpect = \"ask\"\n",

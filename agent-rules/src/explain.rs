@@ -389,16 +389,19 @@ fn is_executable(p: &Path) -> bool {
 /// can read. Like the kernel: the first 256 bytes, the interpreter up to the first blank, and
 /// the rest of the line (trimmed) as one argument.
 fn shebang(file: &Path) -> Option<(PathBuf, Option<String>)> {
-    // Only regular files are opened: a FIFO would block the open.
-    if !std::fs::metadata(file).is_ok_and(|m| m.is_file()) {
+    // Opened without waiting (a FIFO swapped in after a check would block the open, a lease
+    // would hold it), then checked to be a regular file through the open file itself.
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(file)
+        .ok()?;
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
         return None;
     }
     let mut head = Vec::with_capacity(256);
-    std::fs::File::open(file)
-        .ok()?
-        .take(256)
-        .read_to_end(&mut head)
-        .ok()?;
+    f.take(256).read_to_end(&mut head).ok()?;
     let line = head.strip_prefix(b"#!")?;
     let line = line.split(|b| *b == b'\n').next()?;
     let line = String::from_utf8_lossy(line);
@@ -934,7 +937,7 @@ mod tests {
     #[test]
     fn bad_destinations_say_what_is_wrong() {
         assert!(matches!(
-            Action::connect("db.internal:5432", Transport::Tcp),
+            Action::connect("db.invalid:5432", Transport::Tcp),
             Err(ActionError::Name { .. })
         ));
         for bad in ["10.0.0.1", "10.0.0.1:99999", "2001:db8::1:5432", ""] {

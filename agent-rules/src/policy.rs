@@ -414,10 +414,20 @@ impl Policy {
     /// pattern of an ask or deny rule and no pattern of an allow rule: unknown arguments never
     /// let anything through.
     pub fn match_exec(&self, subject: &ExecSubject, accounts: &[&str]) -> Option<&Rule> {
+        self.matches_exec(subject, accounts).next()
+    }
+
+    /// Every rule that matches the exec, in order (the first decides; an observe-mode rule
+    /// first lets the agent find the enforcing one after it).
+    pub fn matches_exec<'a, 's, 'c>(
+        &'a self,
+        subject: &'s ExecSubject,
+        accounts: &'c [&'c str],
+    ) -> impl Iterator<Item = &'a Rule> + use<'a, 's, 'c> {
         self.rules
             .iter()
             .filter(|r| accounts.iter().any(|a| r.applies_to(a)))
-            .find(|rule| {
+            .filter(move |rule| {
                 let Matcher::Exec {
                     files,
                     all,
@@ -454,11 +464,22 @@ impl Policy {
         sock_type: u32,
         accounts: &[&str],
     ) -> Option<&Rule> {
+        self.matches_connect(addr, port, sock_type, accounts).next()
+    }
+
+    /// Every rule that matches the connect, in order (as [`Policy::matches_exec`]).
+    pub fn matches_connect<'a, 'c>(
+        &'a self,
+        addr: IpAddr,
+        port: u16,
+        sock_type: u32,
+        accounts: &'c [&'c str],
+    ) -> impl Iterator<Item = &'a Rule> + use<'a, 'c> {
         let v6 = to_v6(addr);
         self.rules
             .iter()
             .filter(|r| accounts.iter().any(|a| r.applies_to(a)))
-            .find(|rule| match &rule.matcher {
+            .filter(move |rule| match &rule.matcher {
                 Matcher::Connect {
                     nets,
                     ports,

@@ -324,6 +324,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
             config_path: config_path.clone(),
             connection,
             asked: Default::default(),
+            open: Default::default(),
         });
         let path = config.agent.local_socket.clone();
         tokio::spawn(async move {

@@ -44,6 +44,9 @@ struct Examined {
     described: Described,
     /// The rule that governs it, if any.
     rule: Option<RuleConfig>,
+    /// When that rule only observes: the first rule after it that enforces, which then
+    /// governs (an observe rule records; it never lets through what another rule holds).
+    enforcing: Option<RuleConfig>,
     /// Whether some rule names self-made files (then a checked file is never cleared).
     self_made_rules: bool,
 }
@@ -69,10 +72,14 @@ pub struct Engine {
     active: Mutex<HashSet<(u32, u64)>>,
     /// Requests waiting for a decision: on the host, and per account.
     pending: Arc<Mutex<Pending>>,
+    /// Requests asked ahead and not yet decided, counted apart.
+    asked_ahead: Arc<Mutex<Pending>>,
     /// SHA-256 of programs, for recognising copies of held binaries.
     pub hasher: Hasher,
     /// The DNS names in connect rules and the addresses they stand for.
     pub names: Arc<crate::dns::Names>,
+    /// Writes held tasks' notices, on a thread of its own.
+    notifier: notice::Notifier,
     /// Counters.
     pub metrics: Arc<crate::metrics::AgentMetrics>,
 }
@@ -102,6 +109,26 @@ impl Drop for PendingSlot {
             }
         }
     }
+}
+
+/// Counts a request of `account` in `pending` unless a cap is reached.
+fn take_slot(
+    pending: &Arc<Mutex<Pending>>,
+    account: &str,
+    host_cap: u32,
+    account_cap: u32,
+) -> Option<PendingSlot> {
+    let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
+    let mine = p.by_account.get(account).copied().unwrap_or(0);
+    if p.total >= host_cap || mine >= account_cap {
+        return None;
+    }
+    p.total += 1;
+    *p.by_account.entry(account.to_owned()).or_default() += 1;
+    Some(PendingSlot {
+        pending: pending.clone(),
+        account: account.to_owned(),
+    })
 }
 
 /// What was decided, why, and by whom.
@@ -159,8 +186,10 @@ impl Engine {
             proc_root: PathBuf::from("/proc"),
             active: Mutex::new(HashSet::new()),
             pending: Arc::default(),
+            asked_ahead: Arc::default(),
             hasher: Hasher::default(),
             names,
+            notifier: notice::Notifier::default(),
             metrics: Arc::default(),
         }
     }
@@ -232,27 +261,35 @@ impl Engine {
 
     /// Counts a new request of `account` against the caps; `None` when one is reached.
     pub fn take_pending(&self, account: &str, settings: &AgentSection) -> Option<PendingSlot> {
-        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let mine = p.by_account.get(account).copied().unwrap_or(0);
-        if p.total >= settings.max_pending || mine >= settings.max_pending_per_account {
-            return None;
-        }
-        p.total += 1;
-        *p.by_account.entry(account.to_owned()).or_default() += 1;
-        Some(PendingSlot {
-            pending: self.pending.clone(),
-            account: account.to_owned(),
-        })
+        take_slot(
+            &self.pending,
+            account,
+            settings.max_pending,
+            settings.max_pending_per_account,
+        )
+    }
+
+    /// Counts a new request asked ahead (through the local socket) against caps of their own,
+    /// so that asking ahead can never use up the room real holds need.
+    pub fn take_asked_ahead(&self, account: &str, settings: &AgentSection) -> Option<PendingSlot> {
+        take_slot(
+            &self.asked_ahead,
+            account,
+            settings.max_pending,
+            settings.max_asked_ahead_per_account,
+        )
     }
 
     /// Tells the held task `line` on its stderr, before its release; never waits long.
-    async fn tell(&self, ev: &HoldEvent, id: &str, line: String) {
+    async fn tell(&self, ev: &HoldEvent, id: &str, uid: u32, line: String) {
+        // Only the task still held: its pid cannot have been reused by another process.
+        if !self.kernel.is_held(ev) {
+            return;
+        }
         let pid = ev.tgid;
-        let job = tokio::task::spawn_blocking(move || notice::tell(pid, &line));
-        match tokio::time::timeout(NOTICE_LIMIT, job).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::debug!(request = %id, pid, error = %e, "task not told"),
-            _ => tracing::warn!(request = %id, pid, "telling the task took too long"),
+        match self.notifier.tell(pid, uid, line, NOTICE_LIMIT).await {
+            Ok(()) => {}
+            Err(e) => tracing::debug!(request = %id, pid, error = %e, "task not told"),
         }
     }
 
@@ -294,6 +331,7 @@ impl Engine {
             ctx,
             described,
             rule,
+            enforcing,
             self_made_rules,
         }) = self.examine(ev, &settings).await
         else {
@@ -312,7 +350,7 @@ impl Engine {
             .await;
             return;
         };
-        let Some(rule_cfg) = rule else {
+        let Some(mut rule_cfg) = rule else {
             // Held by the prefilter, but no rule matches in full (other arguments, or a file
             // the account made that copies no held binary).
             tracing::debug!(pid = ev.tgid, argv = ?ctx.argv, "no rule matches; resuming");
@@ -335,12 +373,24 @@ impl Engine {
             .await;
             return;
         };
+        if rule_cfg.mode.unwrap_or(settings.mode) == Mode::Observe {
+            let observed = self.request(&ev, &id, &ctx, described.clone(), &rule_cfg, None);
+            match enforcing {
+                None => {
+                    self.observe(&ev, &id, observed, &rule_cfg).await;
+                    return;
+                }
+                Some(e) => {
+                    // Recorded under an id of its own; the rule that enforces decides.
+                    let mut observed = observed;
+                    observed.request_id = format!("{id}-observed");
+                    self.record_observed(&ev, observed, &rule_cfg);
+                    rule_cfg = e;
+                }
+            }
+        }
         let deadline_mono = self.deadline(&ev, Some(&rule_cfg), &settings);
         let mut request = self.request(&ev, &id, &ctx, described, &rule_cfg, deadline_mono);
-        if rule_cfg.mode.unwrap_or(settings.mode) == Mode::Observe {
-            self.observe(&ev, &id, request, &rule_cfg).await;
-            return;
-        }
         let notices = rule_cfg.notices.unwrap_or(settings.notices);
         tracing::info!(
             request = %id, pid = ev.tgid, user = %ctx.user, rule = %rule_cfg.name,
@@ -387,8 +437,13 @@ impl Engine {
                         reason: String::new(),
                     };
                     if notices {
-                        self.tell(&ev, &id, notice::decided_line(false, v.cause, "", ""))
-                            .await;
+                        self.tell(
+                            &ev,
+                            &id,
+                            ctx.uid,
+                            notice::decided_line(false, v.cause, "", ""),
+                        )
+                        .await;
                     }
                     self.apply(&ev, &id, v, rule_cfg.on_deny).await;
                     return;
@@ -399,7 +454,7 @@ impl Engine {
                         .map(|d| d.saturating_sub(monotonic_ns()).div_ceil(1_000_000_000));
                     let line =
                         notice::held_line(&describe_short(&request), &id, wait, &self.web_url());
-                    self.tell(&ev, &id, line).await;
+                    self.tell(&ev, &id, ctx.uid, line).await;
                 }
                 match self
                     .ask(&ev, request, deadline_mono, rule_cfg.on_timeout, &settings)
@@ -416,7 +471,7 @@ impl Engine {
         if notices && !(verdict.allow && verdict.cause == "local-rule") {
             let line =
                 notice::decided_line(verdict.allow, verdict.cause, &verdict.by, &verdict.reason);
-            self.tell(&ev, &id, line).await;
+            self.tell(&ev, &id, ctx.uid, line).await;
         }
         self.apply(&ev, &id, verdict, rule_cfg.on_deny).await;
     }
@@ -426,9 +481,27 @@ impl Engine {
         self: &Arc<Self>,
         ev: &HoldEvent,
         id: &str,
-        mut request: ActionRequest,
+        request: ActionRequest,
         rule: &RuleConfig,
     ) {
+        self.record_observed(ev, request, rule);
+        self.apply(
+            ev,
+            id,
+            Verdicted {
+                allow: true,
+                cause: "observe",
+                by: String::new(),
+                reason: String::new(),
+            },
+            ConnectDeny::Refuse,
+        )
+        .await;
+    }
+
+    /// Records what observe-mode `rule` would have done with `request`.
+    fn record_observed(&self, ev: &HoldEvent, mut request: ActionRequest, rule: &RuleConfig) {
+        let id = request.request_id.clone();
         let would_be = match rule.decision {
             Decision::Allow => "allow",
             Decision::Deny => "deny",
@@ -447,18 +520,6 @@ impl Engine {
         if let Some(d) = &self.decider {
             d.record(request);
         }
-        self.apply(
-            ev,
-            id,
-            Verdicted {
-                allow: true,
-                cause: "observe",
-                by: String::new(),
-                reason: String::new(),
-            },
-            ConnectDeny::Refuse,
-        )
-        .await;
     }
 
     /// The web UI's base URL the decider sent, for links in notices.
@@ -512,19 +573,33 @@ impl Engine {
         // Rules that name accounts apply to the account and to the watched account it descends
         // from (a task that became root through sudo is still ci's).
         let accounts = [ctx.user.as_str(), ctx.watched_as.as_str()];
-        let rule = match &described.subject {
-            Subject::Exec(s) => policy.match_exec(s, &accounts),
+        let matching: Vec<RuleConfig> = match &described.subject {
+            Subject::Exec(s) => policy
+                .matches_exec(s, &accounts)
+                .map(|r| r.config.clone())
+                .collect(),
             Subject::Connect {
                 addr,
                 port,
                 sock_type,
-            } => policy.match_connect(*addr, *port, *sock_type, &accounts),
-        }
-        .map(|r| r.config.clone());
+            } => policy
+                .matches_connect(*addr, *port, *sock_type, &accounts)
+                .map(|r| r.config.clone())
+                .collect(),
+        };
+        let mode = self.settings().mode;
+        let observes = |r: &RuleConfig| r.mode.unwrap_or(mode) == Mode::Observe;
+        let rule = matching.first().cloned();
+        let enforcing = if rule.as_ref().is_some_and(observes) {
+            matching.into_iter().find(|r| !observes(r))
+        } else {
+            None
+        };
         Examined {
             ctx,
             described,
             rule,
+            enforcing,
             self_made_rules: policy.has_self_made_rule(),
         }
     }

@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::{
-    config::{Config, OnTimeout, RuleConfig},
+    config::{Config, RuleConfig},
     decider::Connection,
     explain::{decision_word, Action, Explanation, Tester, Transport},
     holds::{mono_to_unix_ms, Engine},
@@ -35,12 +35,20 @@ use crate::{
 pub const DEFAULT_SOCKET: &str = "/run/airlock/agent.sock";
 /// Longest call line, bytes.
 const MAX_LINE: usize = 64 * 1024;
+/// Longest grant a request asked ahead may ask for, minutes (approvers may choose less).
+const MAX_AHEAD_MINUTES: u32 = 60;
 /// Longest justification kept, characters.
 const MAX_JUSTIFICATION: usize = 2000;
 /// Longest wait `status` takes, seconds.
 const MAX_WAIT_SECS: u64 = 600;
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 64;
+/// Connections one account may have open at once.
+const MAX_PER_ACCOUNT: usize = 8;
+/// A connection with no call for this long is closed.
+const IDLE_LIMIT: Duration = Duration::from_secs(300);
+/// How long examining an action may take (it reads paths the caller controls).
+const EXAMINE_LIMIT: Duration = Duration::from_secs(5);
 /// How long a question to the control plane may take.
 const QUERY_LIMIT: Duration = Duration::from_secs(5);
 
@@ -112,11 +120,33 @@ pub struct LocalApi {
     pub connection: Option<Connection>,
     /// Numbers requests asked ahead.
     pub asked: AtomicU64,
+    /// Open connections per uid.
+    pub open: Mutex<std::collections::HashMap<u32, usize>>,
+}
+
+/// One connection counted against its uid's limit while it is open.
+struct Open<'a> {
+    api: &'a LocalApi,
+    uid: u32,
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        let mut open = lock(&self.api.open);
+        if let Some(n) = open.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.uid);
+            }
+        }
+    }
 }
 
 /// Who is calling: the account behind the connection, and its process.
+#[derive(Debug, Clone)]
 struct Caller {
     uid: u32,
+    gid: u32,
     pid: u32,
     account: String,
 }
@@ -166,22 +196,42 @@ impl LocalApi {
     async fn connection(&self, stream: tokio::net::UnixStream) -> anyhow::Result<()> {
         let cred = stream.peer_cred()?;
         let uid = cred.uid();
+        // One account cannot take every connection.
+        let _open = {
+            let mut open = lock(&self.open);
+            let n = open.entry(uid).or_default();
+            if *n >= MAX_PER_ACCOUNT {
+                return Ok(());
+            }
+            *n += 1;
+            Open { api: self, uid }
+        };
         let pid = cred.pid().unwrap_or(0).max(0) as u32;
         let account = nix::unistd::User::from_uid(uid.into())
             .ok()
             .flatten()
             .map_or_else(|| uid.to_string(), |u| u.name);
-        let caller = Caller { uid, pid, account };
+        let caller = Caller {
+            uid,
+            gid: cred.gid(),
+            pid,
+            account,
+        };
         let (read, mut write) = stream.into_split();
         let mut reader = BufReader::new(read);
         let mut line = String::new();
         loop {
             line.clear();
             // Bounded: a line longer than MAX_LINE ends the connection after its error.
-            let n = (&mut reader)
-                .take(MAX_LINE as u64 + 1)
-                .read_line(&mut line)
-                .await?;
+            let Ok(read) = tokio::time::timeout(
+                IDLE_LIMIT,
+                (&mut reader).take(MAX_LINE as u64 + 1).read_line(&mut line),
+            )
+            .await
+            else {
+                return Ok(()); // Idle: closed.
+            };
+            let n = read?;
             if n == 0 {
                 return Ok(());
             }
@@ -227,117 +277,65 @@ impl LocalApi {
         }
     }
 
+    /// Whether the caller is one of the watched: its account or group, or its process in a
+    /// watched cgroup.
+    fn is_watched(&self, caller: &Caller) -> bool {
+        let section = lock(&self.config).watch.clone();
+        let root = Path::new("/sys/fs/cgroup");
+        let Ok(w) = crate::watch::resolve(&section, root) else {
+            return false;
+        };
+        if w.uids.contains(&caller.uid) || w.gids.contains(&caller.gid) {
+            return true;
+        }
+        // The caller's cgroup, or one above it, is watched.
+        let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", caller.pid))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+            })
+            .unwrap_or_default();
+        let mut dir = root.join(cgroup.trim_start_matches('/'));
+        loop {
+            use std::os::unix::fs::MetadataExt;
+            if std::fs::metadata(&dir).is_ok_and(|m| w.cgroups.contains(&m.ino())) {
+                return true;
+            }
+            if dir == root || !dir.pop() {
+                return false;
+            }
+        }
+    }
+
     /// The rules the agent enforces: its own, then the control plane's.
     fn rules(&self) -> Result<Vec<RuleConfig>, String> {
         let own = lock(&self.config).rules.clone();
         crate::server_rules::merge(&own, &lock(&self.server_rules))
     }
 
-    /// The action `args` names, resolved as the caller's shell would (its PATH and cwd), and
-    /// what the rules say of it for the caller.
-    fn explain(
-        &self,
-        caller: &Caller,
-        args: &ActionArgs,
-    ) -> Result<(Explanation, Vec<RuleConfig>, PathBuf), String> {
-        let rules = self.rules()?;
-        let cwd = match &args.cwd {
-            Some(c) => PathBuf::from(c),
-            None => std::fs::read_link(format!("/proc/{}/cwd", caller.pid))
-                .unwrap_or_else(|_| PathBuf::from("/")),
+    /// What the rules say of the action `args` names for the caller, and the request it would
+    /// make. The caller controls every path involved (its PATH, cwd, scripts, FIFOs), so this
+    /// runs off the async workers, with the caller's file-system identity (no root reads of
+    /// what it may not read), within [`EXAMINE_LIMIT`].
+    async fn examine(&self, caller: &Caller, args: &ActionArgs) -> Result<Examined, String> {
+        let snapshot = Snapshot {
+            rules: self.rules()?,
+            settings: self.engine.settings(),
+            resolved: self.engine.names.resolved(),
+            config_path: self.config_path.clone(),
         };
-        let action = match (&args.command, &args.destination) {
-            (Some(line), None) => {
-                let search = caller_path(caller.pid);
-                Action::exec_in(line, false, &rules, &search, &cwd).map_err(|e| e.to_string())?
-            }
-            (None, Some(dest)) => {
-                let protocol = match args.protocol.as_deref() {
-                    None | Some("tcp") => Transport::Tcp,
-                    Some("udp") => Transport::Udp,
-                    Some(other) => return Err(format!("protocol {other:?}: use tcp or udp")),
-                };
-                Action::connect(dest, protocol).map_err(|e| e.to_string())?
-            }
-            _ => return Err("give either `command` or `destination`".into()),
-        };
-        let settings = self.engine.settings();
-        // The names in connect rules stand for what the running agent resolved them to.
-        let mut tester = Tester::new_resolved(
-            &rules,
-            &self.config_path,
-            &settings,
-            &self.engine.names.resolved(),
-        )
-        .map_err(|e| e.to_string())?;
-        Ok((tester.explain(&action, Some(&caller.account)), rules, cwd))
-    }
-
-    /// The request the action would make, as the agent would send it for the caller.
-    fn request_of(
-        &self,
-        caller: &Caller,
-        e: &Explanation,
-        rules: &[RuleConfig],
-        cwd: &Path,
-    ) -> ActionRequest {
-        let rule = e
-            .rule
-            .as_ref()
-            .and_then(|d| rules.iter().find(|r| r.name == d.name));
-        let env_allow = lock(&self.config).agent.env_allow.clone();
-        let mut process = procinfo::gather(
-            Path::new("/proc"),
-            caller.pid,
-            caller.pid,
-            caller.uid,
-            &env_allow,
-        );
-        // What the caller says, not what its MCP server process is.
-        process.cwd = cwd.display().to_string();
-        process.user = caller.account.clone();
-        process.uid = caller.uid;
-        let action = match &e.action {
-            Action::Exec {
-                given,
-                program,
-                args,
-                ..
-            } => {
-                let mut argv = vec![given.clone()];
-                argv.extend(args.iter().cloned());
-                ProtoAction::Exec(ExecAction {
-                    path: program.display().to_string(),
-                    argv,
-                    via: "asked ahead".into(),
-                    ..Default::default()
-                })
-            }
-            Action::Connect {
-                address,
-                port,
-                protocol,
-                ..
-            } => ProtoAction::Connect(ConnectAction {
-                address: address.to_string(),
-                port: (*port).into(),
-                protocol: match protocol {
-                    Transport::Tcp => Protocol::Tcp,
-                    Transport::Udp => Protocol::Udp,
-                } as i32,
-                ..Default::default()
-            }),
-        };
-        ActionRequest {
-            rule: rule.map(|r| r.name.clone()).unwrap_or_default(),
-            risk: rule.map(|r| r.risk.clone()).unwrap_or_default(),
-            description: rule.map(|r| r.description.clone()).unwrap_or_default(),
-            process: Some(process),
-            action: Some(action),
-            ..Default::default()
+        let (caller, args) = (caller.clone(), args.clone());
+        let job = tokio::task::spawn_blocking(move || {
+            let _as_caller = FsIdentity::become_(caller.uid, caller.gid);
+            examine_now(&snapshot, &caller, &args)
+        });
+        match tokio::time::timeout(EXAMINE_LIMIT, job).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("examining the action failed".into()),
+            Err(_) => Err("examining the action took too long (a path that blocks?)".into()),
         }
     }
-
     async fn query_client(
         &self,
     ) -> Result<
@@ -389,10 +387,9 @@ impl LocalApi {
     }
 
     async fn check(&self, caller: &Caller, args: &ActionArgs) -> Result<Value, String> {
-        let (e, rules, cwd) = self.explain(caller, args)?;
+        let Examined { e, rules, request } = self.examine(caller, args).await?;
         let mut out = explanation_json(&e, &rules, &self.engine.settings());
         if e.decision == Decision::Ask {
-            let request = self.request_of(caller, &e, &rules, &cwd);
             out["approval"] = match self.route(request).await {
                 Ok(r) => route_json(&r),
                 Err(why) => json!({ "unknown": why }),
@@ -409,7 +406,11 @@ impl LocalApi {
         justification: String,
         minutes: Option<u32>,
     ) -> Result<Value, String> {
-        let (e, rules, cwd) = self.explain(caller, args)?;
+        let Examined {
+            e,
+            rules,
+            mut request,
+        } = self.examine(caller, args).await?;
         let settings = self.engine.settings();
         if e.decision != Decision::Ask {
             let mut out = explanation_json(&e, &rules, &settings);
@@ -433,14 +434,21 @@ impl LocalApi {
             .decider
             .clone()
             .ok_or("this agent has no control plane (agent.decider) to ask")?;
+        if !self.is_watched(caller) {
+            return Err(format!(
+                "account {:?} is not watched on this host: only watched accounts ask ahead",
+                caller.account
+            ));
+        }
         let slot = self
             .engine
-            .take_pending(&caller.account, &settings)
-            .ok_or("too many pending requests: wait for those already asked")?;
+            .take_asked_ahead(&caller.account, &settings)
+            .ok_or("too many requests asked ahead and still waiting: wait for their decisions")?;
         let rule = rules
             .iter()
             .find(|r| Some(&r.name) == e.rule.as_ref().map(|d| &d.name));
-        let wait = rule.is_some_and(|r| r.on_timeout == OnTimeout::Wait);
+        // Nothing is held: a request asked ahead always has a deadline, even under a rule
+        // that waits (`on_timeout = "wait"`), so it cannot keep its slot for ever.
         let secs = rule
             .and_then(|r| r.timeout_secs)
             .unwrap_or(settings.hold_timeout_secs);
@@ -448,7 +456,6 @@ impl LocalApi {
             .asked
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let now_mono = crate::bpf::monotonic_ns();
-        let mut request = self.request_of(caller, &e, &rules, &cwd);
         request.request_id = format!(
             "{}-ahead-{}-{}",
             self.engine.host_id,
@@ -456,16 +463,11 @@ impl LocalApi {
             n
         );
         request.held_at_unix_ms = mono_to_unix_ms(now_mono);
-        request.wait = wait;
-        request.deadline_unix_ms = if wait {
-            0
-        } else {
-            request.held_at_unix_ms + (secs as i64) * 1000
-        };
+        request.deadline_unix_ms = request.held_at_unix_ms + (secs as i64) * 1000;
         request.on_timeout = Verdict::Deny as i32;
         request.asked_ahead = true;
         request.justification = justification;
-        request.ahead_minutes = minutes.unwrap_or(10).clamp(1, 24 * 60);
+        request.ahead_minutes = minutes.unwrap_or(10).clamp(1, MAX_AHEAD_MINUTES);
         let id = request.request_id.clone();
         tracing::info!(request = %id, account = %caller.account, rule = %request.rule, "asked ahead");
         let answer = decider.ask(request);
@@ -473,11 +475,7 @@ impl LocalApi {
         let id2 = id.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            if wait {
-                let _ = answer.await;
-            } else {
-                let _ = tokio::time::timeout(Duration::from_secs(secs), answer).await;
-            }
+            let _ = tokio::time::timeout(Duration::from_secs(secs), answer).await;
             decider.forget(&id2);
         });
         Ok(json!({
@@ -485,7 +483,7 @@ impl LocalApi {
             "request_id": id,
             "state": "pending",
             "rule": e.rule.map(|d| d.name),
-            "deadline_secs": (!wait).then_some(secs),
+            "deadline_secs": secs,
             "next": "approvers see the request with your justification; call airlock_status with wait_secs to wait for the decision. An approval is a grant: the same command, run by this account in the same directory, then passes at once.",
         }))
     }
@@ -539,6 +537,160 @@ impl LocalApi {
             .map(held_json)
             .collect();
         Ok(json!({ "account": caller.account, "requests": list }))
+    }
+}
+
+/// What [`LocalApi::examine`] needs of the running agent, copied for a blocking thread.
+struct Snapshot {
+    rules: Vec<RuleConfig>,
+    settings: crate::config::AgentSection,
+    resolved: crate::policy::Resolved,
+    config_path: PathBuf,
+}
+
+/// An action examined for a caller.
+struct Examined {
+    e: Explanation,
+    rules: Vec<RuleConfig>,
+    /// The request it would make (no id, deadline or ask-ahead fields yet).
+    request: ActionRequest,
+}
+
+/// The thread's file-system identity switched to a caller's (`setfsuid`/`setfsgid` act on the
+/// calling thread only, and drop root's file capabilities while they are not 0); back to root
+/// when dropped.
+struct FsIdentity;
+
+impl FsIdentity {
+    fn become_(uid: u32, gid: u32) -> Self {
+        // SAFETY: plain syscalls on the current thread's credentials.
+        unsafe {
+            libc::syscall(libc::SYS_setfsgid, gid);
+            libc::syscall(libc::SYS_setfsuid, uid);
+        }
+        Self
+    }
+}
+
+impl Drop for FsIdentity {
+    fn drop(&mut self) {
+        // SAFETY: as above, back to root's.
+        unsafe {
+            libc::syscall(libc::SYS_setfsuid, 0);
+            libc::syscall(libc::SYS_setfsgid, 0);
+        }
+    }
+}
+
+/// The action `args` names, resolved as the caller's shell would (its PATH and cwd), what the
+/// rules say of it for the caller, and the request it would make.
+fn examine_now(snap: &Snapshot, caller: &Caller, args: &ActionArgs) -> Result<Examined, String> {
+    let cwd = match &args.cwd {
+        // A directory the caller names must be one: absolute, existing, as the kernel will
+        // see it (the request shows it, and a grant is bound to it).
+        Some(c) => {
+            let c = PathBuf::from(c);
+            if !c.is_absolute() {
+                return Err(format!("cwd {:?} must be an absolute path", c.display()));
+            }
+            std::fs::canonicalize(&c)
+                .ok()
+                .filter(|p| p.is_dir())
+                .ok_or_else(|| format!("cwd {:?} is not a directory you can reach", c.display()))?
+        }
+        None => std::fs::read_link(format!("/proc/{}/cwd", caller.pid))
+            .unwrap_or_else(|_| PathBuf::from("/")),
+    };
+    let action = match (&args.command, &args.destination) {
+        (Some(line), None) => {
+            let search = caller_path(caller.pid);
+            Action::exec_in(line, false, &snap.rules, &search, &cwd).map_err(|e| e.to_string())?
+        }
+        (None, Some(dest)) => {
+            let protocol = match args.protocol.as_deref() {
+                None | Some("tcp") => Transport::Tcp,
+                Some("udp") => Transport::Udp,
+                Some(other) => return Err(format!("protocol {other:?}: use tcp or udp")),
+            };
+            Action::connect(dest, protocol).map_err(|e| e.to_string())?
+        }
+        _ => return Err("give either `command` or `destination`".into()),
+    };
+    // The names in connect rules stand for what the running agent resolved them to.
+    let mut tester = Tester::new_resolved(
+        &snap.rules,
+        &snap.config_path,
+        &snap.settings,
+        &snap.resolved,
+    )
+    .map_err(|e| e.to_string())?;
+    let e = tester.explain(&action, Some(&caller.account));
+    let request = request_of(snap, caller, &e, &cwd);
+    Ok(Examined {
+        e,
+        rules: snap.rules.clone(),
+        request,
+    })
+}
+
+/// The request the action would make, as the agent would send it for the caller.
+fn request_of(snap: &Snapshot, caller: &Caller, e: &Explanation, cwd: &Path) -> ActionRequest {
+    let rule = e
+        .rule
+        .as_ref()
+        .and_then(|d| snap.rules.iter().find(|r| r.name == d.name));
+    let mut process = procinfo::gather(
+        Path::new("/proc"),
+        caller.pid,
+        caller.pid,
+        caller.uid,
+        &snap.settings.env_allow,
+    );
+    // What the caller says, not what its MCP server process is.
+    process.cwd = cwd.display().to_string();
+    process.user = caller.account.clone();
+    process.uid = caller.uid;
+    let action = match &e.action {
+        Action::Exec {
+            given,
+            program,
+            args,
+            ..
+        } => {
+            let mut argv = vec![given.clone()];
+            argv.extend(args.iter().cloned());
+            // As the kernel will name it: symlinks resolved.
+            let path = std::fs::canonicalize(program).unwrap_or_else(|_| program.clone());
+            ProtoAction::Exec(ExecAction {
+                path: path.display().to_string(),
+                argv,
+                via: "asked ahead".into(),
+                ..Default::default()
+            })
+        }
+        Action::Connect {
+            address,
+            port,
+            protocol,
+            name,
+        } => ProtoAction::Connect(ConnectAction {
+            address: address.to_string(),
+            port: (*port).into(),
+            protocol: match protocol {
+                Transport::Tcp => Protocol::Tcp,
+                Transport::Udp => Protocol::Udp,
+            } as i32,
+            name: name.clone().unwrap_or_default(),
+            ..Default::default()
+        }),
+    };
+    ActionRequest {
+        rule: rule.map(|r| r.name.clone()).unwrap_or_default(),
+        risk: rule.map(|r| r.risk.clone()).unwrap_or_default(),
+        description: rule.map(|r| r.description.clone()).unwrap_or_default(),
+        process: Some(process),
+        action: Some(action),
+        ..Default::default()
     }
 }
 

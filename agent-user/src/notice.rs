@@ -37,6 +37,77 @@ pub enum NoticeError {
     /// The write failed.
     #[error("writing to the task's fd 2: {0}")]
     Write(std::io::Error),
+    /// The notice thread is stuck on an earlier write or its queue is full.
+    #[error("the notice thread is busy (an earlier write blocks); notice dropped")]
+    Busy,
+}
+
+/// Notices waiting for the writer thread, at most; past it a notice is dropped.
+const QUEUE: usize = 64;
+
+/// One notice for the writer thread.
+struct Job {
+    pid: u32,
+    uid: u32,
+    line: String,
+    done: tokio::sync::oneshot::Sender<Result<(), NoticeError>>,
+}
+
+/// The thread that writes notices, apart from every other thread of the agent: a write the
+/// kernel lets block anyway (a terminal whose output was stopped, a FUSE file) stalls only
+/// notices, never holds, reloads or the heartbeat. Its queue is bounded; when it is full,
+/// notices are dropped.
+pub struct Notifier {
+    tx: std::sync::mpsc::SyncSender<Job>,
+}
+
+impl Default for Notifier {
+    fn default() -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(QUEUE);
+        let spawned = std::thread::Builder::new()
+            .name("airlock-notices".into())
+            .spawn(move || {
+                for job in rx {
+                    // Written with the task's file-system identity: root's file capabilities
+                    // (CAP_FSETID keeping setuid bits on a written file) do not apply.
+                    // SAFETY: setfsuid acts on this thread only.
+                    unsafe { libc::syscall(libc::SYS_setfsuid, job.uid) };
+                    let r = tell(job.pid, &job.line);
+                    // SAFETY: as above, back to root's.
+                    unsafe { libc::syscall(libc::SYS_setfsuid, 0) };
+                    let _ = job.done.send(r);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the notice thread; held tasks are not told");
+        }
+        Self { tx }
+    }
+}
+
+impl Notifier {
+    /// Tells process `pid` (running as `uid`) `line`, waiting at most `limit` for the write.
+    pub async fn tell(
+        &self,
+        pid: u32,
+        uid: u32,
+        line: String,
+        limit: std::time::Duration,
+    ) -> Result<(), NoticeError> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.tx
+            .try_send(Job {
+                pid,
+                uid,
+                line,
+                done,
+            })
+            .map_err(|_| NoticeError::Busy)?;
+        match tokio::time::timeout(limit, answer).await {
+            Ok(Ok(r)) => r,
+            _ => Err(NoticeError::Busy),
+        }
+    }
 }
 
 /// Writes `line` (one line, without its newline) to the standard error of process `pid`.

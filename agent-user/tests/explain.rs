@@ -166,8 +166,8 @@ fn explain_usage_errors_exit_2_and_say_what() {
             "cannot split",
         ),
         (
-            &["--explain", "--connect", "db.internal:5432"][..],
-            "is not an IP address",
+            &["--explain", "--connect", "db.invalid:5432"][..],
+            "does not resolve on this host",
         ),
         (
             &["--explain", "--exec", "airlock-no-such-program x"][..],

@@ -245,9 +245,9 @@ expect = "allow"
         for (example, at, what) in [
             ("expect = \"ask\"\n", "p.toml:4:10:", "exactly one of exec"),
             (
-                "connect = \"db:5432\"\nexpect = \"ask\"\n",
+                "connect = \"db.invalid:5432\"\nexpect = \"ask\"\n",
                 "p.toml:4:11:",
-                "not an IP address",
+                "does not resolve on this host",
             ),
             (
                 "exec = \"/bin/sh\"\nprotocol = \"udp\"\nexpect = \"allow\"\n",

@@ -1501,11 +1501,38 @@ async fn asked_ahead_approval_is_a_grant_for_that_action_only(t: TestDb) {
     let mut other_env = shaped("real-3", "kubectl", "/work", "SHLVL");
     other_env.process.as_mut().unwrap().env[0].value = Some("/home/ci/.kube/prod".into());
     let mut other_env = a.ask(other_env);
+    // Another name for the program (busybox run as `rm`), or an environment name the asking
+    // process lacked (TF_CLI_ARGS, LD_PRELOAD): not covered.
+    let mut renamed = a.ask(shaped("real-4", "/tmp/rm", "/work", "SHLVL"));
+    let mut preloaded = a.ask(shaped("real-5", "kubectl", "/work", "LD_PRELOAD"));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(elsewhere.try_recv().is_err(), "another cwd is not covered");
     assert!(
         other_env.try_recv().is_err(),
         "another KUBECONFIG is not covered"
+    );
+    assert!(
+        renamed.try_recv().is_err(),
+        "another argv[0] is not covered"
+    );
+    assert!(
+        preloaded.try_recv().is_err(),
+        "a new environment name is not covered"
+    );
+    let grants = alice
+        .list_grants(airlock_proto::v1::ListGrantsRequest { all: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .grants;
+    let g = grants
+        .iter()
+        .find(|g| g.id == held.grant_id)
+        .expect("the grant");
+    let minutes = (g.expires_unix_ms - g.created_unix_ms) / 60_000;
+    assert_eq!(
+        minutes, 5,
+        "the window the agent asked for, as no approver chose one"
     );
 
     // The agent's own questions: about its host only.
@@ -1527,7 +1554,7 @@ async fn asked_ahead_approval_is_a_grant_for_that_action_only(t: TestDb) {
     let mut qa = query(&t["host-a"]).await;
     let route = qa
         .route(RouteQuery {
-            request: Some(shaped("probe", "kubectl", "/work", "X")),
+            request: Some(shaped("probe", "kubectl", "/work", "MCP_ONLY")),
             labels: Default::default(),
         })
         .await
@@ -1552,7 +1579,7 @@ async fn asked_ahead_approval_is_a_grant_for_that_action_only(t: TestDb) {
         .unwrap()
         .into_inner()
         .requests;
-    assert_eq!(recent.len(), 4, "ahead-1, real-1, real-2, real-3");
+    assert_eq!(recent.len(), 6, "ahead-1, real-1 .. real-5");
     let mut qb = query(&t["host-b"]).await;
     let other_host = qb
         .get(GetHostRequest {

@@ -164,8 +164,8 @@ fn bad_files_exit_4_with_where_and_bad_actions_exit_2() {
 
     for (args, want) in [
         (
-            &["--connect", "db.internal:5432"][..],
-            "is not an IP address",
+            &["--connect", "db.invalid:5432"][..],
+            "does not resolve on this host",
         ),
         (&["--exec", ""][..], "command line is empty"),
         (

@@ -12,7 +12,10 @@ use tonic::{Request, Response, Status};
 use super::status_of;
 use crate::{
     policy::{self, SharedPolicy},
-    store::{requests::ahead_key, requests::grant_key, Store},
+    store::{
+        requests::{ahead_env_ok, ahead_key, grant_key},
+        Store,
+    },
     types::now_ms,
 };
 
@@ -61,6 +64,7 @@ impl AgentQueryService for AgentQuerySvc {
                     && g.account == account
                     && (g.action == key || g.action == ahead)
                     && g.expires_unix_ms > now
+                    && ahead_env_ok(g, &held)
             })
             .max_by_key(|g| g.expires_unix_ms);
         Ok(Response::new(RouteAnswer {

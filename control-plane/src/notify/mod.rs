@@ -567,7 +567,8 @@ impl Facts {
         if req.asked_ahead {
             // The AI agent's words, marked as such; each channel escapes them like the rest.
             what = format!(
-                "{what}\n(asked ahead, no task is held; the AI agent's own words: \"{}\")",
+                "{what}\n(asked ahead for up to {} min, no task is held; the AI agent's own words: \"{}\")",
+                req.ahead_minutes.clamp(1, crate::store::requests::MAX_AHEAD_MINUTES),
                 clip(&req.justification, 500)
             );
         }
@@ -726,7 +727,7 @@ mod tests {
         assert_eq!(f.deadline, "none: held until someone decides");
         assert_eq!(
             f.what,
-            "connect [2001:db8::1]:443/tcp\n(asked ahead, no task is held; the AI agent's own words: \"INC-42\")"
+            "connect [2001:db8::1]:443/tcp\n(asked ahead for up to 1 min, no task is held; the AI agent's own words: \"INC-42\")"
         );
     }
 }

@@ -27,6 +27,8 @@ use crate::{
     types::{now_ms, person, state_name, Route},
 };
 
+/// Longest grant a request asked ahead makes when no approver chose a window, minutes.
+pub const MAX_AHEAD_MINUTES: u32 = 60;
 /// Longest grant, minutes.
 pub const MAX_GRANT_MINUTES: u32 = 24 * 60;
 
@@ -66,10 +68,10 @@ pub fn grant_key(held: &HeldRequest) -> (String, String, String) {
 }
 
 /// What a grant made by approving a request asked ahead matches on, beside host and account:
-/// the program (for a script, the script) and its arguments without argv[0] (which the caller
-/// chooses), the working directory, and the values of the environment variables the agent
-/// sends (`agent.env_allow`); not the names of the others, which differ between the AI agent's
-/// MCP server and the shell that later runs the command. A connect: address, port, protocol.
+/// the program (for a script, the script), argv[0]'s file name, the rule, the other arguments,
+/// the working directory, and the values of the environment variables the agent sends
+/// (`agent.env_allow`). Environment names are checked apart ([`ahead_env_ok`]): a shell adds
+/// some to what the asking process had. A connect: address, port, protocol.
 pub fn ahead_key(held: &HeldRequest) -> String {
     let req = held.request.clone().unwrap_or_default();
     let p = req.process.unwrap_or_default();
@@ -80,6 +82,15 @@ pub fn ahead_key(held: &HeldRequest) -> String {
             } else {
                 e.program
             };
+            // argv[0]'s file name counts (`busybox` run as `rm` is another program), and so
+            // does the rule that held it (another binary bind-mounted over the path is held by
+            // another rule).
+            let argv0 = e
+                .argv
+                .first()
+                .map(|a| a.rsplit('/').next().unwrap_or(a))
+                .unwrap_or("");
+            let program = format!("{program} {argv0} rule {}", req.rule);
             let args: Vec<&str> = e.argv.iter().skip(1).map(String::as_str).collect();
             let mut env: Vec<String> = p
                 .env
@@ -99,6 +110,26 @@ pub fn ahead_key(held: &HeldRequest) -> String {
         }
         None => String::new(),
     }
+}
+
+/// Names a shell adds to the environment it was started with.
+const SHELL_NAMES: [&str; 6] = ["PWD", "OLDPWD", "SHLVL", "_", "LINES", "COLUMNS"];
+
+/// Whether `held`'s environment names are within those of the request asked ahead that made
+/// `g` (plus what a shell adds); always true for other grants, which bind names in their key.
+pub fn ahead_env_ok(g: &Grant, held: &HeldRequest) -> bool {
+    if !g.asked_ahead {
+        return true;
+    }
+    let names = held
+        .request
+        .as_ref()
+        .and_then(|r| r.process.as_ref())
+        .map(|p| p.env.iter().map(|e| e.name.as_str()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    names
+        .iter()
+        .all(|n| SHELL_NAMES.contains(n) || g.env_names.iter().any(|a| a == n))
 }
 
 /// Whether anyone who agreed to grant `g` is a human behind `held` (its account or login
@@ -346,7 +377,7 @@ impl Tx {
             Some(Cell::Blob(_)) => Some(row.message::<Grant>(3)?),
             _ => None,
         }
-        .filter(|g| !granted_by_requester(g, &new.held));
+        .filter(|g| !granted_by_requester(g, &new.held) && ahead_env_ok(g, &new.held));
         let Some(g) = grant else {
             self.save_encoded(
                 &new.held,
@@ -517,15 +548,28 @@ impl Tx {
             held.decided_unix_ms = at;
             // A request asked ahead is approved as a grant: its whole point is that the real
             // action then passes at once. The approver's window wins if they gave one.
+            // The window: the shortest any approver chose; none chose one ("this once"): what
+            // the AI agent asked for, at most MAX_AHEAD_MINUTES.
             let ahead = held.request.as_ref().filter(|r| r.asked_ahead);
             let minutes = match ahead {
-                Some(r) if minutes == 0 => r.ahead_minutes.clamp(1, MAX_GRANT_MINUTES),
-                _ => minutes,
+                Some(r) => approvals
+                    .iter()
+                    .map(|v| v.grant_minutes)
+                    .filter(|m| *m > 0)
+                    .min()
+                    .unwrap_or_else(|| r.ahead_minutes.clamp(1, MAX_AHEAD_MINUTES)),
+                None => minutes,
             };
             if state == RequestState::Approved && minutes > 0 {
                 let (host_id, account, mut action) = grant_key(&held);
-                if ahead.is_some() {
+                let mut env_names = Vec::new();
+                if let Some(r) = ahead {
                     action = ahead_key(&held);
+                    env_names = r
+                        .process
+                        .as_ref()
+                        .map(|p| p.env.iter().map(|e| e.name.clone()).collect())
+                        .unwrap_or_default();
                 }
                 let g = Grant {
                     id: format!(
@@ -539,6 +583,8 @@ impl Tx {
                     created_by: held.decided_by.clone(),
                     created_unix_ms: at,
                     expires_unix_ms: at + i64::from(minutes) * 60_000,
+                    asked_ahead: ahead.is_some(),
+                    env_names,
                     ..Default::default()
                 };
                 held.grant_id = g.id.clone();

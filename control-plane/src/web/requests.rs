@@ -200,8 +200,8 @@ fn details(held: &HeldRequest) -> Markup {
                 dd { ul.env { @for e in &p.env { li { code { (e.name) @if let Some(v) = &e.value { "=" (v) } } } } } }
             }
             @if req.asked_ahead {
-                dt { "Asked ahead" } dd.ahead { "No task is held: the AI agent asks before it acts. Approving grants this exact action, account and host for "
-                    (req.ahead_minutes.max(1)) " min." }
+                dt { "Asked ahead" } dd.ahead { "No task is held: the AI agent asks before it acts. Approving grants this program, run under this name with these arguments, by this account on this host, in this directory, with these allowed environment values and no environment names the asking process lacked, for "
+                    (req.ahead_minutes.clamp(1, crate::store::requests::MAX_AHEAD_MINUTES)) " min (or the window you choose)." }
                 dt { "Its reason" } dd.justification { q { (req.justification) } " (the AI agent's own words, not checked)" }
             }
             dt { "Agent rule" } dd { (req.rule) @if !req.description.is_empty() { " — " (req.description) } }
