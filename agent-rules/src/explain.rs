@@ -49,6 +49,32 @@ pub fn exit_code(decision: Decision) -> u8 {
     }
 }
 
+/// The rule that decides among `matching` (in order), as the agent picks it: the first,
+/// unless it only observes and an enforcing rule matches after it (observe rules record; they
+/// never let through what another rule holds).
+fn pick<'a>(
+    matching: impl Iterator<Item = &'a crate::policy::Rule>,
+    mode: Mode,
+    notes: &mut Vec<String>,
+) -> Option<&'a crate::policy::Rule> {
+    let all: Vec<&crate::policy::Rule> = matching.collect();
+    let observes = |r: &crate::policy::Rule| r.config.mode.unwrap_or(mode) == Mode::Observe;
+    let first = *all.first()?;
+    if !observes(first) {
+        return Some(first);
+    }
+    match all.iter().find(|r| !observes(r)) {
+        Some(enforcing) => {
+            notes.push(format!(
+                "rule {:?} matches first but only observes (it records the action); rule {:?} after it enforces",
+                first.config.name, enforcing.config.name
+            ));
+            Some(enforcing)
+        }
+        None => Some(first),
+    }
+}
+
 /// The word people use for a decision.
 pub fn decision_word(decision: Decision) -> &'static str {
     match decision {
@@ -571,7 +597,14 @@ impl Tester {
                     interpreters,
                     held,
                 );
-                (self.policy.match_exec(&subject, &accounts), held)
+                (
+                    pick(
+                        self.policy.matches_exec(&subject, &accounts),
+                        self.mode,
+                        &mut notes,
+                    ),
+                    held,
+                )
             }
             Action::Connect {
                 address,
@@ -591,8 +624,16 @@ impl Tester {
                     Matcher::Exec { .. } => false,
                 });
                 (
-                    self.policy
-                        .match_connect(*address, *port, protocol.sock_type(), &accounts),
+                    pick(
+                        self.policy.matches_connect(
+                            *address,
+                            *port,
+                            protocol.sock_type(),
+                            &accounts,
+                        ),
+                        self.mode,
+                        &mut notes,
+                    ),
                     held,
                 )
             }
@@ -1057,9 +1098,14 @@ mod tests {
     #[test]
     fn observe_mode_and_waiting_are_said() {
         let r = rules(
-            "[[rule]]\nname = \"watch\"\nexec = [\"/bin/sh\"]\nargs = [\"watch *\"]\ndecision = \"deny\"\nmode = \"observe\"\n[[rule]]\nname = \"wait\"\nexec = [\"/bin/sh\"]\ndecision = \"ask\"\non_timeout = \"wait\"\n",
+            "[[rule]]\nname = \"watch\"\nexec = [\"/bin/sh\"]\nargs = [\"watch *\"]\ndecision = \"deny\"\nmode = \"observe\"\n[[rule]]\nname = \"wait\"\nexec = [\"/bin/sh\"]\nargs = [\"run *\"]\ndecision = \"ask\"\non_timeout = \"wait\"\n[[rule]]\nname = \"guard\"\nexec = [\"/bin/sh\"]\nargs = [\"watch prod\"]\ndecision = \"ask\"\n",
         );
         let mut t = tester(&r);
+        // An observe rule first does not let through what an enforcing rule after it holds.
+        let e = t.explain(&exec("/bin/sh watch prod", &r), None);
+        assert_eq!((e.decision, e.observe), (Decision::Ask, false));
+        assert_eq!(e.rule.as_ref().map(|d| d.name.as_str()), Some("guard"));
+        assert!(e.notes.iter().any(|n| n.contains("only observes")), "{e}");
         let e = t.explain(&exec("/bin/sh watch x", &r), None);
         assert_eq!((e.decision, e.observe), (Decision::Deny, true));
         assert!(

@@ -168,7 +168,9 @@ impl Names {
         loop {
             tick.tick().await;
             let now = Instant::now();
-            let mut changed = self.expire(now);
+            // Lookups first: a name due now whose lookup fails keeps its addresses (expiring
+            // them first would open the door for the length of the outage).
+            let mut changed = false;
             for name in self.due(now) {
                 if resolver.is_none() {
                     // Built again after a failure, so a fixed /etc/resolv.conf is picked up.
@@ -205,6 +207,7 @@ impl Names {
                 }
                 changed |= self.record(&name, Instant::now(), answer);
             }
+            changed |= self.expire(Instant::now());
             if changed {
                 for (name, addrs) in self.resolved() {
                     tracing::info!(%name, addresses = ?addrs, "a connect rule's name now stands for these addresses");

@@ -35,9 +35,17 @@ token_file = "/etc/airlock/agent.token"
 hold_timeout_secs = 5
 unreachable_grace_secs = 30
 max_pending_per_account = 2
+dns_min_ttl_secs = 1
 
 [watch]
 users = ["agent", "other"]
+
+[[rule]]
+name = "orders-db"
+description = "The orders database, by name"
+connect = ["orders-db.test"]
+ports = [5432]
+decision = "ask"
 
 [[rule]]
 name = "kubectl-delete"
@@ -66,6 +74,12 @@ exec = ["/usr/local/bin/kubectl"]
 args = ["apply *"]
 decision = "ask"
 mode = "observe"
+
+[[rule]]
+name = "kubectl-apply-prod"
+exec = ["/usr/local/bin/kubectl"]
+args = ["apply -f prod"]
+decision = "deny"
 
 [[rule]]
 name = "kubectl-patch"
@@ -116,6 +130,16 @@ const SERVER_CONFIG: &str = r#"
 public_url = "https://airlock.test"
 "#;
 
+/// Before the agent starts: a DNS responder the test controls (its zone file is read again for
+/// every query) as the guest's resolver, and a server on port 5432 of every loopback address.
+const DNS_SETUP: &str = r#"
+echo "nameserver 127.0.0.1" > /etc/resolv.conf
+echo "orders-db.test 127.0.0.3 2" > /tmp/dns.zone
+/usr/bin/airlock-workload dns 53 /tmp/dns.zone > /tmp/dns.log 2>&1 &
+DNS=$!
+/usr/bin/airlock-workload serve 5432 > /dev/null 2>&1 &
+"#;
+
 /// `k KEY ARGS...`: runs kubectl as the watched account with stderr to a root-made file, then
 /// reports `KEY_rc`, `KEY_err` (stderr, lines joined by `|`) and `KEY_ms` (how long it took).
 const SCRIPT: &str = r#"
@@ -136,6 +160,7 @@ k deny delete ns deny-me
 k expire drain node-1 expire-me
 k quiet patch node-1 quiet-me
 k observe apply -f observe-me
+k observe_prod apply -f prod
 
 ESC=$(printf 'esc\033[8m')
 su agent -c "/usr/local/bin/kubectl delete ns '$ESC' esc-me" > /dev/null 2> /tmp/esc.err
@@ -162,6 +187,19 @@ wait $w
 echo "@@R wait_rc $?"
 echo "@@R wait_err $(tr '\n' '|' < /tmp/wait.err)"
 
+# A connect rule by DNS name: the hold follows the name's address (TTL 2 s), the old address
+# goes free after its TTL, and a resolver outage keeps the last address held.
+db() { su agent -c "/usr/bin/airlock-workload connect tcp $1 5432" 2>&1 | tr '\n' ' '; }
+echo "@@R dns_first_a $(db 127.0.0.3)"
+echo "@@R dns_first_b $(db 127.0.0.4)"
+echo "orders-db.test 127.0.0.4 2" > /tmp/dns.zone
+sleep 8
+echo "@@R dns_moved_b $(db 127.0.0.4)"
+echo "@@R dns_moved_a $(db 127.0.0.3)"
+kill $DNS
+sleep 8
+echo "@@R dns_outage_b $(db 127.0.0.4)"
+
 # The AI agent's side over MCP, as agent, then as other.
 su agent -c 'sh /opt/mcp-agent.sh'
 su other -c 'sh /opt/mcp-other.sh'
@@ -184,7 +222,8 @@ for f in /tmp/agent-*.log; do tail -n 60 $f | sed "s|^|@@LOG $f |"; done
 fn marker(h: &HeldRequest) -> String {
     match h.request.as_ref().and_then(|r| r.action.as_ref()) {
         Some(Action::Exec(e)) => e.argv.last().cloned().unwrap_or_default(),
-        _ => String::new(),
+        Some(Action::Connect(c)) => format!("connect-{}", c.port),
+        None => String::new(),
     }
 }
 
@@ -236,6 +275,7 @@ async fn approver(url: String, alice: String) {
                 "deny-me" => Some((Duration::ZERO, Verdict::Deny, "not during the freeze")),
                 "wait-me" => Some((Duration::from_secs(10), Verdict::Allow, "late but fine")),
                 "cap-1" | "cap-2" => Some((Duration::from_secs(6), Verdict::Allow, "ok")),
+                "connect-5432" => Some((Duration::ZERO, Verdict::Deny, "not the orders db")),
                 _ => None,
             };
             if let Some((after, verdict, reason)) = decision {
@@ -308,7 +348,7 @@ fn boot(kernel: &str) -> Result<Booted> {
         AGENT_CONFIG.replace("GRPC_PORT", &grpc_port.to_string()),
         0o644,
     )
-    .script(format!("{START_AGENT}{SCRIPT}"));
+    .script(format!("{DNS_SETUP}{START_AGENT}{SCRIPT}"));
     let run = g.boot(Duration::from_secs(600))?;
     rt.shutdown_background();
     let data = {
@@ -453,6 +493,21 @@ fn observe_mode_records_and_never_stops(b: &Booted) {
         .contains(&"request.observed".to_owned()));
 }
 
+fn an_observe_rule_never_lets_through_what_a_later_rule_enforces(b: &Booted) {
+    assert_eq!(
+        b.r("observe_prod_rc"),
+        "137",
+        "denied by kubectl-apply-prod"
+    );
+    let observed: Vec<&HeldRequest> = b.requests.iter().filter(|h| marker(h) == "prod").collect();
+    assert_eq!(observed.len(), 1, "{observed:#?}");
+    assert_eq!(
+        observed[0].state(),
+        RequestState::Observed,
+        "still recorded as observed"
+    );
+}
+
 fn wait_holds_past_every_deadline_until_decided(b: &Booted) {
     assert_eq!(b.r("wait_held_at_8s"), "1", "still held after 8 s");
     assert_eq!(b.r("wait_rc"), "0", "approved, then ran");
@@ -586,6 +641,67 @@ fn another_account_cannot_read_or_ask_for_the_first(b: &Booted) {
     assert_eq!(why["requests"], serde_json::json!([]), "{why}");
 }
 
+fn a_connect_rule_by_name_follows_the_name(b: &Booted) {
+    // Held (and denied by the approver) at the name's first address; the other is free.
+    assert!(
+        b.r("dns_first_a").starts_with("err 13"),
+        "{}",
+        b.r("dns_first_a")
+    );
+    assert!(
+        b.r("dns_first_b").starts_with("ok pong"),
+        "{}",
+        b.r("dns_first_b")
+    );
+    // The name moved: its new address is held, the old one is free once its TTL ran out.
+    assert!(
+        b.r("dns_moved_b").starts_with("err 13"),
+        "{}",
+        b.r("dns_moved_b")
+    );
+    assert!(
+        b.r("dns_moved_a").starts_with("ok pong"),
+        "{}",
+        b.r("dns_moved_a")
+    );
+    // The resolver is gone: the last address stays held.
+    assert!(
+        b.r("dns_outage_b").starts_with("err 13"),
+        "{}",
+        b.r("dns_outage_b")
+    );
+    // Approvers saw the name beside the address, and the audit record says it.
+    let held: Vec<&HeldRequest> = b
+        .requests
+        .iter()
+        .filter(|h| marker(h) == "connect-5432")
+        .collect();
+    assert_eq!(held.len(), 3, "{held:#?}");
+    let names: Vec<String> = held
+        .iter()
+        .filter_map(
+            |h| match h.request.as_ref().and_then(|r| r.action.as_ref()) {
+                Some(Action::Connect(c)) => Some(format!("{} ({})", c.name, c.address)),
+                _ => None,
+            },
+        )
+        .collect();
+    assert!(
+        names.contains(&"orders-db.test (127.0.0.3)".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"orders-db.test (127.0.0.4)".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        b.audit
+            .iter()
+            .any(|r| r.payload.contains("orders-db.test (127.0.0.3):5432")),
+        "the audit record names it"
+    );
+}
+
 airlock_tests::kernel_matrix!(
     boot = boot,
     booted = Booted,
@@ -604,5 +720,7 @@ airlock_tests::kernel_matrix!(
         a_dry_run_says_what_the_kernel_then_does,
         asked_ahead_then_the_real_command_passes_by_the_grant,
         another_account_cannot_read_or_ask_for_the_first,
+        a_connect_rule_by_name_follows_the_name,
+        an_observe_rule_never_lets_through_what_a_later_rule_enforces,
     ]
 );

@@ -16,7 +16,8 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: airlock-workload run MARKER CODE [ARGS..] | connect tcp|udp ADDR PORT | serve PORT.. \
          | timed CMD.. | spawn N CMD.. (\"{{i}}\" in CMD is the child index) | ptrace PID \
-         | bench-exec N CMD.. | bench-connect N ADDR PORT | bench-send N ADDR PORT"
+         | bench-exec N CMD.. | bench-connect N ADDR PORT | bench-send N ADDR PORT \
+         | dns PORT ZONE_FILE"
     );
     ExitCode::from(2)
 }
@@ -39,6 +40,7 @@ fn main() -> ExitCode {
         "run" => run(rest),
         "connect" => connect(rest),
         "serve" => serve(rest),
+        "dns" => dns(rest),
         "timed" => timed(rest),
         "spawn" => spawn(rest),
         "ptrace" => ptrace_probe(rest),
@@ -110,6 +112,83 @@ fn connect(args: &[String]) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A DNS responder for guest tests, on UDP 127.0.0.1:PORT: answers A queries from ZONE_FILE
+/// (lines `NAME IPV4 TTL`, read again for every query, so a test changes answers by writing
+/// it), other types with no records, unknown names with NXDOMAIN.
+fn dns(args: &[String]) -> ExitCode {
+    let [port, zone] = args else {
+        return usage();
+    };
+    let Ok(sock) = UdpSocket::bind(format!("127.0.0.1:{port}")) else {
+        eprintln!("cannot listen on udp {port}");
+        return ExitCode::from(1);
+    };
+    println!("dns serving");
+    let mut buf = [0u8; 512];
+    loop {
+        let Ok((n, from)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        if let Some(reply) = dns_answer(
+            &buf[..n],
+            &std::fs::read_to_string(zone).unwrap_or_default(),
+        ) {
+            let _ = sock.send_to(&reply, from);
+        }
+    }
+}
+
+/// The reply to one DNS query `q` from `zone`; `None` for what is not a query.
+fn dns_answer(q: &[u8], zone: &str) -> Option<Vec<u8>> {
+    if q.len() < 12 || u16::from_be_bytes([q[4], q[5]]) != 1 {
+        return None;
+    }
+    // The question: labels up to the root, then type and class.
+    let mut i = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = *q.get(i)? as usize;
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(q.get(i..i + len)?).to_ascii_lowercase());
+        i += len;
+    }
+    let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
+    let question = &q[12..i + 4];
+    let name = labels.join(".");
+    let records: Vec<(std::net::Ipv4Addr, u32)> = zone
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (n, a, t) = (w.next()?, w.next()?, w.next()?);
+            (n.eq_ignore_ascii_case(&name)).then_some((a.parse().ok()?, t.parse().ok()?))
+        })
+        .collect();
+    let known = zone.lines().any(|l| {
+        l.split_whitespace()
+            .next()
+            .is_some_and(|n| n.eq_ignore_ascii_case(&name))
+    });
+    let answers: Vec<_> = if qtype == 1 { records } else { Vec::new() };
+    let mut r = Vec::with_capacity(64);
+    r.extend_from_slice(&q[0..2]); // id
+                                   // QR, opcode 0, RD copied, RA; NXDOMAIN for a name the zone does not have.
+    r.extend_from_slice(&[0x80 | (q[2] & 0x01), if known { 0x80 } else { 0x83 }]);
+    r.extend_from_slice(&1u16.to_be_bytes());
+    r.extend_from_slice(&(answers.len() as u16).to_be_bytes());
+    r.extend_from_slice(&[0, 0, 0, 0]);
+    r.extend_from_slice(question);
+    for (addr, ttl) in answers {
+        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+        r.extend_from_slice(&ttl.to_be_bytes());
+        r.extend_from_slice(&4u16.to_be_bytes());
+        r.extend_from_slice(&addr.octets());
+    }
+    Some(r)
 }
 
 /// Answers `pong` to every TCP connection on each PORT (dual-stack), forever.
