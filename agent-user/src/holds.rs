@@ -843,6 +843,9 @@ fn describe_short(req: &ActionRequest) -> String {
     match &req.action {
         Some(Action::Exec(e)) if !e.argv.is_empty() => e.argv.join(" "),
         Some(Action::Exec(e)) => e.path.clone(),
+        Some(Action::Connect(c)) if !c.name.is_empty() => {
+            format!("connect to {} ({}):{}", c.name, c.address, c.port)
+        }
         Some(Action::Connect(c)) => format!("connect to {}:{}", c.address, c.port),
         None => String::new(),
     }
