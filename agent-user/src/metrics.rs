@@ -241,6 +241,25 @@ mod tests {
     }
 
     #[test]
+    fn dns_failures_and_addresses_are_exported() {
+        let m = AgentMetrics::default();
+        let name = DnsName {
+            name: "orders-db.test".into(),
+        };
+        m.dns_failures.get_or_create(&name).inc();
+        m.dns_addresses.get_or_create(&name).set(2);
+        let text = m.render().expect("render");
+        assert!(
+            text.contains("airlock_agent_dns_failures_total{name=\"orders-db.test\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("airlock_agent_dns_addresses{name=\"orders-db.test\"} 2"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn program_totals_become_counters() {
         let m = AgentMetrics::default();
         m.update_programs(&[("exec_hold".into(), 10, Duration::from_micros(5))]);

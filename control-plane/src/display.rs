@@ -160,6 +160,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_connect_shows_the_name_beside_the_address() {
+        let c = |name: &str, address: &str| {
+            Action::Connect(airlock_proto::v1::ConnectAction {
+                address: address.into(),
+                port: 5432,
+                name: name.into(),
+                ..Default::default()
+            })
+        };
+        assert_eq!(
+            action_line(Some(&c("orders-db.prod.internal", "10.20.3.4"))),
+            "connect orders-db.prod.internal (10.20.3.4):5432/tcp"
+        );
+        assert_eq!(
+            action_line(Some(&c("", "2001:db8::1"))),
+            "connect [2001:db8::1]:5432/tcp"
+        );
+    }
+
+    #[test]
     fn escapes_terminal_controls() {
         assert_eq!(escape_control("kubectl get pods"), "kubectl get pods");
         assert_eq!(
