@@ -346,9 +346,13 @@ fn allowed_actions_pass_without_a_hold(b: &Booted) {
 
 fn approved_through_grpc_runs_and_is_audited(b: &Booted) {
     assert_eq!(b.r("approve_rc"), "0");
-    assert!(b
-        .r("approve_out")
-        .starts_with("kubectl delete ns approve-me: done"));
+    // The task's own output, after the lines the agent told it while it was held.
+    let out = b.r("approve_out");
+    assert!(
+        out.contains("is waiting for approval")
+            && out.contains("kubectl delete ns approve-me: done"),
+        "{out}"
+    );
     let all = b.requests("approve-me");
     assert_eq!(all.len(), 2, "the first run and its repeat");
     let h = all[0];
