@@ -76,7 +76,7 @@ k() { out=$(su agent -c "/usr/local/bin/kubectl $*" 2>&1); rc=$?; }
 start_agent
 
 k get pods;                    echo "@@R get_rc $rc"; echo "@@R get_out $out"
-k delete ns approve-me;        echo "@@R approve_rc $rc"; echo "@@R approve_out $out"
+k delete ns approve-me;        echo "@@R approve_rc $rc"; echo "@@R approve_out $(echo "$out" | tr '\n' '|')"
 k delete ns approve-me;        echo "@@R grant_rc $rc"
 k delete ns deny-web;          echo "@@R deny_rc $rc"
 k drain node-1 timeout-me;     echo "@@R timeout_rc $rc"
