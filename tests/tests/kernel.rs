@@ -59,6 +59,9 @@ unreachable_grace_secs = {grace}
 env_allow = ["AIRLOCK_VISIBLE"]
 labels = {{ env = "test" }}
 metrics_addr = "127.0.0.1:9464"
+# Fifty holds at once (s8): above the default caps of 20 pending requests.
+max_pending = 100
+max_pending_per_account = 100
 
 [watch]
 users = ["agent"]
