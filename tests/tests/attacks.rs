@@ -294,7 +294,7 @@ echo $max > /proc/sys/kernel/pid_max
 # A new agent takes the hold over and asks.
 start_agent
 wait $p
-echo "@@R p1_reuse $(cat /tmp/p1.out)"
+echo "@@R p1_reuse $(grep '^reused=' /tmp/p1.out)"
 echo "@@R p1_marker $(mark /tmp/work/p1)"
 
 # --- an explicit uninstall releases (denies) what is held and unloads everything ---
