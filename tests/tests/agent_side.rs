@@ -399,6 +399,12 @@ impl Booted {
             .unwrap_or_default()
     }
 
+    /// Asserts that result `key` contains `text`.
+    fn expect(&self, key: &str, text: &str) {
+        let v = self.r(key);
+        assert!(v.contains(text), "{key}: {v}");
+    }
+
     fn audit_actions(&self, m: &str) -> Vec<String> {
         let id = self.id(m);
         self.audit
@@ -647,39 +653,17 @@ fn another_account_cannot_read_or_ask_for_the_first(b: &Booted) {
 fn a_connect_rule_by_name_follows_the_name(b: &Booted) {
     // Held (and denied by the approver) at the name's first address; the other is free. The
     // held task was told, with the name.
-    assert!(
-        b.r("dns_first_a")
-            .contains("airlock: \"connect to orders-db.test (127.0.0.3):5432\" is waiting"),
-        "{}",
-        b.r("dns_first_a")
+    b.expect(
+        "dns_first_a",
+        "airlock: \"connect to orders-db.test (127.0.0.3):5432\" is waiting",
     );
-    assert!(
-        b.r("dns_first_a").contains("err 13"),
-        "{}",
-        b.r("dns_first_a")
-    );
-    assert!(
-        b.r("dns_first_b").contains("ok pong"),
-        "{}",
-        b.r("dns_first_b")
-    );
+    b.expect("dns_first_a", "err 13");
+    b.expect("dns_first_b", "ok pong");
     // The name moved: its new address is held, the old one is free once its TTL ran out.
-    assert!(
-        b.r("dns_moved_b").contains("err 13"),
-        "{}",
-        b.r("dns_moved_b")
-    );
-    assert!(
-        b.r("dns_moved_a").contains("ok pong"),
-        "{}",
-        b.r("dns_moved_a")
-    );
+    b.expect("dns_moved_b", "err 13");
+    b.expect("dns_moved_a", "ok pong");
     // The resolver is gone: the last address stays held.
-    assert!(
-        b.r("dns_outage_b").contains("err 13"),
-        "{}",
-        b.r("dns_outage_b")
-    );
+    b.expect("dns_outage_b", "err 13");
     // Approvers saw the name beside the address, and the audit record says it.
     let held: Vec<&HeldRequest> = b
         .requests
