@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 . scripts/toolchain.env   # AIRLOCK_NIGHTLY: the eBPF crate's pinned nightly
+# One full build, not an edit loop: incremental caches would only cost disk (gigabytes) and time.
+export CARGO_INCREMENTAL=0
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
