@@ -110,6 +110,51 @@ pub struct ServerConfig {
     /// Signed audit checkpoints.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Caps and timeouts on the gRPC and HTTP listeners' connections.
+    #[serde(default)]
+    pub connections: Connections,
+}
+
+/// `[connections]`: how many connections each listener keeps open and how long a new one may
+/// take to say who it is. Idle or slow sockets would otherwise use up the server's file
+/// descriptors, and then every agent fails closed.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Connections {
+    /// A new gRPC connection must send its first bytes (TLS ClientHello or HTTP/2 preface) and
+    /// finish its TLS handshake within this many seconds, or it is closed.
+    pub handshake_timeout_secs: u64,
+    /// An HTTP request's headers must arrive within this many seconds of the connection (or of
+    /// the previous response on a kept-alive connection), or it is closed.
+    pub header_timeout_secs: u64,
+    /// Most gRPC connections open at once (one per agent, watcher or CLI call). Beyond it new
+    /// ones wait in the kernel's backlog. Keep it below the unit's LimitNOFILE.
+    pub max_grpc_connections: usize,
+    /// Most HTTP connections open at once (browsers, live queues, Slack callbacks, scrapes).
+    pub max_http_connections: usize,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            handshake_timeout_secs: 10,
+            header_timeout_secs: 10,
+            max_grpc_connections: 20_000,
+            max_http_connections: 4_096,
+        }
+    }
+}
+
+impl Connections {
+    /// [`Connections::handshake_timeout_secs`], at least one second.
+    pub fn handshake_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.handshake_timeout_secs.max(1))
+    }
+
+    /// [`Connections::header_timeout_secs`], at least one second.
+    pub fn header_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.header_timeout_secs.max(1))
+    }
 }
 
 /// `[audit]`: signed checkpoints of the audit chain's head, so that a rewrite of the database

@@ -8,6 +8,7 @@
 //!      health and metrics;
 //!    - [`notify`]: Slack, Teams and webhooks, each channel with its own queue, and Slack's
 //!      buttons;
+//!    - [`listen`]: the listeners' connection cap and handshake and header deadlines;
 //!    - [`server`]: one replica, its services and background work ([`ControlPlane`]); the
 //!      binaries `airlock-server` and `airlockctl` are in `src/bin`.
 //! 2. Decisions:
@@ -27,6 +28,7 @@
 
 // Layer 1: front ends.
 pub mod api;
+pub mod listen;
 pub mod notify;
 pub mod server;
 pub mod web;

@@ -24,7 +24,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use crate::{
     api,
     auth::{Authed, Tokens},
-    config::Limits,
+    config::{Connections, Limits},
     decide::Decisions,
     metrics::Metrics,
     policy::{self, Policy, PolicyError, SharedPolicy},
@@ -79,6 +79,8 @@ pub struct ControlPlane {
     pub metrics: Arc<Metrics>,
     /// Bounds on requests, outcomes and lists (`[limits]`).
     pub limits: Limits,
+    /// Caps and timeouts on the listeners' connections (`[connections]`).
+    pub connections: Connections,
     /// Bearer token checks.
     pub tokens: Arc<Tokens>,
     /// The audit chain's cached verification.
@@ -101,6 +103,7 @@ impl ControlPlane {
             tls: None,
             metrics: Arc::default(),
             limits: Limits::default(),
+            connections: Connections::default(),
             tokens: Tokens::new(store.clone()),
             verifier: Verifier::new(store.clone()),
             closing: Arc::new(tokio::sync::watch::channel(false).0),
@@ -279,13 +282,7 @@ impl ControlPlane {
             self.metrics.clone(),
         )
         .merge(extra);
-        // With the peer's address: login throttling counts failures per client.
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await
+        crate::listen::serve_http(listener, app, &self.connections, shutdown).await
     }
 
     /// Serves gRPC (agents, approvals, health, reflection) on `listener` until `shutdown`
@@ -326,9 +323,12 @@ impl ControlPlane {
         };
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = &self.tls {
-            let mut cfg = tonic::transport::ServerTlsConfig::new().identity(
-                tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
-            );
+            let mut cfg = tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(
+                    &tls.cert_pem,
+                    &tls.key_pem,
+                ))
+                .timeout(self.connections.handshake_timeout());
             if let Some(ca) = &tls.client_ca_pem {
                 cfg = cfg
                     .client_ca_root(tonic::transport::Certificate::from_pem(ca))
@@ -337,7 +337,10 @@ impl ControlPlane {
             builder = builder.tls_config(cfg)?;
         }
         let require_client_cert = self.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some());
+        // Peers that vanished without a FIN (a host powered off) are found and their
+        // connections closed, so that they do not hold places under the connection cap.
         let result = builder
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(Authed::agents(
@@ -401,9 +404,8 @@ impl ControlPlane {
                 }),
                 self.tokens.clone(),
             ))
-            // Small messages both ways (requests, decisions): no Nagle delay.
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                crate::listen::grpc(listener, &self.connections),
                 shutdown,
             )
             .await;

@@ -328,6 +328,7 @@ async fn main() -> Result<()> {
     };
     let mut plane = ControlPlane::new(store);
     plane.limits = config.limits.clone();
+    plane.connections = config.connections.clone();
     if let Some(key_file) = &config.audit.checkpoint_key_file {
         let secret = airlock_control_plane::config::read_secret(key_file)?;
         let signer = airlock_control_plane::checkpoint::Signer::from_hex(secret.expose())

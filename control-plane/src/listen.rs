@@ -1,0 +1,248 @@
+//! Accepting connections on the gRPC and HTTP listeners: a cap on how many are open at once and
+//! a deadline for each new one's first bytes.
+//!
+//! Without them, sockets that connect and then say nothing (or one byte a minute) stay open
+//! forever; enough of them use up the server's file descriptors, and then every agent fails
+//! closed because it cannot reach its control plane. A new connection must send its first
+//! [`FIRST_BYTES`] bytes (a TLS ClientHello, the HTTP/2 preface, an HTTP/1 request line) within
+//! the handshake time; TLS itself must then finish within that time too (tonic's handshake
+//! timeout), and an HTTP request's headers within the header time (hyper's timer).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
+
+use crate::config::Connections;
+
+/// Bytes a new connection must send within the handshake time: the length of the HTTP/2
+/// preface; a TLS ClientHello or an HTTP/1 request line is longer.
+pub const FIRST_BYTES: usize = 24;
+
+/// An accepted connection: holds its place under the cap until dropped, and fails its reads
+/// with `TimedOut` when its first bytes do not arrive in time.
+pub struct Guarded {
+    stream: TcpStream,
+    peer: SocketAddr,
+    /// Bytes still owed before the deadline; 0 once they came.
+    owed: usize,
+    deadline: Option<Pin<Box<Sleep>>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Guarded {
+    /// The address of the other end.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Some(deadline) = &mut this.deadline {
+            let got = buf.filled().len() - before;
+            if matches!(polled, Poll::Ready(Ok(()))) && got > 0 {
+                this.owed = this.owed.saturating_sub(got);
+                if this.owed == 0 {
+                    this.deadline = None;
+                    return polled;
+                }
+            }
+            // Polled after the read, so that its waker is registered whenever the read waits.
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the connection's first bytes did not arrive in time",
+                )));
+            }
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for Guarded {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+/// The connections `listener` accepts, at most `max` open at once: when the cap is reached,
+/// accepting waits (new peers queue in the kernel's backlog) until one closes. Accept errors
+/// (out of file descriptors, a peer that reset) are logged and retried, never the end of the
+/// stream: the server must go on serving.
+///
+/// `first_bytes` is what each connection owes within `handshake` (0: nothing).
+pub fn accept(
+    listener: TcpListener,
+    max: usize,
+    first_bytes: usize,
+    handshake: Duration,
+    what: &'static str,
+) -> impl Stream<Item = io::Result<Guarded>> + Send + 'static {
+    let slots = Arc::new(Semaphore::new(max.max(1)));
+    futures::stream::unfold(listener, move |listener| {
+        let slots = slots.clone();
+        async move {
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    tracing::warn!(
+                        listener = what,
+                        max,
+                        "connection cap reached; new connections wait until one closes"
+                    );
+                    slots.acquire_owned().await.ok()?
+                }
+            };
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        // Small messages both ways (requests, decisions): no Nagle delay.
+                        let _ = stream.set_nodelay(true);
+                        let guarded = Guarded {
+                            stream,
+                            peer,
+                            owed: first_bytes,
+                            deadline: (first_bytes > 0)
+                                .then(|| Box::pin(tokio::time::sleep(handshake))),
+                            _permit: permit,
+                        };
+                        return Some((Ok(guarded), listener));
+                    }
+                    Err(e) => {
+                        tracing::warn!(listener = what, error = %e, "accepting a connection failed");
+                        // EMFILE and the like do not clear at once; do not spin.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// [`accept`] with the gRPC listener's settings from `[connections]`.
+pub fn grpc(
+    listener: TcpListener,
+    c: &Connections,
+) -> impl Stream<Item = io::Result<Guarded>> + Send + 'static {
+    accept(
+        listener,
+        c.max_grpc_connections,
+        FIRST_BYTES,
+        c.handshake_timeout(),
+        "grpc",
+    )
+}
+
+/// Serves `app` over HTTP/1.1 on `listener` until `shutdown`, with `[connections]`' cap and
+/// header timeout (which also closes a keep-alive connection left idle that
+/// long). Each request carries the peer's address as axum's `ConnectInfo` (login throttling
+/// counts failures per client). After `shutdown`, open connections finish their requests.
+pub async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    c: &Connections,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    use futures::StreamExt;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let mut incoming = std::pin::pin!(accept(
+        listener,
+        c.max_http_connections,
+        // hyper's header timer runs from the moment the connection is served.
+        0,
+        c.header_timeout(),
+        "http",
+    ));
+    let header = c.header_timeout();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let conn = tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            conn = incoming.next() => conn,
+        };
+        let Some(Ok(conn)) = conn else { continue };
+        let peer = conn.peer();
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            app.clone().oneshot(req.map(axum::body::Body::new))
+        });
+        let mut stop = stop_rx.clone();
+        conns.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header)
+                .serve_connection(TokioIo::new(conn), service)
+                .with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(peer = %peer, error = %e, "http connection ended");
+                    }
+                    return;
+                }
+                _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+    }
+    let _ = stop_tx.send(true);
+    while conns.join_next().await.is_some() {}
+    Ok(())
+}
