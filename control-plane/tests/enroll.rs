@@ -316,6 +316,26 @@ async fn host_binding_and_re_enrolment(t: TestDb) {
         .await
     );
 
+    // Revoking the host does not free its id for any spare token: a host whose credential an
+    // admin revoked (lost, compromised, retired) comes back only through a token bound to it.
+    assert!(s.store.revoke_token("host-a").await.unwrap());
+    let spare = enroll::create(&s.store, "spare", None, DEFAULT_TTL, "server")
+        .await
+        .unwrap()
+        .token;
+    let takeover = agent_enroll::request(&conn(&s.url), &spare, &hello("host-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(takeover.code(), Code::PermissionDenied, "{takeover:?}");
+    assert!(
+        takeover.message().contains("revoked") && takeover.message().contains("--host host-a"),
+        "{takeover:?}"
+    );
+    // The refused attempt did not spend the spare token: it still enrols a new host.
+    agent_enroll::request(&conn(&s.url), &spare, &hello("host-c"))
+        .await
+        .unwrap();
+
     // The audit trail records it all, verifies, and never holds a token's text.
     s.store.verify_audit().await.unwrap();
     let enrolled = s
@@ -326,8 +346,8 @@ async fn host_binding_and_re_enrolment(t: TestDb) {
         })
         .await
         .unwrap();
-    assert_eq!(enrolled.len(), 2);
-    assert!(enrolled.iter().all(|r| r.actor == "host-a"));
+    assert_eq!(enrolled.len(), 3);
+    assert!(enrolled[..2].iter().all(|r| r.actor == "host-a"));
     assert!(
         enrolled[1].payload.contains("\"replaced\":true"),
         "{enrolled:?}"
@@ -340,12 +360,17 @@ async fn host_binding_and_re_enrolment(t: TestDb) {
         })
         .await
         .unwrap();
-    assert_eq!(revoked.len(), 1, "the replaced credential's revocation");
+    assert_eq!(
+        revoked.len(),
+        2,
+        "the replaced credential's revocation, then the admin's"
+    );
     let all = s.store.audit_query(&Filter::default()).await.unwrap();
     for secret in [
         &bound,
         &unbound,
         &rebind,
+        &spare,
         &first.agent_token,
         &second.agent_token,
     ] {

@@ -9,9 +9,9 @@
 //! - it may be bound to one host id (`tokens create --scope enroll --host HOST`); the hello must
 //!   then name that host. The token's name is only a label, never a binding: a label cannot be
 //!   told apart from a host id;
-//! - an unbound token enrols only a host that has no active credential. Replacing a host's
-//!   credential needs a token bound to that host: otherwise anyone holding any enrollment token
-//!   could take over an enrolled host's identity;
+//! - an unbound token enrols only a host id never enrolled before. Replacing a host's
+//!   credential, or bringing back a host whose credential was revoked, needs a token bound to
+//!   that host: otherwise anyone holding any enrollment token could take over its identity;
 //! - enrolment creates (or replaces, revoking the old one) the `agent` token named after the host
 //!   id, marks the enrollment token used and appends the audit records, all in one transaction.
 //!   The audit trail names the enrollment token by its id, never by its text.
@@ -77,6 +77,12 @@ pub enum EnrollError {
          (`airlock-server tokens create --scope enroll --name LABEL --host {0}`)"
     )]
     AlreadyEnrolled(String),
+    /// An unbound token cannot bring back a host whose credential was revoked.
+    #[error(
+        "host {0:?} had its credential revoked; enrolling it again needs a token bound to it \
+         (`airlock-server tokens create --scope enroll --name LABEL --host {0}`)"
+    )]
+    Revoked(String),
     /// The host id is the name of a token that is not an agent's.
     #[error("a {scope} token is named {name:?}, so no agent can have that host id")]
     NameTaken {
@@ -99,9 +105,9 @@ impl From<EnrollError> for Status {
             EnrollError::Unknown | EnrollError::Used { .. } | EnrollError::Expired { .. } => {
                 Status::unauthenticated(e.to_string())
             }
-            EnrollError::HostMismatch { .. } | EnrollError::AlreadyEnrolled(_) => {
-                Status::permission_denied(e.to_string())
-            }
+            EnrollError::HostMismatch { .. }
+            | EnrollError::AlreadyEnrolled(_)
+            | EnrollError::Revoked(_) => Status::permission_denied(e.to_string()),
             EnrollError::NameTaken { .. } => Status::failed_precondition(e.to_string()),
             EnrollError::Invalid(_) => Status::invalid_argument(e.to_string()),
             EnrollError::Random(_) | EnrollError::Store(_) => {
@@ -231,6 +237,7 @@ pub async fn enroll(store: &Store, token: &str, hello: &Hello) -> Result<Enrolle
             host: host.to_owned(),
         }),
         Err(EnrollRefusal::AlreadyEnrolled) => Err(EnrollError::AlreadyEnrolled(host.to_owned())),
+        Err(EnrollRefusal::Revoked) => Err(EnrollError::Revoked(host.to_owned())),
         Err(EnrollRefusal::NameTaken { scope }) => Err(EnrollError::NameTaken {
             name: host.to_owned(),
             scope,

@@ -25,6 +25,8 @@ pub enum EnrollRefusal {
     },
     /// The host has a credential and the token is not bound to it.
     AlreadyEnrolled,
+    /// The host's credential was revoked and the token is not bound to it.
+    Revoked,
     /// A token that is not an agent's has the host's name.
     NameTaken {
         /// Its scope.
@@ -275,8 +277,15 @@ impl Store {
                     Some(r) => r.opt_int(1)?.is_none(),
                     None => false,
                 };
-                if active && bound.is_none() {
-                    return Ok(Err(EnrollRefusal::AlreadyEnrolled));
+                // A host id seen before comes back only through a token bound to it: a revoked
+                // credential (lost, compromised, retired) must not free the id for any spare
+                // token.
+                if existing.is_some() && bound.is_none() {
+                    return Ok(Err(if active {
+                        EnrollRefusal::AlreadyEnrolled
+                    } else {
+                        EnrollRefusal::Revoked
+                    }));
                 }
                 // Token names are unique (revoked ones included), so a host keeps one row: a
                 // new credential replaces the old one in place, and the audit trail keeps the
