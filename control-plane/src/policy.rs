@@ -297,6 +297,7 @@ impl Policy {
                 quorum: r.quorum,
                 require_reason: r.require_reason,
                 deny_needs_quorum: r.deny_needs_quorum,
+                owners: Vec::new(),
             })
     }
 
@@ -329,11 +330,23 @@ impl Policy {
             return false;
         };
         let me = crate::types::person(approver);
+        self.owners(&p.user, &p.login_user)
+            .iter()
+            .any(|who| crate::types::person(who) == me)
+    }
+
+    /// The people [`Policy::unix_accounts`] lists for account `user` or login user
+    /// `login_user`.
+    pub fn owners(&self, user: &str, login_user: &str) -> Vec<String> {
         self.unix_accounts
             .iter()
-            .filter(|(who, _)| crate::types::person(who) == me)
-            .flat_map(|(_, accounts)| accounts)
-            .any(|a| !a.is_empty() && (*a == p.user || *a == p.login_user))
+            .filter(|(_, accounts)| {
+                accounts
+                    .iter()
+                    .any(|a| !a.is_empty() && (a == user || a == login_user))
+            })
+            .map(|(who, _)| who.clone())
+            .collect()
     }
 
     /// Whether `approver` belongs to one of `groups` (true when `groups` is empty).

@@ -74,6 +74,9 @@ pub struct Route {
     pub require_reason: bool,
     /// Denials need a quorum too.
     pub deny_needs_quorum: bool,
+    /// People the policy's `[unix_accounts]` lists for the request's account or login user:
+    /// the request is theirs, so no grant they agreed to covers it (as their vote would not).
+    pub owners: Vec<String>,
 }
 
 impl Default for Route {
@@ -85,6 +88,7 @@ impl Default for Route {
             quorum: 1,
             require_reason: false,
             deny_needs_quorum: false,
+            owners: Vec::new(),
         }
     }
 }

@@ -534,6 +534,54 @@ async fn grant_answers_the_same_action_at_once_until_revoked(t: TestDb) {
     assert_eq!(g3.state(), RequestState::Pending);
 }
 
+/// A grant never covers a request its own approver is behind, under any of the Unix accounts
+/// the policy lists for them: alice grants `kubectl` for the `ci` account, then logs in as her
+/// own `deploy-alice` and runs it as `ci`. Her vote on that request would be refused; her grant
+/// must not approve it either.
+async fn a_grant_never_covers_its_approvers_listed_unix_accounts(t: TestDb) {
+    let policy = "[unix_accounts]\nalice = [\"deploy-alice\"]\n";
+    let (url, t, _stop) = start_with(&t, Some(policy)).await;
+    let a = agent(&url, "host-a", &t["host-a"]);
+    assert!(a.wait_connected(Duration::from_secs(5)).await);
+    let first = a.ask(request("own-1", "ci"));
+    let mut alice = approvals(&url, Some(&t["alice"])).await;
+    wait_pending(&mut alice, 1).await;
+    let mut with_grant = vote("own-1", Verdict::Allow, "deploy window");
+    with_grant.grant_minutes = 10;
+    let held = alice.decide(with_grant).await.unwrap().into_inner();
+    assert!(!held.grant_id.is_empty());
+    tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let mut own = request("own-2", "ci");
+    own.process.as_mut().unwrap().login_user = "deploy-alice".into();
+    let mut mine = a.ask(own);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        mine.try_recv().is_err(),
+        "alice's grant approved a request she is behind (login user deploy-alice)"
+    );
+    let got = alice
+        .get(GetRequestRequest {
+            request_id: "own-2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state(), RequestState::Pending, "{got:?}");
+    // Someone else still gets the grant's help.
+    let mut other = request("own-3", "ci");
+    other.process.as_mut().unwrap().login_user = "bob".into();
+    let d = tokio::time::timeout(Duration::from_secs(5), a.ask(other))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.verdict, Verdict::Allow as i32);
+    assert!(d.decided_by.contains(&held.grant_id), "{}", d.decided_by);
+}
+
 async fn audit_export_agents_and_policy_services(t: TestDb) {
     use airlock_proto::v1::{
         agents_service_client::AgentsServiceClient, audit_service_client::AuditServiceClient,
@@ -1615,6 +1663,7 @@ both!(
     resent_request_is_one_request_and_watchers_see_it,
     quorum_of_two_from_the_rules_group_and_deny_wins,
     grant_answers_the_same_action_at_once_until_revoked,
+    a_grant_never_covers_its_approvers_listed_unix_accounts,
     audit_export_agents_and_policy_services,
     cancel_tells_the_agent_to_deny,
     agents_receive_their_rules_now_and_on_change,

@@ -135,6 +135,7 @@ async fn receive_exec(
         quorum: 1,
         require_reason,
         deny_needs_quorum: false,
+        owners: Vec::new(),
     };
     let req = ActionRequest {
         request_id: id.into(),

@@ -133,12 +133,14 @@ pub fn ahead_env_ok(g: &Grant, held: &HeldRequest) -> bool {
 }
 
 /// Whether anyone who agreed to grant `g` is a human behind `held` (its account or login
-/// user): a grant never approves its own approvers' requests, as their vote would not.
-fn granted_by_requester(g: &Grant, held: &HeldRequest) -> bool {
-    g.created_by
-        .split(',')
-        .map(str::trim)
-        .any(|approver| crate::types::is_requester(held, approver))
+/// user, by name or as one of `owners`, the people the policy lists for them): a grant never
+/// approves its own approvers' requests, as their vote would not.
+fn granted_by_requester(g: &Grant, held: &HeldRequest, owners: &[String]) -> bool {
+    g.created_by.split(',').map(str::trim).any(|approver| {
+        let me = crate::types::person(approver);
+        crate::types::is_requester(held, approver)
+            || owners.iter().any(|o| crate::types::person(o) == me)
+    })
 }
 
 fn id_of(held: &HeldRequest) -> &str {
@@ -176,6 +178,8 @@ struct Incoming {
     /// [`ahead_key`]: a grant made by approving a request asked ahead covers this one too.
     ahead_key: String,
     payload: serde_json::Value,
+    /// [`Route::owners`].
+    owners: Vec<String>,
     host_cap: u32,
     account_cap: u32,
 }
@@ -222,6 +226,7 @@ impl Incoming {
             held,
             user,
             payload,
+            owners: route.owners.clone(),
             host_cap: limits.max_pending_per_host,
             account_cap: limits.max_pending_per_account,
         }
@@ -377,7 +382,7 @@ impl Tx {
             Some(Cell::Blob(_)) => Some(row.message::<Grant>(3)?),
             _ => None,
         }
-        .filter(|g| !granted_by_requester(g, &new.held) && ahead_env_ok(g, &new.held));
+        .filter(|g| !granted_by_requester(g, &new.held, &new.owners) && ahead_env_ok(g, &new.held));
         let Some(g) = grant else {
             self.save_encoded(
                 &new.held,
