@@ -48,6 +48,15 @@ pub enum PolicyError {
         /// What is wrong.
         message: String,
     },
+    /// Valid, but its record (the stored policy and its `policy.loaded` audit record) could
+    /// not be written: a policy nobody can trace is not put in force.
+    #[error("{path}: not put in force, as recording it in the audit trail failed: {reason}")]
+    NotRecorded {
+        /// File.
+        path: String,
+        /// The store's error.
+        reason: String,
+    },
     /// Well-formed but inconsistent.
     #[error("{path}: {message}")]
     Invalid {

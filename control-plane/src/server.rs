@@ -154,18 +154,28 @@ impl ControlPlane {
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_millis() as i64);
         let shown = path.display().to_string();
-        match Policy::parse(&text, &shown).and_then(|p| {
+        let parsed = Policy::parse(&text, &shown).and_then(|p| {
             // A missing file parses as empty text: say that it is missing.
             if text.is_empty() && !path.exists() {
                 Policy::load(path)
             } else {
                 Ok(p)
             }
-        }) {
+        });
+        // Recorded (for the other replicas and in the audit trail) before it is put in force:
+        // a policy whose record fails is refused like a bad file.
+        let recorded = match parsed {
+            Ok(p) => match self.store.publish_policy(&text, &shown, mtime).await {
+                Ok(_) => Ok(p),
+                Err(e) => Err(PolicyError::NotRecorded {
+                    path: shown.clone(),
+                    reason: e.to_string(),
+                }),
+            },
+            Err(e) => Err(e),
+        };
+        match recorded {
             Ok(p) => {
-                if let Err(e) = self.store.publish_policy(&text, &shown, mtime).await {
-                    tracing::error!(error = %e, "storing the policy for the other replicas failed; it is in force here only");
-                }
                 self.apply_policy(p, text, shown, now);
                 Ok(())
             }

@@ -390,8 +390,51 @@ async fn airlockctl_audit_verify_reports_first_bad_record_and_exit_code(t: TestD
     );
 }
 
+/// A policy whose `policy.loaded` record cannot be written (the database refuses it) is not put
+/// in force: the running one stays and the refusal is reported with the reason.
+async fn a_policy_whose_audit_record_fails_is_not_put_in_force(t: TestDb) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, "[groups]\noncall = [\"alice\"]\n").unwrap();
+    let plane = ControlPlane::new(t.open().await);
+    plane.load_policy(&path).await.unwrap();
+    let refuse = match &t.db {
+        Database::Sqlite(_) => {
+            "CREATE TRIGGER refuse_policy BEFORE INSERT ON audit WHEN NEW.action = 'policy.loaded'
+             BEGIN SELECT RAISE(ABORT, 'injected: audit disk full'); END;"
+        }
+        Database::Postgres(_) => {
+            "CREATE FUNCTION refuse_policy() RETURNS trigger AS $$ BEGIN
+               IF NEW.action = 'policy.loaded' THEN RAISE EXCEPTION 'injected: audit disk full';
+               END IF; RETURN NEW; END $$ LANGUAGE plpgsql;
+             CREATE TRIGGER refuse_policy BEFORE INSERT ON audit FOR EACH ROW
+               EXECUTE FUNCTION refuse_policy();"
+        }
+    };
+    behind_the_back(&t.db, refuse).await;
+    std::fs::write(&path, "[groups]\noncall = [\"mallory\"]\n").unwrap();
+    let err = plane.load_policy(&path).await.unwrap_err();
+    assert!(
+        err.to_string().contains("not put in force") && err.to_string().contains("injected"),
+        "{err}"
+    );
+    let policy = airlock_control_plane::policy::current(&plane.policy);
+    assert_eq!(
+        policy.groups.get("oncall"),
+        Some(&vec!["alice".to_owned()]),
+        "the unrecorded policy was put in force"
+    );
+    let status = plane.policy_status.lock().unwrap().clone();
+    assert!(status.last_error.contains("not put in force"), "{status:?}");
+    assert!(!status.source.contains("mallory"), "{status:?}");
+    // Nothing else was stored for the other replicas either.
+    let stored = plane.store.current_policy().await.unwrap().unwrap();
+    assert!(!stored.source.contains("mallory"));
+}
+
 both!(
     restart_keeps_pending_and_delivers_later_decision,
+    a_policy_whose_audit_record_fails_is_not_put_in_force,
     audit_catches_changed_record,
     audit_catches_removed_record,
     audit_catches_reordered_records,
