@@ -921,8 +921,42 @@ async fn a_newer_schema_is_refused(t: TestDb) {
     );
 }
 
+/// An agent's labels choose its approval rules (`hosts = { env = "prod" }`), so a host that
+/// comes back with other labels is recorded in the audit trail, with before and after.
+async fn agent_label_changes_are_audited(t: TestDb) {
+    let s = t.open().await;
+    let hello = |env: &str| Hello {
+        host_id: "web-1".into(),
+        hostname: "web-1".into(),
+        labels: [("env".to_owned(), env.to_owned())].into(),
+        ..Default::default()
+    };
+    s.agent_seen(&hello("prod"), true).await.unwrap();
+    s.agent_seen(&hello("prod"), false).await.unwrap();
+    s.agent_seen(&hello("prod"), true).await.unwrap();
+    s.agent_seen(&hello("dev"), true).await.unwrap();
+    let changes = s
+        .audit_query(&airlock_control_plane::audit::Filter {
+            action: Some("agent.labels_changed".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        changes.len(),
+        1,
+        "one change, not one per connection: {changes:?}"
+    );
+    assert_eq!(changes[0].actor, "web-1");
+    let payload: serde_json::Value = serde_json::from_str(&changes[0].payload).unwrap();
+    assert_eq!(payload["before"]["env"], "prod", "{payload}");
+    assert_eq!(payload["after"]["env"], "dev", "{payload}");
+    s.verify_audit().await.unwrap();
+}
+
 both!(
     resent_request_is_the_same_request,
+    agent_label_changes_are_audited,
     quorum_of_two_distinct_people_and_deny_wins,
     changes_reach_subscribers_in_order,
     a_lagging_subscriber_catches_up_from_the_table,

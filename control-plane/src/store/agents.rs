@@ -2,6 +2,8 @@
 //! the agents it serves every [`HEARTBEAT_MS`]; an agent whose replica stopped touching it
 //! (stopped, or killed) counts as disconnected after [`STALE_MS`].
 
+use std::collections::BTreeMap;
+
 use airlock_proto::v1::Hello;
 use prost::Message;
 
@@ -27,8 +29,17 @@ pub struct KnownAgent {
     pub connected: bool,
 }
 
+fn sorted(labels: &std::collections::HashMap<String, String>) -> BTreeMap<&str, &str> {
+    labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
 impl Store {
-    /// Records that agent `hello` connected to this replica (`connected`), or left it.
+    /// Records that agent `hello` connected to this replica (`connected`), or left it. A
+    /// connection whose labels differ from the host's last ones is audited
+    /// (`agent.labels_changed`).
     pub async fn agent_seen(&self, hello: &Hello, connected: bool) -> Result<(), StoreError> {
         let (hello, replica) = (hello.clone(), self.replica().to_owned());
         self.write(move |tx| {
@@ -36,6 +47,27 @@ impl Store {
             Box::pin(async move {
                 let now = now_ms();
                 if connected {
+                    // Labels route requests to approval rules (`hosts = { env = "prod" }`): a
+                    // change is recorded in the audit trail with what it was and what it is.
+                    let before = tx
+                        .row("SELECT body FROM agents WHERE host_id = $1", args![&hello.host_id])
+                        .await?
+                        .map(|r| r.message::<Hello>(0))
+                        .transpose()?;
+                    if let Some(before) = before {
+                        let (old, new) = (sorted(&before.labels), sorted(&hello.labels));
+                        if old != new {
+                            let payload = serde_json::json!({"before": old, "after": new});
+                            tx.audit(
+                                &hello.host_id,
+                                "agent.labels_changed",
+                                "",
+                                &payload.to_string(),
+                                None,
+                            )
+                            .await?;
+                        }
+                    }
                     tx.exec(
                         "INSERT INTO agents (host_id, body, first_seen_ms, last_seen_ms, replica, connected)
                          VALUES ($1, $2, $3, $3, $4, 1)
