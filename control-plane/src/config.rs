@@ -397,7 +397,8 @@ pub struct WebhookFile {
     pub url: String,
     /// File holding the HMAC key for `X-Airlock-Signature`.
     pub secret_file: String,
-    /// Events to send (`request.received`, `request.vote`, `request.decided`); empty: all.
+    /// Events to send (`request.received`, `request.vote`, `request.decided`); empty: all of
+    /// those. `audit.checkpoint` (signed audit checkpoints) is sent only when listed.
     #[serde(default)]
     pub events: Vec<String>,
     /// Attempts per event before it is given up (logged as failed).
@@ -423,8 +424,13 @@ fn default_timeout_secs() -> u64 {
     10
 }
 
-/// Event names a webhook may subscribe to.
-pub const EVENTS: [&str; 3] = ["request.received", "request.vote", "request.decided"];
+/// Event names a webhook may subscribe to (`audit.checkpoint` only when listed).
+pub const EVENTS: [&str; 4] = [
+    "request.received",
+    "request.vote",
+    "request.decided",
+    "audit.checkpoint",
+];
 
 impl ServerConfig {
     /// Reads and checks `path`.

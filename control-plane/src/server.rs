@@ -239,8 +239,9 @@ impl ControlPlane {
     }
 
     /// Signs the audit chain's head with `signer` every `every`, when the trail has grown
-    /// since the last one: each checkpoint goes to the log (target `airlock_audit_checkpoint`)
-    /// and, when `file` is set, is appended to it. Runs until the task is dropped.
+    /// since the last one: each checkpoint goes to the log (target `airlock_audit_checkpoint`),
+    /// into the trail as `audit.checkpoint` (for webhooks that ask for it) and, when `file` is
+    /// set, is appended to it. Runs until the task is dropped.
     pub async fn sign_checkpoints(
         &self,
         signer: std::sync::Arc<crate::checkpoint::Signer>,
@@ -251,18 +252,33 @@ impl ControlPlane {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            let (seq, hash) = match self.store.audit_tip().await {
+            let (seq, hash, action) = match self.store.audit_tip_action().await {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::error!(error = %e, "reading the audit head for a checkpoint failed");
                     continue;
                 }
             };
-            if seq == signed {
+            // Nothing new since the last checkpoint (this replica's or another's): signing
+            // again would only record checkpoints of checkpoints.
+            if seq == signed || action == "audit.checkpoint" {
                 continue;
             }
             let c = signer.sign(seq, &hash, crate::types::now_ms());
             tracing::info!(target: "airlock_audit_checkpoint", "audit checkpoint {c}");
+            // Into the trail too, which carries it to the webhooks that ask for checkpoints
+            // (once, by the replica holding each channel). That record is the new head; it is
+            // covered by the next checkpoint, once something else has been recorded.
+            let payload = serde_json::json!({"checkpoint": c.to_string(), "seq": seq}).to_string();
+            match self
+                .store
+                .audit_event("server", "audit.checkpoint", &payload)
+                .await
+            {
+                Ok(()) => {}
+                Err(e) => tracing::error!(error = %e, "recording the audit checkpoint failed"),
+            }
+            signed = seq;
             if let Some(path) = &file {
                 use std::io::Write;
                 let appended = std::fs::OpenOptions::new()
@@ -274,7 +290,6 @@ impl ControlPlane {
                     tracing::error!(path = %path.display(), error = %e, "appending the audit checkpoint failed");
                 }
             }
-            signed = seq;
         }
     }
 

@@ -329,7 +329,9 @@ async fn airlockctl_verify_checks_a_signed_checkpoint(t: TestDb) {
     behind_the_back(
         &t.db,
         &format!(
-            "UPDATE audit SET payload = '{}', digest = '{}', hash = '{}' WHERE seq = 5",
+            // The checkpoint's own record (seq 6) chained on the old hash: the forger drops it.
+            "UPDATE audit SET payload = '{}', digest = '{}', hash = '{}' WHERE seq = 5;
+             DELETE FROM audit WHERE seq > 5",
             forged.payload, forged.digest, forged.hash
         ),
     )

@@ -570,6 +570,84 @@ async fn webhook_retries_signs_and_logs_every_attempt(t: TestDb) {
     assert_eq!(decided["state"], "denied");
 }
 
+/// Signed checkpoints reach the webhooks that ask for them (and only those), signed like any
+/// delivery, and the line a receiver keeps verifies against the database with the public key.
+async fn checkpoints_reach_the_webhooks_that_ask_for_them(t: TestDb) {
+    use airlock_control_plane::checkpoint::{Checkpoint, Signer};
+    let (anchor_url, anchor) = receiver(0, false).await;
+    let (siem_url, siem) = receiver(0, false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let channels = channels(&format!(
+        "{}{}",
+        webhook_toml(
+            &dir,
+            "anchor",
+            &anchor_url,
+            "events = [\"audit.checkpoint\"]"
+        ),
+        webhook_toml(&dir, "siem", &siem_url, ""),
+    ));
+    let plane = plane(&t).await;
+    let _hub = Hub::start(plane.store.clone(), &channels, plane.metrics.clone())
+        .await
+        .unwrap();
+    receive(&plane.store, "c1", "ci", false).await;
+    let signer = Arc::new(Signer::from_hex(&"07".repeat(32)).unwrap());
+    let public = signer.public_hex();
+    let p = plane.clone();
+    let signing = tokio::spawn(async move {
+        p.sign_checkpoints(signer, Duration::from_millis(100), None)
+            .await
+    });
+    let (headers, body) = eventually("a checkpoint delivery", || {
+        anchor
+            .lock()
+            .unwrap()
+            .first()
+            .map(|(_, h, b)| (h.clone(), b.clone()))
+    })
+    .await;
+    let ts = headers["x-airlock-timestamp"].to_str().unwrap();
+    let expected = hmac_hex("key-of-anchor", &[ts.as_bytes(), b".", &body]);
+    assert_eq!(
+        headers["x-airlock-signature"].to_str().unwrap(),
+        format!("sha256={expected}")
+    );
+    assert_eq!(headers["x-airlock-event"], "audit.checkpoint");
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    let c = Checkpoint::parse(v["checkpoint"].as_str().unwrap()).unwrap();
+    c.verify(&public).unwrap();
+    let records = plane.store.audit_query(&Default::default()).await.unwrap();
+    let signed = records.iter().find(|r| r.seq == c.seq).unwrap();
+    assert_eq!(
+        signed.hash, c.hash,
+        "the checkpoint signs the chain as stored"
+    );
+    assert_eq!(signed.action, "request.received");
+
+    // Idle: no checkpoints of checkpoints.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let all = plane.store.audit_query(&Default::default()).await.unwrap();
+    let checkpoints = all
+        .iter()
+        .filter(|r| r.action == "audit.checkpoint")
+        .count();
+    assert_eq!(checkpoints, 1, "{all:?}");
+    assert_eq!(anchor.lock().unwrap().len(), 1);
+    // The webhook on the default events gets requests, never checkpoints.
+    eventually("the request event", || {
+        (!siem.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    assert!(siem
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|(_, h, _)| h["x-airlock-event"] != "audit.checkpoint"));
+    signing.abort();
+    plane.store.verify_audit().await.unwrap();
+}
+
 async fn a_hanging_receiver_does_not_delay_the_others(t: TestDb) {
     let (slow_url, slow) = receiver(0, true).await;
     let (fast_url, fast) = receiver(0, false).await;
@@ -811,6 +889,7 @@ fn missing_secret_files_are_named() {
 both!(
     slack_buttons_vote_through_the_decision_path,
     webhook_retries_signs_and_logs_every_attempt,
+    checkpoints_reach_the_webhooks_that_ask_for_them,
     a_hanging_receiver_does_not_delay_the_others,
     teams_gets_an_adaptive_card_linking_to_the_request,
     notices_name_the_executable_and_teams_shows_markdown_as_text,

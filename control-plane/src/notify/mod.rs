@@ -5,7 +5,10 @@
 //! - `request.received`: a new request waits for approvers;
 //! - `request.vote`: someone voted and the request is still pending (quorum not reached);
 //! - `request.decided`: the request left the pending state (approved, denied, approved at once
-//!   by a grant, cancelled or expired).
+//!   by a grant, cancelled or expired);
+//! - `audit.checkpoint`: a signed checkpoint of the audit chain's head ([`crate::checkpoint`]),
+//!   sent only to webhooks that list it in their `events`, so that a copy lives outside the
+//!   database's host.
 //!
 //! Every channel is delivered by its own worker, in the trail's order, one event at a time (a
 //! Slack update must follow its post), so a slow or failing channel never delays the others.
@@ -50,6 +53,8 @@ pub enum Event {
     Vote,
     /// The request is no longer pending.
     Decided,
+    /// A signed checkpoint of the audit chain (no request).
+    Checkpoint,
 }
 
 impl Event {
@@ -59,6 +64,7 @@ impl Event {
             Event::Received => "request.received",
             Event::Vote => "request.vote",
             Event::Decided => "request.decided",
+            Event::Checkpoint => "audit.checkpoint",
         }
     }
 
@@ -76,22 +82,25 @@ impl Event {
             "request.approved.grant" | "request.cancelled" | "request.expired" => {
                 Some(Event::Decided)
             }
+            "audit.checkpoint" => Some(Event::Checkpoint),
             _ => None,
         }
     }
 }
 
-/// One event for one request, as handed to every channel.
+/// One event for one request (or one checkpoint), as handed to every channel.
 #[derive(Debug)]
 pub struct Notice {
     /// Its place in the audit trail.
     pub seq: i64,
     /// What happened.
     pub event: Event,
-    /// The request after the change.
+    /// The request after the change (empty for a checkpoint).
     pub held: HeldRequest,
-    /// The request's page in the web UI.
+    /// The request's page in the web UI ("" for a checkpoint).
     pub link: String,
+    /// For [`Event::Checkpoint`]: the signed checkpoint line.
+    pub checkpoint: Option<String>,
 }
 
 impl Notice {
@@ -219,10 +228,15 @@ impl Sink {
     }
 
     fn wants(&self, event: Event) -> bool {
-        match self {
-            Sink::Slack(_) => true,
-            Sink::Teams(_) => event != Event::Vote,
-            Sink::Webhook(w) => w.events.is_empty() || w.events.iter().any(|e| e == event.as_str()),
+        let listed = |w: &webhook::Webhook| w.events.iter().any(|e| e == event.as_str());
+        match (self, event) {
+            // Checkpoints only where asked for: receivers written for request events would not
+            // know what to do with them.
+            (Sink::Webhook(w), Event::Checkpoint) => listed(w),
+            (_, Event::Checkpoint) => false,
+            (Sink::Slack(_), _) => true,
+            (Sink::Teams(_), _) => event != Event::Vote,
+            (Sink::Webhook(w), _) => w.events.is_empty() || listed(w),
         }
     }
 
@@ -319,15 +333,30 @@ async fn catch_up(sink: &Sink, ctx: &Ctx, name: &str, public_url: &Url, mut curs
             return true;
         };
         for c in page {
-            let wanted = Event::of(&c).filter(|e| sink.wants(*e));
-            let (Some(event), Some(held)) = (wanted, c.held.clone()) else {
+            let Some(event) = Event::of(&c).filter(|e| sink.wants(*e)) else {
                 continue;
             };
-            let notice = Notice {
-                seq: c.seq,
-                event,
-                link: request_link(public_url, &c.request_id),
-                held,
+            let notice = if event == Event::Checkpoint {
+                let line = serde_json::from_str::<serde_json::Value>(&c.payload)
+                    .ok()
+                    .and_then(|p| p["checkpoint"].as_str().map(str::to_owned));
+                let Some(line) = line else { continue };
+                Notice {
+                    seq: c.seq,
+                    event,
+                    held: HeldRequest::default(),
+                    link: String::new(),
+                    checkpoint: Some(line),
+                }
+            } else {
+                let Some(held) = c.held.clone() else { continue };
+                Notice {
+                    seq: c.seq,
+                    event,
+                    link: request_link(public_url, &c.request_id),
+                    held,
+                    checkpoint: None,
+                }
             };
             if leased(&ctx.store, name, sink.deliver(ctx, &notice))
                 .await

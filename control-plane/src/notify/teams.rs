@@ -60,6 +60,8 @@ pub fn card(notice: &Notice) -> Value {
             ],
             "Review in Airlock",
         ),
+        // Never sent to Teams (see `Sink::wants`); a plain card should that change.
+        Event::Checkpoint => ("Audit checkpoint".to_owned(), Vec::new(), "Open in Airlock"),
     };
     json!({
         "type": "message",

@@ -6,9 +6,19 @@
 //!  "request": { ...the HeldRequest, as in `airlockctl --json`... }}
 //! ```
 //!
+//! A webhook that lists `audit.checkpoint` in its `events` also gets every signed checkpoint of
+//! the audit chain, to keep where the database's host cannot rewrite it; append each
+//! `checkpoint` line to a file for `airlockctl audit verify --checkpoint FILE`:
+//!
+//! ```json
+//! {"event": "audit.checkpoint", "delivery": "...", "sent_unix_ms": 1767225600000,
+//!  "checkpoint": "airlock-checkpoint v1 seq=120 hash=... at=... key=... sig=..."}
+//! ```
+//!
 //! Headers:
 //!
-//! - `X-Airlock-Event`: the event (`request.received`, `request.vote`, `request.decided`);
+//! - `X-Airlock-Event`: the event (`request.received`, `request.vote`, `request.decided`,
+//!   `audit.checkpoint`);
 //! - `X-Airlock-Delivery`: the delivery id (the same on every retry of one event; use it to
 //!   drop duplicates);
 //! - `X-Airlock-Timestamp`: Unix seconds when this attempt was sent;
@@ -56,14 +66,22 @@ impl Webhook {
     pub(super) async fn deliver(&self, ctx: &Ctx, notice: &Notice) {
         let channel = format!("webhook:{}", self.name);
         let id = delivery_id(&channel, notice.seq);
-        let body = serde_json::json!({
-            "event": notice.event.as_str(),
-            "delivery": id,
-            "sent_unix_ms": now_ms(),
-            "url": notice.link,
-            "state": crate::types::state_name(notice.held.state()),
-            "request": notice.held,
-        })
+        let body = match &notice.checkpoint {
+            Some(line) => serde_json::json!({
+                "event": notice.event.as_str(),
+                "delivery": id,
+                "sent_unix_ms": now_ms(),
+                "checkpoint": line,
+            }),
+            None => serde_json::json!({
+                "event": notice.event.as_str(),
+                "delivery": id,
+                "sent_unix_ms": now_ms(),
+                "url": notice.link,
+                "state": crate::types::state_name(notice.held.state()),
+                "request": notice.held,
+            }),
+        }
         .to_string();
         ctx.deliver(&id, &channel, notice, &self.retry, || {
             let timestamp = (now_ms() / 1000).to_string();

@@ -281,6 +281,26 @@ impl Store {
         .await
     }
 
+    /// The newest record's sequence number, hash and action (0, the genesis hash and "" when
+    /// there is none).
+    pub async fn audit_tip_action(&self) -> Result<(i64, String, String), StoreError> {
+        self.read(|tx| {
+            Box::pin(async move {
+                match tx
+                    .row(
+                        "SELECT seq, hash, action FROM audit ORDER BY seq DESC LIMIT 1",
+                        &[],
+                    )
+                    .await?
+                {
+                    Some(r) => Ok((r.int(0)?, r.text(1)?, r.text(2)?)),
+                    None => Ok((0, audit::GENESIS.to_owned(), String::new())),
+                }
+            })
+        })
+        .await
+    }
+
     /// The sequence number of the newest record (0 when there is none).
     pub async fn audit_head(&self) -> Result<i64, StoreError> {
         self.read(|tx| {
