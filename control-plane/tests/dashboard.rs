@@ -1,7 +1,8 @@
 //! Every query of the Grafana dashboard (deploy/grafana/airlock.json) names metrics that exist:
 //! the server's from a live scrape of a running `airlock-server`'s /metrics, the agent's from
-//! its registry in-process (a live agent needs the BPF LSM guest; its /metrics serves exactly
-//! what `AgentMetrics::render` returns). The dashboard covers what an operator watches.
+//! its registry in-process (fast, no guest). The packaged agent's live /metrics is checked
+//! against the same queries in the QEMU guest (tests/tests/package_guest.rs). The dashboard
+//! covers what an operator watches.
 
 #[path = "support/server.rs"]
 mod server;
@@ -9,37 +10,8 @@ mod server;
 use std::{collections::BTreeSet, io::Read, io::Write, net::TcpStream, path::Path};
 
 use airlock_agent::metrics::AgentMetrics;
+use airlock_testkit::prometheus::{exposition_names as names, metrics_in};
 use server::Server;
-
-/// The sample names a text exposition can hold, from its `# TYPE` lines (a family with no
-/// samples yet still has one): a counter's `_total`, a histogram's `_bucket`, `_sum` and
-/// `_count`, a gauge's own name.
-fn names(exposition: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for line in exposition.lines() {
-        let Some(rest) = line.strip_prefix("# TYPE ") else {
-            continue;
-        };
-        let mut words = rest.split_whitespace();
-        let (Some(name), Some(kind)) = (words.next(), words.next()) else {
-            panic!("bad TYPE line {line:?}");
-        };
-        match kind {
-            "counter" => {
-                out.insert(format!("{name}_total"));
-            }
-            "histogram" => {
-                for suffix in ["_bucket", "_sum", "_count"] {
-                    out.insert(format!("{name}{suffix}"));
-                }
-            }
-            _ => {
-                out.insert(name.to_owned());
-            }
-        }
-    }
-    out
-}
 
 fn scrape(base: &str) -> String {
     let addr = base
@@ -53,21 +25,6 @@ fn scrape(base: &str) -> String {
     let (head, body) = raw.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.0 200"), "{head}");
     body.to_owned()
-}
-
-/// The metric names in a PromQL expression: words starting `airlock_`.
-fn metrics_in(expr: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = expr;
-    while let Some(i) = rest.find("airlock_") {
-        let tail = &rest[i..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        out.push(tail[..end].to_owned());
-        rest = &tail[end..];
-    }
-    out
 }
 
 #[test]

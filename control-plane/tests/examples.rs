@@ -80,7 +80,10 @@ fn example_server_config_loads_with_the_documented_values() {
     let siem = &cfg.webhooks[0];
     assert_eq!(siem.name, "siem");
     assert_eq!(siem.url, "https://siem.example.com/airlock");
-    assert_eq!(siem.events, ["request.received", "request.decided"]);
+    assert_eq!(
+        siem.events,
+        ["request.received", "request.decided", "audit.checkpoint"]
+    );
     assert_eq!(
         (siem.max_attempts, siem.backoff_ms, siem.timeout_secs),
         (5, 1000, 10)
@@ -130,7 +133,7 @@ fn example_server_config_loads_with_the_documented_values() {
     assert_eq!(channels.webhooks[0].secret.expose(), "hmac-key");
     assert_eq!(
         channels.webhooks[0].events,
-        ["request.received", "request.decided"]
+        ["request.received", "request.decided", "audit.checkpoint"]
     );
     let secret = airlock_control_plane::config::read_secret(
         cfg.oidc

@@ -1,4 +1,5 @@
-//! Real PostgreSQL clusters for tests and benchmarks.
+//! Support shared by the workspace's tests and benchmarks: real PostgreSQL clusters, and
+//! [`prometheus`] for reading `/metrics` and dashboard queries.
 //!
 //! [`Cluster::start`] runs Debian's `initdb` in a temporary directory and starts the server
 //! with `pg_ctl` on a free loopback port; dropping the cluster (or, for [`shared`], the end of
@@ -8,6 +9,8 @@
 //!
 //! The binaries are found in `AIRLOCK_PG_BIN` if set, else in the newest
 //! `/usr/lib/postgresql/*/bin` (Debian's `postgresql` package), else on `PATH`.
+
+pub mod prometheus;
 
 use std::{
     io,
