@@ -479,14 +479,18 @@ require_reason = true
     assert_eq!(denied.state(), RequestState::Denied, "any deny is final");
 }
 
-async fn grant_answers_the_same_action_at_once_until_revoked(t: TestDb) {
-    let (url, t, _stop) = start(&t).await;
-    let a = agent(&url, "host-a", &t["host-a"]);
-    assert!(a.wait_connected(Duration::from_secs(5)).await);
-    let first = a.ask(request("g-1", "ci"));
-    let mut alice = approvals(&url, Some(&t["alice"])).await;
+/// Agent `a` asks `id` for account `ci`; alice approves it with a 10-minute grant. Returns
+/// alice's client and the decided request (with its grant id) once the agent has the answer.
+async fn alice_grants(
+    url: &str,
+    t: &HashMap<&'static str, String>,
+    a: &Decider,
+    id: &str,
+) -> (Client, airlock_proto::v1::HeldRequest) {
+    let first = a.ask(request(id, "ci"));
+    let mut alice = approvals(url, Some(&t["alice"])).await;
     wait_pending(&mut alice, 1).await;
-    let mut with_grant = vote("g-1", Verdict::Allow, "deploy window");
+    let mut with_grant = vote(id, Verdict::Allow, "deploy window");
     with_grant.grant_minutes = 10;
     let held = alice.decide(with_grant).await.unwrap().into_inner();
     assert!(!held.grant_id.is_empty());
@@ -494,6 +498,14 @@ async fn grant_answers_the_same_action_at_once_until_revoked(t: TestDb) {
         .await
         .unwrap()
         .unwrap();
+    (alice, held)
+}
+
+async fn grant_answers_the_same_action_at_once_until_revoked(t: TestDb) {
+    let (url, t, _stop) = start(&t).await;
+    let a = agent(&url, "host-a", &t["host-a"]);
+    assert!(a.wait_connected(Duration::from_secs(5)).await);
+    let (mut alice, held) = alice_grants(&url, &t, &a, "g-1").await;
 
     // The same action again: approved by the grant, nobody asked.
     let repeat = a.ask(request("g-2", "ci"));
@@ -543,17 +555,7 @@ async fn a_grant_never_covers_its_approvers_listed_unix_accounts(t: TestDb) {
     let (url, t, _stop) = start_with(&t, Some(policy)).await;
     let a = agent(&url, "host-a", &t["host-a"]);
     assert!(a.wait_connected(Duration::from_secs(5)).await);
-    let first = a.ask(request("own-1", "ci"));
-    let mut alice = approvals(&url, Some(&t["alice"])).await;
-    wait_pending(&mut alice, 1).await;
-    let mut with_grant = vote("own-1", Verdict::Allow, "deploy window");
-    with_grant.grant_minutes = 10;
-    let held = alice.decide(with_grant).await.unwrap().into_inner();
-    assert!(!held.grant_id.is_empty());
-    tokio::time::timeout(Duration::from_secs(5), first)
-        .await
-        .unwrap()
-        .unwrap();
+    let (mut alice, held) = alice_grants(&url, &t, &a, "own-1").await;
 
     let mut own = request("own-2", "ci");
     own.process.as_mut().unwrap().login_user = "deploy-alice".into();
