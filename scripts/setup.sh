@@ -11,6 +11,7 @@
 # - the nightly pinned in scripts/toolchain.env with rust-src (the eBPF side is built with
 #   -Z build-std=core), and the pinned bpf-linker built against that nightly's own LLVM
 # - cargo-deb (scripts/package.sh)
+# - cargo-fuzz (scripts/fuzz.sh, and its smoke pass in scripts/test.sh)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -146,6 +147,13 @@ cargo_deb_version=3.8.0
 if [ "$(cargo deb --version 2>/dev/null | awk '{print $NF}')" != "$cargo_deb_version" ]; then
   log "installing cargo-deb $cargo_deb_version (about 2 minutes)"
   cargo install --locked cargo-deb --version "=$cargo_deb_version"
+fi
+
+# --- cargo-fuzz (scripts/fuzz.sh) -----------------------------------------------------------
+cargo_fuzz_version=0.13.2
+if [ "$(cargo fuzz --version 2>/dev/null | awk '{print $NF}')" != "$cargo_fuzz_version" ]; then
+  log "installing cargo-fuzz $cargo_fuzz_version"
+  cargo install --locked cargo-fuzz --version "=$cargo_fuzz_version"
 fi
 
 log "ready (guest kernels: $(cat "$vm_dir"/{6.1,6.12,sid}/ready | xargs))"

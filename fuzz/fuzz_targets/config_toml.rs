@@ -7,6 +7,6 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     airlock_control_plane::fuzzing::config_toml(text);
-    let _ = airlock_agent::config::Config::parse(text, std::path::Path::new("agent.toml"));
-    let _ = airlock_agent::server_rules::parse(text);
+    let _ = agent_rules::config::Config::parse(text, std::path::Path::new("agent.toml"));
+    let _ = agent_rules::server_rules::parse(text);
 });

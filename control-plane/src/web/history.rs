@@ -62,22 +62,20 @@ fn parse_time(field: &str, text: &str, end: bool) -> Result<Option<i64>, WebErro
     }
     let minute = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]");
     let day = time::macros::format_description!("[year]-[month]-[day]");
-    let at = if let Ok(t) = time::PrimitiveDateTime::parse(text, &minute) {
-        t.assume_utc()
+    let ms = |t: time::OffsetDateTime| (t.unix_timestamp_nanos() / 1_000_000) as i64;
+    if let Ok(t) = time::PrimitiveDateTime::parse(text, &minute) {
+        Ok(Some(ms(t.assume_utc())))
     } else if let Ok(d) = time::Date::parse(text, &day) {
-        let t = d.midnight().assume_utc();
-        if end {
-            t + time::Duration::days(1)
-        } else {
-            t
-        }
+        // The day's end added in milliseconds, not as a `time` date: the day after 9999-12-31
+        // is past `time`'s range, and its `+` panicked (found by fuzzing).
+        let start = ms(d.midnight().assume_utc());
+        Ok(Some(if end { start + 86_400_000 } else { start }))
     } else {
-        return Err(WebError(
+        Err(WebError(
             StatusCode::BAD_REQUEST,
             format!("{field} {text:?}: use YYYY-MM-DD or YYYY-MM-DDTHH:MM (UTC)"),
-        ));
-    };
-    Ok(Some((at.unix_timestamp_nanos() / 1_000_000) as i64))
+        ))
+    }
 }
 
 fn state_code(name: &str) -> Result<i32, WebError> {
@@ -498,5 +496,20 @@ mod tests {
         );
         let e = parse_time("to", "yesterday", false).err().unwrap();
         assert!(e.1.starts_with("to \"yesterday\""), "{}", e.1);
+    }
+
+    /// The web_form fuzz target's crash: `to=9999-12-31` panicked the history and audit pages.
+    #[test]
+    fn the_last_day_time_knows_is_a_filter_end_not_a_panic() {
+        let f: super::HistoryFilter = serde_urlencoded::from_bytes(b"to=9999-12-31").unwrap();
+        assert_eq!(
+            f.query().ok().and_then(|q| q.to_ms),
+            Some(253_402_300_800_000)
+        );
+        let f: super::AuditFilter = serde_urlencoded::from_bytes(b"to=9999-12-31").unwrap();
+        assert_eq!(
+            super::audit_filter(&f).ok().and_then(|a| a.until_ms),
+            Some(253_402_300_800_000)
+        );
     }
 }
