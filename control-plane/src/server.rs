@@ -252,7 +252,7 @@ impl ControlPlane {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            let (seq, hash, action) = match self.store.audit_tip_action().await {
+            let (seq, hash, action) = match self.store.audit_tip().await {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::error!(error = %e, "reading the audit head for a checkpoint failed");

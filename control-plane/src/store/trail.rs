@@ -264,26 +264,9 @@ impl Store {
         .await
     }
 
-    /// The newest record's sequence number and hash (0 and the genesis hash when there is
-    /// none): what a checkpoint signs.
-    pub async fn audit_tip(&self) -> Result<(i64, String), StoreError> {
-        self.read(|tx| {
-            Box::pin(async move {
-                match tx
-                    .row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])
-                    .await?
-                {
-                    Some(r) => Ok((r.int(0)?, r.text(1)?)),
-                    None => Ok((0, audit::GENESIS.to_owned())),
-                }
-            })
-        })
-        .await
-    }
-
     /// The newest record's sequence number, hash and action (0, the genesis hash and "" when
-    /// there is none).
-    pub async fn audit_tip_action(&self) -> Result<(i64, String, String), StoreError> {
+    /// there is none): what a checkpoint signs, and whether that record is a checkpoint.
+    pub async fn audit_tip(&self) -> Result<(i64, String, String), StoreError> {
         self.read(|tx| {
             Box::pin(async move {
                 match tx
