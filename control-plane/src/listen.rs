@@ -214,7 +214,12 @@ pub async fn serve_http(
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             conn = incoming.next() => conn,
         };
-        let Some(Ok(conn)) = conn else { continue };
+        let conn = match conn {
+            Some(Ok(conn)) => conn,
+            Some(Err(_)) => continue,
+            // The accept stream ends only if its slots were closed: nothing more will come.
+            None => break,
+        };
         let peer = conn.peer();
         let app = app.clone();
         let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
