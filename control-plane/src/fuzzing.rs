@@ -13,7 +13,7 @@ pub fn config_toml(text: &str) {
     if let Ok(p) = crate::policy::Policy::parse(text, "fuzz.toml") {
         let labels = [("env".to_owned(), "prod".to_owned())].into();
         let _ = p.rules_for(&labels);
-        let _ = p.route("x", &labels, "ci");
+        let _ = p.route("x", &labels, "ci", "");
     }
 }
 

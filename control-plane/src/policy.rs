@@ -285,14 +285,16 @@ impl Policy {
     }
 
     /// The route of a request held under agent rule `agent_rule` on a host with `labels`, for
-    /// account `account`.
+    /// account `account` launched by login user `login_user` ("" when unknown).
     pub fn route(
         &self,
         agent_rule: &str,
         labels: &BTreeMap<String, String>,
         account: &str,
+        login_user: &str,
     ) -> Route {
-        self.rules
+        let mut route = self
+            .rules
             .iter()
             .find(|r| {
                 (r.name == "*" || r.name == agent_rule)
@@ -307,7 +309,9 @@ impl Policy {
                 require_reason: r.require_reason,
                 deny_needs_quorum: r.deny_needs_quorum,
                 owners: Vec::new(),
-            })
+            });
+        route.owners = self.owners(account, login_user);
+        route
     }
 
     /// The rules agents with `labels` must enforce, as TOML in the agent's rule format, and a
@@ -396,12 +400,14 @@ groups = ["oncall", "dba"]
     #[test]
     fn first_matching_rule_routes() {
         let p = Policy::parse(POLICY, "p.toml").unwrap();
-        let r = p.route("kubectl-destructive", &labels("prod"), "ci");
+        let r = p.route("kubectl-destructive", &labels("prod"), "ci", "");
         assert_eq!((r.rule.as_str(), r.quorum), ("kubectl-destructive", 2));
-        let r = p.route("kubectl-destructive", &labels("staging"), "ci");
+        let r = p.route("kubectl-destructive", &labels("staging"), "ci", "");
         assert_eq!((r.rule.as_str(), r.quorum), ("*", 1), "label selector");
         assert_eq!(
-            Policy::default().route("x", &labels("prod"), "ci").quorum,
+            Policy::default()
+                .route("x", &labels("prod"), "ci", "")
+                .quorum,
             1
         );
         let by_account = Policy::parse(
@@ -409,10 +415,14 @@ groups = ["oncall", "dba"]
             "p.toml",
         )
         .unwrap();
-        assert!(by_account.route("x", &labels("prod"), "ci").require_reason);
+        assert!(
+            by_account
+                .route("x", &labels("prod"), "ci", "")
+                .require_reason
+        );
         assert!(
             !by_account
-                .route("x", &labels("prod"), "claude")
+                .route("x", &labels("prod"), "claude", "")
                 .require_reason
         );
         assert!(p.may_vote("carol", &["oncall".into(), "dba".into()]));

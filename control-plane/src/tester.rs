@@ -145,7 +145,7 @@ pub fn test(
     });
     let mut approval = None;
     if let (Some(rule), Decision::Ask) = (&explained.rule, explained.decision) {
-        let route = policy.route(&rule.name, &labels, account.unwrap_or(""));
+        let route = policy.route(&rule.name, &labels, account.unwrap_or(""), "");
         approval = Some(Approval {
             rule: (!route.rule.is_empty()).then(|| route.rule.clone()),
             groups: route

@@ -94,6 +94,7 @@ async fn one_person_under_two_names_at_once_is_one_vote(t: TestDb) {
         "kubectl",
         &Default::default(),
         "ci",
+        "",
     );
     let mut doubled = Vec::new();
     for i in 0..100 {

@@ -160,7 +160,7 @@ async fn populate(t: &TestDb) {
             hostname: "host".into(),
             ..Default::default()
         };
-        let route = Policy::default().route("", &Default::default(), "");
+        let route = Policy::default().route("", &Default::default(), "", "");
         s.receive(&host, &route, request(id), &Limits::default())
             .await
             .unwrap();

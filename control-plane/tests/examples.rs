@@ -10,7 +10,7 @@ fn example_policy_loads_and_its_agent_rules_parse() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/policy.toml");
     let policy = Policy::load(&path).unwrap();
     let prod = [("env".to_owned(), "prod".to_owned())].into();
-    let route = policy.route("terraform-apply", &prod, "ci");
+    let route = policy.route("terraform-apply", &prod, "ci", "");
     assert_eq!((route.quorum, route.require_reason), (2, true));
     let (text, _) = policy.rules_for(&prod);
     let rules = airlock_agent::server_rules::parse(&text).unwrap();

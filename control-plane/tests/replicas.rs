@@ -401,7 +401,12 @@ async fn grants_revocations_and_the_policy_apply_on_every_replica(mut t: TestDb)
     p.a.plane.load_policy(&path).await.unwrap();
     until("the policy on B", || {
         let policy = airlock_control_plane::policy::current(&p.b.plane.policy);
-        async move { policy.route("kubectl", &Default::default(), "ci").quorum == 2 }
+        async move {
+            policy
+                .route("kubectl", &Default::default(), "ci", "")
+                .quorum
+                == 2
+        }
     })
     .await;
     let status = p.b.plane.policy_status.lock().unwrap().clone();
@@ -417,6 +422,7 @@ async fn one_person_votes_once_across_replicas(t: TestDb) {
         "kubectl",
         &Default::default(),
         "ci",
+        "",
     );
     for i in 0..30 {
         let id = format!("v{i}");

@@ -38,13 +38,14 @@ impl AgentQueryService for AgentQuerySvc {
         let request = q
             .request
             .ok_or_else(|| Status::invalid_argument("route: request is missing"))?;
-        let account = request
+        let (account, login_user) = request
             .process
             .as_ref()
-            .map(|p| p.user.clone())
+            .map(|p| (p.user.clone(), p.login_user.clone()))
             .unwrap_or_default();
         let labels = q.labels.into_iter().collect();
-        let route = policy::current(&self.policy).route(&request.rule, &labels, &account);
+        let route =
+            policy::current(&self.policy).route(&request.rule, &labels, &account, &login_user);
         let held = HeldRequest {
             request: Some(request),
             host_id: host.clone(),

@@ -269,12 +269,11 @@ impl Stream_ {
             return Answer::Send(refusal(&r.request_id, &why));
         }
         let labels = labels_of(hello);
-        let account = r.process.as_ref().map_or("", |p| p.user.as_str());
-        let policy = policy::current(&self.policy);
-        let mut route = policy.route(&r.rule, &labels, account);
-        if let Some(p) = &r.process {
-            route.owners = policy.owners(&p.user, &p.login_user);
-        }
+        let (account, login_user) = r
+            .process
+            .as_ref()
+            .map_or(("", ""), |p| (p.user.as_str(), p.login_user.as_str()));
+        let route = policy::current(&self.policy).route(&r.rule, &labels, account, login_user);
         let id = r.request_id.clone();
         let (held, new) = match self.store.receive(hello, &route, r, &self.limits).await {
             Ok(v) => v,
