@@ -411,7 +411,8 @@ pub enum Counter {
     HoldExec = 0,
     /// Connects held.
     HoldConnect = 1,
-    /// Calls by watched tasks that passed the prefilter without a hold.
+    /// Execs by watched tasks that no rule holds. (Connects and sends to destinations no rule
+    /// names leave before the watch is looked up, uncounted: most of a host's traffic.)
     Pass = 2,
     /// Holds refused because the ring buffer was full (failed closed).
     DropRingFull = 3,

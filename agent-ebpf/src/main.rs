@@ -386,72 +386,93 @@ fn stop_for(ev: &HoldEvent) -> bool {
 
 // --- files --------------------------------------------------------------------------------
 
-/// What the programs need to know of a file.
-struct FileFacts {
+/// A file as the programs see it: its inode and super block, and the key rules name it by.
+/// Only the key is read up front; what else is needed is read when it is (most calls need
+/// no more than the key).
+struct FileRef {
+    inode: *const u8,
+    sb: *const u8,
     key: FileKey,
-    stamp: FileStamp,
-    self_made: bool,
-    /// Its contents can change without its change time moving (a file in memory, changed
-    /// through a shared mapping): a hash of it is never remembered.
-    volatile: bool,
 }
 
-/// Device, inode, change time of `file`, and whether the account of uid `uid` and gid `gid`
-/// could have made it: owned by it, or writable by it (world-writable, or group-writable with
-/// its group), or on a file system an unprivileged user controls (FUSE, whose server describes
-/// its files, or one mounted in a user namespace, such as an overlay over a held binary's
-/// directory). Root made everything it runs, so nothing counts as self-made for root.
+/// The inode, super block, device and inode number of `file`.
 #[inline(always)]
-fn file_facts(file: *const u8, uid: u32, gid: u32) -> Option<FileFacts> {
+fn file_ref(file: *const u8) -> Option<FileRef> {
     unsafe {
         let inode = read_at::<*const u8>(file, off!(file_inode)).ok()?;
         let ino = read_at::<u64>(inode, off!(inode_ino)).ok()?;
         let sb = read_at::<*const u8>(inode, off!(inode_sb)).ok()?;
         let dev = read_at::<u32>(sb, off!(sb_dev)).ok()?;
-        let mode = read_at::<u16>(inode, off!(inode_mode)).unwrap_or(0);
-        let owner = read_at::<u32>(inode, off!(inode_uid)).unwrap_or(0);
-        let group = read_at::<u32>(inode, off!(inode_gid)).unwrap_or(0);
-        let sec = read_at::<i64>(inode, off!(inode_ctime_sec)).unwrap_or(0);
-        let nsec = if off!(inode_ctime_nsec_size) == 4 {
-            u64::from(read_at::<u32>(inode, off!(inode_ctime_nsec)).unwrap_or(0))
-        } else {
-            read_at::<u64>(inode, off!(inode_ctime_nsec)).unwrap_or(0)
-        };
-        let magic = read_at::<u64>(sb, off!(sb_magic)).unwrap_or(0);
-        let user_ns_level = read_at::<*const u8>(sb, off!(sb_user_ns))
-            .and_then(|ns| read_at::<u32>(ns, off!(user_ns_level)))
-            .unwrap_or(0);
-        let foreign_fs = magic == FUSE_SUPER_MAGIC || user_ns_level != 0;
-        let self_made = uid != 0
-            && (foreign_fs
-                || owner == uid
-                || mode & 0o002 != 0
-                || (mode & 0o020 != 0 && group == gid));
-        Some(FileFacts {
+        Some(FileRef {
+            inode,
+            sb,
             key: FileKey { ino, dev, pad: 0 },
-            stamp: FileStamp { sec, nsec },
-            self_made,
-            volatile: foreign_fs
-                || magic == TMPFS_MAGIC
-                || magic == RAMFS_MAGIC
-                || magic == HUGETLBFS_MAGIC,
         })
     }
 }
 
-/// Whether a self-made file must be held to be hashed: not already cleared by the agent as it
-/// is now.
+/// Whether the account of uid `uid` and gid `gid` could have made `f`: owned by it, or writable
+/// by it (world-writable, or group-writable with its group), or on a file system an
+/// unprivileged user controls (FUSE, whose server describes its files, or one mounted in a user
+/// namespace, such as an overlay over a held binary's directory). Root made everything it runs,
+/// so nothing counts as self-made for root. `Some(volatile)` when it could: `volatile` when its
+/// contents can change without its change time moving (a file in memory, changed through a
+/// shared mapping), so a hash of it is never remembered.
 #[inline(always)]
-fn needs_hash(cfg: &Config, f: &FileFacts) -> bool {
-    if cfg.hold_self_made == 0 || !f.self_made {
-        return false;
+fn self_made(f: &FileRef, uid: u32, gid: u32) -> Option<bool> {
+    if uid == 0 {
+        return None;
     }
-    if f.volatile {
-        return true;
+    unsafe {
+        let magic = read_at::<u64>(f.sb, off!(sb_magic)).unwrap_or(0);
+        let user_ns_level = read_at::<*const u8>(f.sb, off!(sb_user_ns))
+            .and_then(|ns| read_at::<u32>(ns, off!(user_ns_level)))
+            .unwrap_or(0);
+        let foreign_fs = magic == FUSE_SUPER_MAGIC || user_ns_level != 0;
+        let made = foreign_fs || {
+            let owner = read_at::<u32>(f.inode, off!(inode_uid)).unwrap_or(0);
+            let mode = read_at::<u16>(f.inode, off!(inode_mode)).unwrap_or(0);
+            owner == uid
+                || mode & 0o002 != 0
+                || (mode & 0o020 != 0
+                    && read_at::<u32>(f.inode, off!(inode_gid)).unwrap_or(0) == gid)
+        };
+        made.then_some(
+            foreign_fs || magic == TMPFS_MAGIC || magic == RAMFS_MAGIC || magic == HUGETLBFS_MAGIC,
+        )
+    }
+}
+
+/// The change time of `f`.
+#[inline(always)]
+fn stamp(f: &FileRef) -> FileStamp {
+    unsafe {
+        let sec = read_at::<i64>(f.inode, off!(inode_ctime_sec)).unwrap_or(0);
+        let nsec = if off!(inode_ctime_nsec_size) == 4 {
+            u64::from(read_at::<u32>(f.inode, off!(inode_ctime_nsec)).unwrap_or(0))
+        } else {
+            read_at::<u64>(f.inode, off!(inode_ctime_nsec)).unwrap_or(0)
+        };
+        FileStamp { sec, nsec }
+    }
+}
+
+/// Whether `f` must be held to be hashed: a self-made file (see [`self_made`]) that the agent
+/// has not cleared as it is now. `Some(its change time)` when it must.
+#[inline(always)]
+fn needs_hash(cfg: &Config, f: &FileRef) -> Option<FileStamp> {
+    if cfg.hold_self_made == 0 {
+        return None;
+    }
+    let (uid, gid) = current_ids();
+    let volatile = self_made(f, uid, gid)?;
+    let now = stamp(f);
+    if volatile {
+        return Some(now);
     }
     match unsafe { CLEARED_FILES.get(f.key) } {
-        Some(stamp) => *stamp != f.stamp,
-        None => true,
+        Some(cleared) if *cleared == now => None,
+        _ => Some(now),
     }
 }
 
@@ -556,10 +577,9 @@ pub fn task_exit(ctx: BtfTracePointContext) -> i32 {
 
 /// The file `bprm` is at now (the named file at the start, each interpreter after).
 #[inline(always)]
-fn bprm_file(bprm: *const u8) -> Option<FileFacts> {
+fn bprm_file(bprm: *const u8) -> Option<FileRef> {
     let file = unsafe { read_at::<*const u8>(bprm, off!(binprm_file)) }.ok()?;
-    let (uid, gid) = current_ids();
-    file_facts(file, uid, gid)
+    file_ref(file)
 }
 
 #[lsm(hook = "bprm_creds_for_exec")]
@@ -575,12 +595,13 @@ pub fn exec_start(ctx: LsmContext) -> i32 {
     let Some(f) = bprm_file(bprm) else {
         return 0;
     };
+    let hash = needs_hash(cfg, &f);
     let start = ExecStart {
         bprm: bprm as u64,
         file: f.key,
-        stamp: f.stamp,
+        stamp: hash.unwrap_or_default(),
         rule_mask: unsafe { EXEC_FILES.get(f.key) }.copied().unwrap_or(0),
-        self_made: u32::from(needs_hash(cfg, &f)),
+        self_made: u32::from(hash.is_some()),
         argc: unsafe { read_at::<u32>(bprm, off!(binprm_argc)) }.unwrap_or(0),
         ..ExecStart::default()
     };
@@ -611,9 +632,11 @@ pub fn exec_level(ctx: LsmContext) -> i32 {
         return 0;
     }
     start.rule_mask |= unsafe { EXEC_FILES.get(f.key) }.copied().unwrap_or(0);
-    if start.self_made == 0 && needs_hash(cfg, &f) {
-        start.self_made = 1;
-        start.stamp = f.stamp;
+    if start.self_made == 0 {
+        if let Some(stamp) = needs_hash(cfg, &f) {
+            start.self_made = 1;
+            start.stamp = stamp;
+        }
     }
     // Every level is recorded (the last one runs; those before it are interpreters between):
     // past the table's room, a level still adds its rules but not its name.
@@ -644,32 +667,35 @@ pub fn exec_hold(ctx: LsmContext) -> i32 {
         .filter(|s| s.bprm == bprm as u64);
     let _ = EXEC_STARTS.remove(cur.task);
     let mut rule_mask = unsafe { EXEC_FILES.get(run.key) }.copied().unwrap_or(0);
-    let mut self_made = needs_hash(cfg, &run);
-    let mut ev = HoldEvent::default();
-    fill_event(&mut ev, &cur, HoldKind::Exec, 0, origin);
-    ev.file = run.key;
-    ev.named = run.key;
-    ev.stamp = run.stamp;
+    // The change time of the self-made file: the named one if that is self-made, else the one
+    // that runs.
+    let hash = match start {
+        Some(s) if s.self_made != 0 => Some(s.stamp),
+        _ => needs_hash(cfg, &run),
+    };
     if let Some(s) = start {
         rule_mask |= s.rule_mask;
+    }
+    // Decided before the event is built: most execs pass, and should cost no more than this.
+    if rule_mask == 0 && cfg.hold_all_execs == 0 && hash.is_none() {
+        count(Counter::Pass);
+        return 0;
+    }
+    let mut ev = HoldEvent::default();
+    fill_event(&mut ev, &cur, HoldKind::Exec, rule_mask, origin);
+    ev.file = run.key;
+    ev.named = run.key;
+    if let Some(stamp) = hash {
+        ev.flags |= flags::SELF_MADE;
+        ev.stamp = stamp;
+    }
+    if let Some(s) = start {
         ev.argc = s.argc;
         if s.file != run.key {
             ev.flags |= flags::SCRIPT;
             ev.named = s.file;
             ev.middle = s.middle;
         }
-        if s.self_made != 0 {
-            self_made = true;
-            ev.stamp = s.stamp;
-        }
-    }
-    if self_made {
-        ev.flags |= flags::SELF_MADE;
-    }
-    ev.rule_mask = rule_mask;
-    if rule_mask == 0 && cfg.hold_all_execs == 0 && !self_made {
-        count(Counter::Pass);
-        return 0;
     }
     // A second attached copy of this program (while an agent upgrade swaps them) holds it.
     if unsafe { HELD.get(cur.tid) }.is_some() {
@@ -721,20 +747,19 @@ fn map_hold(file: *const u8, prot: u64) -> i32 {
     let Some(origin) = watched(&cur, cfg).origin() else {
         return 0;
     };
-    let (uid, gid) = current_ids();
-    let Some(f) = file_facts(file, uid, gid) else {
+    let Some(f) = file_ref(file) else {
         return 0;
     };
     let rule_mask = unsafe { EXEC_FILES.get(f.key) }.copied().unwrap_or(0);
-    let self_made = needs_hash(cfg, &f);
-    if rule_mask == 0 && !self_made {
+    let hash = needs_hash(cfg, &f);
+    if rule_mask == 0 && hash.is_none() {
         return 0;
     }
     let own = unsafe {
         read_at::<*const u8>(cur.task as *const u8, off!(task_mm))
             .and_then(|mm| read_at::<*const u8>(mm, off!(mm_exe_file)))
             .ok()
-            .and_then(|exe| file_facts(exe, uid, gid))
+            .and_then(file_ref)
     };
     if own.is_some_and(|o| o.key == f.key) {
         return 0;
@@ -761,9 +786,9 @@ fn map_hold(file: *const u8, prot: u64) -> i32 {
     fill_event(&mut ev, &cur, HoldKind::Map, rule_mask, origin);
     ev.file = f.key;
     ev.named = f.key;
-    ev.stamp = f.stamp;
-    if self_made {
+    if let Some(stamp) = hash {
         ev.flags |= flags::SELF_MADE;
+        ev.stamp = stamp;
     }
     if traced(&cur) {
         ev.flags |= flags::TRACED | flags::REFUSED;
@@ -852,21 +877,41 @@ fn restartable(cur: &Current) -> bool {
     RESTARTABLE_NET_CALLS.contains(&nr)
 }
 
-/// A destination from a `struct sockaddr` in kernel memory, on a socket of family
-/// `sock_family`: family, address (IPv6, IPv4 mapped) and port. `None` for other families or a
-/// short address. An IPv4 datagram socket takes AF_UNSPEC as IPv4 (udp_sendmsg does); the
-/// unspecified address (0.0.0.0, ::) reaches this host, so it is taken as loopback.
+/// The first eight bytes of a `struct sockaddr_in` (and of a `sockaddr_in6`, up to its flow
+/// info): read at once, one helper call instead of three.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SockaddrHead {
+    family: u16,
+    /// Network byte order.
+    port: u16,
+    /// IPv4: the address. IPv6: the flow info.
+    v4: [u8; 4],
+}
+
+/// A destination from a `struct sockaddr` in kernel memory, on a socket whose family
+/// `sock_family` tells (asked only for AF_UNSPEC): family, address (IPv6, IPv4 mapped) and
+/// port. `None` for other families or a short address. An IPv4 socket takes AF_UNSPEC as IPv4
+/// (udp_sendmsg does); the unspecified address (0.0.0.0, ::) reaches this host, so it is taken
+/// as loopback.
 #[inline(always)]
-fn destination(addr: *const u8, len: i32, sock_family: u16) -> Option<(u16, [u8; 16], u16)> {
-    let mut family = unsafe { read_at::<u16>(addr, 0) }.ok()?;
-    if family == AF_UNSPEC && sock_family == AF_INET {
+fn destination(
+    addr: *const u8,
+    len: i32,
+    sock_family: impl FnOnce() -> u16,
+) -> Option<(u16, [u8; 16], u16)> {
+    // The address is a copy in kernel memory of at least `struct sockaddr` (16 bytes): the
+    // system calls copy it into a `sockaddr_storage`.
+    let head = unsafe { read_at::<SockaddrHead>(addr, 0) }.ok()?;
+    let mut family = head.family;
+    if family == AF_UNSPEC && sock_family() == AF_INET {
         family = AF_INET;
     }
-    let port = u16::from_be(unsafe { read_at::<u16>(addr, 2) }.ok()?);
+    let port = u16::from_be(head.port);
     let mut ip = [0u8; 16];
     match family {
         AF_INET if len >= 8 => {
-            let v4 = unsafe { read_at::<[u8; 4]>(addr, 4) }.ok()?;
+            let v4 = head.v4;
             ip[10] = 0xff;
             ip[11] = 0xff;
             ip[12..16].copy_from_slice(&v4);
@@ -889,13 +934,18 @@ fn destination(addr: *const u8, len: i32, sock_family: u16) -> Option<(u16, [u8;
     Some((family, ip, port))
 }
 
-/// Which rules' prefilter a destination passes (bit per rule; 0: none).
+/// Which rules' prefilter a destination passes (bit per rule; 0: none). The port first: rules
+/// mostly name ports, and a hash lookup of the port is cheaper than the address's walk of the
+/// prefix trie.
 #[inline(always)]
 fn destination_rules(cfg: &Config, ip: [u8; 16], port: u16) -> u64 {
+    let port_mask = unsafe { CONNECT_PORTS.get(port) }.copied().unwrap_or(0) | cfg.any_port_mask;
+    if port_mask == 0 {
+        return 0;
+    }
     let Some(net_mask) = CONNECT_NETS.get(Key::new(128, ip)) else {
         return 0;
     };
-    let port_mask = unsafe { CONNECT_PORTS.get(port) }.copied().unwrap_or(0) | cfg.any_port_mask;
     *net_mask & port_mask
 }
 
@@ -911,12 +961,19 @@ fn sock_family(sock: *const u8) -> u16 {
 
 /// Holds (or lets through, or refuses) a connect or addressed send on `sock` to `addr`. Every
 /// socket type is held: stream and datagram, and SCTP's, DCCP's and the rest like stream.
+///
+/// The destination is checked before the task's watch: most connects and sends, of watched
+/// tasks or not, go where no rule looks, and leave after the port's lookup.
 #[inline(always)]
 fn net_hold(sock: *const u8, addr: *const u8, len: i32, kind: HoldKind, send: bool) -> i32 {
-    let Some((family, ip, port)) = destination(addr, len, sock_family(sock)) else {
+    let Some(cfg) = config() else { return 0 };
+    let Some((family, ip, port)) = destination(addr, len, || sock_family(sock)) else {
         return 0;
     };
-    let Some(cfg) = config() else { return 0 };
+    let rule_mask = destination_rules(cfg, ip, port);
+    if rule_mask == 0 {
+        return 0;
+    }
     let cur = current();
     let Some(origin) = watched(&cur, cfg).origin() else {
         return 0;
@@ -935,11 +992,6 @@ fn net_hold(sock: *const u8, addr: *const u8, len: i32, kind: HoldKind, send: bo
             return 0;
         }
         fastopen = true;
-    }
-    let rule_mask = destination_rules(cfg, ip, port);
-    if rule_mask == 0 {
-        count(Counter::Pass);
-        return 0;
     }
     let protocol = unsafe {
         read_at::<*const u8>(sock, off!(socket_sk))
@@ -1020,18 +1072,37 @@ pub fn connect_hold(ctx: LsmContext) -> i32 {
     net_hold(sock, addr, len, HoldKind::Connect, false)
 }
 
+/// `msg_name` and `msg_namelen` of a `struct msghdr`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MsgName {
+    name: *const u8,
+    len: i32,
+}
+
 #[lsm(hook = "socket_sendmsg")]
 pub fn send_hold(ctx: LsmContext) -> i32 {
     let sock: *const u8 = ctx.arg(0);
     let msg: *const u8 = ctx.arg(1);
-    // Most sends name no destination: one read and out.
-    let Ok(name) = (unsafe { read_at::<*const u8>(msg, off!(msghdr_name)) }) else {
-        return 0;
+    // Most sends name no destination: one read and out. The name's length follows the name
+    // in every kernel's `struct msghdr`; both come in that one read.
+    let (name, len) = if off!(msghdr_namelen) == off!(msghdr_name) + 8 {
+        match unsafe { read_at::<MsgName>(msg, off!(msghdr_name)) } {
+            Ok(m) => (m.name, m.len),
+            Err(_) => return 0,
+        }
+    } else {
+        let Ok(name) = (unsafe { read_at::<*const u8>(msg, off!(msghdr_name)) }) else {
+            return 0;
+        };
+        (
+            name,
+            unsafe { read_at::<i32>(msg, off!(msghdr_namelen)) }.unwrap_or(0),
+        )
     };
     if name.is_null() {
         return 0;
     }
-    let len = unsafe { read_at::<i32>(msg, off!(msghdr_namelen)) }.unwrap_or(0);
     net_hold(sock, name, len, HoldKind::Send, true)
 }
 
@@ -1061,7 +1132,7 @@ pub fn sctp_connect_guard(ctx: LsmContext) -> i32 {
         let at = addrs.wrapping_add(offset as usize);
         let family = unsafe { read_at::<u16>(at, 0) }.unwrap_or(0);
         let size = if family == AF_INET6 { 28 } else { 16 };
-        if let Some((_, ip, port)) = destination(at, size, family) {
+        if let Some((_, ip, port)) = destination(at, size, || family) {
             if destination_rules(cfg, ip, port) != 0 {
                 watched_dest = true;
                 break;
