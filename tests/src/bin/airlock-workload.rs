@@ -17,7 +17,7 @@ fn usage() -> ExitCode {
         "usage: airlock-workload run MARKER CODE [ARGS..] | connect tcp|udp ADDR PORT | serve PORT.. \
          | timed CMD.. | spawn N CMD.. (\"{{i}}\" in CMD is the child index) | ptrace PID \
          | bench-exec N CMD.. | bench-connect N ADDR PORT | bench-send N ADDR PORT \
-         | dns PORT ZONE_FILE"
+         | bench-send-connected N ADDR PORT | dns PORT ZONE_FILE"
     );
     ExitCode::from(2)
 }
@@ -46,7 +46,8 @@ fn main() -> ExitCode {
         "ptrace" => ptrace_probe(rest),
         "bench-exec" => bench_exec(rest),
         "bench-connect" => bench_connect(rest),
-        "bench-send" => bench_send(rest),
+        "bench-send" => bench_send(rest, false),
+        "bench-send-connected" => bench_send(rest, true),
         _ if name != "airlock-workload" => fake_tool(&name, &cmd, rest),
         _ => usage(),
     }
@@ -288,8 +289,8 @@ fn bench_exec(args: &[String]) -> ExitCode {
             .is_ok_and(|s| s.success());
         fails += u32::from(!ok);
     }
-    let us = start.elapsed().as_micros() / u128::from(n.max(1));
-    println!("us_per_op={us} fails={fails}");
+    let us = start.elapsed().as_secs_f64() * 1e6 / f64::from(n.max(1));
+    println!("us_per_op={us:.2} fails={fails}");
     ExitCode::SUCCESS
 }
 
@@ -311,14 +312,15 @@ fn bench_connect(args: &[String]) -> ExitCode {
     for _ in 0..n {
         fails += u32::from(TcpStream::connect(target).is_err());
     }
-    let us = start.elapsed().as_micros() / u128::from(n.max(1));
-    println!("us_per_op={us} fails={fails}");
+    let us = start.elapsed().as_secs_f64() * 1e6 / f64::from(n.max(1));
+    println!("us_per_op={us:.2} fails={fails}");
     ExitCode::SUCCESS
 }
 
-/// Sends N datagrams from one unconnected UDP socket to ADDR:PORT (`sendto` with an address
-/// each time); prints `us_per_op=<mean> fails=<count>`.
-fn bench_send(args: &[String]) -> ExitCode {
+/// Sends N datagrams from one UDP socket to ADDR:PORT: unconnected, `sendto` with an address
+/// each time, or `connected` once and then `send` with none. Prints
+/// `us_per_op=<mean> fails=<count>`.
+fn bench_send(args: &[String], connected: bool) -> ExitCode {
     let [n, addr, port] = args else {
         return usage();
     };
@@ -335,13 +337,22 @@ fn bench_send(args: &[String]) -> ExitCode {
         println!("us_per_op=0 fails={n}");
         return ExitCode::SUCCESS;
     };
+    if connected && socket.connect(target).is_err() {
+        println!("us_per_op=0 fails={n}");
+        return ExitCode::SUCCESS;
+    }
     let mut fails = 0;
     let start = Instant::now();
     for _ in 0..n {
-        fails += u32::from(socket.send_to(b"ping\n", target).is_err());
+        let sent = if connected {
+            socket.send(b"ping\n")
+        } else {
+            socket.send_to(b"ping\n", target)
+        };
+        fails += u32::from(sent.is_err());
     }
-    let us = start.elapsed().as_micros() / u128::from(n.max(1));
-    println!("us_per_op={us} fails={fails}");
+    let us = start.elapsed().as_secs_f64() * 1e6 / f64::from(n.max(1));
+    println!("us_per_op={us:.2} fails={fails}");
     ExitCode::SUCCESS
 }
 
