@@ -502,9 +502,15 @@ pub fn mark_fork(ctx: LsmContext) -> i32 {
 
 #[lsm(hook = "task_free")]
 pub fn unmark(ctx: LsmContext) -> i32 {
-    let task: *const u8 = ctx.arg(0);
-    let _ = WATCHED_TASKS.remove(task as u64);
-    let _ = EXEC_STARTS.remove(task as u64);
+    let task = ctx.arg::<*const u8>(0) as u64;
+    // Every task of the host ends here: a lookup (lock-free) first, and a removal (which takes
+    // the bucket's lock) only for a task that has an entry.
+    if unsafe { WATCHED_TASKS.get(task) }.is_some() {
+        let _ = WATCHED_TASKS.remove(task);
+    }
+    if unsafe { EXEC_STARTS.get(task) }.is_some() {
+        let _ = EXEC_STARTS.remove(task);
+    }
     0
 }
 
@@ -554,8 +560,11 @@ pub fn cgroup_gone(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn task_exit(ctx: BtfTracePointContext) -> i32 {
     let cur = current();
-    // A held thread that exits (killed, or its process ended) holds nothing any more.
-    let _ = HELD.remove(cur.tid);
+    // A held thread that exits (killed, or its process ended) holds nothing any more. (Looked
+    // up first: removal takes a lock, and almost no exiting thread is held.)
+    if unsafe { HELD.get(cur.tid) }.is_some() {
+        let _ = HELD.remove(cur.tid);
+    }
     let task: *const u8 = ctx.arg(0);
     // The process is gone when its last thread goes: signal->live has dropped to zero.
     let live = unsafe {
