@@ -96,9 +96,11 @@ const OPS: [(&str, &str, &str, u32); 4] = [
     ),
 ];
 
-/// The workload arguments of an operation, `n` times.
-fn op_args(args: &str, n: u32) -> String {
-    args.replace("{n}", &n.to_string())
+/// The workload arguments of an operation's warm-up and of its measured run, for
+/// `--iterations` `n` and the operation's multiple `mult`.
+fn op_runs(args: &str, n: u32, mult: u32) -> (String, String) {
+    let times = |k: u32| args.replace("{n}", &k.to_string());
+    (times(warm_up(n * mult)), times(n * mult))
 }
 
 /// Untimed runs before each measured one: the emulator translates code the first time it runs
@@ -122,7 +124,7 @@ for r in $(seq 1 {ROUNDS}); do
 "#
     );
     for (key, args, _, mult) in OPS {
-        let (warm, args) = (op_args(args, warm_up(n * mult)), op_args(args, n * mult));
+        let (warm, args) = op_runs(args, n, mult);
         let _ = writeln!(s, "  as_agent $W {warm} > /dev/null");
         let _ = writeln!(s, "  echo \"@@R without_{key}_$r $(as_agent $W {args})\"");
     }
@@ -132,7 +134,7 @@ for r in $(seq 1 {ROUNDS}); do
 "#,
     );
     for (key, args, _, mult) in OPS {
-        let (warm, args) = (op_args(args, warm_up(n * mult)), op_args(args, n * mult));
+        let (warm, args) = op_runs(args, n, mult);
         let _ = writeln!(s, "  as_agent $W {warm} > /dev/null");
         let _ = writeln!(s, "  echo \"@@R stats_before_{key}_$r $(stats)\"");
         let _ = writeln!(s, "  echo \"@@R with_{key}_$r $(as_agent $W {args})\"");
@@ -207,17 +209,16 @@ fn programs(line: &str) -> BTreeMap<String, (f64, f64)> {
     out
 }
 
-/// Nanoseconds the kernel programs spent per operation between two scrapes, over `n` ops.
-fn program_ns_per_op(
-    b: &BTreeMap<String, (f64, f64)>,
-    a: &BTreeMap<String, (f64, f64)>,
-    n: u32,
-) -> f64 {
-    let secs: f64 = a
-        .iter()
-        .map(|(p, (_, s))| s - b.get(p).map_or(0.0, |x| x.1))
-        .sum();
-    secs * 1e9 / f64::from(n.max(1))
+/// Each program's runs and seconds between two scrapes.
+fn program_delta(before: &str, after: &str) -> BTreeMap<String, (f64, f64)> {
+    let before = programs(before);
+    programs(after)
+        .into_iter()
+        .map(|(p, (runs, secs))| {
+            let (b_runs, b_secs) = before.get(&p).copied().unwrap_or_default();
+            (p, (runs - b_runs, secs - b_secs))
+        })
+        .collect()
 }
 
 fn machine() -> String {
@@ -280,17 +281,19 @@ fn measure(kernel: &str, args: &Args) -> Result<String> {
         let per_op: Vec<f64> = (1..=ROUNDS)
             .map(|round| {
                 let get = |k: String| r.get(&k).cloned().unwrap_or_default();
-                let (before, after) = (
-                    programs(&get(format!("stats_before_{key}_{round}"))),
-                    programs(&get(format!("stats_after_{key}_{round}"))),
+                let delta = program_delta(
+                    &get(format!("stats_before_{key}_{round}")),
+                    &get(format!("stats_after_{key}_{round}")),
                 );
-                for (p, (runs, secs)) in &after {
-                    let (b_runs, b_secs) = before.get(p).copied().unwrap_or_default();
-                    let e = measured.entry(p.clone()).or_default();
-                    e.0 += runs - b_runs;
-                    e.1 += secs - b_secs;
+                let mut secs = 0.0;
+                for (p, (runs, s)) in delta {
+                    let e = measured.entry(p).or_default();
+                    e.0 += runs;
+                    e.1 += s;
+                    secs += s;
                 }
-                program_ns_per_op(&before, &after, n)
+                // Nanoseconds the programs spent per operation.
+                secs * 1e9 / f64::from(n.max(1))
             })
             .collect();
         let ns = median_of(&per_op);
