@@ -95,6 +95,42 @@ pub fn kernels() -> Vec<String> {
     }
 }
 
+/// How QEMU runs the guests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// Software emulation: works on any machine, this project's included.
+    Tcg,
+    /// Hardware virtualisation through `/dev/kvm` with the host's CPU model. Needs a host
+    /// whose KVM runs stock kernels (not `kvm_pvm`, which runs only PVM-built guests).
+    Kvm,
+}
+
+impl Accel {
+    /// `AIRLOCK_QEMU_ACCEL`: `tcg` (the default) or `kvm`.
+    pub fn from_env() -> Result<Accel> {
+        match std::env::var("AIRLOCK_QEMU_ACCEL").as_deref() {
+            Err(_) | Ok("") | Ok("tcg") => Ok(Accel::Tcg),
+            Ok("kvm") => Ok(Accel::Kvm),
+            Ok(other) => bail!("AIRLOCK_QEMU_ACCEL={other:?}: expected `tcg` or `kvm`"),
+        }
+    }
+
+    fn qemu_args(self) -> &'static [&'static str] {
+        match self {
+            Accel::Tcg => &["-accel", "tcg"],
+            Accel::Kvm => &["-accel", "kvm", "-cpu", "host"],
+        }
+    }
+
+    /// How the bench report names it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Accel::Tcg => "QEMU TCG (software emulation",
+            Accel::Kvm => "QEMU with KVM (hardware virtualisation",
+        }
+    }
+}
+
 /// Whether `kernel` is one this run covers (see [`kernels`]).
 pub fn covers(kernel: &str) -> bool {
     kernels().iter().any(|k| k == kernel)
@@ -421,7 +457,8 @@ impl Guest {
                 .arg(format!("file={},if=virtio,format=raw", disk.display()));
         }
         let mut child = qemu
-            .args(["-accel", "tcg", "-smp", "2", "-nographic", "-no-reboot"])
+            .args(Accel::from_env()?.qemu_args())
+            .args(["-smp", "2", "-nographic", "-no-reboot"])
             .args(["-name", "airlock-guest"])
             .args(["-m", &self.memory_mb.to_string()])
             .arg("-kernel")

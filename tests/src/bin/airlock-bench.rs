@@ -370,6 +370,21 @@ fn measure(kernel: &str, args: &Args) -> Result<String> {
     Ok(s)
 }
 
+/// What the report says of how the guests ran.
+fn guests_line(accel: vm::Accel) -> String {
+    let how = accel.describe();
+    match accel {
+        vm::Accel::Tcg => format!(
+            "{how}, 2 vCPUs). Absolute times\n  \
+             are many times slower than on hardware (a BPF map lookup that takes tens of ns on\n  \
+             hardware takes hundreds here) and wall times are noisy. Ratios carry over better,\n  \
+             but not for the shortest operations, where the emulated entry into a program weighs\n  \
+             more than on hardware (see the floor)."
+        ),
+        vm::Accel::Kvm => format!("{how}, 2 vCPUs, `-cpu host`)."),
+    }
+}
+
 fn main() -> Result<()> {
     let mut args = Args::parse();
     if args.kernels.is_empty() {
@@ -379,11 +394,7 @@ fn main() -> Result<()> {
         "# Airlock agent benchmark\n\n\
          Run with `scripts/bench.sh` ({date}).\n\n\
          - Machine: {machine}\n\
-         - Guests: Debian's kernels under QEMU TCG (software emulation, 2 vCPUs). Absolute times\n  \
-           are many times slower than on hardware (a BPF map lookup that takes tens of ns on\n  \
-           hardware takes hundreds here) and wall times are noisy. Ratios carry over better,\n  \
-           but not for the shortest operations, where the emulated entry into a program weighs\n  \
-           more than on hardware (see the floor).\n\
+         - Guests: Debian's kernels under {guests}\n\
          - Method: a watched account (`agent`) runs a small Rust program. Without and with the\n  \
            agent are measured alternately, {rounds} rounds per boot (the agent is started and\n  \
            uninstalled each round); each figure is the median of the rounds' means, the rounds'\n  \
@@ -400,6 +411,7 @@ fn main() -> Result<()> {
            and returns) shows what that costs here, whatever the program does.\n\n",
         date = chrono_like_now(),
         machine = machine(),
+        guests = guests_line(vm::Accel::from_env()?),
         rounds = ROUNDS,
     );
     // A kernel whose run fails is reported as such; the others' figures are kept.
