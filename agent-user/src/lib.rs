@@ -21,7 +21,6 @@
 //! match rules without building the eBPF programs; they are re-exported here under the same
 //! names.
 //! - [`metrics`]: Prometheus metrics and health;
-//! - [`docs`]: man pages and shell completions from the command line's definition;
 //! - [`agent`]: wiring it together at start-up.
 
 pub mod action;
@@ -29,7 +28,6 @@ pub mod agent;
 pub mod bpf;
 pub mod decider;
 pub mod dns;
-pub mod docs;
 pub mod enroll;
 pub mod holds;
 pub mod local_api;

@@ -290,7 +290,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(dir) = &cli.write_docs {
         use clap::CommandFactory;
-        airlock_agent::docs::write(Cli::command(), dir)?;
+        airlock_cli_docs::write(Cli::command(), dir)?;
         return Ok(());
     }
     if cli.preflight {

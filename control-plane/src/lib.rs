@@ -24,7 +24,8 @@
 //! 4. Shared at the bottom: [`audit`] (the hash chain and its verification), [`checkpoint`]
 //!    (signed chain heads), [`types`], [`display`] (agent text made safe to show),
 //!    [`credential`] (scopes and token formats), [`config`] (the server file and its limits),
-//!    [`metrics`] and [`docs`] (man pages and completions for the binaries).
+//!    [`metrics`]. (Man pages and completions for the binaries come from crate
+//!    airlock-cli-docs.)
 
 // Layer 1: front ends.
 pub mod api;
@@ -50,7 +51,6 @@ pub mod checkpoint;
 pub mod config;
 pub mod credential;
 pub mod display;
-pub mod docs;
 pub mod metrics;
 pub mod types;
 

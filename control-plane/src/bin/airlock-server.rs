@@ -206,7 +206,7 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(Cmd::WriteDocs { dir }) = &cli.command {
         use clap::CommandFactory;
-        airlock_control_plane::docs::write(Cli::command(), dir)?;
+        airlock_cli_docs::write(Cli::command(), dir)?;
         return Ok(());
     }
     let filter = tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")

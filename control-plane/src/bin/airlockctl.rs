@@ -851,7 +851,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::WriteDocs { dir } = &cli.command {
         use clap::CommandFactory;
-        return match airlock_control_plane::docs::write(Cli::command(), dir) {
+        return match airlock_cli_docs::write(Cli::command(), dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("airlockctl: {e}");
