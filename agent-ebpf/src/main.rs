@@ -85,6 +85,17 @@ const PF_IO_WORKER: u32 = 0x10;
 /// System calls whose -ERESTARTNOINTR restarts after the stop (x86-64, then ia32 compat).
 const RESTARTABLE_NET_CALLS: [u64; 9] = [42, 44, 46, 307, 102, 362, 369, 370, 345];
 
+/// Removes `$key` from `$map` if it is there. For the programs every task of the host ends
+/// through: a lookup is lock-free, a removal takes the bucket's lock even when there is nothing
+/// to remove, and almost no ending task has an entry.
+macro_rules! remove_present {
+    ($map:expr, $key:expr) => {
+        if unsafe { $map.get($key) }.is_some() {
+            let _ = $map.remove($key);
+        }
+    };
+}
+
 /// Field offsets of the running kernel, set by the agent at load time from its BTF.
 #[no_mangle]
 static AIRLOCK_OFFSETS: KernelOffsets = unsafe { core::mem::zeroed() };
@@ -503,14 +514,8 @@ pub fn mark_fork(ctx: LsmContext) -> i32 {
 #[lsm(hook = "task_free")]
 pub fn unmark(ctx: LsmContext) -> i32 {
     let task = ctx.arg::<*const u8>(0) as u64;
-    // Every task of the host ends here: a lookup (lock-free) first, and a removal (which takes
-    // the bucket's lock) only for a task that has an entry.
-    if unsafe { WATCHED_TASKS.get(task) }.is_some() {
-        let _ = WATCHED_TASKS.remove(task);
-    }
-    if unsafe { EXEC_STARTS.get(task) }.is_some() {
-        let _ = EXEC_STARTS.remove(task);
-    }
+    remove_present!(WATCHED_TASKS, task);
+    remove_present!(EXEC_STARTS, task);
     0
 }
 
@@ -560,11 +565,8 @@ pub fn cgroup_gone(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn task_exit(ctx: BtfTracePointContext) -> i32 {
     let cur = current();
-    // A held thread that exits (killed, or its process ended) holds nothing any more. (Looked
-    // up first: removal takes a lock, and almost no exiting thread is held.)
-    if unsafe { HELD.get(cur.tid) }.is_some() {
-        let _ = HELD.remove(cur.tid);
-    }
+    // A held thread that exits (killed, or its process ended) holds nothing any more.
+    remove_present!(HELD, cur.tid);
     let task: *const u8 = ctx.arg(0);
     // The process is gone when its last thread goes: signal->live has dropped to zero.
     let live = unsafe {
@@ -675,16 +677,14 @@ pub fn exec_hold(ctx: LsmContext) -> i32 {
         .copied()
         .filter(|s| s.bprm == bprm as u64);
     let _ = EXEC_STARTS.remove(cur.task);
-    let mut rule_mask = unsafe { EXEC_FILES.get(run.key) }.copied().unwrap_or(0);
-    // The change time of the self-made file: the named one if that is self-made, else the one
-    // that runs.
-    let hash = match start {
-        Some(s) if s.self_made != 0 => Some(s.stamp),
-        _ => needs_hash(cfg, &run),
+    let rule_mask =
+        unsafe { EXEC_FILES.get(run.key) }.copied().unwrap_or(0) | start.map_or(0, |s| s.rule_mask);
+    // The change time of the self-made file: the named one (or an interpreter between) if that
+    // is self-made, else the one that runs.
+    let hash = match start.filter(|s| s.self_made != 0) {
+        Some(s) => Some(s.stamp),
+        None => needs_hash(cfg, &run),
     };
-    if let Some(s) = start {
-        rule_mask |= s.rule_mask;
-    }
     // Decided before the event is built: most execs pass, and should cost no more than this.
     if rule_mask == 0 && cfg.hold_all_execs == 0 && hash.is_none() {
         count(Counter::Pass);
