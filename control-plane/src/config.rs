@@ -124,6 +124,11 @@ pub struct Connections {
     /// A new gRPC connection must send its first bytes (TLS ClientHello or HTTP/2 preface) and
     /// finish its TLS handshake within this many seconds, or it is closed.
     pub handshake_timeout_secs: u64,
+    /// A gRPC connection must make an authenticated call (an agent's stream, an approver's
+    /// request) within this many seconds of being accepted, or it is closed: idle connections,
+    /// and ones that only call health, reflection or enrolment, do not keep a place an agent
+    /// needs. Once it has, it stays open as long as its peer wants.
+    pub auth_timeout_secs: u64,
     /// An HTTP request's headers must arrive within this many seconds of the connection (or of
     /// the previous response on a kept-alive connection), or it is closed.
     pub header_timeout_secs: u64,
@@ -138,6 +143,7 @@ impl Default for Connections {
     fn default() -> Self {
         Self {
             handshake_timeout_secs: 10,
+            auth_timeout_secs: 30,
             header_timeout_secs: 10,
             max_grpc_connections: 20_000,
             max_http_connections: 4_096,
@@ -149,6 +155,11 @@ impl Connections {
     /// [`Connections::handshake_timeout_secs`], at least one second.
     pub fn handshake_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.handshake_timeout_secs.max(1))
+    }
+
+    /// [`Connections::auth_timeout_secs`], at least one second.
+    pub fn auth_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.auth_timeout_secs.max(1))
     }
 
     /// [`Connections::header_timeout_secs`], at least one second.

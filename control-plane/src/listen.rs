@@ -1,5 +1,6 @@
-//! Accepting connections on the gRPC and HTTP listeners: a cap on how many are open at once and
-//! a deadline for each new one's first bytes.
+//! Accepting connections on the gRPC and HTTP listeners: a cap on how many are open at once, a
+//! deadline for each new one's first bytes, and one for a gRPC connection's first authenticated
+//! call.
 //!
 //! Without them, sockets that connect and then say nothing (or one byte a minute) stay open
 //! forever; enough of them use up the server's file descriptors, and then every agent fails
@@ -7,12 +8,19 @@
 //! [`FIRST_BYTES`] bytes (a TLS ClientHello, the HTTP/2 preface, an HTTP/1 request line) within
 //! the handshake time; TLS itself must then finish within that time too (tonic's handshake
 //! timeout), and an HTTP request's headers within the header time (hyper's timer).
+//!
+//! A gRPC connection that speaks HTTP/2 correctly can still stay idle, or call only the
+//! unauthenticated services (health, reflection, enrolment), for ever, and hold a place under the
+//! cap that an agent needs. So it must also make one authenticated call within the auth time
+//! ([`Callers`]); after that it keeps its place for as long as it is open.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -28,14 +36,63 @@ use crate::config::Connections;
 /// preface; a TLS ClientHello or an HTTP/1 request line is longer.
 pub const FIRST_BYTES: usize = 24;
 
+/// The gRPC connections that have not made an authenticated call yet, by the peer's address
+/// (unique among open connections). The authentication layer vouches for a connection when a
+/// call on it passes; one that is not vouched for within the auth time is closed.
+#[derive(Clone, Default)]
+pub struct Callers {
+    waiting: Arc<Mutex<HashMap<SocketAddr, Arc<AtomicBool>>>>,
+}
+
+impl Callers {
+    /// Marks the connection from `peer` as having made an authenticated call.
+    pub fn vouch(&self, peer: SocketAddr) {
+        let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(flag) = waiting.get(&peer) {
+            flag.store(true, Ordering::Release);
+        }
+    }
+
+    fn wait_for(&self, peer: SocketAddr) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        waiting.insert(peer, flag.clone());
+        flag
+    }
+
+    fn forget(&self, peer: SocketAddr, flag: &Arc<AtomicBool>) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        // Only its own entry: the address may already be another connection's.
+        if waiting.get(&peer).is_some_and(|f| Arc::ptr_eq(f, flag)) {
+            waiting.remove(&peer);
+        }
+    }
+}
+
+/// A connection's wait for its first authenticated call.
+struct AuthWait {
+    callers: Callers,
+    peer: SocketAddr,
+    vouched: Arc<AtomicBool>,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl Drop for AuthWait {
+    fn drop(&mut self) {
+        self.callers.forget(self.peer, &self.vouched);
+    }
+}
+
 /// An accepted connection: holds its place under the cap until dropped, and fails its reads
-/// with `TimedOut` when its first bytes do not arrive in time.
+/// with `TimedOut` when its first bytes, or (gRPC) its first authenticated call, do not come in
+/// time.
 pub struct Guarded {
     stream: TcpStream,
     peer: SocketAddr,
     /// Bytes still owed before the deadline; 0 once they came.
     owed: usize,
     deadline: Option<Pin<Box<Sleep>>>,
+    auth: Option<AuthWait>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -59,16 +116,26 @@ impl AsyncRead for Guarded {
             let got = buf.filled().len() - before;
             if matches!(polled, Poll::Ready(Ok(()))) && got > 0 {
                 this.owed = this.owed.saturating_sub(got);
-                if this.owed == 0 {
-                    this.deadline = None;
-                    return polled;
-                }
             }
-            // Polled after the read, so that its waker is registered whenever the read waits.
-            if deadline.as_mut().poll(cx).is_ready() {
+            if this.owed == 0 {
+                this.deadline = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                // Polled after the read, so that its waker is registered whenever the read
+                // waits.
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "the connection's first bytes did not arrive in time",
+                )));
+            }
+        }
+        if let Some(auth) = &mut this.auth {
+            if auth.vouched.load(Ordering::Acquire) {
+                this.auth = None;
+            } else if auth.deadline.as_mut().poll(cx).is_ready() {
+                tracing::debug!(peer = %this.peer, "closing a gRPC connection that made no authenticated call in time");
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the connection made no authenticated call in time",
                 )));
             }
         }
@@ -119,17 +186,20 @@ impl tonic::transport::server::Connected for Guarded {
 /// (out of file descriptors, a peer that reset) are logged and retried, never the end of the
 /// stream: the server must go on serving.
 ///
-/// `first_bytes` is what each connection owes within `handshake` (0: nothing).
+/// `first_bytes` is what each connection owes within `handshake` (0: nothing); with `auth`,
+/// each must also be vouched for in its [`Callers`] within its time.
 pub fn accept(
     listener: TcpListener,
     max: usize,
     first_bytes: usize,
     handshake: Duration,
+    auth: Option<(Callers, Duration)>,
     what: &'static str,
 ) -> impl Stream<Item = io::Result<Guarded>> + Send + 'static {
     let slots = Arc::new(Semaphore::new(max.max(1)));
     futures::stream::unfold(listener, move |listener| {
         let slots = slots.clone();
+        let auth = auth.clone();
         async move {
             let permit = match slots.clone().try_acquire_owned() {
                 Ok(p) => p,
@@ -153,6 +223,12 @@ pub fn accept(
                             owed: first_bytes,
                             deadline: (first_bytes > 0)
                                 .then(|| Box::pin(tokio::time::sleep(handshake))),
+                            auth: auth.map(|(callers, within)| AuthWait {
+                                vouched: callers.wait_for(peer),
+                                callers,
+                                peer,
+                                deadline: Box::pin(tokio::time::sleep(within)),
+                            }),
                             _permit: permit,
                         };
                         return Some((Ok(guarded), listener));
@@ -168,16 +244,19 @@ pub fn accept(
     })
 }
 
-/// [`accept`] with the gRPC listener's settings from `[connections]`.
+/// [`accept`] with the gRPC listener's settings from `[connections]`; the authentication
+/// layer vouches for connections in `callers`.
 pub fn grpc(
     listener: TcpListener,
     c: &Connections,
+    callers: Callers,
 ) -> impl Stream<Item = io::Result<Guarded>> + Send + 'static {
     accept(
         listener,
         c.max_grpc_connections,
         FIRST_BYTES,
         c.handshake_timeout(),
+        Some((callers, c.auth_timeout())),
         "grpc",
     )
 }
@@ -202,6 +281,8 @@ pub async fn serve_http(
         // hyper's header timer runs from the moment the connection is served.
         0,
         c.header_timeout(),
+        // Browsers log in over these connections; the header timer closes idle ones.
+        None,
         "http",
     ));
     let header = c.header_timeout();

@@ -346,6 +346,8 @@ impl ControlPlane {
             agents.close_all();
             closing.send_replace(true);
         };
+        // Connections the authentication layer has vouched for keep their place (see listen).
+        let callers = crate::listen::Callers::default();
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = &self.tls {
             let mut cfg = tonic::transport::ServerTlsConfig::new()
@@ -378,6 +380,7 @@ impl ControlPlane {
                     limits: self.limits.clone(),
                 }),
                 self.tokens.clone(),
+                callers.clone(),
             ))
             .add_service(Authed::agents(
                 AgentQueryServiceServer::new(api::agent_query::AgentQuerySvc {
@@ -385,6 +388,7 @@ impl ControlPlane {
                     policy: self.policy.clone(),
                 }),
                 self.tokens.clone(),
+                callers.clone(),
             ))
             // No authentication: enrolling is how an agent gets a credential, so it cannot need
             // one; the one-time enrollment token in the request body authenticates the call.
@@ -400,24 +404,28 @@ impl ControlPlane {
                     verifier: self.verifier.clone(),
                 }),
                 self.tokens.clone(),
+                callers.clone(),
             ))
             .add_service(Authed::people(
                 AgentsServiceServer::new(api::inventory::AgentsSvc {
                     store: self.store.clone(),
                 }),
                 self.tokens.clone(),
+                callers.clone(),
             ))
             .add_service(Authed::people(
                 TokensServiceServer::new(api::tokens::TokensSvc {
                     store: self.store.clone(),
                 }),
                 self.tokens.clone(),
+                callers.clone(),
             ))
             .add_service(Authed::people(
                 PolicyServiceServer::new(api::policy::PolicySvc {
                     status: self.policy_status.clone(),
                 }),
                 self.tokens.clone(),
+                callers.clone(),
             ))
             .add_service(Authed::people(
                 ApprovalServiceServer::new(api::approvals::ApprovalSvc {
@@ -428,9 +436,10 @@ impl ControlPlane {
                     closing: self.closing.subscribe(),
                 }),
                 self.tokens.clone(),
+                callers.clone(),
             ))
             .serve_with_incoming_shutdown(
-                crate::listen::grpc(listener, &self.connections),
+                crate::listen::grpc(listener, &self.connections, callers),
                 shutdown,
             )
             .await;

@@ -24,8 +24,12 @@ max_http_connections = 24
 "#;
 
 fn start(dir: &Path, extra: &[&OsStr]) -> Server {
+    start_with(dir, CONFIG, extra)
+}
+
+fn start_with(dir: &Path, config_text: &str, extra: &[&OsStr]) -> Server {
     let config = dir.join("server.toml");
-    std::fs::write(&config, CONFIG).unwrap();
+    std::fs::write(&config, config_text).unwrap();
     let db = format!("sqlite://{}", dir.join("airlock.db").display());
     let mut args: Vec<&OsStr> = vec![OsStr::new("--config"), config.as_os_str()];
     args.extend_from_slice(extra);
@@ -233,4 +237,123 @@ async fn a_flood_of_idle_connections_does_not_lock_out_agents_or_browsers() {
         started.elapsed()
     );
     drop(flood);
+}
+
+/// Four gRPC places, and two seconds to make an authenticated call.
+const FEW_PLACES: &str = r#"
+[connections]
+handshake_timeout_secs = 1
+auth_timeout_secs = 2
+max_grpc_connections = 4
+"#;
+
+/// An HTTP/2 connection that says the preface and its settings, acknowledges the server's, and
+/// then stays: a valid, idle peer that never authenticates.
+async fn idle_http2(addr: &str) -> TcpStream {
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    // SETTINGS (empty), then SETTINGS with ACK.
+    conn.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    conn.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await.unwrap();
+    conn
+}
+
+/// A gRPC channel over one TCP connection made by us, counting the connections it makes.
+async fn counted_channel(
+    url: &str,
+    made: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> tonic::transport::Channel {
+    let addr = host_port(url);
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(20))
+        .connect_with_connector(tower::service_fn(move |_: tonic::codegen::http::Uri| {
+            let (addr, made) = (addr.clone(), made.clone());
+            async move {
+                made.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                TcpStream::connect(addr)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn connections_that_never_authenticate_give_up_their_places() {
+    use airlock_proto::v1::{policy_service_client::PolicyServiceClient, GetPolicyRequest};
+    use std::sync::{atomic::AtomicUsize, Arc};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), FEW_PLACES, &[]);
+    let token = server
+        .printed_word("alk_")
+        .unwrap_or_else(|| panic!("no admin token in {}", server.printed));
+    let url = server.grpc_url();
+    let grpc = host_port(&url);
+
+    // All four places: two idle HTTP/2 peers, and two clients that call the unauthenticated
+    // health service every half second (busy, and still nobody).
+    let mut idle = [idle_http2(&grpc).await, idle_http2(&grpc).await];
+    let mut checkers = Vec::new();
+    for _ in 0..2 {
+        let ch = counted_channel(&url, Arc::new(AtomicUsize::new(0))).await;
+        checkers.push(tokio::spawn(async move {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+            loop {
+                let _ = health
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // An approver's client: it must be served once the nobodies' time is up.
+    let made = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    let call = async {
+        let ch = counted_channel(&url, made.clone()).await;
+        let bearer = bearer.clone();
+        let mut client =
+            PolicyServiceClient::with_interceptor(ch, move |mut r: tonic::Request<()>| {
+                r.metadata_mut().insert("authorization", bearer.clone());
+                Ok(r)
+            });
+        client.get(GetPolicyRequest {}).await.map(|_| client)
+    };
+    let client = tokio::time::timeout(Duration::from_secs(15), call).await;
+    let mut client = match client {
+        Ok(Ok(client)) => client,
+        other => panic!(
+            "an approver was locked out by four connections that never authenticated \
+             ({:?} later): {other:?}",
+            started.elapsed()
+        ),
+    };
+    for (n, conn) in idle.iter_mut().enumerate() {
+        assert!(
+            closed_after(conn, Duration::from_secs(5)).await.is_some(),
+            "idle HTTP/2 connection {n} was still open {:?} after the approver was served",
+            started.elapsed()
+        );
+    }
+
+    // An authenticated connection keeps its place past the time: the next call, 3 s later,
+    // goes over the same connection.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    client.get(GetPolicyRequest {}).await.expect("second call");
+    assert_eq!(
+        made.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the authenticated connection was closed and made again"
+    );
+    for c in checkers {
+        c.abort();
+    }
 }

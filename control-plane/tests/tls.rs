@@ -6,6 +6,8 @@ mod db;
 #[path = "support/session.rs"]
 mod session;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use airlock_agent::decider::{Connection, Decider};
@@ -44,12 +46,22 @@ fn pki() -> Pki {
 }
 
 async fn serve(t: &TestDb, pki: &Pki, mtls: bool) -> (String, String, String) {
+    serve_with(t, pki, mtls, Default::default()).await
+}
+
+async fn serve_with(
+    t: &TestDb,
+    pki: &Pki,
+    mtls: bool,
+    connections: airlock_control_plane::config::Connections,
+) -> (String, String, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let store = t.open().await;
     let token = store.create_token("host-a", Scope::Agent).await.unwrap();
     let alice = store.create_token("alice", Scope::Approve).await.unwrap();
     let mut plane = ControlPlane::new(store);
+    plane.connections = connections;
     plane.tls = Some(Tls {
         cert_pem: pki.server.0.clone().into_bytes(),
         key_pem: pki.server.1.clone().into_bytes(),
@@ -222,7 +234,88 @@ async fn mtls_requires_the_agents_client_certificate(t: TestDb) {
     );
 }
 
+/// A TLS channel to `url` over TCP connections we make, counting them.
+async fn counted_tls_channel(
+    url: &str,
+    tls: ClientTlsConfig,
+    made: Arc<AtomicUsize>,
+) -> tonic::transport::Channel {
+    let addr = url.replace("https://localhost", "127.0.0.1");
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::codegen::http::Uri| {
+            let (addr, made) = (addr.clone(), made.clone());
+            async move {
+                made.fetch_add(1, Ordering::SeqCst);
+                tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+/// Under TLS too, a connection that made an authenticated call keeps its place past the auth
+/// time, and one that only asked for health is closed at it (its client connects again).
+async fn over_tls_only_authenticated_connections_outlive_the_auth_time(t: TestDb) {
+    use airlock_proto::v1::{policy_service_client::PolicyServiceClient, GetPolicyRequest};
+    let pki = pki();
+    let connections = airlock_control_plane::config::Connections {
+        auth_timeout_secs: 1,
+        ..Default::default()
+    };
+    let (url, _, alice) = serve_with(&t, &pki, false, connections).await;
+
+    let approver_made = Arc::new(AtomicUsize::new(0));
+    let ch = counted_tls_channel(&url, tls(&pki, false), approver_made.clone()).await;
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {alice}").parse().unwrap();
+    let mut policy = PolicyServiceClient::with_interceptor(ch, move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", bearer.clone());
+        Ok(r)
+    });
+    let checker_made = Arc::new(AtomicUsize::new(0));
+    let ch = counted_tls_channel(&url, tls(&pki, false), checker_made.clone()).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+
+    policy
+        .get(GetPolicyRequest {})
+        .await
+        .expect("first policy call");
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("first health check");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    policy
+        .get(GetPolicyRequest {})
+        .await
+        .expect("second policy call");
+    for _ in 0..20 {
+        if health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        approver_made.load(Ordering::SeqCst),
+        1,
+        "the approver's authenticated TLS connection was closed"
+    );
+    assert!(
+        checker_made.load(Ordering::SeqCst) >= 2,
+        "a TLS connection that only asked for health outlived the auth time"
+    );
+}
+
 both!(
+    over_tls_only_authenticated_connections_outlive_the_auth_time,
     agent_stream_over_tls,
     plain_http_and_an_untrusted_ca_are_refused_in_the_handshake,
     mtls_requires_the_agents_client_certificate,

@@ -36,6 +36,7 @@ use tonic::{
     Request, Status,
 };
 
+use crate::listen::Callers;
 use crate::store::{Store, StoreError};
 
 /// Most answers the token cache keeps before it starts over.
@@ -143,27 +144,41 @@ pub async fn authenticate(
 pub struct Authed<S> {
     inner: S,
     tokens: Arc<Tokens>,
+    callers: Callers,
     allowed: &'static [Scope],
 }
 
 impl<S> Authed<S> {
-    /// For the agent stream: agent tokens only.
-    pub fn agents(inner: S, tokens: Arc<Tokens>) -> Self {
+    /// For the agent stream: agent tokens only. A call that passes vouches for its connection
+    /// in `callers`.
+    pub fn agents(inner: S, tokens: Arc<Tokens>, callers: Callers) -> Self {
         Self {
             inner,
             tokens,
+            callers,
             allowed: &[Scope::Agent],
         }
     }
 
-    /// For approvers and integrations.
-    pub fn people(inner: S, tokens: Arc<Tokens>) -> Self {
+    /// For approvers and integrations. A call that passes vouches for its connection in
+    /// `callers`.
+    pub fn people(inner: S, tokens: Arc<Tokens>, callers: Callers) -> Self {
         Self {
             inner,
             tokens,
+            callers,
             allowed: &[Scope::Read, Scope::Approve, Scope::Admin],
         }
     }
+}
+
+/// The address of the peer that sent `req`, as the gRPC listener accepted it. (Under TLS,
+/// tonic puts the TCP connection's info in the extensions beside the TLS info.)
+fn peer_of<B>(req: &http::Request<B>) -> Option<std::net::SocketAddr> {
+    use tonic::transport::server::TcpConnectInfo;
+    req.extensions()
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
 }
 
 impl<S: NamedService> NamedService for Authed<S> {
@@ -190,12 +205,15 @@ where
         // The clone that was made ready serves this call; a fresh one waits for the next.
         let ready = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, ready);
-        let (tokens, allowed) = (self.tokens.clone(), self.allowed);
+        let (tokens, allowed, callers) = (self.tokens.clone(), self.allowed, self.callers.clone());
         Box::pin(async move {
             // Read before the token is checked: a revocation from then on ends the response.
             let generation = tokens.store.credentials_generation();
             match authenticate(&tokens, allowed, req.headers()).await {
                 Ok(p) => {
+                    if let Some(peer) = peer_of(&req) {
+                        callers.vouch(peer);
+                    }
                     let token = bearer(req.headers()).map(str::to_owned).unwrap_or_default();
                     req.extensions_mut().insert(p);
                     let response = inner.call(req).await?;
