@@ -146,6 +146,30 @@ impl Records {
     }
 }
 
+/// Ends a guest test's run against `server`: stops the server (SIGTERM), keeps the guest's
+/// console and the server's log under `keep` ([`keep_logs`], as `test`), fails if the guest's
+/// script did not run to its end, and reads what the server recorded.
+pub fn finish(
+    server: &std::sync::Mutex<Server>,
+    keep: &std::path::Path,
+    test: &str,
+    kernel: &str,
+    run: &crate::vm::GuestRun,
+) -> Result<Records> {
+    let data = {
+        let mut s = server.lock().unwrap_or_else(|p| p.into_inner());
+        s.stop();
+        s.data.clone()
+    };
+    keep_logs(keep, test, kernel, &run.console, &data)?;
+    anyhow::ensure!(
+        run.finished(),
+        "guest script did not finish:\n{}",
+        run.console
+    );
+    Records::read(&data.join("airlock.db"))
+}
+
 /// Keeps a guest run's console and the server's log (from data directory `data`) under the
 /// test's target tmp directory `keep`, as `{test}-console-{kernel}.log` and
 /// `{test}-server-{kernel}.log`, for a failing run to be read.

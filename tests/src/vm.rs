@@ -434,6 +434,28 @@ impl Guest {
         self
     }
 
+    /// The agent where its package puts it (`/usr/bin/airlock-agent`, configured by
+    /// `/etc/airlock/agent.toml`, which holds `agent_config`), and the guest workload program
+    /// `workload`, also as `/usr/local/bin/kubectl`, the binary the tests' rules name. The
+    /// script starts the agent with [`START_AGENT`]. `AIRLOCK_AGENT_BIN` puts another build
+    /// there (an older agent, to show an attack getting through before its defence).
+    pub fn airlock(
+        &mut self,
+        workload: impl Into<PathBuf>,
+        agent_config: impl Into<String>,
+    ) -> Result<&mut Self> {
+        let workload = workload.into();
+        let agent = match std::env::var_os("AIRLOCK_AGENT_BIN") {
+            Some(bin) => PathBuf::from(bin),
+            None => crate::workspace_bin("agent-user", "airlock-agent")?,
+        };
+        Ok(self
+            .file("/usr/bin/airlock-agent", agent, 0o755)
+            .file("/usr/bin/airlock-workload", &workload, 0o755)
+            .file("/usr/local/bin/kubectl", workload, 0o755)
+            .text("/etc/airlock/agent.toml", agent_config, 0o644))
+    }
+
     /// The scenario script, run by /init after the guest is set up, as root.
     pub fn script(&mut self, script: impl Into<String>) -> &mut Self {
         self.script = script.into();

@@ -20,7 +20,7 @@ use airlock_proto::v1::{
 };
 use airlock_tests::{
     approvals,
-    server::{keep_logs, Records, Server},
+    server::{finish, Records, Server},
     vm::{Guest, GuestRun, START_AGENT},
     workspace_bin,
 };
@@ -317,7 +317,6 @@ fn boot(kernel: &str) -> Result<Booted> {
     let alice = server.cli(&["tokens", "create", "--name", "alice", "--scope", "approve"])?;
     std::fs::write(dir.path().join("agent.token"), &agent_token)?;
     server.start()?;
-    let db = server.data.join("airlock.db");
     let url = format!("http://127.0.0.1:{}", server.grpc);
     let grpc_port = server.grpc;
     let server = Arc::new(Mutex::new(server));
@@ -326,13 +325,10 @@ fn boot(kernel: &str) -> Result<Booted> {
     rt.spawn(approver(url, alice));
     let workload = env!("CARGO_BIN_EXE_airlock-workload");
     let mut g = Guest::on(kernel);
-    g.file(
-        "/usr/bin/airlock-agent",
-        workspace_bin("agent-user", "airlock-agent")?,
-        0o755,
-    )
-    .file("/usr/local/bin/kubectl", workload, 0o755)
-    .file("/usr/bin/airlock-workload", workload, 0o755)
+    g.airlock(
+        workload,
+        AGENT_CONFIG.replace("GRPC_PORT", &grpc_port.to_string()),
+    )?
     .file(
         "/usr/bin/airlock-mcp-probe",
         env!("CARGO_BIN_EXE_airlock-mcp-probe"),
@@ -345,29 +341,13 @@ fn boot(kernel: &str) -> Result<Booted> {
         dir.path().join("agent.token"),
         0o600,
     )
-    .text(
-        "/etc/airlock/agent.toml",
-        AGENT_CONFIG.replace("GRPC_PORT", &grpc_port.to_string()),
-        0o644,
-    )
     .script(format!("{DNS_SETUP}{START_AGENT}{SCRIPT}"));
     let run = g.boot(Duration::from_secs(600))?;
     rt.shutdown_background();
-    let data = {
-        let mut s = server.lock().unwrap_or_else(|p| p.into_inner());
-        s.stop();
-        s.data.clone()
-    };
     let keep = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    keep_logs(&keep, "agent-side", kernel, &run.console, &data)?;
-    anyhow::ensure!(
-        run.finished(),
-        "guest script did not finish:\n{}",
-        run.console
-    );
     let Records {
         requests, audit, ..
-    } = Records::read(&db)?;
+    } = finish(&server, &keep, "agent-side", kernel, &run)?;
     Ok(Booted {
         run,
         requests,

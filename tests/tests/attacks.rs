@@ -13,7 +13,6 @@ use airlock_proto::v1::{action_request::Action, ActionRequest, Protocol};
 use airlock_tests::{
     decider::{Plan, Seen, TestDecider},
     vm::{Guest, GuestRun, START_AGENT},
-    workspace_bin,
 };
 
 /// When the decider denies the "late" requests (attacks get this long to release the task).
@@ -395,12 +394,6 @@ fn boot(kernel: &str) -> anyhow::Result<Booted> {
     let rt = tokio::runtime::Runtime::new()?;
     let decider = rt.block_on(TestDecider::start("127.0.0.1:0", plan))?;
     let port = decider.addr.port();
-    // AIRLOCK_AGENT_BIN runs the attacks against another build (an older agent, to show an
-    // attack getting through before its defence).
-    let agent = match std::env::var_os("AIRLOCK_AGENT_BIN") {
-        Some(bin) => std::path::PathBuf::from(bin),
-        None => workspace_bin("agent-user", "airlock-agent")?,
-    };
     let workload = env!("CARGO_BIN_EXE_airlock-workload");
     let attack = env!("CARGO_BIN_EXE_airlock-attack");
     let disk = tempfile::NamedTempFile::new()?;
@@ -420,11 +413,9 @@ fn boot(kernel: &str) -> anyhow::Result<Booted> {
         .module("sctp")
         .module("virtio_blk")
         .disk(disk.path())
-        .file("/usr/bin/airlock-agent", &agent, 0o755)
-        .file("/usr/bin/airlock-workload", workload, 0o755)
+        .airlock(workload, agent_config(port))?
         .file("/usr/bin/airlock-attack", attack, 0o755)
         .file("/usr/bin/btrfs", "/usr/bin/btrfs", 0o755)
-        .file("/usr/local/bin/kubectl", workload, 0o755)
         .file("/usr/local/bin/terraform", workload, 0o755)
         .file("/usr/local/bin/suid-helper", workload, 0o4755)
         .text(
@@ -432,7 +423,6 @@ fn boot(kernel: &str) -> anyhow::Result<Booted> {
             "#!/bin/sh\n/usr/bin/airlock-workload run \"$1\" 0 script-ran\n",
             0o755,
         )
-        .text("/etc/airlock/agent.toml", agent_config(port), 0o644)
         .text("/etc/airlock/too-big.toml", too_big_config(port), 0o644)
         .text("/etc/airlock/self-hold.toml", self_hold_config(port), 0o644)
         .script(format!("{START_AGENT}{SCRIPT}"));

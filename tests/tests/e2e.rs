@@ -25,7 +25,7 @@ use airlock_proto::v1::{
 };
 use airlock_tests::{
     approvals::{self, Client},
-    server::{keep_logs, Records, Server},
+    server::{finish, Records, Server},
     vm::{Guest, GuestRun, START_AGENT},
     workspace_bin,
 };
@@ -243,7 +243,6 @@ fn boot(kernel: &str) -> Result<Booted> {
     std::fs::write(dir.path().join("agent.token"), &agent_token)?;
     server.start()?;
     let grpc_port = server.grpc;
-    let db = server.data.join("airlock.db");
     let server = Arc::new(Mutex::new(server));
 
     let rt = tokio::runtime::Runtime::new()?;
@@ -255,44 +254,25 @@ fn boot(kernel: &str) -> Result<Booted> {
 
     let workload = env!("CARGO_BIN_EXE_airlock-workload");
     let mut g = Guest::on(kernel);
-    g.file(
-        "/usr/bin/airlock-agent",
-        workspace_bin("agent-user", "airlock-agent")?,
-        0o755,
-    )
-    .file("/usr/bin/airlock-workload", workload, 0o755)
-    .file("/usr/local/bin/kubectl", workload, 0o755)
+    g.airlock(
+        workload,
+        AGENT_CONFIG.replace("GRPC_PORT", &grpc_port.to_string()),
+    )?
     .file(
         "/etc/airlock/agent.token",
         dir.path().join("agent.token"),
         0o600,
     )
-    .text(
-        "/etc/airlock/agent.toml",
-        AGENT_CONFIG.replace("GRPC_PORT", &grpc_port.to_string()),
-        0o644,
-    )
     .script(format!("{START_AGENT}{SCRIPT}"));
     let run = g.boot(Duration::from_secs(900))?;
     rt.shutdown_background();
-    let data = {
-        let mut s = server.lock().unwrap_or_else(|p| p.into_inner());
-        s.stop();
-        s.data.clone()
-    };
     // Kept for a failing run: the guest's console (with the agents' logs) and the server's log.
     let keep = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    keep_logs(&keep, "e2e", kernel, &run.console, &data)?;
-    anyhow::ensure!(
-        run.finished(),
-        "guest script did not finish:\n{}",
-        run.console
-    );
     let Records {
         requests,
         audit,
         verified,
-    } = Records::read(&db)?;
+    } = finish(&server, &keep, "e2e", kernel, &run)?;
     Ok(Booted {
         run,
         requests,

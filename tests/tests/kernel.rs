@@ -10,7 +10,6 @@ use airlock_proto::v1::{action_request::Action, ActionRequest, OutcomeKind};
 use airlock_tests::{
     decider::{Plan, TestDecider},
     vm::{Guest, GuestRun, START_AGENT},
-    workspace_bin,
 };
 
 /// Deadline of the `slow` rule, seconds.
@@ -230,12 +229,9 @@ struct Booted {
 fn boot(kernel: &str) -> anyhow::Result<Booted> {
     let rt = tokio::runtime::Runtime::new()?;
     let decider = rt.block_on(TestDecider::start("127.0.0.1:0", plan))?;
-    let agent = workspace_bin("agent-user", "airlock-agent")?;
     let workload = env!("CARGO_BIN_EXE_airlock-workload");
     let mut g = Guest::on(kernel);
-    g.file("/usr/bin/airlock-agent", &agent, 0o755)
-        .file("/usr/bin/airlock-workload", workload, 0o755)
-        .file("/usr/local/bin/kubectl", workload, 0o755)
+    g.airlock(workload, agent_config(decider.addr.port()))?
         .file("/usr/local/bin/slowctl", workload, 0o755)
         .file("/usr/local/bin/suid-helper", workload, 0o4755)
         .symlink("/usr/bin/kctl", "/usr/local/bin/kubectl")
@@ -245,7 +241,6 @@ fn boot(kernel: &str) -> anyhow::Result<Booted> {
             "#!/bin/sh\nsh -c '/usr/local/bin/suid-helper /usr/local/bin/kubectl run /tmp/m3 0 allow-me-3'\n",
             0o755,
         )
-        .text("/etc/airlock/agent.toml", agent_config(decider.addr.port()), 0o644)
         .script(format!("{START_AGENT}{SCRIPT}"));
     let run = g.boot(Duration::from_secs(900))?;
     if !run.finished() {

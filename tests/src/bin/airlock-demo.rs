@@ -93,22 +93,17 @@ echo "demo finished"
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let agent = workspace_bin("agent-user", "airlock-agent")?;
     let workload = workspace_bin("airlock-tests", "airlock-workload")?;
     let mut g = Guest::new();
     g.echo_prefix = Some("guest| ".into());
-    g.file("/usr/bin/airlock-agent", &agent, 0o755)
-        .file("/usr/bin/airlock-workload", &workload, 0o755)
-        .file("/usr/local/bin/kubectl", &workload, 0o755)
-        .file("/usr/local/bin/terraform", &workload, 0o755)
-        .file("/usr/local/bin/pg_dump", &workload, 0o755)
-        .file("/etc/airlock/agent.token", &args.agent_token_file, 0o600)
-        .text(
-            "/etc/airlock/agent.toml",
-            CONFIG.replace("PORT", &args.server_port.to_string()),
-            0o644,
-        )
-        .script(script(args.rounds));
+    g.airlock(
+        &workload,
+        CONFIG.replace("PORT", &args.server_port.to_string()),
+    )?
+    .file("/usr/local/bin/terraform", &workload, 0o755)
+    .file("/usr/local/bin/pg_dump", &workload, 0o755)
+    .file("/etc/airlock/agent.token", &args.agent_token_file, 0o600)
+    .script(script(args.rounds));
     println!("booting the demo guest (Debian's kernel under QEMU, about 10 s)...");
     g.boot(Duration::from_secs(3600))?;
     Ok(())
