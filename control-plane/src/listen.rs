@@ -36,35 +36,39 @@ use crate::config::Connections;
 /// preface; a TLS ClientHello or an HTTP/1 request line is longer.
 pub const FIRST_BYTES: usize = 24;
 
-/// The gRPC connections that have not made an authenticated call yet, by the peer's address
-/// (unique among open connections). The authentication layer vouches for a connection when a
-/// call on it passes; one that is not vouched for within the auth time is closed.
+/// The two ends of a TCP connection, local first: unique among open connections (a
+/// listener on several addresses can see one peer address on two of them).
+pub type Ends = (SocketAddr, SocketAddr);
+
+/// The gRPC connections that have not made an authenticated call yet, by their [`Ends`]. The
+/// authentication layer vouches for a connection when a call on it passes; one that is not
+/// vouched for within the auth time is closed.
 #[derive(Clone, Default)]
 pub struct Callers {
-    waiting: Arc<Mutex<HashMap<SocketAddr, Arc<AtomicBool>>>>,
+    waiting: Arc<Mutex<HashMap<Ends, Arc<AtomicBool>>>>,
 }
 
 impl Callers {
-    /// Marks the connection from `peer` as having made an authenticated call.
-    pub fn vouch(&self, peer: SocketAddr) {
+    /// Marks the connection `ends` as having made an authenticated call.
+    pub fn vouch(&self, ends: Ends) {
         let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(flag) = waiting.get(&peer) {
+        if let Some(flag) = waiting.get(&ends) {
             flag.store(true, Ordering::Release);
         }
     }
 
-    fn wait_for(&self, peer: SocketAddr) -> Arc<AtomicBool> {
+    fn wait_for(&self, ends: Ends) -> Arc<AtomicBool> {
         let flag = Arc::new(AtomicBool::new(false));
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        waiting.insert(peer, flag.clone());
+        waiting.insert(ends, flag.clone());
         flag
     }
 
-    fn forget(&self, peer: SocketAddr, flag: &Arc<AtomicBool>) {
+    fn forget(&self, ends: Ends, flag: &Arc<AtomicBool>) {
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        // Only its own entry: the address may already be another connection's.
-        if waiting.get(&peer).is_some_and(|f| Arc::ptr_eq(f, flag)) {
-            waiting.remove(&peer);
+        // Only its own entry: the ends may already be another connection's.
+        if waiting.get(&ends).is_some_and(|f| Arc::ptr_eq(f, flag)) {
+            waiting.remove(&ends);
         }
     }
 }
@@ -72,14 +76,14 @@ impl Callers {
 /// A connection's wait for its first authenticated call.
 struct AuthWait {
     callers: Callers,
-    peer: SocketAddr,
+    ends: Ends,
     vouched: Arc<AtomicBool>,
     deadline: Pin<Box<Sleep>>,
 }
 
 impl Drop for AuthWait {
     fn drop(&mut self) {
-        self.callers.forget(self.peer, &self.vouched);
+        self.callers.forget(self.ends, &self.vouched);
     }
 }
 
@@ -103,6 +107,37 @@ impl Guarded {
     }
 }
 
+impl Guarded {
+    /// The error that closes this connection if one of its deadlines has passed. Polled on
+    /// every read and write, after the I/O, so that a waker is registered whichever of them the
+    /// connection waits on: a peer that never reads stalls the server's writes, and then its
+    /// reads are no longer polled.
+    fn overdue(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        if let Some(deadline) = &mut self.deadline {
+            if self.owed == 0 {
+                self.deadline = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                return Some(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the connection's first bytes did not arrive in time",
+                ));
+            }
+        }
+        if let Some(auth) = &mut self.auth {
+            if auth.vouched.load(Ordering::Acquire) {
+                self.auth = None;
+            } else if auth.deadline.as_mut().poll(cx).is_ready() {
+                tracing::debug!(peer = %self.peer, "closing a gRPC connection that made no authenticated call in time");
+                return Some(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the connection made no authenticated call in time",
+                ));
+            }
+        }
+        None
+    }
+}
+
 impl AsyncRead for Guarded {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -112,34 +147,14 @@ impl AsyncRead for Guarded {
         let this = &mut *self;
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if let Some(deadline) = &mut this.deadline {
+        if matches!(polled, Poll::Ready(Ok(()))) {
             let got = buf.filled().len() - before;
-            if matches!(polled, Poll::Ready(Ok(()))) && got > 0 {
-                this.owed = this.owed.saturating_sub(got);
-            }
-            if this.owed == 0 {
-                this.deadline = None;
-            } else if deadline.as_mut().poll(cx).is_ready() {
-                // Polled after the read, so that its waker is registered whenever the read
-                // waits.
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the connection's first bytes did not arrive in time",
-                )));
-            }
+            this.owed = this.owed.saturating_sub(got);
         }
-        if let Some(auth) = &mut this.auth {
-            if auth.vouched.load(Ordering::Acquire) {
-                this.auth = None;
-            } else if auth.deadline.as_mut().poll(cx).is_ready() {
-                tracing::debug!(peer = %this.peer, "closing a gRPC connection that made no authenticated call in time");
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the connection made no authenticated call in time",
-                )));
-            }
+        match this.overdue(cx) {
+            Some(e) => Poll::Ready(Err(e)),
+            None => polled,
         }
-        polled
     }
 }
 
@@ -149,11 +164,19 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        match self.overdue(cx) {
+            Some(e) => Poll::Ready(Err(e)),
+            None => polled,
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let polled = Pin::new(&mut self.stream).poll_flush(cx);
+        match self.overdue(cx) {
+            Some(e) => Poll::Ready(Err(e)),
+            None => polled,
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -165,7 +188,11 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        match self.overdue(cx) {
+            Some(e) => Poll::Ready(Err(e)),
+            None => polled,
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -217,18 +244,27 @@ pub fn accept(
                     Ok((stream, peer)) => {
                         // Small messages both ways (requests, decisions): no Nagle delay.
                         let _ = stream.set_nodelay(true);
+                        let auth = match (&auth, stream.local_addr()) {
+                            (Some((callers, within)), Ok(local)) => Some(AuthWait {
+                                vouched: callers.wait_for((local, peer)),
+                                callers: callers.clone(),
+                                ends: (local, peer),
+                                deadline: Box::pin(tokio::time::sleep(*within)),
+                            }),
+                            // A socket whose address cannot be read is closing already.
+                            (Some(_), Err(e)) => {
+                                tracing::debug!(peer = %peer, error = %e, "accepted a socket with no local address");
+                                continue;
+                            }
+                            (None, _) => None,
+                        };
                         let guarded = Guarded {
                             stream,
                             peer,
                             owed: first_bytes,
                             deadline: (first_bytes > 0)
                                 .then(|| Box::pin(tokio::time::sleep(handshake))),
-                            auth: auth.map(|(callers, within)| AuthWait {
-                                vouched: callers.wait_for(peer),
-                                callers,
-                                peer,
-                                deadline: Box::pin(tokio::time::sleep(within)),
-                            }),
+                            auth,
                             _permit: permit,
                         };
                         return Some((Ok(guarded), listener));

@@ -357,3 +357,45 @@ async fn connections_that_never_authenticate_give_up_their_places() {
         c.abort();
     }
 }
+
+#[tokio::test]
+async fn a_peer_that_never_reads_is_closed_at_the_auth_deadline_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), FEW_PLACES, &[]);
+    let addr: std::net::SocketAddr = host_port(&server.grpc_url()).parse().unwrap();
+    // A small receive buffer: the server's answers (pongs) back up at once.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut conn = socket.connect(addr).await.unwrap();
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    conn.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    // PINGs, never reading the pongs: once the server cannot send them it stops reading too,
+    // and only a deadline that also watches its writes can end the connection.
+    let ping = [0u8, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+    let batch: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 1000)
+        .collect();
+    let started = Instant::now();
+    let closed = loop {
+        match tokio::time::timeout_at(
+            (started + Duration::from_secs(10)).into(),
+            conn.write_all(&batch),
+        )
+        .await
+        {
+            Err(_) => break None,
+            Ok(Err(_)) => break Some(started.elapsed()),
+            Ok(Ok(())) => {}
+        }
+    };
+    assert!(
+        closed.is_some_and(|t| t < Duration::from_secs(8)),
+        "a peer that never reads its answers kept its place past the 2 s auth time: closed \
+         after {closed:?}"
+    );
+}

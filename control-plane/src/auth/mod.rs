@@ -172,13 +172,12 @@ impl<S> Authed<S> {
     }
 }
 
-/// The address of the peer that sent `req`, as the gRPC listener accepted it. (Under TLS,
-/// tonic puts the TCP connection's info in the extensions beside the TLS info.)
-fn peer_of<B>(req: &http::Request<B>) -> Option<std::net::SocketAddr> {
+/// The ends of the connection that carried `req`, as the gRPC listener accepted it. (Under
+/// TLS, tonic puts the TCP connection's info in the extensions beside the TLS info.)
+fn ends_of<B>(req: &http::Request<B>) -> Option<crate::listen::Ends> {
     use tonic::transport::server::TcpConnectInfo;
-    req.extensions()
-        .get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr)
+    let info = req.extensions().get::<TcpConnectInfo>()?;
+    Some((info.local_addr()?, info.remote_addr()?))
 }
 
 impl<S: NamedService> NamedService for Authed<S> {
@@ -211,8 +210,8 @@ where
             let generation = tokens.store.credentials_generation();
             match authenticate(&tokens, allowed, req.headers()).await {
                 Ok(p) => {
-                    if let Some(peer) = peer_of(&req) {
-                        callers.vouch(peer);
+                    if let Some(ends) = ends_of(&req) {
+                        callers.vouch(ends);
                     }
                     let token = bearer(req.headers()).map(str::to_owned).unwrap_or_default();
                     req.extensions_mut().insert(p);
