@@ -391,10 +391,49 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
 }
 
 /// Denies whatever is held, then detaches the programs and removes every pin: what removing
-/// the agent from a host does. Run it with the agent stopped.
+/// the agent from a host does. Run it with the agent stopped. Where the programs can no longer
+/// be loaded, the pins are removed without them ([`bpf::uninstall_pinned`]).
 pub async fn uninstall(config: Config) -> Result<()> {
-    bpf::preflight::check(Path::new("/sys"))?;
-    let kernel = load_kernel(&config)?;
+    if !nix::unistd::geteuid().is_root() {
+        return Err(bpf::preflight::PreflightError::NotPrivileged.into());
+    }
+    let dir = &config.agent.bpffs_dir;
+    if !dir.exists() {
+        println!(
+            "airlock-agent: nothing to uninstall ({} does not exist)",
+            dir.display()
+        );
+        return Ok(());
+    }
+    // Without the programs, only the pins can be cleared, and only by killing what is held:
+    // that is for a host whose programs cannot load (lockdown, or a load the kernel refuses),
+    // never for a misconfigured agent (in a PID namespace, its pids would name other
+    // processes).
+    let loaded = match bpf::preflight::check(Path::new("/sys")) {
+        Ok(()) => load_kernel(&config),
+        Err(e @ bpf::preflight::PreflightError::Lockdown { .. }) => Err(e.into()),
+        Err(e) => return Err(e.into()),
+    };
+    let kernel = match loaded {
+        Ok(kernel) => kernel,
+        Err(e) => {
+            bpf::preflight::check_pid_namespace(
+                &std::fs::read_to_string("/proc/self/status").unwrap_or_default(),
+            )?;
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "the kernel programs cannot be loaded here; removing the pins without them, and \
+                 killing every held task (resumed without the programs, it would run unchecked)"
+            );
+            let killed = bpf::uninstall_pinned(dir)?;
+            println!(
+                "airlock-agent: uninstalled without loading the programs ({killed} held task(s) \
+                 killed; nothing left under {})",
+                dir.display()
+            );
+            return Ok(());
+        }
+    };
     kernel.heartbeat(std::process::id(), Duration::from_secs(5).as_nanos() as u64)?;
     let host = host_id(config.agent.host_id.as_deref());
     let engine = Engine::new(

@@ -57,11 +57,13 @@ struct Cli {
     check: bool,
     /// Remove the agent from this host: deny every held task, detach the kernel programs and
     /// remove their pins under agent.bpffs_dir. Stop the agent's service first. (A plain stop
-    /// or restart keeps holds and marks for the next agent.)
+    /// or restart keeps holds and marks for the next agent.) Where the programs can no longer be
+    /// loaded (kernel lockdown raised since, say), every held task is killed and the pins are
+    /// removed without them.
     #[arg(long, conflicts_with = "check")]
     uninstall: bool,
     /// Check that this host can run the agent (root, BPF LSM among the active LSMs, kernel
-    /// BTF), print what to change if it cannot, and exit: 0 when it can, 1 when it cannot.
+    /// lockdown below confidentiality, kernel BTF), print what to change if it cannot, and exit: 0 when it can, 1 when it cannot.
     /// Loads nothing and reads no configuration; the package runs it after installing.
     #[arg(long, conflicts_with_all = ["check", "uninstall"])]
     preflight: bool,

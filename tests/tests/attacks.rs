@@ -36,6 +36,8 @@ fn plan(r: &ActionRequest) -> Plan {
                 Plan::After(LATE, false)
             } else if has("allow-me") {
                 Plan::Allow
+            } else if has("never-") {
+                Plan::Never
             } else {
                 Plan::Deny
             }
@@ -303,8 +305,31 @@ sleep 2
 /usr/bin/airlock-agent --config /etc/airlock/agent.toml --uninstall > /tmp/uninstall.log 2>&1; echo "@@R z2_uninstall_rc $?"
 wait $j; echo "@@R z2_rc $?"
 echo "@@R z2_pinned $(ls /sys/fs/bpf/airlock 2>/dev/null | wc -l)"
-kill $AGENT 2>/dev/null
-for f in /tmp/agent-*.log /tmp/uninstall.log; do tail -n 150 $f | sed "s|^|@@LOG $f |"; done
+kill $AGENT 2>/dev/null; wait $AGENT 2>/dev/null
+
+# --- the programs can no longer be loaded (kernel lockdown, one-way: this comes last): the
+# agent says why, and an uninstall still denies what is held and removes every pin ---
+start_agent
+as "timeout -s KILL 90 $K run /tmp/work/z3 0 never-z3" > /dev/null 2>&1 &
+j=$!
+for i in $(seq 1 150); do
+  [ "$(grep -l '(kubectl) T' /proc/[0-9]*/stat 2>/dev/null | wc -l)" != 0 ] && break
+  sleep 0.2
+done
+echo "@@R z3_held $(grep -l '(kubectl) T' /proc/[0-9]*/stat 2>/dev/null | wc -l)"
+kill $AGENT; wait $AGENT 2>/dev/null
+echo confidentiality > /sys/kernel/security/lockdown
+echo "@@R z3_lockdown $(cat /sys/kernel/security/lockdown 2>&1)"
+/usr/bin/airlock-agent --config /etc/airlock/agent.toml --preflight > /tmp/z3-preflight.log 2>&1
+echo "@@R z3_preflight_rc $?"
+echo "@@R z3_preflight $(tr '\n' ' ' < /tmp/z3-preflight.log | head -c 600)"
+/usr/bin/airlock-agent --config /etc/airlock/agent.toml --uninstall > /tmp/z3-uninstall.log 2>&1
+echo "@@R z3_uninstall_rc $?"
+echo "@@R z3_uninstall_out $(grep '^airlock-agent:' /tmp/z3-uninstall.log | tr '\n' ' ')"
+echo "@@R z3_still_held $(grep -l '(kubectl) T' /proc/[0-9]*/stat 2>/dev/null | wc -l)"
+wait $j; echo "@@R z3_rc $?"
+echo "@@R z3_pinned $(ls /sys/fs/bpf/airlock 2>/dev/null | wc -l)"
+for f in /tmp/agent-*.log /tmp/uninstall.log /tmp/z3-uninstall.log; do tail -n 150 $f | sed "s|^|@@LOG $f |"; done
 "#;
 
 struct Booted {
@@ -823,6 +848,49 @@ fn z2_uninstall_denies_what_is_held_and_unloads(b: &Booted) {
     assert_eq!(b.r("z2_pinned"), "0", "nothing left pinned");
 }
 
+fn z3_where_the_programs_cannot_load_the_agent_says_why_and_uninstall_still_works(b: &Booted) {
+    let all: Vec<String> = b
+        .results()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("z3_"))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    eprintln!("z3 results: {all:#?}");
+    assert_eq!(b.r("z3_held"), "1", "a task was held before the lockdown");
+    assert!(
+        b.r("z3_lockdown").contains("[confidentiality]"),
+        "lockdown: {}",
+        b.r("z3_lockdown")
+    );
+    assert_ne!(
+        b.r("z3_preflight_rc"),
+        "0",
+        "the preflight passed under lockdown"
+    );
+    assert!(
+        b.r("z3_preflight").contains("lockdown"),
+        "z3_preflight: {}",
+        b.r("z3_preflight")
+    );
+    assert_eq!(
+        b.r("z3_uninstall_rc"),
+        "0",
+        "uninstall failed; logs:\n{}",
+        b.logs()
+    );
+    // The uninstall that ran is the one without the programs (which cannot load here), and it
+    // is what killed the held task (not the task's own 90 s timeout).
+    assert!(
+        b.r("z3_uninstall_out")
+            .contains("uninstalled without loading the programs (1 held task(s) killed;"),
+        "z3_uninstall_out: {}",
+        b.r("z3_uninstall_out")
+    );
+    assert_eq!(b.r("z3_still_held"), "0", "the held task was left stopped");
+    assert_eq!(b.r("z3_rc"), "137", "the held task was denied (killed)");
+    assert_eq!(b.r("z3_pinned"), "0", "nothing left pinned");
+}
+
 airlock_tests::kernel_matrix!(
     boot = boot,
     booted = Booted,
@@ -856,5 +924,6 @@ airlock_tests::kernel_matrix!(
         u4_restart_keeps_holds_and_marks,
         z1_agent_never_holds_itself,
         z2_uninstall_denies_what_is_held_and_unloads,
+        z3_where_the_programs_cannot_load_the_agent_says_why_and_uninstall_still_works,
     ]
 );

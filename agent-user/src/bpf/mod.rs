@@ -73,7 +73,7 @@ pub enum KernelError {
     #[error("loading the BPF object failed: {0}. If an older airlock-agent left maps pinned under {1}, run `airlock-agent --uninstall` with that agent, or remove the directory")]
     Load(#[source] Box<aya::EbpfError>, String),
     /// A program would not load or attach.
-    #[error("{action} of BPF program {program} ({hook}) failed: {source}. If BPF LSM is active (see /sys/kernel/security/lsm), the kernel may forbid trampoline programs here (lockdown, or a kernel without BPF trampoline support)")]
+    #[error("{action} of BPF program {program} ({hook}) failed: {source}. If BPF LSM is active (see /sys/kernel/security/lsm), the kernel may forbid trampoline programs here (lockdown, or a kernel without BPF trampoline support). `airlock-agent --uninstall` denies what is held and removes every pin")]
     Program {
         /// load or attach.
         action: &'static str,
@@ -766,6 +766,115 @@ impl Kernel {
     pub fn unload(&self) {
         let _ = fs::remove_dir_all(&self.root);
     }
+}
+
+/// Removes this layout's pins under `dir` without loading the programs: the uninstall on a host
+/// where they can no longer be loaded (kernel lockdown raised since, say). Holds end in
+/// denials, and none is left behind:
+///
+/// 1. the pinned configuration forgets the agent, so the programs (still attached) kill a
+///    watched exec or connect from now on instead of holding it;
+/// 2. every task the pinned held map lists is killed (resumed without the programs, its call
+///    would run unchecked), until the map is empty: otherwise the pins stay and this fails;
+/// 3. the layout's pins go; another layout's (an agent of another version) are named in the
+///    error and kept, as nothing here can read their held tasks.
+///
+/// Returns how many tasks were killed.
+pub fn uninstall_pinned(dir: &Path) -> Result<usize, KernelError> {
+    let layout = dir.join(format!("v{LAYOUT}"));
+    let maps = layout.join("maps");
+    let open = |name: &'static str| -> Result<Option<aya::maps::MapData>, KernelError> {
+        let pin = maps.join(name);
+        if !pin.exists() {
+            return Ok(None);
+        }
+        MapData::from_pin(&pin).map(Some).map_err(map_err(name))
+    };
+    if let Some(data) = open(names::CONFIG)? {
+        let mut config: Array<MapData, Config> =
+            Array::try_from(aya::maps::Map::Array(data)).map_err(map_err(names::CONFIG))?;
+        let mut cfg = config.get(&0, 0).map_err(map_err(names::CONFIG))?;
+        cfg.agent_tgid = 0;
+        cfg.agent_start_ns = 0;
+        cfg.heartbeat_ns = 0;
+        config.set(0, cfg, 0).map_err(map_err(names::CONFIG))?;
+    }
+    let mut killed = 0;
+    if let Some(data) = open(names::HELD)? {
+        let mut held: HashMap<MapData, u32, HoldEvent> =
+            HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err(names::HELD))?;
+        // A killed task's entry goes when it exits (or here, once signalled); a few rounds
+        // cover holds that were being made while the configuration changed.
+        for round in 0.. {
+            let events: Vec<HoldEvent> =
+                held.iter().filter_map(Result::ok).map(|(_, v)| v).collect();
+            if events.is_empty() {
+                break;
+            }
+            if round == 50 {
+                return Err(KernelError::Io {
+                    what: "tasks still held after killing them; the pins stay under",
+                    path: dir.to_owned(),
+                    source: std::io::Error::other(format!(
+                        "{} held task(s) left: {:?}",
+                        events.len(),
+                        events.iter().map(|e| e.tgid).collect::<Vec<_>>()
+                    )),
+                });
+            }
+            for ev in events {
+                let still = |held: &HashMap<MapData, u32, HoldEvent>| {
+                    held.get(&ev.tid, 0)
+                        .is_ok_and(|cur| cur.hold_ns == ev.hold_ns && cur.tgid == ev.tgid)
+                };
+                match pidfd_open(ev.tgid) {
+                    // The entry goes when its thread exits, before the pid can be reused:
+                    // while it is there, the pidfd names the held process.
+                    Ok(pidfd) if still(&held) => {
+                        if pidfd_signal(&pidfd, libc::SIGKILL).is_ok() {
+                            killed += 1;
+                            let _ = held.remove(&ev.tid);
+                        }
+                    }
+                    Ok(_) => {}
+                    // No such process: an entry its exit did not clear.
+                    Err(_) if still(&held) => {
+                        let _ = held.remove(&ev.tid);
+                    }
+                    Err(_) => {}
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    if layout.exists() {
+        fs::remove_dir_all(&layout).map_err(|source| KernelError::Io {
+            what: "removing the pins under",
+            path: layout.clone(),
+            source,
+        })?;
+    }
+    let others: Vec<String> = fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !others.is_empty() {
+        return Err(KernelError::Io {
+            what: "pins of another agent version are left under",
+            path: dir.to_owned(),
+            source: std::io::Error::other(format!(
+                "{}: uninstall them with that version of airlock-agent (its held tasks cannot be \
+                 read by this one)",
+                others.join(", ")
+            )),
+        });
+    }
+    let _ = fs::remove_dir(dir);
+    Ok(killed)
 }
 
 /// Names of the counters, in [`agent_common::Counter`] order.

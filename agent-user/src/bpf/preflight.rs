@@ -46,6 +46,21 @@ pub enum PreflightError {
         /// The NSpid line of /proc/self/status.
         nspid: String,
     },
+    /// Kernel lockdown forbids BPF programs to read kernel memory.
+    #[error(
+        "kernel lockdown is in confidentiality mode ({path} reads \"{mode}\"): BPF programs may \
+         not read kernel memory, and the agent's programs must (to know which file an exec \
+         runs and where a connect goes). Lockdown cannot be lowered while the system runs: \
+         reboot with lockdown=integrity (what Secure Boot sets on most distributions) or none, \
+         and without whatever raised it (a lockdown= parameter, a boot script writing \
+         confidentiality, or a kernel built with CONFIG_LOCK_DOWN_KERNEL_FORCE_CONFIDENTIALITY)"
+    )]
+    Lockdown {
+        /// The lockdown file.
+        path: String,
+        /// Its contents.
+        mode: String,
+    },
     /// No kernel BTF.
     #[error(
         "{path} is missing: this kernel was built without CONFIG_DEBUG_INFO_BTF=y, which BPF \
@@ -64,6 +79,7 @@ pub fn check(sys: &Path) -> Result<(), PreflightError> {
         return Err(PreflightError::NotPrivileged);
     }
     check_lsm(sys)?;
+    check_lockdown(sys)?;
     check_pid_namespace(&std::fs::read_to_string("/proc/self/status").unwrap_or_default())?;
     check_btf(sys)
 }
@@ -88,6 +104,21 @@ pub fn check_pid_namespace(status: &str) -> Result<(), PreflightError> {
             nspid: pids.trim().to_owned(),
         }),
         _ => Ok(()),
+    }
+}
+
+/// Whether kernel lockdown (`kernel/security/lockdown` under `sys`, absent without the lockdown
+/// LSM) lets BPF programs read kernel memory: every mode but confidentiality does.
+pub fn check_lockdown(sys: &Path) -> Result<(), PreflightError> {
+    let path = sys.join("kernel/security/lockdown");
+    let mode = std::fs::read_to_string(&path).unwrap_or_default();
+    if mode.contains("[confidentiality]") {
+        Err(PreflightError::Lockdown {
+            path: path.display().to_string(),
+            mode: mode.trim().to_owned(),
+        })
+    } else {
+        Ok(())
     }
 }
 
@@ -163,6 +194,19 @@ mod tests {
         let sys = fake_sys("capability,bpfish\n");
         let err = check_lsm(sys.path()).unwrap_err().to_string();
         assert!(err.contains("lsm=capability,bpfish,bpf"), "{err}");
+    }
+
+    #[test]
+    fn lockdown_confidentiality_is_refused_and_integrity_passes() {
+        let sys = fake_sys("lockdown,capability,bpf\n");
+        check_lockdown(sys.path()).unwrap();
+        let file = sys.path().join("kernel/security/lockdown");
+        std::fs::write(&file, "none [integrity] confidentiality\n").unwrap();
+        check_lockdown(sys.path()).unwrap();
+        std::fs::write(&file, "none integrity [confidentiality]\n").unwrap();
+        let err = check_lockdown(sys.path()).unwrap_err().to_string();
+        assert!(err.contains("confidentiality mode"), "{err}");
+        assert!(err.contains("lockdown=integrity"), "{err}");
     }
 
     #[test]
