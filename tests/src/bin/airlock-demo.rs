@@ -70,8 +70,11 @@ fn script(rounds: u32) -> String {
     format!(
         r#"
 /usr/bin/airlock-workload serve 5432 > /dev/null &
-AIRLOCK_LOG=airlock_agent::holds=info,airlock_agent::decider=info,warn /usr/bin/airlock-agent --config /etc/airlock/agent.toml &
-sleep 3
+AIRLOCK_LOG=airlock_agent::holds=info,airlock_agent::decider=info,warn /usr/bin/airlock-agent --config /etc/airlock/agent.toml > /tmp/agent.log 2>&1 &
+tail -f /tmp/agent.log &
+# The agent connects once its programs are in place: act only then (loading takes a few
+# seconds under emulation).
+for i in $(seq 1 300); do grep -q "connected to decider" /tmp/agent.log && break; sleep 0.2; done
 act() {{
   echo ">>> AI agent runs: $*"
   out=$(su agent -c "$*" 2>&1); rc=$?
