@@ -136,6 +136,18 @@ impl Guarded {
         }
         None
     }
+
+    /// `polled`, the result of an I/O call, unless a deadline has passed (see [`Self::overdue`]).
+    fn unless_overdue<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match self.overdue(cx) {
+            Some(e) => Poll::Ready(Err(e)),
+            None => polled,
+        }
+    }
 }
 
 impl AsyncRead for Guarded {
@@ -151,10 +163,7 @@ impl AsyncRead for Guarded {
             let got = buf.filled().len() - before;
             this.owed = this.owed.saturating_sub(got);
         }
-        match this.overdue(cx) {
-            Some(e) => Poll::Ready(Err(e)),
-            None => polled,
-        }
+        this.unless_overdue(cx, polled)
     }
 }
 
@@ -165,18 +174,12 @@ impl AsyncWrite for Guarded {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
-        match self.overdue(cx) {
-            Some(e) => Poll::Ready(Err(e)),
-            None => polled,
-        }
+        self.unless_overdue(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.stream).poll_flush(cx);
-        match self.overdue(cx) {
-            Some(e) => Poll::Ready(Err(e)),
-            None => polled,
-        }
+        self.unless_overdue(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -189,10 +192,7 @@ impl AsyncWrite for Guarded {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        match self.overdue(cx) {
-            Some(e) => Poll::Ready(Err(e)),
-            None => polled,
-        }
+        self.unless_overdue(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

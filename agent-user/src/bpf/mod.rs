@@ -656,9 +656,7 @@ impl Kernel {
     }
 
     fn still_held(m: &Maps, ev: &HoldEvent) -> bool {
-        m.held
-            .get(&ev.tid, 0)
-            .is_ok_and(|cur| cur.hold_ns == ev.hold_ns && cur.tgid == ev.tgid)
+        is_current_hold(&m.held, ev)
     }
 
     /// Marks a file the account could have made as checked, as it is now (`stamp`): the kernel
@@ -768,6 +766,12 @@ impl Kernel {
     }
 }
 
+/// Whether `ev` is still the current hold of its thread in `held`.
+fn is_current_hold(held: &HashMap<MapData, u32, HoldEvent>, ev: &HoldEvent) -> bool {
+    held.get(&ev.tid, 0)
+        .is_ok_and(|cur| cur.hold_ns == ev.hold_ns && cur.tgid == ev.tgid)
+}
+
 /// Removes this layout's pins under `dir` without loading the programs: the uninstall on a host
 /// where they can no longer be loaded (kernel lockdown raised since, say). Holds end in
 /// denials, and none is left behind:
@@ -823,14 +827,10 @@ pub fn uninstall_pinned(dir: &Path) -> Result<usize, KernelError> {
                 });
             }
             for ev in events {
-                let still = |held: &HashMap<MapData, u32, HoldEvent>| {
-                    held.get(&ev.tid, 0)
-                        .is_ok_and(|cur| cur.hold_ns == ev.hold_ns && cur.tgid == ev.tgid)
-                };
                 match pidfd_open(ev.tgid) {
                     // The entry goes when its thread exits, before the pid can be reused:
                     // while it is there, the pidfd names the held process.
-                    Ok(pidfd) if still(&held) => {
+                    Ok(pidfd) if is_current_hold(&held, &ev) => {
                         if pidfd_signal(&pidfd, libc::SIGKILL).is_ok() {
                             killed += 1;
                             let _ = held.remove(&ev.tid);
@@ -838,7 +838,7 @@ pub fn uninstall_pinned(dir: &Path) -> Result<usize, KernelError> {
                     }
                     Ok(_) => {}
                     // No such process: an entry its exit did not clear.
-                    Err(_) if still(&held) => {
+                    Err(_) if is_current_hold(&held, &ev) => {
                         let _ = held.remove(&ev.tid);
                     }
                     Err(_) => {}
